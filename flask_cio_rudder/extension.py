@@ -1,0 +1,138 @@
+"""The Flask extension: configuration, per-app state and the webhook Blueprint."""
+
+from __future__ import annotations
+
+import atexit
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+
+from .forwarders import Forwarder, create_forwarder
+from .webhook import create_blueprint
+
+__all__ = ["CioRudder"]
+
+logger = logging.getLogger("flask_cio_rudder")
+
+#: Every configuration key and its default. Options given to ``CioRudder(...)``
+#: replace these defaults; ``app.config`` overrides both.
+DEFAULTS: dict[str, Any] = {
+    "CIO_RUDDER_SIGNING_KEY": None,
+    "CIO_RUDDER_VERIFY_SIGNATURE": True,
+    "CIO_RUDDER_MAX_TIMESTAMP_AGE": None,
+    "CIO_RUDDER_WEBHOOK_PATH": "/webhooks/customerio",
+    "CIO_RUDDER_MAX_BODY_BYTES": 5 * 1024 * 1024,
+    "CIO_RUDDER_FORWARDER": "sync",
+    "CIO_RUDDER_WRITE_KEY": None,
+    "CIO_RUDDER_DATA_PLANE_URL": None,
+    "CIO_RUDDER_TIMEOUT": (1.0, 2.0),
+}
+
+
+@dataclass(frozen=True)
+class State:
+    """What the webhook route needs for one app, read from its config once."""
+
+    signing_keys: tuple[str, ...]
+    verify_signature: bool
+    max_timestamp_age: float | None
+    max_body_bytes: int
+    forwarder: Forwarder
+
+
+class CioRudder:
+    """Receive Customer.io reporting webhooks in a Flask app and forward them to RudderStack.
+
+    ``CioRudder(app)`` or, with an app factory, ``ext = CioRudder()`` then
+    ``ext.init_app(app)``. Keyword options are defaults for the config keys of the
+    same name (``signing_key=`` for ``CIO_RUDDER_SIGNING_KEY``, ...).
+    """
+
+    def __init__(self, app: Flask | None = None, **options: Any) -> None:
+        self.defaults: dict[str, Any] = {}
+        for name, value in options.items():
+            key = f"CIO_RUDDER_{name.upper()}"
+            if key not in DEFAULTS:
+                known = ", ".join(sorted(k[len("CIO_RUDDER_") :].lower() for k in DEFAULTS))
+                raise TypeError(f"CioRudder() got an unknown option {name!r}; options are: {known}")
+            self.defaults[key] = value
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Register the webhook route on ``app``; fails fast on a missing setting."""
+        if "cio_rudder" in app.extensions:
+            raise RuntimeError("CioRudder is already registered on this app; call init_app once per app.")
+        for key, default in DEFAULTS.items():
+            app.config.setdefault(key, self.defaults.get(key, default))
+        config = app.config
+        verify_signature = bool(config["CIO_RUDDER_VERIFY_SIGNATURE"])
+        keys = _signing_keys(config["CIO_RUDDER_SIGNING_KEY"])
+        if verify_signature and not keys:
+            raise RuntimeError(
+                "CIO_RUDDER_SIGNING_KEY is not set: copy the webhook signing key from Customer.io "
+                "(Data & Integrations > Reporting Webhooks), or set CIO_RUDDER_VERIFY_SIGNATURE = False "
+                "to accept unsigned requests (never in production)."
+            )
+        if not verify_signature:
+            logger.warning(
+                "CIO_RUDDER_VERIFY_SIGNATURE is off: anyone who can reach %s can post events.",
+                config["CIO_RUDDER_WEBHOOK_PATH"],
+            )
+        max_body_bytes = config["CIO_RUDDER_MAX_BODY_BYTES"]
+        if not isinstance(max_body_bytes, int) or max_body_bytes <= 0:
+            raise RuntimeError("CIO_RUDDER_MAX_BODY_BYTES must be a positive number of bytes.")
+        forwarder = create_forwarder(app, config["CIO_RUDDER_FORWARDER"])
+        atexit.register(forwarder.close)
+        app.extensions["cio_rudder"] = State(
+            signing_keys=keys,
+            verify_signature=verify_signature,
+            max_timestamp_age=config["CIO_RUDDER_MAX_TIMESTAMP_AGE"],
+            max_body_bytes=max_body_bytes,
+            forwarder=forwarder,
+        )
+        app.register_blueprint(create_blueprint(config["CIO_RUDDER_WEBHOOK_PATH"]))
+        _exempt_from_csrf(app)
+
+
+def state_of(app: Flask) -> State:
+    """The extension's state for ``app``; fails clearly if ``init_app`` never ran for it."""
+    try:
+        state: State = app.extensions["cio_rudder"]
+    except KeyError:
+        raise RuntimeError(
+            "CioRudder is not registered on this app: call CioRudder(app) or init_app(app) first."
+        ) from None
+    return state
+
+
+def _signing_keys(value: object) -> tuple[str, ...]:
+    """``CIO_RUDDER_SIGNING_KEY`` as a tuple of keys: one string, or a list for rotation."""
+    if value is None or value == "":
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(key, str) and key for key in value):
+        return tuple(value)
+    raise RuntimeError("CIO_RUDDER_SIGNING_KEY must be a string or a list of non-empty strings.")
+
+
+def _exempt_from_csrf(app: Flask) -> None:
+    """Keep Flask-WTF's CSRFProtect off the webhook: Customer.io cannot send a CSRF token.
+
+    If CSRFProtect is set up after this extension, the hook below runs before its
+    check (hooks run in the order they were registered) and exempts the route then.
+    """
+    view_path = "flask_cio_rudder.webhook.receive"
+
+    def exempt() -> None:
+        csrf = app.extensions.get("csrf")
+        if csrf is not None:
+            csrf.exempt(view_path)
+
+    if "csrf" in app.extensions:
+        exempt()
+    else:
+        app.before_request(exempt)

@@ -1,0 +1,166 @@
+"""Forwarders: where accepted events go after the host app's receivers have run.
+
+A forwarder is chosen per app with ``CIO_RUDDER_FORWARDER``: ``"sync"`` posts each
+event to RudderStack inside the webhook request, ``"none"`` keeps nothing (for
+apps that only want the signals), and any :class:`Forwarder` subclass (or a
+callable taking the app and returning a forwarder) sends events elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any, Callable
+
+import requests
+from flask import Flask
+
+from . import signals
+from .event import CioEvent
+from .rudderstack import DataPlane, Timeout, check_url, describe
+
+__all__ = ["ForwardError", "Forwarder", "NullForwarder", "SyncForwarder", "create_forwarder"]
+
+logger = logging.getLogger("flask_cio_rudder")
+
+ForwarderFactory = Callable[[Flask], "Forwarder"]
+
+
+class ForwardError(Exception):
+    """The event could not be kept or delivered. ``retry`` says whether trying later can help.
+
+    With ``retry=True`` the webhook answers 503 so that Customer.io sends the event
+    again; with ``retry=False`` it answers 2xx and the event is rejected with ``reason``.
+    """
+
+    def __init__(self, reason: str, *, retry: bool) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retry = retry
+
+
+class _RecentIds:
+    """A bounded, thread-safe set of the most recently accepted event ids."""
+
+    def __init__(self, size: int) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+        self._lock = threading.Lock()
+
+    def __contains__(self, event_id: str) -> bool:
+        with self._lock:
+            return event_id in self._ids
+
+    def add(self, event_id: str) -> None:
+        with self._lock:
+            self._ids[event_id] = None
+            if len(self._ids) > self._size:
+                self._ids.popitem(last=False)
+
+
+class Forwarder:
+    """Base class of forwarders; one instance serves one app.
+
+    Subclasses implement :meth:`send`. The base keeps the ids of the last
+    ``RECENT_IDS`` accepted events in memory so that a retried delivery is
+    answered without signalling or sending it again (per process; a durable
+    forwarder overrides :meth:`is_duplicate`).
+    """
+
+    RECENT_IDS = 10_000
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self._recent = _RecentIds(self.RECENT_IDS)
+
+    def is_duplicate(self, event_id: str) -> bool:
+        """Whether this event was already accepted."""
+        return event_id in self._recent
+
+    def accept(self, event: CioEvent) -> None:
+        """Keep or deliver ``event``; return only once it is safe. Raises :class:`ForwardError`."""
+        self.send(event)
+        self._recent.add(event.event_id)
+
+    def send(self, event: CioEvent) -> None:
+        """Deliver ``event.payload``; raise :class:`ForwardError` if that cannot be done now."""
+        raise NotImplementedError
+
+    def reject(self, event_id: str | None, reason: str, errors: Mapping[str, Any]) -> None:
+        """Keep a rejected event. The base class logs it; the body is not logged (it holds personal data)."""
+        logger.warning("Rejected Customer.io event %s: %s", event_id or "(no event_id)", reason)
+
+    def close(self) -> None:
+        """Release connections and threads; called when the process exits."""
+
+
+class NullForwarder(Forwarder):
+    """Sends nothing: for apps that only want the signals."""
+
+    def send(self, event: CioEvent) -> None:
+        pass
+
+
+class SyncForwarder(Forwarder):
+    """Posts each event to RudderStack's ``/v1/batch`` inside the webhook request.
+
+    Customer.io waits 4 seconds, so the timeouts (``CIO_RUDDER_TIMEOUT``) stay
+    well inside that and there is no retry here: a failure answers 503 and
+    Customer.io's own retry sends the event again.
+    """
+
+    def __init__(self, app: Flask) -> None:
+        super().__init__(app)
+        config = app.config
+        write_key = config.get("CIO_RUDDER_WRITE_KEY")
+        if not write_key or not isinstance(write_key, str):
+            raise RuntimeError(
+                "CIO_RUDDER_WRITE_KEY is not set: set it to the write key of a RudderStack "
+                "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
+            )
+        url = check_url(config.get("CIO_RUDDER_DATA_PLANE_URL"), "CIO_RUDDER_DATA_PLANE_URL")
+        timeout: Timeout = config.get("CIO_RUDDER_TIMEOUT", (1.0, 2.0))
+        self.data_plane = DataPlane(url, write_key, timeout)
+
+    def send(self, event: CioEvent) -> None:
+        payloads = [event.payload]
+        try:
+            response = self.data_plane.post_batch(payloads)
+        except requests.RequestException as error:
+            self._failed(payloads, f"could not reach RudderStack ({type(error).__name__})", retry=True)
+        else:
+            if response.status_code == 200:
+                signals.event_forwarded.send(self.app, payloads=payloads)
+                return
+            # 400 and 413 are about the event itself: sending it again cannot help.
+            self._failed(payloads, describe(response), retry=response.status_code not in (400, 413))
+
+    def _failed(self, payloads: list, reason: str, *, retry: bool) -> None:  # type: ignore[type-arg]
+        logger.error("Forwarding to RudderStack failed: %s", reason)
+        signals.forward_failed.send(self.app, payloads=payloads, reason=reason, retry=retry)
+        raise ForwardError(reason, retry=retry)
+
+    def close(self) -> None:
+        self.data_plane.close()
+
+
+_BUILT_IN: dict[str, ForwarderFactory] = {"sync": SyncForwarder, "none": NullForwarder}
+
+
+def create_forwarder(app: Flask, choice: str | ForwarderFactory) -> Forwarder:
+    """Build the forwarder that ``CIO_RUDDER_FORWARDER`` names for ``app``."""
+    if isinstance(choice, str):
+        if choice not in _BUILT_IN:
+            names = ", ".join(repr(name) for name in _BUILT_IN)
+            raise RuntimeError(
+                f"CIO_RUDDER_FORWARDER = {choice!r} is unknown: use one of {names}, or a Forwarder subclass."
+            )
+        choice = _BUILT_IN[choice]
+    if not callable(choice):
+        raise RuntimeError("CIO_RUDDER_FORWARDER must be a name or a Forwarder subclass.")
+    forwarder = choice(app)
+    if not isinstance(forwarder, Forwarder):
+        raise RuntimeError("CIO_RUDDER_FORWARDER must build a flask_cio_rudder.Forwarder.")
+    return forwarder

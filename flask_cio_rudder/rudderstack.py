@@ -1,0 +1,75 @@
+"""The RudderStack data plane: its limits and a client for ``POST /v1/batch``."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Sequence
+from typing import Any, Union
+from urllib.parse import urlsplit
+
+import requests
+
+__all__ = ["MAX_EVENT_BYTES", "DataPlane", "Timeout", "check_url", "describe", "undeliverable_reason"]
+
+#: RudderStack's documented limit for one event; the gateway refuses larger ones.
+MAX_EVENT_BYTES = 32 * 1024
+
+Timeout = Union[float, tuple[float, float]]
+
+
+def undeliverable_reason(payload: dict[str, Any]) -> str | None:
+    """Why RudderStack's gateway would refuse this event (and its whole batch), or ``None``.
+
+    The gateway rejects an event whose ``userId`` and ``anonymousId`` are both
+    missing, null or blank, and events over 32 KB.
+    """
+    if not payload.get("userId") and not payload.get("anonymousId"):
+        return (
+            "no userId or anonymousId: the body has no data.customer_id, data.identifiers.id "
+            "or email, and RudderStack refuses events without one"
+        )
+    size = len(json.dumps(payload, separators=(",", ":")).encode("utf-8"))
+    if size > MAX_EVENT_BYTES:
+        return f"the RudderStack event is {size} bytes; RudderStack accepts at most {MAX_EVENT_BYTES}"
+    return None
+
+
+class DataPlane:
+    """Posts batches of events to one RudderStack data plane over one ``requests.Session``.
+
+    HTTP Basic auth with the write key as user name and an empty password, gzip
+    bodies. The write key lives only in the session's auth, never in a message.
+    """
+
+    def __init__(self, url: str, write_key: str, timeout: Timeout) -> None:
+        self.batch_url = url.rstrip("/") + "/v1/batch"
+        self.timeout = timeout
+        self.session = requests.Session()
+        self.session.auth = (write_key, "")
+        self.session.headers.update({"Content-Type": "application/json", "Content-Encoding": "gzip"})
+
+    def post_batch(self, payloads: Sequence[dict[str, Any]]) -> requests.Response:
+        """Send one batch; raises ``requests.RequestException`` on timeouts and connection errors."""
+        body = json.dumps({"batch": list(payloads)}, separators=(",", ":")).encode("utf-8")
+        return self.session.post(self.batch_url, data=gzip.compress(body, 6), timeout=self.timeout)
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def check_url(url: object, key: str) -> str:
+    """Return ``url`` if it is an http(s) URL, else fail naming the config ``key``."""
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise RuntimeError(
+            f"{key} must be the http(s) URL of your RudderStack data plane, "
+            "such as https://example-dataplane.rudderstack.com"
+        )
+    return url  # type: ignore[return-value]
+
+
+def describe(response: requests.Response) -> str:
+    """A short, secret-free account of a non-200 answer from the data plane."""
+    text = response.text.strip().replace("\n", " ")[:200]
+    return f"RudderStack answered {response.status_code}" + (f": {text}" if text else "")

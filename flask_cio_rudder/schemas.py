@@ -1,0 +1,192 @@
+"""marshmallow schemas that validate a decoded Customer.io webhook body.
+
+Field types follow Customer.io's Reporting Webhooks description. Every schema sets
+``unknown = EXCLUDE`` explicitly (it does not cascade): Customer.io adds fields over
+time and a new field must never turn a good event into a rejected one. The loaded
+result is only used to decide "valid or not" and to read the envelope; the untouched
+body is kept beside it, and the RudderStack event is built from that body.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
+
+__all__ = ["EMAIL_ENVELOPES", "Envelope", "envelope_schema_for", "unix_seconds"]
+
+# Python's datetime (and JavaScript's toISOString with four-digit years) cover
+# years 1 to 9999; anything outside is not a Unix time in seconds.
+_MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z
+_MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+
+
+def unix_seconds(value: object) -> int | float | None:
+    """Return ``value`` as Unix seconds, ``None`` where RudderStack ignores it.
+
+    RudderStack only reads a JSON number; ``null``, booleans and strings (even
+    numeric ones) give an event without time fields. Numbers outside years
+    1-9999, such as milliseconds, raise :class:`ValidationError` instead of
+    becoming the year 52204 as RudderStack's transformer makes them.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not (_MIN_SECONDS <= value <= _MAX_SECONDS) or math.isnan(value):
+        raise ValidationError(
+            f"{value!r} is not a Unix time in seconds (years 1 to 9999); "
+            "Customer.io sends seconds, so this looks like milliseconds or a corrupt value."
+        )
+    return value
+
+
+class UnixTimestamp(fields.Field):  # type: ignore[type-arg]
+    """Loads Customer.io's ``timestamp`` as an aware UTC datetime, or ``None``."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        seconds = unix_seconds(value)
+        if seconds is None:
+            return None
+        return datetime.fromtimestamp(seconds, tz=timezone.utc)
+
+
+class _Schema(Schema):
+    class Meta:
+        unknown = EXCLUDE
+
+
+def _optional_string() -> fields.String:
+    return fields.String(allow_none=True)
+
+
+def _optional_integer() -> fields.Integer:
+    return fields.Integer(strict=True, allow_none=True)
+
+
+def _required_string() -> fields.String:
+    return fields.String(required=True)
+
+
+class Identifiers(_Schema):
+    """``data.identifiers``: who the event is about."""
+
+    id = _optional_string()
+    email = _optional_string()
+    cio_id = _optional_string()
+
+
+class MessageData(_Schema):
+    """``data`` fields shared by every event, typed as Customer.io documents them."""
+
+    customer_id = _optional_string()
+    identifiers = fields.Nested(Identifiers, allow_none=True)
+    email_address = _optional_string()
+    delivery_id = _optional_string()
+    trigger_id = _optional_integer()
+    broadcast_id = _optional_integer()
+    campaign_id = _optional_integer()
+    action_id = _optional_integer()
+    parent_action_id = _optional_integer()
+    journey_id = _optional_string()
+    newsletter_id = _optional_integer()
+    content_id = _optional_integer()
+    transactional_message_id = _optional_integer()
+    recipient = _optional_string()
+    subject = _optional_string()
+    content = _optional_string()
+    href = _optional_string()
+    link_id = _optional_integer()
+    failure_message = _optional_string()
+
+
+class _EmailData(MessageData):
+    delivery_id = _required_string()
+    recipient = _required_string()
+
+
+class EmailDeliveredData(_EmailData):
+    subject = _required_string()
+
+
+class EmailOpenedData(_EmailData):
+    proxied = fields.Boolean(allow_none=True)
+    prefetched = fields.Boolean(allow_none=True)
+    synthetic = fields.Boolean(allow_none=True)
+
+
+class EmailClickedData(_EmailData):
+    subject = _required_string()
+    href = _required_string()
+    link_id = fields.Integer(strict=True, required=True)
+    machine = fields.Boolean(allow_none=True)
+
+
+class EmailBouncedData(_EmailData):
+    subject = _required_string()
+    failure_message = _required_string()
+
+
+class EmailSpammedData(_EmailData):
+    subject = _required_string()
+
+
+class EmailUnsubscribedData(_EmailData):
+    subject = _required_string()
+
+
+class Envelope(_Schema):
+    """The top level of every webhook body."""
+
+    event_id = fields.String(required=True, validate=validate.Length(min=1))
+    object_type = _optional_string()
+    metric = _optional_string()
+    timestamp = UnixTimestamp(load_default=None, allow_none=True)
+    data = fields.Nested(MessageData, required=True)
+
+
+class EmailDeliveredEnvelope(Envelope):
+    data = fields.Nested(EmailDeliveredData, required=True)
+
+
+class EmailOpenedEnvelope(Envelope):
+    data = fields.Nested(EmailOpenedData, required=True)
+
+
+class EmailClickedEnvelope(Envelope):
+    data = fields.Nested(EmailClickedData, required=True)
+
+
+class EmailBouncedEnvelope(Envelope):
+    data = fields.Nested(EmailBouncedData, required=True)
+
+
+class EmailSpammedEnvelope(Envelope):
+    data = fields.Nested(EmailSpammedData, required=True)
+
+
+class EmailUnsubscribedEnvelope(Envelope):
+    data = fields.Nested(EmailUnsubscribedData, required=True)
+
+
+# Instances are built once, at import: they are reusable and building one is not free.
+_GENERIC = Envelope()
+# The six email events this project treats as first-class get the stricter schemas.
+EMAIL_ENVELOPES: dict[str, Envelope] = {
+    "delivered": EmailDeliveredEnvelope(),
+    "opened": EmailOpenedEnvelope(),
+    "clicked": EmailClickedEnvelope(),
+    "bounced": EmailBouncedEnvelope(),
+    "spammed": EmailSpammedEnvelope(),
+    "unsubscribed": EmailUnsubscribedEnvelope(),
+}
+
+
+def envelope_schema_for(body: Mapping[str, Any]) -> Envelope:
+    """Pick the schema for this body: a strict one for the six email events, else the generic one."""
+    object_type = body.get("object_type")
+    metric = body.get("metric")
+    if isinstance(object_type, str) and object_type.lower() == "email" and isinstance(metric, str):
+        return EMAIL_ENVELOPES.get(metric, _GENERIC)
+    return _GENERIC

@@ -1,0 +1,48 @@
+"""Blinker signals the extension sends; connect receivers to react in the host app.
+
+Every signal is sent with the Flask app as sender and keyword-only data, so a
+receiver looks like ``def on_bounce(app, event, **extra)``. Receivers run inside
+the webhook request: one that raises makes the request a 500, nothing is kept,
+and Customer.io's retry runs the receivers again. Write them to be idempotent.
+"""
+
+from __future__ import annotations
+
+from blinker import Namespace
+
+__all__ = [
+    "email_bounced",
+    "email_clicked",
+    "email_delivered",
+    "email_opened",
+    "email_spammed",
+    "email_unsubscribed",
+    "event_forwarded",
+    "event_received",
+    "event_rejected",
+    "forward_failed",
+]
+
+_signals = Namespace()
+
+#: Every accepted event, ``event=`` a :class:`~flask_cio_rudder.CioEvent`.
+event_received = _signals.signal("event-received")
+
+#: The six first-class email events, ``event=`` a :class:`~flask_cio_rudder.CioEvent`.
+email_delivered = _signals.signal("email-delivered")
+email_opened = _signals.signal("email-opened")
+email_clicked = _signals.signal("email-clicked")
+email_bounced = _signals.signal("email-bounced")
+email_spammed = _signals.signal("email-spammed")
+email_unsubscribed = _signals.signal("email-unsubscribed")
+
+#: An authentic body that could not be accepted: ``reason=`` (one line),
+#: ``errors=`` (field name to messages, may be empty), ``body=`` (the decoded body).
+event_rejected = _signals.signal("event-rejected")
+
+#: RudderStack stored a batch: ``payloads=`` the list of RudderStack events sent.
+event_forwarded = _signals.signal("event-forwarded")
+
+#: A batch was not stored: ``payloads=`` the events, ``reason=`` what went wrong,
+#: ``retry=`` whether the events will be sent again (``False``: kept as dead letters or refused).
+forward_failed = _signals.signal("forward-failed")

@@ -1,0 +1,184 @@
+"""The webhook route: raw body -> signature -> JSON -> event -> signals -> forwarder.
+
+Each step is one function below, in the order a request meets them. The answers
+follow the response policy in the README: Customer.io holds back every later
+webhook while one is failing, so only a request that is not authentic, too large,
+not JSON, or whose receivers raised gets a non-2xx answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+from flask import Blueprint, Flask, Response, current_app, jsonify, request
+from werkzeug.exceptions import (
+    BadRequest,
+    HTTPException,
+    RequestEntityTooLarge,
+    ServiceUnavailable,
+    Unauthorized,
+)
+
+from . import signals
+from .event import CioEvent
+from .forwarders import ForwardError
+from .rudderstack import undeliverable_reason
+from .signature import SignatureError, verify
+from .transform import InvalidEvent, load_event
+
+__all__ = [
+    "BodyTooLarge",
+    "InvalidSignature",
+    "MalformedBody",
+    "RetryLater",
+    "WebhookError",
+    "create_blueprint",
+]
+
+logger = logging.getLogger("flask_cio_rudder")
+
+#: The endpoint of the webhook route, for ``url_for`` and CSRF exemption.
+ENDPOINT = "cio_rudder.receive"
+
+# The RudderStack event name of each first-class email event, and its signal.
+_EMAIL_SIGNALS = {
+    "Email Delivered": signals.email_delivered,
+    "Email Opened": signals.email_opened,
+    "Email Link Clicked": signals.email_clicked,
+    "Email Bounced": signals.email_bounced,
+    "Email Marked as Spam": signals.email_spammed,
+    "Email Unsubscribed": signals.email_unsubscribed,
+}
+
+
+class WebhookError(HTTPException):
+    """An HTTP error answered as JSON ``{"error": description}``.
+
+    The subclasses are werkzeug HTTP exceptions, so a host app can customise the
+    answer with ``app.errorhandler(InvalidSignature)`` and the like.
+    """
+
+    def get_body(self, environ: Any = None, scope: Any = None) -> str:
+        return json.dumps({"error": self.description})
+
+    def get_headers(self, environ: Any = None, scope: Any = None) -> list[tuple[str, str]]:
+        return [("Content-Type", "application/json")]
+
+
+class InvalidSignature(WebhookError, Unauthorized):
+    """401: missing, malformed or wrong ``X-CIO-Signature`` (or a too old ``X-CIO-Timestamp``)."""
+
+
+class BodyTooLarge(WebhookError, RequestEntityTooLarge):
+    """413: the body is larger than ``CIO_RUDDER_MAX_BODY_BYTES``."""
+
+
+class MalformedBody(WebhookError, BadRequest):
+    """400: the body is not a JSON object."""
+
+
+class RetryLater(WebhookError, ServiceUnavailable):
+    """503: the event could not be kept now; Customer.io will send it again."""
+
+
+def create_blueprint(path: str) -> Blueprint:
+    """A Blueprint with the one webhook route, at ``path``."""
+    blueprint = Blueprint("cio_rudder", __name__)
+    blueprint.add_url_rule(path, view_func=receive, methods=["POST"])
+    return blueprint
+
+
+def receive() -> Response:
+    """Handle one Customer.io reporting webhook."""
+    app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+    state = app.extensions["cio_rudder"]
+    body = read_body(state.max_body_bytes)
+    if state.verify_signature:
+        check_signature(body, state.signing_keys, state.max_timestamp_age)
+    decoded = parse_json(body)
+    try:
+        event = load_event(decoded)
+        reason = undeliverable_reason(event.payload)
+        if reason is not None:
+            raise InvalidEvent(reason)
+    except InvalidEvent as error:
+        return reject(app, decoded, error.reason, error.errors)
+
+    forwarder = state.forwarder
+    if forwarder.is_duplicate(event.event_id):
+        return _answer("duplicate", event.event_id)
+    send_signals(app, event)
+    try:
+        forwarder.accept(event)
+    except ForwardError as error:
+        if error.retry:
+            raise RetryLater(f"the event was not kept ({error.reason}); send it again later") from None
+        return reject(app, decoded, error.reason, {})
+    return _answer("accepted", event.event_id)
+
+
+def read_body(limit: int) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes without reading them all."""
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(f"the body is larger than CIO_RUDDER_MAX_BODY_BYTES ({limit} bytes)")
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise BodyTooLarge(f"the body is larger than CIO_RUDDER_MAX_BODY_BYTES ({limit} bytes)")
+    return body
+
+
+def check_signature(body: bytes, keys: Iterable[str], max_age: float | None) -> None:
+    try:
+        verify(
+            body,
+            request.headers.get("X-CIO-Timestamp"),
+            request.headers.get("X-CIO-Signature"),
+            tuple(keys),
+            max_age=max_age,
+        )
+    except SignatureError as error:
+        logger.warning("Refused a Customer.io webhook from %s: %s", request.remote_addr, error)
+        raise InvalidSignature(str(error)) from None
+
+
+def _no_constants(name: str) -> None:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    """Decode the body; anything but a JSON object is a 400 that names the problem."""
+    try:
+        decoded = json.loads(body, parse_constant=_no_constants)
+    except RecursionError:
+        raise MalformedBody("the body is not valid JSON: nested too deeply") from None
+    except ValueError as error:
+        raise MalformedBody(f"the body is not valid JSON: {error}") from None
+    if not isinstance(decoded, dict):
+        raise MalformedBody("the body must be a JSON object, one Customer.io event")
+    return decoded
+
+
+def send_signals(app: Flask, event: CioEvent) -> None:
+    """Announce the event; a receiver that raises makes the request fail."""
+    signals.event_received.send(app, event=event)
+    email_signal = _EMAIL_SIGNALS.get(event.name)
+    if email_signal is not None:
+        email_signal.send(app, event=event)
+
+
+def reject(app: Flask, body: dict[str, Any], reason: str, errors: dict[str, Any]) -> Response:
+    """Answer 2xx for an authentic body that cannot be accepted, and keep it as a dead letter.
+
+    A non-2xx answer would make Customer.io hold back every later event for days.
+    """
+    event_id = body.get("event_id") if isinstance(body.get("event_id"), str) else None
+    app.extensions["cio_rudder"].forwarder.reject(event_id, reason, errors)
+    signals.event_rejected.send(app, reason=reason, errors=errors, body=body)
+    return jsonify(status="rejected", event_id=event_id, reason=reason, errors=errors)
+
+
+def _answer(status: str, event_id: str) -> Response:
+    return jsonify(status=status, event_id=event_id)
