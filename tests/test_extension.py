@@ -1,0 +1,179 @@
+"""The extension's contract: init_app, per-app state, config precedence, failing fast."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+from flask_wtf import CSRFProtect
+from werkzeug.test import TestResponse
+
+from flask_cio_rudder import CioEvent, CioRudder, Forwarder, NullForwarder, SyncForwarder
+
+from .conftest import SIGNING_KEY, sample
+
+Post = Callable[..., TestResponse]
+
+
+def bare_app(**config: Any) -> Flask:
+    app = Flask(__name__)
+    app.config.update(TESTING=True, **config)
+    return app
+
+
+def test_app_factory_pattern_keeps_state_in_app_extensions() -> None:
+    ext = CioRudder(signing_key=SIGNING_KEY, forwarder="none")
+    first, second = bare_app(), bare_app(CIO_RUDDER_SIGNING_KEY="other-key")
+    ext.init_app(first)
+    ext.init_app(second)
+    assert not hasattr(ext, "app")
+    assert first.extensions["cio_rudder"].signing_keys == (SIGNING_KEY,)
+    assert second.extensions["cio_rudder"].signing_keys == ("other-key",)
+    assert first.extensions["cio_rudder"].forwarder is not second.extensions["cio_rudder"].forwarder
+
+
+def test_several_apps_in_one_process_receive_independently(post: Post) -> None:
+    ext = CioRudder(signing_key=SIGNING_KEY, forwarder="none")
+    first, second = bare_app(), bare_app(CIO_RUDDER_WEBHOOK_PATH="/hooks/cio")
+    ext.init_app(first)
+    ext.init_app(second)
+    assert post(first.test_client(), sample("opened")).json["status"] == "accepted"
+    # The second app has its own path and its own memory of seen events.
+    assert post(second.test_client(), sample("opened")).status_code == 404
+    raw_client = second.test_client()
+    from flask_cio_rudder.testing import encode, signature_headers
+
+    raw = encode(sample("opened"))
+    response = raw_client.post("/hooks/cio", data=raw, headers=signature_headers(raw, SIGNING_KEY))
+    assert response.json["status"] == "accepted"
+
+
+def test_constructor_options_are_defaults_that_app_config_overrides() -> None:
+    ext = CioRudder(signing_key="from-options", forwarder="none", max_body_bytes=1234)
+    app = bare_app(CIO_RUDDER_SIGNING_KEY="from-config")
+    ext.init_app(app)
+    assert app.config["CIO_RUDDER_SIGNING_KEY"] == "from-config"
+    assert app.config["CIO_RUDDER_MAX_BODY_BYTES"] == 1234
+    assert app.extensions["cio_rudder"].signing_keys == ("from-config",)
+
+
+def test_every_default_lands_in_app_config() -> None:
+    app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER="none")
+    CioRudder(app)
+    assert app.config["CIO_RUDDER_VERIFY_SIGNATURE"] is True
+    assert app.config["CIO_RUDDER_WEBHOOK_PATH"] == "/webhooks/customerio"
+    assert app.config["CIO_RUDDER_MAX_TIMESTAMP_AGE"] is None
+    assert "/webhooks/customerio" in {rule.rule for rule in app.url_map.iter_rules()}
+
+
+def test_an_unknown_option_is_a_type_error_naming_it() -> None:
+    with pytest.raises(TypeError, match="signing_kye"):
+        CioRudder(signing_kye="typo")
+
+
+def test_init_app_twice_on_one_app_is_refused() -> None:
+    app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER="none")
+    ext = CioRudder(app)
+    with pytest.raises(RuntimeError, match="already registered"):
+        ext.init_app(app)
+
+
+def test_a_missing_signing_key_fails_fast_naming_the_key() -> None:
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_SIGNING_KEY is not set"):
+        CioRudder(bare_app(CIO_RUDDER_FORWARDER="none"))
+
+
+def test_no_signing_key_is_fine_when_verification_is_off(caplog: pytest.LogCaptureFixture) -> None:
+    CioRudder(bare_app(CIO_RUDDER_FORWARDER="none", CIO_RUDDER_VERIFY_SIGNATURE=False))
+    assert "CIO_RUDDER_VERIFY_SIGNATURE is off" in caplog.text
+
+
+@pytest.mark.parametrize("value", [123, ["ok", ""], [None]])
+def test_a_malformed_signing_key_fails_fast(value: Any) -> None:
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_SIGNING_KEY must be"):
+        CioRudder(bare_app(CIO_RUDDER_FORWARDER="none", CIO_RUDDER_SIGNING_KEY=value))
+
+
+def test_the_sync_forwarder_needs_a_write_key() -> None:
+    app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_DATA_PLANE_URL="https://dp.example.com")
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_WRITE_KEY is not set"):
+        CioRudder(app)
+
+
+@pytest.mark.parametrize("url", [None, "", "dp.example.com", "ftp://dp.example.com"])
+def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
+    app = bare_app(
+        CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
+        CIO_RUDDER_WRITE_KEY="secret-write-key",
+        CIO_RUDDER_DATA_PLANE_URL=url,
+    )
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_DATA_PLANE_URL") as failure:
+        CioRudder(app)
+    assert "secret-write-key" not in str(failure.value)
+
+
+def test_sync_is_the_default_forwarder() -> None:
+    app = bare_app(
+        CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
+        CIO_RUDDER_WRITE_KEY="wk",
+        CIO_RUDDER_DATA_PLANE_URL="https://dp.example.com",
+    )
+    CioRudder(app)
+    assert isinstance(app.extensions["cio_rudder"].forwarder, SyncForwarder)
+
+
+def test_an_unknown_forwarder_name_fails_fast_listing_the_choices() -> None:
+    app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER="kafka")
+    with pytest.raises(RuntimeError, match=r"CIO_RUDDER_FORWARDER = 'kafka' is unknown.*'sync'"):
+        CioRudder(app)
+
+
+def test_a_forwarder_factory_must_build_a_forwarder() -> None:
+    app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER=lambda app: object())
+    with pytest.raises(RuntimeError, match=r"must build a flask_cio_rudder\.Forwarder"):
+        CioRudder(app)
+
+
+def test_a_custom_forwarder_receives_each_accepted_event(post: Post) -> None:
+    class ListForwarder(Forwarder):
+        def __init__(self, app: Flask) -> None:
+            super().__init__(app)
+            self.sent: list[CioEvent] = []
+
+        def send(self, event: CioEvent) -> None:
+            self.sent.append(event)
+
+    app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER=ListForwarder)
+    CioRudder(app)
+    post(app.test_client(), sample("clicked"))
+    post(app.test_client(), sample("clicked"))
+    forwarder = app.extensions["cio_rudder"].forwarder
+    assert [event.name for event in forwarder.sent] == ["Email Link Clicked"]
+
+
+def test_the_none_forwarder_is_available_by_name() -> None:
+    app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER="none")
+    CioRudder(app)
+    assert isinstance(app.extensions["cio_rudder"].forwarder, NullForwarder)
+
+
+@pytest.mark.parametrize("csrf_first", [True, False], ids=["csrf-before", "csrf-after"])
+def test_the_webhook_works_in_apps_with_csrf_protection(post: Post, csrf_first: bool) -> None:
+    app = bare_app(
+        CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER="none", SECRET_KEY="s", WTF_CSRF_ENABLED=True
+    )
+
+    @app.post("/form")
+    def form() -> str:
+        return "ok"
+
+    if csrf_first:
+        CSRFProtect(app)
+        CioRudder(app)
+    else:
+        CioRudder(app)
+        CSRFProtect(app)
+    client = app.test_client()
+    assert client.post("/form").status_code == 400  # CSRF still guards the app's own forms
+    assert post(client, sample("opened")).json["status"] == "accepted"

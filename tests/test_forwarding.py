@@ -1,0 +1,147 @@
+"""The sync forwarder: what it posts to RudderStack, and how each answer maps to Customer.io's."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+from typing import Any, Callable
+
+import pytest
+import requests
+import responses
+from flask import Flask
+from werkzeug.test import TestResponse
+
+from flask_cio_rudder import signals, transform
+from flask_cio_rudder.testing import FakeDataPlane
+
+from .conftest import EMAIL_EVENTS, sample
+
+Post = Callable[..., TestResponse]
+DATA_PLANE = "https://dp.example.com"
+WRITE_KEY = "secret-write-key"
+
+
+@pytest.fixture
+def sync_app(make_app: Callable[..., Flask]) -> Flask:
+    return make_app(
+        CIO_RUDDER_FORWARDER="sync",
+        CIO_RUDDER_WRITE_KEY=WRITE_KEY,
+        CIO_RUDDER_DATA_PLANE_URL=DATA_PLANE + "/",
+        PROPAGATE_EXCEPTIONS=False,
+    )
+
+
+@pytest.fixture
+def outcomes(sync_app: Flask) -> Any:
+    recorded: list[tuple[str, dict[str, Any]]] = []
+
+    def forwarded(sender: Flask, **kwargs: Any) -> None:
+        recorded.append(("forwarded", kwargs))
+
+    def failed(sender: Flask, **kwargs: Any) -> None:
+        recorded.append(("failed", kwargs))
+
+    with (
+        signals.event_forwarded.connected_to(forwarded, sender=sync_app),
+        signals.forward_failed.connected_to(failed, sender=sync_app),
+    ):
+        yield recorded
+
+
+@responses.activate
+def test_an_accepted_event_is_posted_to_v1_batch_with_basic_auth_and_gzip(
+    sync_app: Flask, post: Post, outcomes: list[Any]
+) -> None:
+    responses.post(f"{DATA_PLANE}/v1/batch", body="OK")
+    body = sample("bounced")
+    assert post(sync_app.test_client(), body).json["status"] == "accepted"
+    (call,) = responses.calls
+    request = call.request
+    assert request.headers["Authorization"] == "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    assert request.headers["Content-Encoding"] == "gzip"
+    assert request.headers["Content-Type"] == "application/json"
+    sent = json.loads(gzip.decompress(request.body))  # type: ignore[arg-type]
+    assert sent == {"batch": [transform(body)]}
+    assert outcomes == [("forwarded", {"payloads": sent["batch"]})]
+
+
+@responses.activate
+def test_timeouts_keep_the_request_inside_customerios_four_seconds(sync_app: Flask, post: Post) -> None:
+    responses.post(f"{DATA_PLANE}/v1/batch", body="OK")
+    post(sync_app.test_client(), sample("opened"))
+    connect, read = responses.calls[0].request.req_kwargs["timeout"]
+    assert connect + read < 4
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 401, 404])
+def test_a_transient_or_configuration_failure_is_503_so_customerio_retries(
+    sync_app: Flask, post: Post, outcomes: list[Any], status: int
+) -> None:
+    responses.post(f"{DATA_PLANE}/v1/batch", body="nope", status=status)
+    body = sample("delivered")
+    response = post(sync_app.test_client(), body)
+    assert response.status_code == 503
+    assert f"RudderStack answered {status}" in response.json["error"]
+    assert outcomes[0][0] == "failed"
+    assert outcomes[0][1]["retry"] is True
+    # Not remembered: Customer.io's retry is forwarded once RudderStack is back.
+    responses.replace(responses.POST, f"{DATA_PLANE}/v1/batch", body="OK")
+    assert post(sync_app.test_client(), body).json["status"] == "accepted"
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    "error", [requests.ConnectionError("refused"), requests.Timeout("slow")], ids=["refused", "timeout"]
+)
+def test_an_unreachable_data_plane_is_503(sync_app: Flask, post: Post, error: Exception) -> None:
+    responses.post(f"{DATA_PLANE}/v1/batch", body=error)
+    response = post(sync_app.test_client(), sample("delivered"))
+    assert response.status_code == 503
+    assert "could not reach RudderStack" in response.json["error"]
+    assert WRITE_KEY not in response.get_data(as_text=True)
+
+
+@responses.activate
+@pytest.mark.parametrize("status", [400, 413])
+def test_an_event_rudderstack_refuses_is_rejected_2xx_so_the_stream_does_not_stall(
+    sync_app: Flask, post: Post, outcomes: list[Any], status: int
+) -> None:
+    responses.post(f"{DATA_PLANE}/v1/batch", body="Invalid request body", status=status)
+    response = post(sync_app.test_client(), sample("delivered"))
+    assert response.status_code == 200
+    assert response.json["status"] == "rejected"
+    assert f"RudderStack answered {status}" in response.json["reason"]
+    assert [name for name, _ in outcomes] == ["failed"]
+    assert outcomes[0][1]["retry"] is False
+
+
+def test_the_six_email_events_reach_a_real_data_plane_on_loopback(
+    make_app: Callable[..., Flask], post: Post, data_plane: FakeDataPlane
+) -> None:
+    app = make_app(
+        CIO_RUDDER_FORWARDER="sync",
+        CIO_RUDDER_WRITE_KEY=data_plane.write_key,
+        CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
+    )
+    bodies = [sample(metric) for metric in EMAIL_EVENTS]
+    for body in bodies:
+        assert post(app.test_client(), body).json["status"] == "accepted"
+    assert data_plane.events == [transform(body) for body in bodies]
+
+
+def test_a_wrong_write_key_is_503_and_the_event_is_not_lost(
+    make_app: Callable[..., Flask], post: Post, data_plane: FakeDataPlane
+) -> None:
+    app = make_app(
+        CIO_RUDDER_FORWARDER="sync",
+        CIO_RUDDER_WRITE_KEY="wrong",
+        CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
+        PROPAGATE_EXCEPTIONS=False,
+    )
+    response = post(app.test_client(), sample("opened"))
+    assert response.status_code == 503
+    assert "RudderStack answered 401" in response.json["error"]
+    assert data_plane.events == []

@@ -1,0 +1,255 @@
+"""The response policy of the README, row by row, through the real route."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+from werkzeug.test import TestResponse
+
+from flask_cio_rudder import signals
+from flask_cio_rudder.testing import encode, record_events, signature_headers
+
+from .conftest import EMAIL_EVENTS, SIGNING_KEY, WEBHOOK, sample
+
+Post = Callable[..., TestResponse]
+
+
+class Recorder:
+    """Connects to every signal of the extension and records (signal name, kwargs)."""
+
+    def __init__(self, app: Flask) -> None:
+        self.app = app
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+
+    def __enter__(self) -> Recorder:
+        for name in signals.__all__:
+            getattr(signals, name).connect(self._record(name), sender=self.app, weak=False)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for name in signals.__all__:
+            for receiver in list(getattr(signals, name).receivers_for(self.app)):
+                getattr(signals, name).disconnect(receiver, sender=self.app)
+
+    def _record(self, name: str) -> Callable[..., None]:
+        def record(sender: Flask, **kwargs: Any) -> None:
+            assert sender is self.app
+            self.calls.append((name, kwargs))
+
+        return record
+
+    @property
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+@pytest.mark.parametrize("metric", EMAIL_EVENTS)
+def test_an_authentic_new_event_is_accepted_and_signalled(app: Flask, post: Post, metric: str) -> None:
+    body = sample(metric)
+    with Recorder(app) as recorder:
+        response = post(app.test_client(), body)
+    assert response.status_code == 200
+    assert response.json == {"status": "accepted", "event_id": body["event_id"]}
+    assert recorder.names == ["event_received", f"email_{metric}"]
+    event = recorder.calls[0][1]["event"]
+    assert recorder.calls[1][1]["event"] is event
+    assert event.event_id == body["event_id"]
+    assert event.metric == metric
+    assert event.raw == body
+    assert event.data == body["data"]
+
+
+def test_the_event_object_carries_the_fields_host_apps_use(app: Flask, post: Post) -> None:
+    body = sample("bounced")
+    with record_events(app) as events:
+        post(app.test_client(), body)
+    (event,) = events
+    assert event.name == "Email Bounced"
+    assert event.object_type == "email"
+    assert event.user_id == "43"
+    assert event.anonymous_id is None
+    assert event.email == "bob@example.com"
+    assert event.timestamp is not None
+    assert event.timestamp.isoformat() == "2021-02-11T17:09:49+00:00"
+    assert event.payload["properties"]["reason"] == body["data"]["failure_message"]
+    with pytest.raises(AttributeError):
+        event.name = "changed"  # type: ignore[misc]
+
+
+def test_other_events_get_only_the_general_signal(app: Flask, post: Post) -> None:
+    body = sample("delivered") | {"metric": "sent"}
+    with Recorder(app) as recorder:
+        assert post(app.test_client(), body).json["status"] == "accepted"
+    assert recorder.names == ["event_received"]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"X-CIO-Signature": "0" * 64},
+        {"X-CIO-Signature": "not-hex"},
+        {"X-CIO-Signature": "ab" * 33},
+    ],
+    ids=["missing", "wrong", "not-hex", "wrong-length"],
+)
+def test_a_missing_or_wrong_signature_is_401_and_nothing_happens(
+    app: Flask, headers: dict[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = encode(sample("bounced"))
+    sent = {"Content-Type": "application/json", "X-CIO-Timestamp": "1613063389", **headers}
+    with Recorder(app) as recorder, caplog.at_level(logging.WARNING, "flask_cio_rudder"):
+        response = app.test_client().post(WEBHOOK, data=raw, headers=sent)
+    assert response.status_code == 401
+    assert response.is_json
+    assert "X-CIO-Signature" in response.json["error"]
+    assert recorder.calls == []
+    assert "Refused a Customer.io webhook" in caplog.text
+    assert SIGNING_KEY not in caplog.text + response.get_data(as_text=True)
+
+
+def test_a_body_signed_with_another_key_is_401(app: Flask, post: Post) -> None:
+    assert post(app.test_client(), sample("opened"), key="someone-else").status_code == 401
+
+
+def test_rotated_keys_are_all_accepted(make_app: Callable[..., Flask], post: Post) -> None:
+    app = make_app(CIO_RUDDER_SIGNING_KEY=["new-key", SIGNING_KEY])
+    assert post(app.test_client(), sample("opened"), key="new-key").status_code == 200
+    assert post(app.test_client(), sample("clicked"), key=SIGNING_KEY).status_code == 200
+
+
+def test_an_old_timestamp_is_401_when_a_maximum_age_is_set(make_app: Callable[..., Flask]) -> None:
+    app = make_app(CIO_RUDDER_MAX_TIMESTAMP_AGE=300)
+    raw = encode(sample("opened"))
+    stale = signature_headers(raw, SIGNING_KEY, timestamp=1_000_000_000)
+    assert app.test_client().post(WEBHOOK, data=raw, headers=stale).status_code == 401
+    fresh = signature_headers(raw, SIGNING_KEY)
+    assert app.test_client().post(WEBHOOK, data=raw, headers=fresh).status_code == 200
+
+
+def test_unsigned_requests_are_accepted_when_verification_is_off(
+    make_app: Callable[..., Flask], post: Post
+) -> None:
+    app = make_app(CIO_RUDDER_VERIFY_SIGNATURE=False, CIO_RUDDER_SIGNING_KEY=None)
+    assert post(app.test_client(), sample("opened"), key=None).status_code == 200
+
+
+def test_a_body_over_the_limit_is_413_and_nothing_happens(make_app: Callable[..., Flask], post: Post) -> None:
+    app = make_app(CIO_RUDDER_MAX_BODY_BYTES=100)
+    with Recorder(app) as recorder:
+        response = post(app.test_client(), sample("opened"))
+    assert response.status_code == 413
+    assert "CIO_RUDDER_MAX_BODY_BYTES" in response.json["error"]
+    assert recorder.calls == []
+
+
+def test_a_chunked_body_over_the_limit_is_413(make_app: Callable[..., Flask]) -> None:
+    app = make_app(CIO_RUDDER_MAX_BODY_BYTES=100)
+    raw = encode(sample("opened"))
+    headers = signature_headers(raw, SIGNING_KEY)
+    response = app.test_client().post(
+        WEBHOOK,
+        headers={**headers, "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input": io.BytesIO(raw), "wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"a": NaN}', "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, "not valid JSON"),
+        (b"[]", "must be a JSON object"),
+        (b'"hello"', "must be a JSON object"),
+        (b"null", "must be a JSON object"),
+    ],
+    ids=["broken", "nan", "not-utf8", "deep", "array", "string", "null"],
+)
+def test_a_body_that_is_not_a_json_object_is_400(app: Flask, post: Post, raw: bytes, problem: str) -> None:
+    with Recorder(app) as recorder:
+        response = post(app.test_client(), raw)
+    assert response.status_code == 400
+    assert problem in response.json["error"]
+    assert recorder.calls == []
+
+
+def test_an_authentic_object_that_fails_validation_is_2xx_rejected_with_the_fields(
+    app: Flask, post: Post
+) -> None:
+    body = sample("bounced")
+    del body["data"]["failure_message"]
+    body["data"]["link_id"] = "7"
+    with Recorder(app) as recorder:
+        response = post(app.test_client(), body)
+    assert response.status_code == 200
+    answer = response.json
+    assert answer["status"] == "rejected"
+    assert answer["event_id"] == body["event_id"]
+    assert set(answer["errors"]["data"]) == {"failure_message", "link_id"}
+    assert "data.failure_message" in answer["reason"]
+    assert recorder.names == ["event_rejected"]
+    rejected = recorder.calls[0][1]
+    assert rejected["body"] == body
+    assert rejected["errors"] == answer["errors"]
+
+
+def test_an_event_without_any_identity_is_rejected_not_forwarded(app: Flask, post: Post) -> None:
+    body = {"event_id": "01NOID", "object_type": "email", "metric": "drafted", "data": {"delivery_id": "x"}}
+    with Recorder(app) as recorder:
+        response = post(app.test_client(), body)
+    assert response.status_code == 200
+    assert response.json["status"] == "rejected"
+    assert "no userId or anonymousId" in response.json["reason"]
+    assert recorder.names == ["event_rejected"]
+
+
+def test_an_already_seen_event_is_2xx_and_neither_signalled_nor_forwarded_again(
+    app: Flask, post: Post
+) -> None:
+    body = sample("spammed")
+    with Recorder(app) as recorder:
+        first = post(app.test_client(), body)
+        again = post(app.test_client(), body)
+    assert first.json["status"] == "accepted"
+    assert again.status_code == 200
+    assert again.json == {"status": "duplicate", "event_id": body["event_id"]}
+    assert recorder.names == ["event_received", "email_spammed"]
+
+
+def test_a_receiver_that_raises_is_500_and_nothing_is_kept(
+    make_app: Callable[..., Flask], post: Post
+) -> None:
+    app = make_app(PROPAGATE_EXCEPTIONS=False)
+    body = sample("bounced")
+
+    def broken(sender: Flask, **extra: Any) -> None:
+        raise RuntimeError("database is down")
+
+    with signals.email_bounced.connected_to(broken, sender=app):
+        assert post(app.test_client(), body).status_code == 500
+    # Customer.io retries: the receivers run again and the event is accepted now.
+    with Recorder(app) as recorder:
+        assert post(app.test_client(), body).json["status"] == "accepted"
+    assert recorder.names == ["event_received", "email_bounced"]
+
+
+def test_errors_can_be_customised_with_an_errorhandler(app: Flask, post: Post) -> None:
+    from flask_cio_rudder.webhook import InvalidSignature
+
+    @app.errorhandler(InvalidSignature)
+    def custom(error: InvalidSignature) -> tuple[str, int]:
+        return "go away", 401
+
+    response = post(app.test_client(), sample("opened"), key="wrong")
+    assert (response.status_code, response.get_data(as_text=True)) == (401, "go away")
+
+
+def test_only_post_is_allowed(client: Any) -> None:
+    assert client.get(WEBHOOK).status_code == 405
