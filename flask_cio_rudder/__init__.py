@@ -2,8 +2,8 @@
 
 from . import signals
 from .event import CioEvent
-from .extension import CioRudder
-from .forwarders import Forwarder, ForwardError, NullForwarder, SyncForwarder
+from .extension import CioRudder, get_outbox
+from .forwarders import Forwarder, ForwardError, NullForwarder, OutboxForwarder, SyncForwarder
 from .transform import InvalidEvent, transform
 
 __all__ = [
@@ -13,7 +13,9 @@ __all__ = [
     "Forwarder",
     "InvalidEvent",
     "NullForwarder",
+    "OutboxForwarder",
     "SyncForwarder",
+    "get_outbox",
     "signals",
     "transform",
 ]

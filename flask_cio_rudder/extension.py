@@ -7,12 +7,13 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from flask import Flask
+from flask import Flask, current_app
 
-from .forwarders import Forwarder, create_forwarder
+from .cli import cli
+from .forwarders import Forwarder, OutboxForwarder, create_forwarder
 from .webhook import create_blueprint
 
-__all__ = ["CioRudder"]
+__all__ = ["CioRudder", "get_outbox"]
 
 logger = logging.getLogger("flask_cio_rudder")
 
@@ -24,10 +25,17 @@ DEFAULTS: dict[str, Any] = {
     "CIO_RUDDER_MAX_TIMESTAMP_AGE": None,
     "CIO_RUDDER_WEBHOOK_PATH": "/webhooks/customerio",
     "CIO_RUDDER_MAX_BODY_BYTES": 5 * 1024 * 1024,
-    "CIO_RUDDER_FORWARDER": "sync",
+    "CIO_RUDDER_FORWARDER": "outbox",
     "CIO_RUDDER_WRITE_KEY": None,
     "CIO_RUDDER_DATA_PLANE_URL": None,
-    "CIO_RUDDER_TIMEOUT": (1.0, 2.0),
+    "CIO_RUDDER_TIMEOUT": None,
+    "CIO_RUDDER_OUTBOX_PATH": None,
+    "CIO_RUDDER_OUTBOX_DURABILITY": "process-crash",
+    "CIO_RUDDER_OUTBOX_SENDER": True,
+    "CIO_RUDDER_OUTBOX_BATCH_SIZE": 100,
+    "CIO_RUDDER_OUTBOX_MAX_AGE": 7 * 24 * 3600,
+    "CIO_RUDDER_OUTBOX_LEASE": 60,
+    "CIO_RUDDER_SHUTDOWN_TIMEOUT": 5.0,
 }
 
 
@@ -94,7 +102,19 @@ class CioRudder:
             forwarder=forwarder,
         )
         app.register_blueprint(create_blueprint(config["CIO_RUDDER_WEBHOOK_PATH"]))
+        app.cli.add_command(cli)
         _exempt_from_csrf(app)
+
+
+def get_outbox(app: Flask | None = None) -> OutboxForwarder:
+    """The outbox of ``app`` (default: the current app), for status, flush, dead letters...
+
+    Raises ``RuntimeError`` if the app does not use ``CIO_RUDDER_FORWARDER = "outbox"``.
+    """
+    forwarder = state_of(app or current_app._get_current_object()).forwarder  # type: ignore[attr-defined]
+    if not isinstance(forwarder, OutboxForwarder):
+        raise RuntimeError("This app does not use the outbox: set CIO_RUDDER_FORWARDER = 'outbox'.")
+    return forwarder
 
 
 def state_of(app: Flask) -> State:

@@ -1,17 +1,20 @@
 """Forwarders: where accepted events go after the host app's receivers have run.
 
-A forwarder is chosen per app with ``CIO_RUDDER_FORWARDER``: ``"sync"`` posts each
-event to RudderStack inside the webhook request, ``"none"`` keeps nothing (for
-apps that only want the signals), and any :class:`Forwarder` subclass (or a
-callable taking the app and returning a forwarder) sends events elsewhere.
+A forwarder is chosen per app with ``CIO_RUDDER_FORWARDER``: ``"outbox"`` (the
+default) keeps each event in a SQLite outbox that a background sender delivers,
+``"sync"`` posts each event to RudderStack inside the webhook request, ``"none"``
+keeps nothing (for apps that only want the signals), and any :class:`Forwarder`
+subclass (or a callable taking the app and returning a forwarder) sends events elsewhere.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
 import requests
@@ -19,9 +22,18 @@ from flask import Flask
 
 from . import signals
 from .event import CioEvent
-from .rudderstack import DataPlane, Timeout, check_url, describe
+from .outbox import DeadLetter, Outbox, OutboxStatus
+from .rudderstack import data_plane_from_config, describe
+from .sender import Sender
 
-__all__ = ["ForwardError", "Forwarder", "NullForwarder", "SyncForwarder", "create_forwarder"]
+__all__ = [
+    "ForwardError",
+    "Forwarder",
+    "NullForwarder",
+    "OutboxForwarder",
+    "SyncForwarder",
+    "create_forwarder",
+]
 
 logger = logging.getLogger("flask_cio_rudder")
 
@@ -88,8 +100,11 @@ class Forwarder:
         """Deliver ``event.payload``; raise :class:`ForwardError` if that cannot be done now."""
         raise NotImplementedError
 
-    def reject(self, event_id: str | None, reason: str, errors: Mapping[str, Any]) -> None:
-        """Keep a rejected event. The base class logs it; the body is not logged (it holds personal data)."""
+    def reject(
+        self, body: dict[str, Any], event_id: str | None, reason: str, errors: Mapping[str, Any]
+    ) -> None:
+        """Keep a rejected body as a dead letter. The base class logs the id and reason (not the
+        body: it holds personal data)."""
         logger.warning("Rejected Customer.io event %s: %s", event_id or "(no event_id)", reason)
 
     def close(self) -> None:
@@ -106,23 +121,14 @@ class NullForwarder(Forwarder):
 class SyncForwarder(Forwarder):
     """Posts each event to RudderStack's ``/v1/batch`` inside the webhook request.
 
-    Customer.io waits 4 seconds, so the timeouts (``CIO_RUDDER_TIMEOUT``) stay
-    well inside that and there is no retry here: a failure answers 503 and
-    Customer.io's own retry sends the event again.
+    Customer.io waits 4 seconds, so the timeouts (``CIO_RUDDER_TIMEOUT``, by default
+    1 s to connect and 2 s to read) stay well inside that and there is no retry
+    here: a failure answers 503 and Customer.io's own retry sends the event again.
     """
 
     def __init__(self, app: Flask) -> None:
         super().__init__(app)
-        config = app.config
-        write_key = config.get("CIO_RUDDER_WRITE_KEY")
-        if not write_key or not isinstance(write_key, str):
-            raise RuntimeError(
-                "CIO_RUDDER_WRITE_KEY is not set: set it to the write key of a RudderStack "
-                "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
-            )
-        url = check_url(config.get("CIO_RUDDER_DATA_PLANE_URL"), "CIO_RUDDER_DATA_PLANE_URL")
-        timeout: Timeout = config.get("CIO_RUDDER_TIMEOUT", (1.0, 2.0))
-        self.data_plane = DataPlane(url, write_key, timeout)
+        self.data_plane = data_plane_from_config(app.config, (1.0, 2.0))
 
     def send(self, event: CioEvent) -> None:
         payloads = [event.payload]
@@ -137,7 +143,7 @@ class SyncForwarder(Forwarder):
             # 400 and 413 are about the event itself: sending it again cannot help.
             self._failed(payloads, describe(response), retry=response.status_code not in (400, 413))
 
-    def _failed(self, payloads: list, reason: str, *, retry: bool) -> None:  # type: ignore[type-arg]
+    def _failed(self, payloads: list[dict[str, Any]], reason: str, *, retry: bool) -> None:
         logger.error("Forwarding to RudderStack failed: %s", reason)
         signals.forward_failed.send(self.app, payloads=payloads, reason=reason, retry=retry)
         raise ForwardError(reason, retry=retry)
@@ -146,7 +152,92 @@ class SyncForwarder(Forwarder):
         self.data_plane.close()
 
 
-_BUILT_IN: dict[str, ForwarderFactory] = {"sync": SyncForwarder, "none": NullForwarder}
+class OutboxForwarder(Forwarder):
+    """Keeps every accepted event in a SQLite outbox before the webhook answers.
+
+    Nothing about RudderStack is awaited in the request: a background sender in
+    each process delivers the outbox (see :mod:`flask_cio_rudder.sender`).
+    Duplicates are found in the outbox, so they collapse across processes and restarts.
+    """
+
+    def __init__(self, app: Flask) -> None:
+        super().__init__(app)
+        config = app.config
+        data_plane_from_config(config, _OUTBOX_TIMEOUT).close()  # fail fast on a missing setting
+        batch_size = config["CIO_RUDDER_OUTBOX_BATCH_SIZE"]
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= 100:
+            raise RuntimeError("CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number from 1 to 100.")
+        path = config["CIO_RUDDER_OUTBOX_PATH"] or os.path.join(
+            app.instance_path, "cio_rudder_outbox.sqlite3"
+        )
+        self.outbox = Outbox(path, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"])
+        self.sender = Sender(
+            app,
+            self.outbox,
+            lambda: data_plane_from_config(config, _OUTBOX_TIMEOUT),
+            batch_size=batch_size,
+            lease=config["CIO_RUDDER_OUTBOX_LEASE"],
+            max_age=config["CIO_RUDDER_OUTBOX_MAX_AGE"],
+            shutdown_timeout=config["CIO_RUDDER_SHUTDOWN_TIMEOUT"],
+        )
+        self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
+        if self.background:
+            self.sender.ensure_running()
+
+    def is_duplicate(self, event_id: str) -> bool:
+        return self.outbox.is_known(event_id)
+
+    def accept(self, event: CioEvent) -> None:
+        try:
+            self.outbox.add(event.event_id, event.payload)
+        except sqlite3.Error as error:
+            raise ForwardError(f"could not write the outbox: {error}", retry=True) from error
+        if self.background:
+            self.sender.ensure_running()
+            self.sender.wake()
+
+    def reject(
+        self, body: dict[str, Any], event_id: str | None, reason: str, errors: Mapping[str, Any]
+    ) -> None:
+        super().reject(body, event_id, reason, errors)
+        self.outbox.add_rejected(event_id, body, reason)
+
+    # The operator's API (also behind ``flask cio-rudder ...``).
+
+    def status(self) -> OutboxStatus:
+        """Counts of pending, delivered and dead events, the oldest pending age, the last error."""
+        return self.outbox.status()
+
+    def flush(self, timeout: float = 30.0) -> int:
+        """Send what is due now, from this thread, for at most ``timeout`` seconds; returns how many."""
+        return self.sender.flush(timeout)
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        return self.outbox.dead_letters(limit)
+
+    def requeue(self, event_ids: Sequence[str] | None = None) -> int:
+        """Send dead letters again: all of them, or those with these ids."""
+        count = self.outbox.requeue(event_ids)
+        self.sender.wake()
+        return count
+
+    def purge_delivered(self, older_than: float) -> int:
+        """Delete delivered events older than ``older_than`` seconds."""
+        return self.outbox.purge_delivered(older_than)
+
+    def close(self) -> None:
+        self.sender.stop()
+        self.outbox.close()
+
+
+# Outside a web request the sender can wait longer than Customer.io would.
+_OUTBOX_TIMEOUT = (3.0, 10.0)
+
+_BUILT_IN: dict[str, ForwarderFactory] = {
+    "outbox": OutboxForwarder,
+    "sync": SyncForwarder,
+    "none": NullForwarder,
+}
 
 
 def create_forwarder(app: Flask, choice: str | ForwarderFactory) -> Forwarder:

@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import gzip
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Union
 from urllib.parse import urlsplit
 
 import requests
 
-__all__ = ["MAX_EVENT_BYTES", "DataPlane", "Timeout", "check_url", "describe", "undeliverable_reason"]
+__all__ = [
+    "MAX_EVENT_BYTES",
+    "DataPlane",
+    "Timeout",
+    "check_url",
+    "data_plane_from_config",
+    "describe",
+    "undeliverable_reason",
+]
 
 #: RudderStack's documented limit for one event; the gateway refuses larger ones.
 MAX_EVENT_BYTES = 32 * 1024
@@ -49,13 +57,27 @@ class DataPlane:
         self.session.auth = (write_key, "")
         self.session.headers.update({"Content-Type": "application/json", "Content-Encoding": "gzip"})
 
-    def post_batch(self, payloads: Sequence[dict[str, Any]]) -> requests.Response:
+    def post_batch(
+        self, payloads: Sequence[dict[str, Any]], timeout: Timeout | None = None
+    ) -> requests.Response:
         """Send one batch; raises ``requests.RequestException`` on timeouts and connection errors."""
         body = json.dumps({"batch": list(payloads)}, separators=(",", ":")).encode("utf-8")
-        return self.session.post(self.batch_url, data=gzip.compress(body, 6), timeout=self.timeout)
+        return self.session.post(self.batch_url, data=gzip.compress(body, 6), timeout=timeout or self.timeout)
 
     def close(self) -> None:
         self.session.close()
+
+
+def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) -> DataPlane:
+    """The data plane the config names; fails naming ``CIO_RUDDER_WRITE_KEY`` or ``..._DATA_PLANE_URL``."""
+    write_key = config.get("CIO_RUDDER_WRITE_KEY")
+    if not write_key or not isinstance(write_key, str):
+        raise RuntimeError(
+            "CIO_RUDDER_WRITE_KEY is not set: set it to the write key of a RudderStack "
+            "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
+        )
+    url = check_url(config.get("CIO_RUDDER_DATA_PLANE_URL"), "CIO_RUDDER_DATA_PLANE_URL")
+    return DataPlane(url, write_key, config.get("CIO_RUDDER_TIMEOUT") or default_timeout)
 
 
 def check_url(url: object, key: str) -> str:

@@ -175,7 +175,7 @@ def reject(app: Flask, body: dict[str, Any], reason: str, errors: dict[str, Any]
     A non-2xx answer would make Customer.io hold back every later event for days.
     """
     event_id = body.get("event_id") if isinstance(body.get("event_id"), str) else None
-    app.extensions["cio_rudder"].forwarder.reject(event_id, reason, errors)
+    app.extensions["cio_rudder"].forwarder.reject(body, event_id, reason, errors)
     signals.event_rejected.send(app, reason=reason, errors=errors, body=body)
     return jsonify(status="rejected", event_id=event_id, reason=reason, errors=errors)
 

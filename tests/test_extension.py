@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -9,7 +10,8 @@ from flask import Flask
 from flask_wtf import CSRFProtect
 from werkzeug.test import TestResponse
 
-from flask_cio_rudder import CioEvent, CioRudder, Forwarder, NullForwarder, SyncForwarder
+from flask_cio_rudder import CioEvent, CioRudder, Forwarder, NullForwarder
+from flask_cio_rudder.forwarders import OutboxForwarder
 
 from .conftest import SIGNING_KEY, sample
 
@@ -113,14 +115,22 @@ def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
     assert "secret-write-key" not in str(failure.value)
 
 
-def test_sync_is_the_default_forwarder() -> None:
-    app = bare_app(
+def test_the_outbox_is_the_default_forwarder_kept_in_the_instance_folder(tmp_path: Path) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path / "instance"))
+    app.config.update(
         CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
         CIO_RUDDER_WRITE_KEY="wk",
         CIO_RUDDER_DATA_PLANE_URL="https://dp.example.com",
+        CIO_RUDDER_OUTBOX_SENDER=False,  # nothing may try to reach dp.example.com
     )
     CioRudder(app)
-    assert isinstance(app.extensions["cio_rudder"].forwarder, SyncForwarder)
+    forwarder = app.extensions["cio_rudder"].forwarder
+    try:
+        assert isinstance(forwarder, OutboxForwarder)
+        assert forwarder.outbox.path == str(tmp_path / "instance" / "cio_rudder_outbox.sqlite3")
+        assert (tmp_path / "instance" / "cio_rudder_outbox.sqlite3").exists()
+    finally:
+        forwarder.close()
 
 
 def test_an_unknown_forwarder_name_fails_fast_listing_the_choices() -> None:
