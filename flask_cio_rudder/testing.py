@@ -127,7 +127,8 @@ class FakeDataPlane:
 
     def stop(self) -> None:
         self._stopping.set()  # releases requests told to hang
-        self._server.shutdown()
+        if self._thread.is_alive():
+            self._server.shutdown()
         self._server.server_close()
 
     def __enter__(self) -> FakeDataPlane:
