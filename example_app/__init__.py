@@ -1,0 +1,53 @@
+"""An example app: Customer.io webhooks in, a suppression list kept, events forwarded to RudderStack.
+
+Run it with ``flask --app example_app run``, or ``python -m example_app.demo`` to
+watch the whole flow on this machine with a fake RudderStack data plane.
+
+Settings come from the environment: ``CIO_RUDDER_SIGNING_KEY`` (Customer.io's
+webhook signing key), ``CIO_RUDDER_WRITE_KEY`` and ``CIO_RUDDER_DATA_PLANE_URL``
+(a RudderStack HTTP source), ``CIO_RUDDER_OUTBOX_PATH`` and ``SUPPRESSION_DATABASE``
+(SQLite files, by default in the instance folder). Events go through the default
+forwarder, the outbox, so Customer.io never waits on RudderStack and nothing
+accepted is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from flask import Flask
+
+from flask_cio_rudder import CioRudder
+
+from . import suppressions
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger(__name__)
+
+#: A publicly known key, so the demo works out of the box; never use it for real traffic.
+DEMO_SIGNING_KEY = "demo-signing-key"
+
+cio_rudder = CioRudder()
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the app: settings from the environment, then ``config`` on top (for tests and the demo)."""
+    app = Flask(__name__)
+    app.config.from_mapping(
+        CIO_RUDDER_SIGNING_KEY=os.environ.get("CIO_RUDDER_SIGNING_KEY", DEMO_SIGNING_KEY),
+        CIO_RUDDER_WRITE_KEY=os.environ.get("CIO_RUDDER_WRITE_KEY", "demo-write-key"),
+        CIO_RUDDER_DATA_PLANE_URL=os.environ.get("CIO_RUDDER_DATA_PLANE_URL", "http://127.0.0.1:8080"),
+    )
+    for key in ("CIO_RUDDER_OUTBOX_PATH", "SUPPRESSION_DATABASE"):
+        if key in os.environ:
+            app.config[key] = os.environ[key]
+    app.config.update(config or {})
+    if app.config["CIO_RUDDER_SIGNING_KEY"] == DEMO_SIGNING_KEY:
+        logger.warning("Using the demo signing key: set CIO_RUDDER_SIGNING_KEY to your Customer.io key.")
+
+    cio_rudder.init_app(app)
+    suppressions.init_app(app)
+    return app

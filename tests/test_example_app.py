@@ -1,0 +1,280 @@
+"""The example app as a user relies on it: webhook route, suppression list, ``/suppressions``, the demo."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+from werkzeug.test import TestResponse
+
+from example_app import create_app, demo
+from example_app.suppressions import store_for
+from flask_cio_rudder import CioRudder, get_outbox, signals
+from flask_cio_rudder.testing import FakeDataPlane, encode, record_events, signature_headers
+
+KEY = "example-app-test-key"
+SAMPLES = Path(__file__).parent / "samples"
+SUPPRESSED = {  # metric -> the address in its sample
+    "bounced": "bob@example.com",
+    "spammed": "carol@example.com",
+    "unsubscribed": "dan@example.com",
+}
+RUDDERSTACK_NAMES = {
+    "bounced": "Email Bounced",
+    "spammed": "Email Marked as Spam",
+    "unsubscribed": "Email Unsubscribed",
+}
+
+
+def sample(metric: str) -> dict[str, Any]:
+    body: dict[str, Any] = json.loads((SAMPLES / f"email_{metric}.json").read_text())
+    return body
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Path:
+    return tmp_path / "suppressions.sqlite3"
+
+
+@pytest.fixture
+def app(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> Iterator[Flask]:
+    """The app as configured for real (the outbox), pointed at a fake data plane on loopback.
+
+    The outbox's background sender is off: tests send with ``flush()`` to see what went out.
+    """
+    app = create_app(
+        {
+            "TESTING": True,
+            "CIO_RUDDER_SIGNING_KEY": KEY,
+            "CIO_RUDDER_WRITE_KEY": data_plane.write_key,
+            "CIO_RUDDER_DATA_PLANE_URL": data_plane.url,
+            "CIO_RUDDER_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3"),
+            "CIO_RUDDER_OUTBOX_SENDER": False,
+            "SUPPRESSION_DATABASE": str(database),
+        }
+    )
+    yield app
+    app.extensions["cio_rudder"].forwarder.close()
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def post(client: FlaskClient, body: dict[str, Any], key: str = KEY) -> TestResponse:
+    """Post ``body`` to the webhook, signed as Customer.io signs it."""
+    raw = encode(body)
+    return client.post("/webhooks/customerio", data=raw, headers=signature_headers(raw, key))
+
+
+def forwarded(app: Flask, plane: FakeDataPlane) -> list[dict[str, Any]]:
+    """Send what the app's outbox holds, then return every event the data plane stored."""
+    get_outbox(app).flush()
+    return plane.events
+
+
+def rows(database: Path) -> list[tuple[str, str, str]]:
+    """The suppression table as stored on disk, read without the app."""
+    with closing(sqlite3.connect(database)) as connection:
+        found = connection.execute("SELECT email, reason, event_id FROM suppressions ORDER BY email")
+        return list(found.fetchall())
+
+
+def test_factory_builds_an_app_with_the_webhook_route(app: Flask) -> None:
+    routes = {rule.rule: rule.methods or set() for rule in app.url_map.iter_rules()}
+    assert "POST" in routes["/webhooks/customerio"]
+    assert "GET" in routes["/suppressions"]
+    assert app.config["CIO_RUDDER_FORWARDER"] == "outbox"
+
+
+def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("CIO_RUDDER_SIGNING_KEY", "from-env")
+    monkeypatch.setenv("CIO_RUDDER_WRITE_KEY", "write-from-env")
+    monkeypatch.setenv("CIO_RUDDER_DATA_PLANE_URL", "https://dataplane.example.com")
+    monkeypatch.setenv("SUPPRESSION_DATABASE", str(tmp_path / "env.sqlite3"))
+    monkeypatch.setenv("CIO_RUDDER_OUTBOX_PATH", str(tmp_path / "outbox.sqlite3"))
+    app = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
+    try:
+        assert app.config["CIO_RUDDER_SIGNING_KEY"] == "from-env"
+        assert app.config["CIO_RUDDER_WRITE_KEY"] == "write-from-env"
+        assert app.config["CIO_RUDDER_DATA_PLANE_URL"] == "https://dataplane.example.com"
+        assert store_for(app).path == tmp_path / "env.sqlite3"
+        assert get_outbox(app).outbox.path == str(tmp_path / "outbox.sqlite3")
+    finally:
+        app.extensions["cio_rudder"].forwarder.close()
+
+
+def test_the_database_defaults_to_the_instance_folder(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("SUPPRESSION_DATABASE", raising=False)
+    monkeypatch.setenv("CIO_RUDDER_OUTBOX_PATH", str(tmp_path / "outbox.sqlite3"))
+    app = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
+    try:
+        assert store_for(app).path == Path(app.instance_path) / "suppressions.sqlite3"
+    finally:
+        app.extensions["cio_rudder"].forwarder.close()
+
+
+@pytest.mark.parametrize("metric", sorted(SUPPRESSED))
+def test_a_signed_event_suppresses_the_address_with_its_reason(
+    app: Flask, client: FlaskClient, database: Path, data_plane: FakeDataPlane, metric: str
+) -> None:
+    response = post(client, sample(metric))
+    assert response.status_code == 200
+    assert response.json == {"status": "accepted", "event_id": sample(metric)["event_id"]}
+    assert rows(database) == [(SUPPRESSED[metric], metric, sample(metric)["event_id"])]
+    assert [event["event"] for event in forwarded(app, data_plane)] == [RUDDERSTACK_NAMES[metric]]
+
+
+def test_suppressed_at_is_when_the_event_happened(app: Flask, client: FlaskClient) -> None:
+    post(client, sample("bounced"))
+    (suppression,) = store_for(app).all()
+    assert suppression.suppressed_at == "2021-02-11T17:09:49+00:00"  # the sample's timestamp, 1613063389
+    assert store_for(app).is_suppressed("Bob@Example.com")
+    assert not store_for(app).is_suppressed("ada@example.com")
+
+
+@pytest.mark.parametrize("metric", ["delivered", "opened", "clicked"])
+def test_engagement_events_do_not_suppress(
+    app: Flask, client: FlaskClient, data_plane: FakeDataPlane, metric: str
+) -> None:
+    with record_events(app) as events:
+        response = post(client, sample(metric))
+    assert response.status_code == 200
+    assert [event.metric for event in events] == [metric]  # accepted and signalled...
+    assert len(forwarded(app, data_plane)) == 1  # ...and forwarded
+    assert store_for(app).all() == []  # but nobody suppressed
+
+
+def test_the_address_the_message_went_to_is_suppressed(app: Flask, client: FlaskClient) -> None:
+    body = sample("bounced")
+    body["data"]["recipient"] = "bob@old-employer.example"  # the profile's email has changed since
+    post(client, body)
+    assert [s.email for s in store_for(app).all()] == ["bob@old-employer.example"]
+
+
+def test_other_apps_in_the_process_are_left_alone(app: Flask) -> None:
+    """The receivers are connected for this app only: another app's events reach neither them nor its list."""
+    other = Flask("other")
+    other.config.update(TESTING=True, CIO_RUDDER_SIGNING_KEY=KEY, CIO_RUDDER_FORWARDER="none")
+    CioRudder(other)
+    with record_events(other) as events:
+        response = post(other.test_client(), sample("bounced"))
+    assert response.status_code == 200
+    assert len(events) == 1
+    assert store_for(app).all() == []
+
+
+def test_an_unsigned_event_suppresses_nobody(app: Flask, client: FlaskClient) -> None:
+    response = post(client, sample("bounced"), key="not-the-key")
+    assert response.status_code == 401
+    assert store_for(app).all() == []
+
+
+def test_a_duplicate_delivery_adds_no_second_row(
+    app: Flask, client: FlaskClient, database: Path, data_plane: FakeDataPlane
+) -> None:
+    event_id = sample("spammed")["event_id"]
+    assert post(client, sample("spammed")).json == {"status": "accepted", "event_id": event_id}
+    assert post(client, sample("spammed")).json == {"status": "duplicate", "event_id": event_id}
+    assert len(rows(database)) == 1
+    assert len(forwarded(app, data_plane)) == 1
+
+
+def test_receivers_are_idempotent_when_they_run_again(
+    app: Flask, client: FlaskClient, database: Path
+) -> None:
+    """Another receiver fails after ours ran: the 500 makes Customer.io retry, and ours runs again."""
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+    calls = []
+
+    def flaky(sender: Flask, **extra: Any) -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("the CRM is down")
+
+    with signals.email_unsubscribed.connected_to(flaky, sender=app):
+        assert post(client, sample("unsubscribed")).status_code == 500
+        assert post(client, sample("unsubscribed")).json["status"] == "accepted"
+    assert rows(database) == [("dan@example.com", "unsubscribed", sample("unsubscribed")["event_id"])]
+
+
+def test_an_address_keeps_its_first_reason(client: FlaskClient, database: Path) -> None:
+    post(client, sample("bounced"))
+    complaint = sample("spammed")
+    complaint["data"]["identifiers"]["email"] = complaint["data"]["recipient"] = "BOB@example.com"
+    assert post(client, complaint).status_code == 200
+    assert rows(database) == [("bob@example.com", "bounced", sample("bounced")["event_id"])]
+
+
+def test_suppressions_lists_them_as_json(client: FlaskClient) -> None:
+    for metric in ["bounced", "delivered", "unsubscribed"]:
+        post(client, sample(metric))
+    response = client.get("/suppressions")
+    assert response.status_code == 200
+    assert response.json == {
+        "suppressions": [
+            {
+                "email": "bob@example.com",
+                "reason": "bounced",
+                "event_id": "01E4C4CT6YDC7Y5M7FE1GWWPQD",
+                "suppressed_at": "2021-02-11T17:09:49+00:00",
+            },
+            {
+                "email": "dan@example.com",
+                "reason": "unsubscribed",
+                "event_id": "01E4C4CT6YDC7Y5M7FE1GWWPQF",
+                "suppressed_at": "2021-02-11T17:13:09+00:00",
+            },
+        ]
+    }
+
+
+def test_suppressions_is_an_escaped_html_table_for_browsers(client: FlaskClient) -> None:
+    body = sample("bounced")
+    body["data"]["identifiers"]["email"] = body["data"]["recipient"] = "<b>eve</b>@example.com"
+    post(client, body)
+    response = client.get("/suppressions", headers={"Accept": "text/html,*/*;q=0.8"})
+    assert response.mimetype == "text/html"
+    page = response.get_data(as_text=True)
+    assert "<td>&lt;b&gt;eve&lt;/b&gt;@example.com</td><td>bounced</td>" in page
+    assert "<b>eve</b>" not in page
+
+
+def test_the_demo_runs_end_to_end(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    planes: list[FakeDataPlane] = []
+
+    class WatchedDataPlane(FakeDataPlane):
+        def start(self) -> FakeDataPlane:
+            planes.append(self)
+            return super().start()
+
+    monkeypatch.setattr(demo, "FakeDataPlane", WatchedDataPlane)
+    assert demo.main() == 0
+    output = capsys.readouterr().out
+    (plane,) = planes
+    assert len(plane.events) == 6  # six events forwarded, the duplicate not
+    assert "6 of 6 accepted" in output
+    for metric in ["delivered", "opened", "clicked", "bounced", "spammed", "unsubscribed"]:
+        answer = f"200 accepted   event_received, email_{metric}\n"
+        assert f"email_{metric:<14} {answer}" in output
+    assert "event_forwarded: 6 events in" in output
+    assert "fake data plane received 6 events" in output
+    for event in plane.events:  # each one the data plane stored is reported
+        assert f"{event['event']:<22} {event['userId']:<4} {event['messageId']}" in output
+    assert "email_bounced        200 duplicate  (no signals)" in output
+    assert "data plane still holds 6 events, suppression list 3 rows" in output
+    for metric, email in SUPPRESSED.items():
+        assert any(line.split()[:2] == [email, metric] for line in output.splitlines())
+    assert "FAILED" not in output
