@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,7 +94,7 @@ class CioRudder:
         if not isinstance(max_body_bytes, int) or max_body_bytes <= 0:
             raise RuntimeError("CIO_RUDDER_MAX_BODY_BYTES must be a positive number of bytes.")
         forwarder = create_forwarder(app, config["CIO_RUDDER_FORWARDER"])
-        atexit.register(forwarder.close)
+        _open_forwarders.add(forwarder)
         app.extensions["cio_rudder"] = State(
             signing_keys=keys,
             verify_signature=verify_signature,
@@ -104,6 +105,17 @@ class CioRudder:
         app.register_blueprint(create_blueprint(config["CIO_RUDDER_WEBHOOK_PATH"]))
         app.cli.add_command(cli)
         _exempt_from_csrf(app)
+
+
+# Every forwarder still in use, closed at interpreter exit (the outbox flushes then).
+# Weak, so apps built and dropped (in test suites, say) are not kept alive by it.
+_open_forwarders: weakref.WeakSet[Forwarder] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_forwarders() -> None:
+    for forwarder in list(_open_forwarders):
+        forwarder.close()
 
 
 def get_outbox(app: Flask | None = None) -> OutboxForwarder:

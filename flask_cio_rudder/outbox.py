@@ -5,6 +5,11 @@ One row per Customer.io ``event_id``. A row is ``pending`` until a sender claims
 out), then ``delivered``, or ``dead`` with the reason when RudderStack will never
 take it. Every process that serves the app opens the same file; SQLite's locking
 (WAL mode, ``BEGIN IMMEDIATE`` to claim) keeps two senders off the same rows.
+
+An SQLite connection must never cross a ``fork()`` (gunicorn ``--preload`` forks
+workers from a process whose sender thread may be inside a transaction; the child
+would then wait forever for a lock nobody holds). So every use of a connection
+holds ``_fork_lock``, and a fork first takes that lock and closes every connection.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import sqlite3
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,6 +34,27 @@ __all__ = ["DURABILITY", "Claimed", "DeadLetter", "Outbox", "OutboxStatus"]
 #: before the answer), but the last commits can be lost if the machine loses power.
 #: "power-loss": every commit is also fsync'ed, so it survives power loss; slower.
 DURABILITY = {"process-crash": "NORMAL", "power-loss": "FULL"}
+
+_fork_lock = threading.RLock()
+_live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
+
+
+def _close_all_before_fork() -> None:
+    _fork_lock.acquire()  # waits until no thread of this process is inside SQLite
+    for outbox in list(_live_outboxes):
+        outbox.close()
+
+
+def _release_after_fork() -> None:
+    _fork_lock.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_close_all_before_fork,
+        after_in_parent=_release_after_fork,
+        after_in_child=_release_after_fork,
+    )
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -98,15 +125,22 @@ class Outbox:
         self._opened_lock = threading.Lock()
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
-        self._db().executescript(_SCHEMA)
-        self.close()  # nothing open now, so a fork (gunicorn --preload) inherits no connection
+        with self._connected() as db:
+            db.executescript(_SCHEMA)
+        _live_outboxes.add(self)
 
     # -- connections ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _connected(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, held so that no fork happens while it is in use."""
+        with _fork_lock:
+            yield self._db()
 
     def _db(self) -> sqlite3.Connection:
         """This thread's connection, opened on first use in this thread and process."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
-        if db is None or self._local.pid != os.getpid():
+        if db is None or self._local.pid != os.getpid():  # after a fork that ran no fork hooks
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
@@ -118,60 +152,53 @@ class Outbox:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """``BEGIN IMMEDIATE`` ... ``COMMIT``: takes the write lock up front, so claims never race."""
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
+        with self._connected() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     def close(self) -> None:
-        """Close this process's connections; they reopen on next use."""
-        with self._opened_lock:
+        """Close every connection of this process; each thread reopens its own on next use."""
+        with _fork_lock:
             opened, self._opened = self._opened, []
-        for db in opened:
-            db.close()
-        self._local = threading.local()
-
-    def forget_connections(self) -> None:
-        """In a forked child: drop (never use or close) the connections inherited from the parent."""
-        self._opened_lock = threading.Lock()
-        self._opened = []
-        self._local = threading.local()
+            self._local = threading.local()
+            for db in opened:
+                db.close()
 
     # -- the web request's side ----------------------------------------------------------------
 
     def is_known(self, event_id: str) -> bool:
         """Whether this event was already accepted (rejected bodies do not count)."""
-        row = (
-            self._db()
-            .execute("SELECT 1 FROM events WHERE event_id = ? AND payload IS NOT NULL", (event_id,))
-            .fetchone()
-        )
-        return row is not None
+        with self._connected() as db:
+            query = "SELECT 1 FROM events WHERE event_id = ? AND payload IS NOT NULL"
+            return db.execute(query, (event_id,)).fetchone() is not None
 
     def add(self, event_id: str, payload: dict[str, Any]) -> bool:
         """Keep an accepted event as pending; ``False`` if it was already there. Durable on return."""
-        cursor = self._db().execute(
-            "INSERT INTO events (event_id, state, payload, accepted_at) VALUES (?, 'pending', ?, ?) "
-            "ON CONFLICT (event_id) DO UPDATE SET state = 'pending', payload = excluded.payload, "
-            "body = NULL, reason = NULL, accepted_at = excluded.accepted_at WHERE events.payload IS NULL",
-            (event_id, _dumps(payload), self.clock()),
-        )
-        return cursor.rowcount == 1
+        with self._connected() as db:
+            cursor = db.execute(
+                "INSERT INTO events (event_id, state, payload, accepted_at) VALUES (?, 'pending', ?, ?) "
+                "ON CONFLICT (event_id) DO UPDATE SET state = 'pending', payload = excluded.payload, "
+                "body = NULL, reason = NULL, accepted_at = excluded.accepted_at WHERE events.payload IS NULL",
+                (event_id, _dumps(payload), self.clock()),
+            )
+            return cursor.rowcount == 1
 
     def add_rejected(self, event_id: str | None, body: dict[str, Any], reason: str) -> None:
         """Keep a body that could not be accepted as a dead letter, with the reason."""
         text = _dumps(body)
         if event_id is None:
             event_id = "no-event-id:" + hashlib.sha256(text.encode()).hexdigest()[:32]
-        self._db().execute(
-            "INSERT INTO events (event_id, state, body, reason, accepted_at) VALUES (?, 'dead', ?, ?, ?) "
-            "ON CONFLICT (event_id) DO NOTHING",
-            (event_id, text, reason, self.clock()),
-        )
+        with self._connected() as db:
+            db.execute(
+                "INSERT INTO events (event_id, state, body, reason, accepted_at) VALUES (?, 'dead', ?, ?, ?) "
+                "ON CONFLICT (event_id) DO NOTHING",
+                (event_id, text, reason, self.clock()),
+            )
 
     # -- the sender's side ---------------------------------------------------------------------
 
@@ -240,10 +267,10 @@ class Outbox:
     # -- operators -----------------------------------------------------------------------------
 
     def status(self) -> OutboxStatus:
-        db = self._db()
-        counts = dict(db.execute("SELECT state, COUNT(*) FROM events GROUP BY state").fetchall())
-        (oldest,) = db.execute("SELECT MIN(accepted_at) FROM events WHERE state = 'pending'").fetchone()
-        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        with self._connected() as db:
+            counts = dict(db.execute("SELECT state, COUNT(*) FROM events GROUP BY state").fetchall())
+            (oldest,) = db.execute("SELECT MIN(accepted_at) FROM events WHERE state = 'pending'").fetchone()
+            meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
         return OutboxStatus(
             pending=counts.get("pending", 0),
             delivered=counts.get("delivered", 0),
@@ -254,11 +281,12 @@ class Outbox:
         )
 
     def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        rows = self._db().execute(
-            "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body FROM events "
-            "WHERE state = 'dead' ORDER BY accepted_at LIMIT ?",
-            (limit,),
-        )
+        with self._connected() as db:
+            rows = db.execute(
+                "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body FROM events "
+                "WHERE state = 'dead' ORDER BY accepted_at LIMIT ?",
+                (limit,),
+            ).fetchall()
         return [
             DeadLetter(event_id, reason, accepted_at, attempts, bool(requeueable), body and json.loads(body))
             for event_id, reason, accepted_at, attempts, requeueable, body in rows

@@ -105,7 +105,6 @@ class Sender:
         self.data_plane.close()
 
     def _after_fork(self) -> None:
-        self.outbox.forget_connections()
         self._fresh_process_state()
 
     def _run(self) -> None:
