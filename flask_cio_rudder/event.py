@@ -37,3 +37,5 @@ class CioEvent:
     data: dict[str, Any]
     raw: dict[str, Any]
     payload: dict[str, Any]
+    #: ``payload`` as compact ASCII JSON: the exact text sent to RudderStack.
+    payload_json: str

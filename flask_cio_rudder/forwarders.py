@@ -100,11 +100,11 @@ class Forwarder:
         """Deliver ``event.payload``; raise :class:`ForwardError` if that cannot be done now."""
         raise NotImplementedError
 
-    def reject(
-        self, body: dict[str, Any], event_id: str | None, reason: str, errors: Mapping[str, Any]
-    ) -> None:
-        """Keep a rejected body as a dead letter. The base class logs the id and reason (not the
-        body: it holds personal data)."""
+    def reject(self, body: bytes, event_id: str | None, reason: str, errors: Mapping[str, Any]) -> None:
+        """Keep a rejected body (the bytes as received) as a dead letter.
+
+        The base class logs the id and the reason, not the body: it holds personal data.
+        """
         logger.warning("Rejected Customer.io event %s: %s", event_id or "(no event_id)", reason)
 
     def close(self) -> None:
@@ -133,7 +133,7 @@ class SyncForwarder(Forwarder):
     def send(self, event: CioEvent) -> None:
         payloads = [event.payload]
         try:
-            response = self.data_plane.post_batch(payloads)
+            response = self.data_plane.post_batch([event.payload_json])
         except requests.RequestException as error:
             self._failed(payloads, f"could not reach RudderStack ({type(error).__name__})", retry=True)
         else:
@@ -189,16 +189,14 @@ class OutboxForwarder(Forwarder):
 
     def accept(self, event: CioEvent) -> None:
         try:
-            self.outbox.add(event.event_id, event.payload)
+            self.outbox.add(event.event_id, event.payload_json)
         except sqlite3.Error as error:
             raise ForwardError(f"could not write the outbox: {error}", retry=True) from error
         if self.background:
             self.sender.ensure_running()
             self.sender.wake()
 
-    def reject(
-        self, body: dict[str, Any], event_id: str | None, reason: str, errors: Mapping[str, Any]
-    ) -> None:
+    def reject(self, body: bytes, event_id: str | None, reason: str, errors: Mapping[str, Any]) -> None:
         super().reject(body, event_id, reason, errors)
         self.outbox.add_rejected(event_id, body, reason)
 

@@ -15,7 +15,6 @@ holds ``_fork_lock``, and a fork first takes that lock and closes every connecti
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import sqlite3
 import threading
@@ -76,10 +75,10 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 
 @dataclass(frozen=True)
 class Claimed:
-    """An event a sender has leased: its id and its RudderStack event."""
+    """An event a sender has leased: its id and its RudderStack event as JSON text."""
 
     event_id: str
-    payload: dict[str, Any]
+    payload_json: str
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ class DeadLetter:
     accepted_at: float
     attempts: int
     requeueable: bool  # False for bodies rejected at validation: there is nothing to send
-    body: dict[str, Any] | None
+    body: str | None  # for those, the body exactly as received
 
 
 @dataclass(frozen=True)
@@ -177,22 +176,22 @@ class Outbox:
             query = "SELECT 1 FROM events WHERE event_id = ? AND payload IS NOT NULL"
             return db.execute(query, (event_id,)).fetchone() is not None
 
-    def add(self, event_id: str, payload: dict[str, Any]) -> bool:
+    def add(self, event_id: str, payload_json: str) -> bool:
         """Keep an accepted event as pending; ``False`` if it was already there. Durable on return."""
         with self._connected() as db:
             cursor = db.execute(
                 "INSERT INTO events (event_id, state, payload, accepted_at) VALUES (?, 'pending', ?, ?) "
                 "ON CONFLICT (event_id) DO UPDATE SET state = 'pending', payload = excluded.payload, "
                 "body = NULL, reason = NULL, accepted_at = excluded.accepted_at WHERE events.payload IS NULL",
-                (event_id, _dumps(payload), self.clock()),
+                (event_id, payload_json, self.clock()),
             )
             return cursor.rowcount == 1
 
-    def add_rejected(self, event_id: str | None, body: dict[str, Any], reason: str) -> None:
-        """Keep a body that could not be accepted as a dead letter, with the reason."""
-        text = _dumps(body)
+    def add_rejected(self, event_id: str | None, body: bytes, reason: str) -> None:
+        """Keep a body that could not be accepted (as received) as a dead letter, with the reason."""
+        text = body.decode("utf-8", "backslashreplace")
         if event_id is None:
-            event_id = "no-event-id:" + hashlib.sha256(text.encode()).hexdigest()[:32]
+            event_id = "no-event-id:" + hashlib.sha256(body).hexdigest()[:32]
         with self._connected() as db:
             db.execute(
                 "INSERT INTO events (event_id, state, body, reason, accepted_at) VALUES (?, 'dead', ?, ?, ?) "
@@ -225,7 +224,7 @@ class Outbox:
                 "UPDATE events SET lease_owner = ?, lease_until = ? WHERE event_id = ?",
                 [(owner, now + lease, event_id) for event_id, _ in rows],
             )
-        return owner, [Claimed(event_id, json.loads(payload)) for event_id, payload in rows]
+        return owner, [Claimed(event_id, payload_json) for event_id, payload_json in rows]
 
     def delivered(self, owner: str, event_ids: Sequence[str]) -> None:
         self._finish(
@@ -288,7 +287,7 @@ class Outbox:
                 (limit,),
             ).fetchall()
         return [
-            DeadLetter(event_id, reason, accepted_at, attempts, bool(requeueable), body and json.loads(body))
+            DeadLetter(event_id, reason, accepted_at, attempts, bool(requeueable), body)
             for event_id, reason, accepted_at, attempts, requeueable, body in rows
         ]
 
@@ -319,7 +318,3 @@ class Outbox:
                 "DELETE FROM events WHERE state = 'delivered' AND delivered_at < ?",
                 (self.clock() - older_than,),
             ).rowcount
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import gzip
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 from urllib.parse import urlsplit
 
 import requests
+
+from .event import CioEvent
 
 __all__ = [
     "MAX_EVENT_BYTES",
@@ -26,18 +27,18 @@ MAX_EVENT_BYTES = 32 * 1024
 Timeout = Union[float, tuple[float, float]]
 
 
-def undeliverable_reason(payload: dict[str, Any]) -> str | None:
+def undeliverable_reason(event: CioEvent) -> str | None:
     """Why RudderStack's gateway would refuse this event (and its whole batch), or ``None``.
 
     The gateway rejects an event whose ``userId`` and ``anonymousId`` are both
     missing, null or blank, and events over 32 KB.
     """
-    if not payload.get("userId") and not payload.get("anonymousId"):
+    if not event.user_id and not event.anonymous_id:
         return (
             "no userId or anonymousId: the body has no data.customer_id, data.identifiers.id "
             "or email, and RudderStack refuses events without one"
         )
-    size = len(json.dumps(payload, separators=(",", ":")).encode("utf-8"))
+    size = len(event.payload_json)  # ASCII, so characters are bytes
     if size > MAX_EVENT_BYTES:
         return f"the RudderStack event is {size} bytes; RudderStack accepts at most {MAX_EVENT_BYTES}"
     return None
@@ -57,11 +58,12 @@ class DataPlane:
         self.session.auth = (write_key, "")
         self.session.headers.update({"Content-Type": "application/json", "Content-Encoding": "gzip"})
 
-    def post_batch(
-        self, payloads: Sequence[dict[str, Any]], timeout: Timeout | None = None
-    ) -> requests.Response:
-        """Send one batch; raises ``requests.RequestException`` on timeouts and connection errors."""
-        body = json.dumps({"batch": list(payloads)}, separators=(",", ":")).encode("utf-8")
+    def post_batch(self, events_json: Sequence[str], timeout: Timeout | None = None) -> requests.Response:
+        """Send events already encoded as JSON in one batch.
+
+        Raises ``requests.RequestException`` on timeouts and connection errors.
+        """
+        body = ('{"batch":[' + ",".join(events_json) + "]}").encode("utf-8")
         return self.session.post(self.batch_url, data=gzip.compress(body, 6), timeout=timeout or self.timeout)
 
     def close(self) -> None:

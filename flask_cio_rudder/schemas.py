@@ -52,6 +52,14 @@ class UnixTimestamp(fields.Field):  # type: ignore[type-arg]
         return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
+def _valid_unicode(value: str) -> None:
+    """JSON can carry lone UTF-16 surrogates (``"\\ud800"``); an id must be real text."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError("Not valid Unicode text (it holds a lone UTF-16 surrogate).") from None
+
+
 class _Schema(Schema):
     class Meta:
         unknown = EXCLUDE
@@ -92,7 +100,7 @@ class MessageData(_Schema):
     journey_id = _optional_string()
     newsletter_id = _optional_integer()
     content_id = _optional_integer()
-    transactional_message_id = _optional_integer()
+    # transactional_message_id: Customer.io gives it no type, so any JSON value is accepted.
     recipient = _optional_string()
     subject = _optional_string()
     content = _optional_string()
@@ -139,9 +147,9 @@ class EmailUnsubscribedData(_EmailData):
 class Envelope(_Schema):
     """The top level of every webhook body."""
 
-    event_id = fields.String(required=True, validate=validate.Length(min=1))
-    object_type = _optional_string()
-    metric = _optional_string()
+    event_id = fields.String(required=True, validate=[validate.Length(min=1), _valid_unicode])
+    object_type = fields.String(allow_none=True, load_default=None)
+    metric = fields.String(allow_none=True, load_default=None)
     timestamp = UnixTimestamp(load_default=None, allow_none=True)
     data = fields.Nested(MessageData, required=True)
 

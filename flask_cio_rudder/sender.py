@@ -10,6 +10,7 @@ everything and log one error naming the setting to check; anything else (429,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -159,18 +160,17 @@ class Sender:
 
     def _deliver(self, owner: str, events: Sequence[Claimed], timeout: float | None) -> str | None:
         """Post ``events``; returns ``None`` when each is delivered or dead, else the error (all released)."""
-        payloads = [event.payload for event in events]
         ids = [event.event_id for event in events]
         try:
-            response = self.data_plane.post_batch(payloads, timeout=_cut(self.data_plane.timeout, timeout))
-        except requests.RequestException as error:
-            return self._retry_later(
-                owner, ids, payloads, f"could not reach RudderStack ({type(error).__name__})"
+            response = self.data_plane.post_batch(
+                [event.payload_json for event in events], timeout=_cut(self.data_plane.timeout, timeout)
             )
+        except requests.RequestException as error:
+            return self._retry_later(owner, events, f"could not reach RudderStack ({type(error).__name__})")
         status = response.status_code
         if status == 200:
             self.outbox.delivered(owner, ids)
-            self._signal(signals.event_forwarded, payloads=payloads)
+            self._signal(signals.event_forwarded, events)
             return None
         if status in (400, 413) and len(events) > 1:
             half = len(events) // 2
@@ -185,7 +185,7 @@ class Sender:
             logger.warning(
                 "RudderStack refused Customer.io event %s; kept as a dead letter: %s", ids[0], reason
             )
-            self._signal(signals.forward_failed, payloads=payloads, reason=reason, retry=False)
+            self._signal(signals.forward_failed, events, reason=reason, retry=False)
             return None
         reason = describe(response)
         if status in _CONFIGURATION_ERRORS:
@@ -193,20 +193,26 @@ class Sender:
             if not self._reported_configuration_error:
                 logger.error("Cannot deliver Customer.io events: %s. They are kept and retried.", reason)
                 self._reported_configuration_error = True
-        return self._retry_later(owner, ids, payloads, reason)
+        return self._retry_later(owner, events, reason)
 
-    def _retry_later(self, owner: str, ids: list[str], payloads: list[dict[str, Any]], reason: str) -> str:
-        self.outbox.release(owner, ids, reason)
+    def _retry_later(self, owner: str, events: Sequence[Claimed], reason: str) -> str:
+        self.outbox.release(owner, [event.event_id for event in events], reason)
         if not self._reported_configuration_error:
             logger.warning("Delivery to RudderStack failed, will retry: %s", reason)
-        self._signal(signals.forward_failed, payloads=payloads, reason=reason, retry=True)
+        self._signal(signals.forward_failed, events, reason=reason, retry=True)
         return reason
 
-    def _signal(self, signal: Any, **data: Any) -> None:
-        """Send a delivery signal in an app context; a raising receiver is logged, never fatal."""
+    def _signal(self, signal: Any, events: Sequence[Claimed], **data: Any) -> None:
+        """Send a delivery signal, ``payloads=`` the events, in an app context.
+
+        The events are decoded only if someone listens; a raising receiver is logged, never fatal.
+        """
+        if not signal.receivers:
+            return
         try:
+            payloads = [json.loads(event.payload_json) for event in events]
             with self.app.app_context():
-                signal.send(self.app, **data)
+                signal.send(self.app, payloads=payloads, **data)
         except Exception:
             logger.exception("A receiver of %s raised", signal.name)
 

@@ -9,9 +9,10 @@ below: each line names a destination and the body paths it is copied from.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
 from marshmallow import Schema, ValidationError, fields, missing, post_dump
@@ -105,10 +106,13 @@ def message_id(event_id: str) -> str:
 
 
 def _iso_milliseconds(seconds: float) -> str:
-    """Format like JavaScript's ``new Date(seconds * 1000).toISOString()``."""
+    """Format like JavaScript's ``new Date(seconds * 1000).toISOString()``, years padded to four digits."""
     milliseconds = int(seconds * 1000)  # JavaScript's Date truncates toward zero too
-    moment = datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(milliseconds=milliseconds)
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    moment = _EPOCH + timedelta(milliseconds=milliseconds)
+    return moment.isoformat(timespec="milliseconds") + "Z"  # naive UTC, so no offset to strip
+
+
+_EPOCH = datetime(1970, 1, 1)
 
 
 def _lookup(body: Any, path: str) -> Any:
@@ -253,6 +257,12 @@ def load_event(body: object) -> CioEvent:
         messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
         raise InvalidEvent(f"invalid fields: {', '.join(sorted(_paths(messages)))}", messages) from None
     payload: dict[str, Any] = _TRACK.dump(body)
+    try:
+        payload_json = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        raise InvalidEvent("the event is nested too deeply to be sent as JSON") from None
+    except ValueError:  # 1e999 in a body decodes to infinity, which JSON cannot carry
+        raise InvalidEvent("the event holds a number too large for JSON, such as 1e999") from None
     traits = payload["context"].get("traits", {})
     return CioEvent(
         event_id=envelope["event_id"],
@@ -266,14 +276,16 @@ def load_event(body: object) -> CioEvent:
         data=body["data"],
         raw=body,
         payload=payload,
+        payload_json=payload_json,
     )
 
 
 def transform(body: Mapping[str, Any]) -> dict[str, Any]:
     """Return the RudderStack ``track`` event for one decoded Customer.io webhook body.
 
-    Pure: no I/O, no app needed. Raises :class:`InvalidEvent` for bodies that are
-    not acceptable (see the README's table of what differs from RudderStack).
+    Pure: no I/O, no app needed; the result is always valid for ``json.dumps``. Raises
+    :class:`InvalidEvent` for bodies that are not acceptable (see the README's table of
+    what differs from RudderStack).
     """
     return load_event(body).payload
 

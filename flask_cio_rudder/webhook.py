@@ -101,11 +101,11 @@ def receive() -> Response:
     decoded = parse_json(body)
     try:
         event = load_event(decoded)
-        reason = undeliverable_reason(event.payload)
+        reason = undeliverable_reason(event)
         if reason is not None:
             raise InvalidEvent(reason)
     except InvalidEvent as error:
-        return reject(app, decoded, error.reason, error.errors)
+        return reject(app, body, decoded, error.reason, error.errors)
 
     forwarder = state.forwarder
     if forwarder.is_duplicate(event.event_id):
@@ -116,7 +116,7 @@ def receive() -> Response:
     except ForwardError as error:
         if error.retry:
             raise RetryLater(f"the event was not kept ({error.reason}); send it again later") from None
-        return reject(app, decoded, error.reason, {})
+        return reject(app, body, decoded, error.reason, {})
     return _answer("accepted", event.event_id)
 
 
@@ -169,13 +169,13 @@ def send_signals(app: Flask, event: CioEvent) -> None:
         email_signal.send(app, event=event)
 
 
-def reject(app: Flask, body: dict[str, Any], reason: str, errors: dict[str, Any]) -> Response:
+def reject(app: Flask, raw: bytes, body: dict[str, Any], reason: str, errors: dict[str, Any]) -> Response:
     """Answer 2xx for an authentic body that cannot be accepted, and keep it as a dead letter.
 
     A non-2xx answer would make Customer.io hold back every later event for days.
     """
     event_id = body.get("event_id") if isinstance(body.get("event_id"), str) else None
-    app.extensions["cio_rudder"].forwarder.reject(body, event_id, reason, errors)
+    app.extensions["cio_rudder"].forwarder.reject(raw, event_id, reason, errors)
     signals.event_rejected.send(app, reason=reason, errors=errors, body=body)
     return jsonify(status="rejected", event_id=event_id, reason=reason, errors=errors)
 

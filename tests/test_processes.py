@@ -476,7 +476,7 @@ def test_a_batch_claimed_by_a_process_killed_mid_batch_is_sent_by_another_only_a
     outbox = Outbox(str(path), clock=clock)
     bodies = make_bodies("lease", 8)
     for body in bodies:
-        assert outbox.add(body["event_id"], transform(body))
+        assert outbox.add(body["event_id"], json.dumps(transform(body)))
 
     claimer = subprocess.Popen(
         [sys.executable, "-c", CLAIM_THEN_BLOCK, str(path), repr(claimed_at), "5", repr(lease)],
