@@ -18,7 +18,7 @@ from typing import Any
 from marshmallow import Schema, ValidationError, fields, missing, post_dump
 
 from .event import CioEvent
-from .schemas import envelope_schema_for, unix_seconds
+from .schemas import load_envelope, unix_seconds
 
 __all__ = ["InvalidEvent", "event_name", "load_event", "message_id", "transform"]
 
@@ -115,26 +115,18 @@ def _iso_milliseconds(seconds: float) -> str:
 _EPOCH = datetime(1970, 1, 1)
 
 
-def _lookup(body: Any, path: str) -> Any:
-    """The value at a dotted ``path`` inside nested JSON objects, ``None`` if absent."""
-    value = body
-    for key in path.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(key)
-    return value
-
-
 class FirstOf(fields.Field):  # type: ignore[type-arg]
-    """Dumps the first value at these body paths that is not null or missing, untouched."""
+    """Dumps the first value at these dotted body paths that is not null or missing, untouched."""
 
     def __init__(self, *paths: str) -> None:
         super().__init__()
-        self.paths = paths
+        self.paths = [tuple(path.split(".")) for path in paths]
 
     def get_value(self, obj: Any, attr: str, accessor: Any = None, default: Any = missing) -> Any:
-        for path in self.paths:
-            value = _lookup(obj, path)
+        for keys in self.paths:
+            value = obj
+            for key in keys:  # walk down nested JSON objects; anything else means absent
+                value = value.get(key) if type(value) is dict else None
             if value is not None:
                 return value
         return missing
@@ -170,22 +162,40 @@ class MessageId(fields.Field):  # type: ignore[type-arg]
 
 
 class Fixed(fields.Field):  # type: ignore[type-arg]
-    """A constant object, copied for each event so that no two events share one."""
+    """A constant; an object is copied for each event so that no two events share one."""
 
-    def __init__(self, value: dict[str, Any]) -> None:
+    def __init__(self, value: str | dict[str, Any]) -> None:
         super().__init__()
         self.value = value
 
     def get_value(self, obj: Any, attr: str, accessor: Any = None, default: Any = missing) -> Any:
-        return dict(self.value)
+        return dict(self.value) if isinstance(self.value, dict) else self.value
 
 
-class Link(Schema):
+class FromBody(Schema):
+    """A dump schema whose fields each compute their value from the whole webhook body.
+
+    marshmallow's dump calls each field's ``serialize``, which looks a value up with
+    ``get_value`` and then formats it. The fields here do all their work in
+    ``get_value``, so this ``_serialize`` calls it directly and leaves out what is
+    missing: the same event, without a per-field wrapper that cost a third of the time.
+    """
+
+    def _serialize(self, obj: Any, *, many: bool = False) -> dict[str, Any]:
+        event = {}
+        for name, field in self.dump_fields.items():
+            value = field.get_value(obj, name)
+            if value is not missing:
+                event[name] = value
+        return event
+
+
+class Link(FromBody):
     url = FirstOf("data.href")
     id = FirstOf("data.link_id")
 
 
-class Properties(Schema):
+class Properties(FromBody):
     eventId = FirstOf("event_id", "data.event_id")
     triggerId = FirstOf("data.trigger_id")
     deliveryId = FirstOf("data.delivery_id")
@@ -207,21 +217,21 @@ class Properties(Schema):
     transactionalMessageId = FirstOf("data.transactional_message_id")
 
 
-class Traits(Schema):
+class Traits(FromBody):
     email = FirstOf("data.identifiers.email", "data.recipient", "data.email_address")
     cioId = FirstOf("data.identifiers.cio_id")
 
 
-class Context(Schema):
+class Context(FromBody):
     library = Fixed({"name": "unknown", "version": "unknown"})
     integration = Fixed({"name": "Customer.io"})
     traits = Section(Traits)
 
 
-class RudderStackTrack(Schema):
+class RudderStackTrack(FromBody):
     """The RudderStack ``track`` event, dumped from a decoded Customer.io body."""
 
-    type = fields.Constant("track")
+    type = Fixed("track")
     event = EventName()
     messageId = MessageId()
     userId = FirstOf("data.customer_id", "data.identifiers.id")
@@ -241,6 +251,7 @@ class RudderStackTrack(Schema):
 
 
 _TRACK = RudderStackTrack()
+_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # json.dumps would build one per call
 
 
 def load_event(body: object) -> CioEvent:
@@ -252,13 +263,13 @@ def load_event(body: object) -> CioEvent:
     if not isinstance(body, dict):
         raise InvalidEvent(f"the body must be a JSON object, not {_json_type(body)}")
     try:
-        envelope = envelope_schema_for(body).load(body)
+        envelope = load_envelope(body)
     except ValidationError as error:
         messages = error.messages if isinstance(error.messages, dict) else {"_schema": error.messages}
         raise InvalidEvent(f"invalid fields: {', '.join(sorted(_paths(messages)))}", messages) from None
     payload: dict[str, Any] = _TRACK.dump(body)
     try:
-        payload_json = json.dumps(payload, separators=(",", ":"), allow_nan=False)
+        payload_json = _JSON.encode(payload)
     except RecursionError:
         raise InvalidEvent("the event is nested too deeply to be sent as JSON") from None
     except ValueError:  # 1e999 in a body decodes to infinity, which JSON cannot carry
