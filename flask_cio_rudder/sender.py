@@ -46,6 +46,9 @@ class Sender:
     RETRY_CAP = 300.0
     #: How long an idle sender sleeps before looking for due events again.
     IDLE_WAIT = 5.0
+    #: After being woken by a new event, how long the sender lets a batch build up before
+    #: claiming it: posting each event on its own would cost the web workers' CPU.
+    LINGER = 0.2
 
     def __init__(
         self,
@@ -118,12 +121,13 @@ class Sender:
             if error is not None:
                 self._stopping.wait(self._retry_delay())
             elif claimed < self.batch_size:
-                self._wake.wait(self.IDLE_WAIT)
+                if self._wake.wait(self.IDLE_WAIT):
+                    self._stopping.wait(self.LINGER)
                 self._wake.clear()
         self.flush(self.shutdown_timeout)
 
     def _retry_delay(self) -> float:
-        ceiling = min(self.RETRY_CAP, self.RETRY_BASE * 2 ** min(self._failures, 30))
+        ceiling = min(self.RETRY_CAP, self.RETRY_BASE * 2 ** min(self._failures - 1, 30))
         return random.uniform(ceiling / 2, ceiling)
 
     # -- sending -------------------------------------------------------------------------------
