@@ -539,7 +539,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"NOTE: the library changed during the run (now {apps.library_revision()})\n")
         print(report(results))
         if args.quick and args.plot is None:
-            print("\n" + plot(results, workdir / "growth.png") + " (a --quick run: not kept)")
+            message = plot(results, workdir / "growth.png")
+            print("\n" + message + (" (a --quick run: not kept)" if message.startswith("Plot:") else ""))
         else:
             print("\n" + plot(results, args.plot or DEFAULT_PLOT))
     print(f"\n(total {time.monotonic() - started:.0f} s)")
