@@ -40,9 +40,6 @@ __all__ = [
 
 logger = logging.getLogger("flask_cio_rudder")
 
-#: The endpoint of the webhook route, for ``url_for`` and CSRF exemption.
-ENDPOINT = "cio_rudder.receive"
-
 # The RudderStack event name of each first-class email event, and its signal.
 _EMAIL_SIGNALS = {
     "Email Delivered": signals.email_delivered,
