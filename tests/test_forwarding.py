@@ -13,10 +13,10 @@ import responses
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from flask_cio_rudder import signals, transform
+from flask_cio_rudder import transform
 from flask_cio_rudder.testing import FakeDataPlane
 
-from .conftest import EMAIL_EVENTS, sample
+from .conftest import EMAIL_EVENTS, record_outcomes, sample
 
 Post = Callable[..., TestResponse]
 DATA_PLANE = "https://dp.example.com"
@@ -35,18 +35,7 @@ def sync_app(make_app: Callable[..., Flask]) -> Flask:
 
 @pytest.fixture
 def outcomes(sync_app: Flask) -> Any:
-    recorded: list[tuple[str, dict[str, Any]]] = []
-
-    def forwarded(sender: Flask, **kwargs: Any) -> None:
-        recorded.append(("forwarded", kwargs))
-
-    def failed(sender: Flask, **kwargs: Any) -> None:
-        recorded.append(("failed", kwargs))
-
-    with (
-        signals.event_forwarded.connected_to(forwarded, sender=sync_app),
-        signals.forward_failed.connected_to(failed, sender=sync_app),
-    ):
+    with record_outcomes(sync_app) as recorded:
         yield recorded
 
 

@@ -14,11 +14,11 @@ import pytest
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from flask_cio_rudder import CioRudder, OutboxForwarder, get_outbox, signals, transform
+from flask_cio_rudder import CioRudder, OutboxForwarder, get_outbox, transform
 from flask_cio_rudder.outbox import Outbox
 from flask_cio_rudder.testing import FakeDataPlane
 
-from .conftest import EMAIL_EVENTS, sample
+from .conftest import EMAIL_EVENTS, record_outcomes, sample
 
 Post = Callable[..., TestResponse]
 
@@ -264,17 +264,7 @@ def accept(app: Flask, count: int, **changes: Any) -> list[str]:
 
 @pytest.fixture
 def outcomes(outbox_app: Flask) -> Any:
-    recorded: list[tuple[str, dict[str, Any]]] = []
-
-    def forwarded(sender: Flask, **kwargs: Any) -> None:
-        recorded.append(("forwarded", kwargs))
-
-    def failed(sender: Flask, **kwargs: Any) -> None:
-        recorded.append(("failed", kwargs))
-
-    on_forwarded = signals.event_forwarded.connected_to(forwarded, sender=outbox_app)
-    on_failed = signals.forward_failed.connected_to(failed, sender=outbox_app)
-    with on_forwarded, on_failed:
+    with record_outcomes(outbox_app) as recorded:
         yield recorded
 
 
