@@ -66,6 +66,44 @@ def create_bare_app() -> Any:
     return app
 
 
+def create_floor_app() -> Any:
+    """The least a durable receiver does: commit each body to SQLite (WAL) by ``event_id``, answer 200.
+
+    No signature, no validation, no transform, no signals, no delivery: what remains
+    is the price of "answered only once kept", paid the plain way (one connection per
+    process, one commit per request). The extension cannot be faster than this.
+    """
+    import sqlite3
+    import threading
+
+    from flask import Flask, jsonify, request
+
+    app = Flask("durable_floor")
+    path = os.environ["CIO_RUDDER_OUTBOX_PATH"]
+    local = threading.local()
+
+    def connection() -> sqlite3.Connection:
+        if getattr(local, "db", None) is None:  # first request of this worker
+            local.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+            local.db.execute("PRAGMA journal_mode=WAL")
+            local.db.execute("PRAGMA synchronous=NORMAL")
+            local.db.execute("CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, body TEXT)")
+        return local.db  # type: ignore[no-any-return]
+
+    @app.post(WEBHOOK_PATH)
+    def receive() -> Any:
+        body = request.get_json(force=True)
+        if not isinstance(body, dict):
+            return jsonify(error="the body must be a JSON object"), 400
+        connection().execute(
+            "INSERT OR IGNORE INTO events VALUES (?, ?)",
+            (str(body.get("event_id")), request.get_data(as_text=True)),
+        )
+        return jsonify(status="accepted")
+
+    return app
+
+
 def create_ext_app() -> Any:
     """Flask-CIO-Rudder with its defaults (outbox + background sender) and one receiver per email signal."""
     from flask import Flask
@@ -82,6 +120,8 @@ def create_ext_app() -> Any:
         app.config["CIO_RUDDER_OUTBOX_SENDER"] = env["CIO_RUDDER_OUTBOX_SENDER"].strip().lower() not in _FALSE
     if "CIO_RUDDER_OUTBOX_DURABILITY" in env:
         app.config["CIO_RUDDER_OUTBOX_DURABILITY"] = env["CIO_RUDDER_OUTBOX_DURABILITY"]
+    if "CIO_RUDDER_FORWARDER" in env:  # "none": the request path without keeping anything
+        app.config["CIO_RUDDER_FORWARDER"] = env["CIO_RUDDER_FORWARDER"]
     if "CIO_RUDDER_SHUTDOWN_TIMEOUT" in env:
         app.config["CIO_RUDDER_SHUTDOWN_TIMEOUT"] = float(env["CIO_RUDDER_SHUTDOWN_TIMEOUT"])
 

@@ -1,6 +1,7 @@
-"""Webhook path against bare Flask, and with RudderStack down.
+"""Webhook path against bare Flask, with RudderStack down, and at a moderate paced load.
 
-    python benchmarks/webhook.py            # the full run: about 9 minutes
+    python benchmarks/webhook.py            # the full run: about 13 minutes
+    python benchmarks/webhook.py --scenario floor   # where the cost is: about 8 minutes
     python benchmarks/webhook.py --quick    # a smoke run: about half a minute
 
 Both apps are served the same way (gunicorn, same workers and worker class, on
@@ -14,7 +15,12 @@ extension as a user runs it (signature, validation, transform, signals with a
 receiver, the outbox, a background sender per worker posting to a RudderStack-
 compatible data plane that runs in another process). Scenario 2, "down": the
 extension with that data plane up against the extension with the data plane
-refusing connections (a closed loopback port). Runs alternate (A, B, A, B...) and
+refusing connections (a closed loopback port). Scenario 3, "paced": bare Flask
+and the extension at the same moderate load (each connection pauses ``--pace-ms``
+before each request), for the latency a request gets when the server is not
+saturated. Diagnostics: "split" (the extension with its sender off) and "floor"
+(a receiver that only commits each body to SQLite, and the extension with the
+"none" forwarder: what keeping each event costs on its own). Runs alternate (A, B, A, B...) and
 the tables report medians, because a shared machine is noisy. Each run gets a
 fresh gunicorn and a fresh outbox, a warm-up wrk run first, then the measured one.
 
@@ -35,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +143,9 @@ class Bench:
         outbox = None
         if label == BARE:
             factory, env = "apps:create_bare_app()", {}
+        elif label == FLOOR:
+            outbox = self.workdir / f"floor-{self.count}.sqlite3"
+            factory, env = "apps:create_floor_app()", {"CIO_RUDDER_OUTBOX_PATH": str(outbox)}
         else:
             outbox = self.workdir / f"outbox-{self.count}.sqlite3"
             url = f"http://127.0.0.1:{self.closed_port}" if label == EXT_DOWN else self.plane.url
@@ -147,6 +157,7 @@ class Bench:
                 "CIO_RUDDER_OUTBOX_PATH": str(outbox),
                 "CIO_RUDDER_SHUTDOWN_TIMEOUT": "2",
                 "CIO_RUDDER_OUTBOX_SENDER": "false" if label == EXT_NO_SENDER else "true",
+                "CIO_RUDDER_FORWARDER": "none" if label == EXT_NONE else "outbox",
             }
         server = apps.Gunicorn(
             factory,
@@ -190,8 +201,11 @@ class Bench:
             ours = [*workers, server.process.pid, self.plane.process.pid]
             cpu_before, meter = apps.cpu_seconds(workers), apps.OthersMeter(ours)
             plane_before = self.plane.count()
+            pace = args.pace_ms if scenario == "paced" else 0
             try:
-                numbers = run_wrk(server.url, self.bodies, args.duration, args.connections, args.wrk_threads)
+                numbers = run_wrk(
+                    server.url, self.bodies, args.duration, args.connections, args.wrk_threads, pace
+                )
             except RuntimeError as error:
                 raise RuntimeError(f"{error}\nthe end of gunicorn's log:\n{server.log_tail()}") from None
             cpu = apps.cpu_seconds(workers) - cpu_before
@@ -219,18 +233,18 @@ class Bench:
                 plane_events=plane_after[0] - plane_before[0],
                 plane_requests=plane_after[1] - plane_before[1],
             )
-            if outbox is not None:
+            if outbox is not None and label != FLOOR:
                 result.outbox = apps.outbox_counts(outbox)
         finally:
             server.stop()
-        if outbox is not None:
+        if outbox is not None and label != FLOOR:
             result.outbox_after_stop = apps.outbox_counts(outbox)
         print(
             f"  {scenario:<5} round {round_}  {label:<38} {result.rps:8.0f} req/s"
             f"  p50 {result.p50_ms:6.2f} ms"
             f"  p99 {result.p99_ms:6.2f} ms  cpu {result.cpu_us_per_request:6.0f} us/req"
             f"  others {result.others_cores:.2f} cores"
-            + (f"  outbox {dict(result.outbox)}" if outbox is not None else "")
+            + (f"  outbox {dict(result.outbox)}" if result.outbox else "")
             + (
                 f"  {result.plane_events / result.plane_requests:.1f} events/batch"
                 if result.plane_requests
@@ -428,6 +442,8 @@ EXT = "Flask-CIO-Rudder"
 EXT_UP = "Flask-CIO-Rudder (data plane up)"
 EXT_DOWN = "Flask-CIO-Rudder (data plane down)"
 EXT_NO_SENDER = "Flask-CIO-Rudder (sender off)"
+EXT_NONE = "Flask-CIO-Rudder (forwarder none)"
+FLOOR = "floor: bare Flask + one SQLite commit"
 
 #: name -> (title, the apps it alternates, the baseline the others are compared with)
 SCENARIOS = {
@@ -437,10 +453,19 @@ SCENARIOS = {
         "Diagnostic: the request path alone (background sender off) against bare Flask and the default",
         (BARE, EXT_NO_SENDER, EXT),
     ),
+    "floor": (
+        "Diagnostic: what keeping each event costs (a bare receiver that commits each body to SQLite,\n"
+        "and the extension keeping nothing) against bare Flask and the default",
+        (BARE, FLOOR, EXT_NONE, EXT),
+    ),
+    "paced": (
+        "Scenario 3: latency at the same moderate load (each connection pauses --pace-ms between requests)",
+        (BARE, EXT),
+    ),
 }
 
 
-def ratio_table(runs: list[Run], baseline: str, candidate: str, targets: bool) -> str:
+def ratio_table(runs: list[Run], baseline: str, candidate: str, targets: Sequence[str]) -> str:
     throughput, p99, paired_t, paired_p = ratios(runs, baseline, candidate)
     name = f"{_short(candidate)} / {_short(baseline)}"
     rows = [
@@ -450,13 +475,21 @@ def ratio_table(runs: list[Run], baseline: str, candidate: str, targets: bool) -
     headers = [f"ratio ({name})", "of the medians", "per round"]
     if targets:
         headers.append("target")
-        rows[0].append(verdict(throughput, TARGET_THROUGHPUT_RATIO, True))
-        rows[1].append(verdict(p99, TARGET_P99_RATIO, False))
+        rows[0].append(verdict(throughput, TARGET_THROUGHPUT_RATIO, True) if "throughput" in targets else "-")
+        rows[1].append(verdict(p99, TARGET_P99_RATIO, False) if "p99" in targets else "-")
     return apps.table(headers, rows)
 
 
 def _short(label: str) -> str:
-    return {BARE: "bare", EXT: "ext", EXT_UP: "up", EXT_DOWN: "down", EXT_NO_SENDER: "ext, sender off"}[label]
+    return {
+        BARE: "bare",
+        EXT: "ext",
+        EXT_UP: "up",
+        EXT_DOWN: "down",
+        EXT_NO_SENDER: "ext, sender off",
+        EXT_NONE: "ext, forwarder none",
+        FLOOR: "floor",
+    }[label]
 
 
 def outbox_table(runs: list[Run]) -> str:
@@ -501,7 +534,9 @@ def report(args: argparse.Namespace, results: dict[str, list[Run]], profile: str
         title, labels = SCENARIOS[name]
         out.append(f"{title}\n\n" + apps.table(SUMMARY_HEADERS, summary_rows(runs, labels)))
         for candidate in labels[1:]:
-            out.append(ratio_table(runs, labels[0], candidate, targets=labels[0] == BARE))
+            # Paced, both answer the same offered load: only the latency ratio means something.
+            targets = () if labels[0] != BARE else ("p99",) if name == "paced" else ("throughput", "p99")
+            out.append(ratio_table(runs, labels[0], candidate, targets))
         if name == "down":
             out.append(outbox_table(runs))
     troubles = [r for runs in results.values() for r in runs if r.errors or r.wrapped]
@@ -525,8 +560,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--scenario",
         choices=["all", *SCENARIOS],
         action="append",
-        help="peer (ext vs bare), down (data plane up vs down), split (diagnostic: sender off);\n"
-        "repeat to run several; default: all = peer and down",
+        help="peer (ext vs bare), down (data plane up vs down), paced (both at the same moderate load),\n"
+        "split (diagnostic: sender off), floor (diagnostic: the cost of keeping each event);\n"
+        "repeat to run several; default: all = peer, down and paced",
     )
     parser.add_argument("--rounds", type=int, default=3, help="runs of each app, interleaved (default 3)")
     parser.add_argument(
@@ -534,6 +570,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--warmup", type=int, default=3, help="seconds of wrk warm-up before each run (default 3)"
+    )
+    parser.add_argument(
+        "--pace-ms",
+        type=float,
+        default=5.0,
+        help="paced scenario: each connection pauses this long before each request (default 5)",
     )
     parser.add_argument("--connections", type=int, default=8, help="wrk connections (default 8)")
     parser.add_argument("--wrk-threads", type=int, default=2, help="wrk threads (default 2)")
@@ -577,7 +619,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rounds, args.duration, args.warmup, args.quiet_wait, args.noise_retries = 1, 2, 1, 0, 0
     names: list[str] = []
     for name in args.scenario or ["all"]:
-        for expanded in ("peer", "down") if name == "all" else (name,):
+        for expanded in ("peer", "down", "paced") if name == "all" else (name,):
             if expanded not in names:
                 names.append(expanded)
     args.scenario = names
