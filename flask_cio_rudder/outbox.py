@@ -96,6 +96,19 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
+@contextmanager
+def _locked(lock_file: IO[bytes]) -> Iterator[None]:
+    """Hold the outbox's write lock: an ``flock`` on its lock file, waited for in any process."""
+    if sys.platform == "win32":  # no flock: SQLite's own busy timeout is all there is
+        yield
+        return
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
 @dataclass(frozen=True)
 class Claimed:
     """An event a sender has leased: its id and its RudderStack event as JSON text."""
@@ -169,11 +182,14 @@ class Outbox:
         """This thread's connection, opened on first use in this thread and process."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None or self._local.pid != os.getpid():  # after a fork that ran no fork hooks
-            db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
+            lock_file = open(self.path + ".lock", "ab")  # noqa: SIM115 - closed with the connection
+            # Turning a new file to WAL needs an exclusive lock that SQLite's busy timeout does
+            # not wait for: two workers starting at once would fail ("database is locked").
+            with _locked(lock_file):
+                db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
             db.execute(f"PRAGMA wal_autocheckpoint={self._autocheckpoint}")
-            lock_file = open(self.path + ".lock", "ab")  # noqa: SIM115 - closed with the connection
             self._local.db, self._local.lock_file, self._local.pid = db, lock_file, os.getpid()
             with self._opened_lock:
                 self._opened.append((db, lock_file))
@@ -182,15 +198,8 @@ class Outbox:
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """This thread's connection, holding the outbox's write lock (waits, in any process, until free)."""
-        with self._connected() as db:
-            lock_file = self._local.lock_file
-            if sys.platform != "win32":
-                fcntl.flock(lock_file, fcntl.LOCK_EX)
-            try:
-                yield db
-            finally:
-                if sys.platform != "win32":
-                    fcntl.flock(lock_file, fcntl.LOCK_UN)
+        with self._connected() as db, _locked(self._local.lock_file):
+            yield db
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:

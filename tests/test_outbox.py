@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import sqlite3
 import sys
 import threading
@@ -188,6 +190,38 @@ def test_a_writer_waits_for_the_write_lock_instead_of_failing(outbox: Outbox) ->
         fcntl.flock(other_process, fcntl.LOCK_UN)
     writer.join(10)
     assert added.is_set() and outbox.is_known("e1")
+
+
+def _open_and_add(path: str, start: Any, event_id: str, results: Any) -> None:
+    start.wait()
+    try:
+        outbox = Outbox(path)
+        outbox.add(event_id, stored(event_id))
+        outbox.close()
+        results.put("ok")
+    except Exception as error:  # reported to the test, which names it
+        results.put(repr(error))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="starts processes with fork()")
+def test_workers_starting_at_once_on_a_new_outbox_all_open_it(tmp_path: Path) -> None:
+    # gunicorn starts its workers together; each opens the outbox and the first turns the
+    # new file to WAL mode, which SQLite does not wait for: a worker then failed to boot.
+    context = multiprocessing.get_context("fork")
+    failures = []
+    for trial in range(30):
+        path = str(tmp_path / f"outbox-{trial}.sqlite3")
+        start, results = context.Barrier(8), context.Queue()
+        workers = [
+            context.Process(target=_open_and_add, args=(path, start, f"e{n}", results)) for n in range(8)
+        ]
+        for worker in workers:
+            worker.start()
+        outcomes = [results.get(timeout=60) for _ in workers]
+        for worker in workers:
+            worker.join(60)
+        failures += [outcome for outcome in outcomes if outcome != "ok"]
+    assert failures == []
 
 
 def test_an_unknown_durability_names_the_key(tmp_path: Path) -> None:
