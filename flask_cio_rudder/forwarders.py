@@ -22,7 +22,7 @@ from flask import Flask
 
 from . import signals
 from .event import CioEvent
-from .outbox import AUTOCHECKPOINT_PAGES, BACKGROUND_AUTOCHECKPOINT_PAGES, DeadLetter, Outbox, OutboxStatus
+from .outbox import DeadLetter, Outbox, OutboxStatus
 from .rudderstack import data_plane_from_config, describe
 from .sender import Sender
 
@@ -170,13 +170,7 @@ class OutboxForwarder(Forwarder):
         path = config["CIO_RUDDER_OUTBOX_PATH"] or os.path.join(
             app.instance_path, "cio_rudder_outbox.sqlite3"
         )
-        self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
-        self.outbox = Outbox(
-            path,
-            durability=config["CIO_RUDDER_OUTBOX_DURABILITY"],
-            # A background sender checkpoints; web requests only do past a larger safety net.
-            autocheckpoint=BACKGROUND_AUTOCHECKPOINT_PAGES if self.background else AUTOCHECKPOINT_PAGES,
-        )
+        self.outbox = Outbox(path, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"])
         self.sender = Sender(
             app,
             self.outbox,
@@ -186,6 +180,7 @@ class OutboxForwarder(Forwarder):
             max_age=config["CIO_RUDDER_OUTBOX_MAX_AGE"],
             shutdown_timeout=config["CIO_RUDDER_SHUTDOWN_TIMEOUT"],
         )
+        self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
         if self.background:
             self.sender.ensure_running()
 

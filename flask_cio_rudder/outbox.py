@@ -8,9 +8,9 @@ take it. Every process that serves the app opens the same file; SQLite's locking
 
 Writers queue on a lock file (``<outbox>.lock``, ``flock``) rather than on SQLite's
 own busy handler, which sleeps 1, 2, 5, 10... ms between tries: under load a web
-request would otherwise wait milliseconds for a lock freed microseconds later. For
-the same reason, when a background sender runs, it checkpoints the WAL (copies it
-into the database file, with an fsync) rather than the web requests.
+request would otherwise wait milliseconds for a lock freed microseconds later. A
+commit that checkpoints the WAL (SQLite does every 1,000 pages) holds that lock
+meanwhile, so the checkpoint always completes and the WAL starts over, small.
 
 An SQLite connection must never cross a ``fork()`` (gunicorn ``--preload`` forks
 workers from a process whose sender thread may be inside a transaction; the child
@@ -36,26 +36,13 @@ from typing import IO, Any, Callable
 if sys.platform != "win32":
     import fcntl
 
-__all__ = [
-    "AUTOCHECKPOINT_PAGES",
-    "BACKGROUND_AUTOCHECKPOINT_PAGES",
-    "DURABILITY",
-    "Claimed",
-    "DeadLetter",
-    "Outbox",
-    "OutboxStatus",
-]
+__all__ = ["DURABILITY", "Claimed", "DeadLetter", "Outbox", "OutboxStatus"]
 
 #: ``CIO_RUDDER_OUTBOX_DURABILITY`` values and the SQLite ``synchronous`` setting of each.
 #: "process-crash": a commit survives the process being killed (the WAL is written
 #: before the answer), but the last commits can be lost if the machine loses power.
 #: "power-loss": every commit is also fsync'ed, so it survives power loss; slower.
 DURABILITY = {"process-crash": "NORMAL", "power-loss": "FULL"}
-
-#: WAL pages after which a commit checkpoints by itself: SQLite's default, and a
-#: larger safety net for outboxes whose sender checkpoints (see :meth:`Outbox.checkpoint`).
-AUTOCHECKPOINT_PAGES = 1000
-BACKGROUND_AUTOCHECKPOINT_PAGES = 20_000
 
 _fork_lock = threading.RLock()
 _live_outboxes: weakref.WeakSet[Outbox] = weakref.WeakSet()
@@ -147,12 +134,7 @@ class Outbox:
     """
 
     def __init__(
-        self,
-        path: str,
-        *,
-        durability: str = "process-crash",
-        autocheckpoint: int = AUTOCHECKPOINT_PAGES,
-        clock: Callable[[], float] = time.time,
+        self, path: str, *, durability: str = "process-crash", clock: Callable[[], float] = time.time
     ) -> None:
         if durability not in DURABILITY:
             choices = ", ".join(repr(name) for name in DURABILITY)
@@ -160,7 +142,6 @@ class Outbox:
         self.path = path
         self.clock = clock
         self._synchronous = DURABILITY[durability]
-        self._autocheckpoint = autocheckpoint
         self._local = threading.local()
         self._opened: list[tuple[sqlite3.Connection, IO[bytes]]] = []
         self._opened_lock = threading.Lock()
@@ -189,7 +170,6 @@ class Outbox:
                 db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
                 db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={self._synchronous}")
-            db.execute(f"PRAGMA wal_autocheckpoint={self._autocheckpoint}")
             self._local.db, self._local.lock_file, self._local.pid = db, lock_file, os.getpid()
             with self._opened_lock:
                 self._opened.append((db, lock_file))
@@ -304,11 +284,6 @@ class Outbox:
             "lease_owner = NULL, lease_until = NULL WHERE event_id = ? AND lease_owner = ?",
             [(reason, event_id, owner) for event_id in event_ids],
         )
-
-    def checkpoint(self) -> None:
-        """Copy committed pages from the WAL into the database file, without waiting for anyone."""
-        with self._connected() as db:
-            db.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _finish(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
         with self._transaction() as db:

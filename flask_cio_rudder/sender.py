@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import random
-import sqlite3
 import threading
 import time
 import weakref
@@ -50,9 +49,6 @@ class Sender:
     #: After being woken by a new event, how long the sender lets a batch build up before
     #: claiming it: posting each event on its own would cost the web workers' CPU.
     LINGER = 0.2
-    #: How often the sender checkpoints the outbox's WAL, so that web requests never do,
-    #: even while it waits out a RudderStack outage.
-    CHECKPOINT_INTERVAL = 1.0
 
     def __init__(
         self,
@@ -85,7 +81,6 @@ class Sender:
         self._stopping = threading.Event()
         self._failures = 0
         self._reported_configuration_error = False
-        self._last_checkpoint = time.monotonic()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -124,32 +119,12 @@ class Sender:
                 logger.exception("The Customer.io event sender failed; retrying")
                 claimed, error = 0, "sender error"
             if error is not None:
-                self._wait(self._stopping, self._retry_delay())
+                self._stopping.wait(self._retry_delay())
             elif claimed < self.batch_size:
-                if self._wait(self._wake, self.IDLE_WAIT):
+                if self._wake.wait(self.IDLE_WAIT):
                     self._stopping.wait(self.LINGER)
                 self._wake.clear()
         self.flush(self.shutdown_timeout)
-
-    def _wait(self, event: threading.Event, seconds: float) -> bool:
-        """Wait up to ``seconds`` for ``event``, checkpointing the outbox meanwhile; whether it was set."""
-        deadline = time.monotonic() + seconds
-        while True:
-            self._checkpoint_if_due()
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            if event.wait(min(remaining, self.CHECKPOINT_INTERVAL)):
-                return True
-
-    def _checkpoint_if_due(self) -> None:
-        if time.monotonic() - self._last_checkpoint < self.CHECKPOINT_INTERVAL:
-            return
-        self._last_checkpoint = time.monotonic()
-        try:
-            self.outbox.checkpoint()
-        except sqlite3.Error as error:  # the next commit that passes the safety net will try again
-            logger.warning("Could not checkpoint the Customer.io outbox: %s", error)
 
     def _retry_delay(self) -> float:
         ceiling = min(self.RETRY_CAP, self.RETRY_BASE * 2 ** min(self._failures - 1, 30))
@@ -180,7 +155,6 @@ class Sender:
         if not events:
             return 0, None
         error = self._deliver(owner, events, timeout)
-        self._checkpoint_if_due()
         if error is None:
             self._failures = 0
             self._reported_configuration_error = False

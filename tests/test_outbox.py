@@ -19,8 +19,7 @@ from flask import Flask
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import CioRudder, OutboxForwarder, get_outbox, transform
-from flask_cio_rudder.outbox import BACKGROUND_AUTOCHECKPOINT_PAGES, Outbox
-from flask_cio_rudder.sender import Sender
+from flask_cio_rudder.outbox import Outbox
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, record_outcomes, sample
@@ -305,51 +304,10 @@ def test_the_background_sender_delivers_without_being_asked(
 # -- the sender against a real data plane on loopback -----------------------------------------------
 
 
-def rows_in_database_file(path: str, tmp_path: Path) -> int:
-    """Rows in the outbox's main file alone, as if its WAL were lost: what checkpoints have copied."""
-    copy = tmp_path / "main-file-only.sqlite3"
-    copy.write_bytes(Path(path).read_bytes())
-    db = sqlite3.connect(copy)
-    try:
-        return int(db.execute("SELECT COUNT(*) FROM events").fetchone()[0])
-    except sqlite3.OperationalError:  # the table itself is still only in the WAL
-        return 0
-    finally:
-        db.close()
-
-
-def test_the_background_sender_checkpoints_while_waiting_out_an_outage(
-    make_app: Callable[..., Flask], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Web requests leave the WAL to the sender, which must copy it into the database
-    # file even while it backs off for minutes: else the WAL would grow all outage long.
-    monkeypatch.setattr(Sender, "CHECKPOINT_INTERVAL", 0.05)
-    monkeypatch.setattr(Sender, "RETRY_BASE", 600.0)
-    down = FakeDataPlane()
-    down.stop()
-    path = str(tmp_path / "outbox.sqlite3")
-    app = make_app(
-        CIO_RUDDER_FORWARDER="outbox",
-        CIO_RUDDER_OUTBOX_PATH=path,
-        CIO_RUDDER_DATA_PLANE_URL=down.url,
-        CIO_RUDDER_WRITE_KEY="write-key",
-        CIO_RUDDER_SHUTDOWN_TIMEOUT=0.1,
-    )
-    forwarder = get_outbox(app)
-    db = forwarder.outbox._db()
-    assert db.execute("PRAGMA wal_autocheckpoint").fetchone() == (BACKGROUND_AUTOCHECKPOINT_PAGES,)
-    accept(app, 3)
-    wait_until(lambda: forwarder.status().last_error is not None)  # the first attempt failed: backing off
-    accept(app, 2, first=3)
-    wait_until(lambda: rows_in_database_file(path, tmp_path) == 5)
-    assert forwarder.status().pending == 5
-    forwarder.close()
-
-
-def accept(app: Flask, count: int, first: int = 0, **changes: Any) -> list[str]:
+def accept(app: Flask, count: int, **changes: Any) -> list[str]:
     """Put ``count`` events straight into the app's outbox; returns their ids."""
     outbox = get_outbox(app).outbox
-    ids = [f"01EVENT{n:06d}" for n in range(first, first + count)]
+    ids = [f"01EVENT{n:06d}" for n in range(count)]
     for event_id in ids:
         outbox.add(event_id, stored(event_id, **changes))
     return ids
