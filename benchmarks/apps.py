@@ -70,9 +70,11 @@ def create_floor_app() -> Any:
     """The least a durable receiver does: commit each body to SQLite (WAL) by ``event_id``, answer 200.
 
     No signature, no validation, no transform, no signals, no delivery: what remains
-    is the price of "answered only once kept", paid the plain way (one connection per
-    process, one commit per request). The extension cannot be faster than this.
+    is the price of "answered only once kept" (one connection per process, one commit
+    per request, writers queued on a lock file as the outbox does, so that SQLite's
+    sleeping busy handler does not slow it down). The extension cannot be faster.
     """
+    import fcntl
     import sqlite3
     import threading
 
@@ -82,20 +84,27 @@ def create_floor_app() -> Any:
     path = os.environ["CIO_RUDDER_OUTBOX_PATH"]
     local = threading.local()
 
-    def connection() -> sqlite3.Connection:
+    def write(statement: str, parameters: tuple[str, ...] = ()) -> None:
         if getattr(local, "db", None) is None:  # first request of this worker
+            local.lock = open(path + ".lock", "ab")  # noqa: SIM115 - lives as long as the worker
             local.db = sqlite3.connect(path, timeout=30, isolation_level=None)
-            local.db.execute("PRAGMA journal_mode=WAL")
-            local.db.execute("PRAGMA synchronous=NORMAL")
-            local.db.execute("CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, body TEXT)")
-        return local.db  # type: ignore[no-any-return]
+        fcntl.flock(local.lock, fcntl.LOCK_EX)
+        try:
+            if not getattr(local, "ready", False):
+                local.db.execute("PRAGMA journal_mode=WAL")
+                local.db.execute("PRAGMA synchronous=NORMAL")
+                local.db.execute("CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, body TEXT)")
+                local.ready = True
+            local.db.execute(statement, parameters)
+        finally:
+            fcntl.flock(local.lock, fcntl.LOCK_UN)
 
     @app.post(WEBHOOK_PATH)
     def receive() -> Any:
         body = request.get_json(force=True)
         if not isinstance(body, dict):
             return jsonify(error="the body must be a JSON object"), 400
-        connection().execute(
+        write(
             "INSERT OR IGNORE INTO events VALUES (?, ?)",
             (str(body.get("event_id")), request.get_data(as_text=True)),
         )
