@@ -15,8 +15,8 @@ extension as a user runs it (signature, validation, transform, signals with a
 receiver, the outbox, a background sender per worker posting to a RudderStack-
 compatible data plane that runs in another process). Scenario 2, "down": the
 extension with that data plane up against the extension with the data plane
-refusing connections (a closed loopback port). Scenario 3, "paced": bare Flask
-and the extension at the same moderate load (each connection pauses ``--pace-ms``
+refusing connections (a closed loopback port). Scenario 3, "paced": bare Flask,
+the floor (below) and the extension at the same moderate load (each connection pauses ``--pace-ms``
 before each request), for the latency a request gets when the server is not
 saturated. Diagnostics: "split" (the extension with its sender off) and "floor"
 (a receiver that only commits each body to SQLite, and the extension with the
@@ -460,7 +460,7 @@ SCENARIOS = {
     ),
     "paced": (
         "Scenario 3: latency at the same moderate load (each connection pauses --pace-ms between requests)",
-        (BARE, EXT),
+        (BARE, FLOOR, EXT),
     ),
 }
 
