@@ -1,7 +1,7 @@
 """Webhook path against bare Flask, with RudderStack down, and at a moderate paced load.
 
-    python benchmarks/webhook.py            # the full run: about 13 minutes
-    python benchmarks/webhook.py --scenario floor   # where the cost is: about 8 minutes
+    python benchmarks/webhook.py            # the full run: about 7 minutes
+    python benchmarks/webhook.py --scenario floor   # where the cost is: about 4 minutes
     python benchmarks/webhook.py --quick    # a smoke run: about half a minute
 
 Both apps are served the same way (gunicorn, same workers and worker class, on
@@ -534,7 +534,7 @@ def report(args: argparse.Namespace, results: dict[str, list[Run]], profile: str
         title, labels = SCENARIOS[name]
         out.append(f"{title}\n\n" + apps.table(SUMMARY_HEADERS, summary_rows(runs, labels)))
         for candidate in labels[1:]:
-            # Paced, both answer the same offered load: only the latency ratio means something.
+            # Paced, each app gets about the same load: only the latency ratio means something.
             targets = () if labels[0] != BARE else ("p99",) if name == "paced" else ("throughput", "p99")
             out.append(ratio_table(runs, labels[0], candidate, targets))
         if name == "down":

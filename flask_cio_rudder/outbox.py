@@ -6,11 +6,13 @@ out), then ``delivered``, or ``dead`` with the reason when RudderStack will neve
 take it. Every process that serves the app opens the same file; SQLite's locking
 (WAL mode, ``BEGIN IMMEDIATE`` to claim) keeps two senders off the same rows.
 
-Writers queue on a lock file (``<outbox>.lock``, ``flock``) rather than on SQLite's
-own busy handler, which sleeps 1, 2, 5, 10... ms between tries: under load a web
-request would otherwise wait milliseconds for a lock freed microseconds later. A
-commit that checkpoints the WAL (SQLite does every 1,000 pages) holds that lock
-meanwhile, so the checkpoint always completes and the WAL starts over, small.
+Writers wait on a lock file (``<outbox>.lock``, ``flock``; not on Windows) rather
+than on SQLite's own busy handler, which sleeps 1, 2, 5, 10... ms between tries:
+under load a web request would otherwise wait milliseconds for a lock freed
+microseconds later. A commit that checkpoints the WAL (SQLite does every 1,000
+pages) holds that lock meanwhile, so no writer appends during the checkpoint and
+the WAL usually starts over small (a reader's snapshot can still hold it back).
+The lock file must stay while the app runs: it is the lock, not a marker.
 
 An SQLite connection must never cross a ``fork()`` (gunicorn ``--preload`` forks
 workers from a process whose sender thread may be inside a transaction; the child
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -31,7 +34,7 @@ import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 if sys.platform != "win32":
     import fcntl
@@ -83,10 +86,24 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
 
 
+def _open_lock_file(database: str) -> int | None:
+    """The descriptor of the outbox's lock file, created with the database's permissions.
+
+    ``None`` on Windows, which has no ``flock``: there SQLite's busy timeout is all there is.
+    """
+    if sys.platform == "win32":
+        return None
+    try:
+        mode = stat.S_IMODE(os.stat(database).st_mode)
+    except FileNotFoundError:
+        mode = 0o644  # what SQLite gives a new database file
+    return os.open(database + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, mode)
+
+
 @contextmanager
-def _locked(lock_file: IO[bytes]) -> Iterator[None]:
-    """Hold the outbox's write lock: an ``flock`` on its lock file, waited for in any process."""
-    if sys.platform == "win32":  # no flock: SQLite's own busy timeout is all there is
+def _locked(lock_file: int | None) -> Iterator[None]:
+    """Hold the outbox's write lock, waiting for any process that holds it. Not re-entrant: never nest."""
+    if lock_file is None:
         yield
         return
     fcntl.flock(lock_file, fcntl.LOCK_EX)
@@ -94,6 +111,15 @@ def _locked(lock_file: IO[bytes]) -> Iterator[None]:
         yield
     finally:
         fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _close(db: sqlite3.Connection | None, lock_file: int | None) -> None:
+    """Close a connection under the write lock (closing the last one checkpoints the WAL), then the lock."""
+    with _locked(lock_file):
+        if db is not None:
+            db.close()
+    if lock_file is not None:
+        os.close(lock_file)
 
 
 @dataclass(frozen=True)
@@ -143,7 +169,7 @@ class Outbox:
         self.clock = clock
         self._synchronous = DURABILITY[durability]
         self._local = threading.local()
-        self._opened: list[tuple[sqlite3.Connection, IO[bytes]]] = []
+        self._opened: list[tuple[sqlite3.Connection, int | None]] = []
         self._opened_lock = threading.Lock()
         directory = os.path.dirname(os.path.abspath(path))
         os.makedirs(directory, exist_ok=True)
@@ -163,13 +189,18 @@ class Outbox:
         """This thread's connection, opened on first use in this thread and process."""
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None or self._local.pid != os.getpid():  # after a fork that ran no fork hooks
-            lock_file = open(self.path + ".lock", "ab")  # noqa: SIM115 - closed with the connection
-            # Turning a new file to WAL needs an exclusive lock that SQLite's busy timeout does
-            # not wait for: two workers starting at once would fail ("database is locked").
-            with _locked(lock_file):
-                db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                db.execute("PRAGMA journal_mode=WAL")
-            db.execute(f"PRAGMA synchronous={self._synchronous}")
+            lock_file = _open_lock_file(self.path)
+            db = None  # a connection inherited through a fork is left alone, never closed here
+            try:
+                # Turning a new file to WAL needs an exclusive lock that SQLite's busy timeout
+                # does not wait for: two workers starting at once would fail ("database is locked").
+                with _locked(lock_file):
+                    db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={self._synchronous}")
+            except BaseException:
+                _close(db, lock_file)
+                raise
             self._local.db, self._local.lock_file, self._local.pid = db, lock_file, os.getpid()
             with self._opened_lock:
                 self._opened.append((db, lock_file))
@@ -177,7 +208,10 @@ class Outbox:
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
-        """This thread's connection, holding the outbox's write lock (waits, in any process, until free)."""
+        """This thread's connection, holding the outbox's write lock (waits, in any process, until free).
+
+        The wait has no timeout, as a lock held only for one statement or transaction needs none.
+        """
         with self._connected() as db, _locked(self._local.lock_file):
             yield db
 
@@ -199,8 +233,7 @@ class Outbox:
             opened, self._opened = self._opened, []
             self._local = threading.local()
             for db, lock_file in opened:
-                db.close()
-                lock_file.close()
+                _close(db, lock_file)
 
     # -- the web request's side ----------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import logging
 import multiprocessing
 import os
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -180,20 +181,47 @@ def test_durability_sets_wal_and_the_sync_level(tmp_path: Path, durability: str,
 def test_a_writer_waits_for_the_write_lock_instead_of_failing(outbox: Outbox) -> None:
     import fcntl
 
-    added = threading.Event()
+    connected, go, added = threading.Event(), threading.Event(), threading.Event()
+
+    def writer() -> None:
+        outbox.is_known("e1")  # this thread's connection is open before the lock is taken
+        connected.set()
+        go.wait(10)
+        outbox.add("e1", stored("e1"))
+        added.set()
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert connected.wait(10)
     with open(outbox.path + ".lock", "ab") as other_process:  # its own open file, as another process has
         fcntl.flock(other_process, fcntl.LOCK_EX)
-        writer = threading.Thread(target=lambda: (outbox.add("e1", stored("e1")), added.set()))
-        writer.start()
+        go.set()
         assert not added.wait(0.3)  # queued on the lock, not failed and not written around it
         fcntl.flock(other_process, fcntl.LOCK_UN)
-    writer.join(10)
+    thread.join(10)
     assert added.is_set() and outbox.is_known("e1")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="no lock file on Windows")
+def test_the_lock_file_gets_the_database_files_permissions(tmp_path: Path) -> None:
+    # So that whoever may write the outbox (an operator's `flask cio-rudder` in the app's
+    # group, say) may also take its lock.
+    path = tmp_path / "outbox.sqlite3"
+    sqlite3.connect(path).close()
+    path.chmod(0o660)
+    Outbox(str(path)).close()
+    assert stat.S_IMODE((tmp_path / "outbox.sqlite3.lock").stat().st_mode) == 0o660 & ~current_umask()
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _open_and_add(path: str, start: Any, event_id: str, results: Any) -> None:
-    start.wait()
     try:
+        start.wait(30)
         outbox = Outbox(path)
         outbox.add(event_id, stored(event_id))
         outbox.close()
@@ -212,14 +240,18 @@ def test_workers_starting_at_once_on_a_new_outbox_all_open_it(tmp_path: Path) ->
         path = str(tmp_path / f"outbox-{trial}.sqlite3")
         start, results = context.Barrier(8), context.Queue()
         workers = [
-            context.Process(target=_open_and_add, args=(path, start, f"e{n}", results)) for n in range(8)
+            context.Process(target=_open_and_add, args=(path, start, f"e{n}", results), daemon=True)
+            for n in range(8)
         ]
-        for worker in workers:
-            worker.start()
-        outcomes = [results.get(timeout=60) for _ in workers]
-        for worker in workers:
-            worker.join(60)
-        failures += [outcome for outcome in outcomes if outcome != "ok"]
+        try:
+            for worker in workers:
+                worker.start()
+            failures += [outcome for outcome in (results.get(timeout=60) for _ in workers) if outcome != "ok"]
+        finally:
+            for worker in workers:
+                worker.join(10)
+                if worker.is_alive():
+                    worker.terminate()
     assert failures == []
 
 
