@@ -231,6 +231,9 @@ def _open_and_add(path: str, start: Any, event_id: str, results: Any) -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="starts processes with fork()")
+# Forking while other tests' threads run is what gunicorn does and what the outbox's fork
+# hooks are for; Python 3.12+ warns about it in general.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_workers_starting_at_once_on_a_new_outbox_all_open_it(tmp_path: Path) -> None:
     # gunicorn starts its workers together; each opens the outbox and the first turns the
     # new file to WAL mode, which SQLite does not wait for: a worker then failed to boot.
