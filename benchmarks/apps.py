@@ -85,16 +85,16 @@ def create_floor_app() -> Any:
     local = threading.local()
 
     def write(statement: str, parameters: tuple[str, ...] = ()) -> None:
-        if getattr(local, "db", None) is None:  # first request of this worker
+        first = getattr(local, "db", None) is None  # the first request of this worker
+        if first:
             local.lock = open(path + ".lock", "ab")  # noqa: SIM115 - lives as long as the worker
             local.db = sqlite3.connect(path, timeout=30, isolation_level=None)
         fcntl.flock(local.lock, fcntl.LOCK_EX)
         try:
-            if not getattr(local, "ready", False):
+            if first:  # under the lock: two workers may create the file at once
                 local.db.execute("PRAGMA journal_mode=WAL")
                 local.db.execute("PRAGMA synchronous=NORMAL")
                 local.db.execute("CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, body TEXT)")
-                local.ready = True
             local.db.execute(statement, parameters)
         finally:
             fcntl.flock(local.lock, fcntl.LOCK_UN)
