@@ -1,0 +1,63 @@
+"""Helpers shared by the test modules: waiting, ports, a hand-moved clock, signal recorders."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Callable
+
+import pytest
+from blinker import Signal
+from flask import Flask
+
+POLL = 0.02  # seconds between two looks at a condition
+
+
+def wait_until(
+    predicate: Callable[[], object], timeout: float = 10.0, what: str = "the condition holds",
+    detail: Callable[[], str] = str,
+) -> None:
+    """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting until {what}\n{detail()}")
+        time.sleep(POLL)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (a closed port, or one to serve on)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class Clock:
+    """A clock the test moves by hand, so leases and ages need no waiting."""
+
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@contextmanager
+def record_signals(app: Flask, *signals: Signal) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """Record ``(signal name, keyword arguments)`` for each of ``signals`` that ``app`` sends, in order."""
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def recorder(name: str) -> Callable[..., None]:
+        def record(sender: Flask, **kwargs: Any) -> None:
+            assert sender is app
+            calls.append((name, kwargs))
+
+        return record
+
+    with ExitStack() as stack:
+        for signal in signals:
+            stack.enter_context(signal.connected_to(recorder(signal.name), sender=app))
+        yield calls
