@@ -95,9 +95,9 @@ def store_for(app: Flask) -> SuppressionStore:
 
 def suppress(sender: Flask, event: CioEvent, reason: str) -> None:
     """Record ``event``'s address with ``reason``; runs inside the webhook request."""
-    # The address the message went to, which can differ from the profile's email.
-    recipient = event.data.get("recipient")
-    address = recipient if isinstance(recipient, str) and recipient else event.email
+    # The address the message went to, which can differ from the profile's email; a minimal
+    # body may lack it (Customer.io's schema says it is there, but RudderStack forwards it anyway).
+    address = event.recipient or event.email
     if not address:
         # Raising would answer 500 and stall Customer.io's stream; log and move on.
         logger.warning("Customer.io event %s has no email address to suppress", event.event_id)

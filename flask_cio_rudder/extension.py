@@ -5,13 +5,14 @@ from __future__ import annotations
 import atexit
 import logging
 import weakref
-from dataclasses import dataclass
 from typing import Any
 
 from flask import Flask, current_app
 
 from .cli import cli
 from .forwarders import Forwarder, OutboxForwarder, create_forwarder
+from .state import State, state_of
+from .validation import Validation
 from .webhook import create_blueprint
 
 __all__ = ["CioRudder", "get_outbox"]
@@ -26,6 +27,7 @@ DEFAULTS: dict[str, Any] = {
     "CIO_RUDDER_MAX_TIMESTAMP_AGE": None,
     "CIO_RUDDER_WEBHOOK_PATH": "/webhooks/customerio",
     "CIO_RUDDER_MAX_BODY_BYTES": 5 * 1024 * 1024,
+    "CIO_RUDDER_VALIDATION": "compatible",
     "CIO_RUDDER_FORWARDER": "outbox",
     "CIO_RUDDER_WRITE_KEY": None,
     "CIO_RUDDER_DATA_PLANE_URL": None,
@@ -38,17 +40,6 @@ DEFAULTS: dict[str, Any] = {
     "CIO_RUDDER_OUTBOX_LEASE": 60,
     "CIO_RUDDER_SHUTDOWN_TIMEOUT": 5.0,
 }
-
-
-@dataclass(frozen=True)
-class State:
-    """What the webhook route needs for one app, read from its config once."""
-
-    signing_keys: tuple[str, ...]
-    verify_signature: bool
-    max_timestamp_age: float | None
-    max_body_bytes: int
-    forwarder: Forwarder
 
 
 class CioRudder:
@@ -93,6 +84,7 @@ class CioRudder:
         max_body_bytes = config["CIO_RUDDER_MAX_BODY_BYTES"]
         if not isinstance(max_body_bytes, int) or max_body_bytes <= 0:
             raise RuntimeError("CIO_RUDDER_MAX_BODY_BYTES must be a positive number of bytes.")
+        validation = Validation(config["CIO_RUDDER_VALIDATION"])
         forwarder = create_forwarder(app, config["CIO_RUDDER_FORWARDER"])
         _open_forwarders.add(forwarder)
         app.extensions["cio_rudder"] = State(
@@ -100,6 +92,7 @@ class CioRudder:
             verify_signature=verify_signature,
             max_timestamp_age=config["CIO_RUDDER_MAX_TIMESTAMP_AGE"],
             max_body_bytes=max_body_bytes,
+            validation=validation,
             forwarder=forwarder,
         )
         app.register_blueprint(create_blueprint(config["CIO_RUDDER_WEBHOOK_PATH"]))
@@ -127,17 +120,6 @@ def get_outbox(app: Flask | None = None) -> OutboxForwarder:
     if not isinstance(forwarder, OutboxForwarder):
         raise RuntimeError("This app does not use the outbox: set CIO_RUDDER_FORWARDER = 'outbox'.")
     return forwarder
-
-
-def state_of(app: Flask) -> State:
-    """The extension's state for ``app``; fails clearly if ``init_app`` never ran for it."""
-    try:
-        state: State = app.extensions["cio_rudder"]
-    except KeyError:
-        raise RuntimeError(
-            "CioRudder is not registered on this app: call CioRudder(app) or init_app(app) first."
-        ) from None
-    return state
 
 
 def _signing_keys(value: object) -> tuple[str, ...]:

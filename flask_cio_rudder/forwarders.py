@@ -41,16 +41,11 @@ ForwarderFactory = Callable[[Flask], "Forwarder"]
 
 
 class ForwardError(Exception):
-    """The event could not be kept or delivered. ``retry`` says whether trying later can help.
+    """The event could not be kept now: the webhook answers 503 and Customer.io sends it again."""
 
-    With ``retry=True`` the webhook answers 503 so that Customer.io sends the event
-    again; with ``retry=False`` it answers 2xx and the event is rejected with ``reason``.
-    """
-
-    def __init__(self, reason: str, *, retry: bool) -> None:
+    def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-        self.retry = retry
 
 
 class _RecentIds:
@@ -131,22 +126,21 @@ class SyncForwarder(Forwarder):
         self.data_plane = data_plane_from_config(app.config, (1.0, 2.0))
 
     def send(self, event: CioEvent) -> None:
-        payloads = [event.payload]
         try:
             response = self.data_plane.post_batch([event.payload_json])
         except requests.RequestException as error:
-            self._failed(payloads, f"could not reach RudderStack ({type(error).__name__})", retry=True)
+            reason, retry = f"could not reach RudderStack ({type(error).__name__})", True
         else:
             if response.status_code == 200:
-                signals.event_forwarded.send(self.app, payloads=payloads)
+                signals.event_forwarded.send(self.app, payloads=[event.payload])
                 return
-            # 400 and 413 are about the event itself: sending it again cannot help.
-            self._failed(payloads, describe(response), retry=response.status_code not in (400, 413))
-
-    def _failed(self, payloads: list[dict[str, Any]], reason: str, *, retry: bool) -> None:
+            # 400 and 413 are about the event itself: sending it again cannot help. It was accepted
+            # (its receivers ran), so it is reported as the outbox reports dead letters; nothing is kept.
+            reason, retry = describe(response), response.status_code not in (400, 413)
         logger.error("Forwarding to RudderStack failed: %s", reason)
-        signals.forward_failed.send(self.app, payloads=payloads, reason=reason, retry=retry)
-        raise ForwardError(reason, retry=retry)
+        signals.forward_failed.send(self.app, payloads=[event.payload], reason=reason, retry=retry)
+        if retry:
+            raise ForwardError(reason)
 
     def close(self) -> None:
         self.data_plane.close()
@@ -191,7 +185,7 @@ class OutboxForwarder(Forwarder):
         try:
             self.outbox.add(event.event_id, event.payload_json)
         except sqlite3.Error as error:
-            raise ForwardError(f"could not write the outbox: {error}", retry=True) from error
+            raise ForwardError(f"could not write the outbox: {error}") from error
         if self.background:
             self.sender.ensure_running()
             self.sender.wake()

@@ -1,4 +1,4 @@
-"""The RudderStack data plane: its limits and a client for ``POST /v1/batch``."""
+"""The RudderStack data plane: a client for ``POST /v1/batch`` and its settings."""
 
 from __future__ import annotations
 
@@ -9,39 +9,9 @@ from urllib.parse import urlsplit
 
 import requests
 
-from .event import CioEvent
-
-__all__ = [
-    "MAX_EVENT_BYTES",
-    "DataPlane",
-    "Timeout",
-    "check_url",
-    "data_plane_from_config",
-    "describe",
-    "undeliverable_reason",
-]
-
-#: RudderStack's documented limit for one event; the gateway refuses larger ones.
-MAX_EVENT_BYTES = 32 * 1024
+__all__ = ["DataPlane", "Timeout", "check_url", "data_plane_from_config", "describe"]
 
 Timeout = Union[float, tuple[float, float]]
-
-
-def undeliverable_reason(event: CioEvent) -> str | None:
-    """Why RudderStack's gateway would refuse this event (and its whole batch), or ``None``.
-
-    The gateway rejects an event whose ``userId`` and ``anonymousId`` are both
-    missing, null or blank, and events over 32 KB.
-    """
-    if not event.user_id and not event.anonymous_id:
-        return (
-            "no userId or anonymousId: the body has no data.customer_id, data.identifiers.id "
-            "or email, and RudderStack refuses events without one"
-        )
-    size = len(event.payload_json)  # ASCII, so characters are bytes
-    if size > MAX_EVENT_BYTES:
-        return f"the RudderStack event is {size} bytes; RudderStack accepts at most {MAX_EVENT_BYTES}"
-    return None
 
 
 class DataPlane:

@@ -1,10 +1,11 @@
-"""marshmallow schemas that validate a decoded Customer.io webhook body.
+"""marshmallow schemas of a Customer.io webhook body, as Customer.io's spec describes it.
 
-Field types follow Customer.io's Reporting Webhooks description. Every schema sets
-``unknown = EXCLUDE`` explicitly (it does not cascade): Customer.io adds fields over
-time and a new field must never turn a good event into a rejected one. The loaded
-result is only used to decide "valid or not" and to read the envelope; the untouched
-body is kept beside it, and the RudderStack event is built from that body.
+Field types and required fields follow Customer.io's Reporting Webhooks description.
+What a body breaks of them is reported on the event (``event.problems``); only with
+``CIO_RUDDER_VALIDATION = "strict"`` does it reject the body (see
+:mod:`flask_cio_rudder.validation`). Every schema sets ``unknown = EXCLUDE``
+explicitly (it does not cascade): Customer.io adds fields over time and a new field
+must never count as a problem. The RudderStack event is built from the untouched body.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ from typing import Any
 
 from marshmallow import EXCLUDE, Schema, ValidationError, fields, validate
 
-from .quickcheck import QuickCheck
-
 __all__ = [
     "EMAIL_ENVELOPES",
+    "GENERIC_ENVELOPE",
     "Envelope",
     "envelope_schema_for",
-    "load_envelope",
     "to_datetime",
     "unix_seconds",
 ]
@@ -65,7 +64,7 @@ class UnixTimestamp(fields.Field):  # type: ignore[type-arg]
 
     @staticmethod
     def quick_accepts(value: object) -> bool:
-        """For :class:`~flask_cio_rudder.quickcheck.QuickCheck`: would this value load?"""
+        """For :class:`~flask_cio_rudder.shortcut.Shortcut`: would this value load?"""
         try:
             unix_seconds(value)
         except ValidationError:
@@ -200,7 +199,7 @@ class EmailUnsubscribedEnvelope(Envelope):
 
 
 # Instances are built once, at import: they are reusable and building one is not free.
-_GENERIC = Envelope()
+GENERIC_ENVELOPE = Envelope()
 # The six email events this project treats as first-class get the stricter schemas.
 EMAIL_ENVELOPES: dict[str, Envelope] = {
     "delivered": EmailDeliveredEnvelope(),
@@ -212,31 +211,10 @@ EMAIL_ENVELOPES: dict[str, Envelope] = {
 }
 
 
-_QUICK_CHECKS = {schema: QuickCheck(schema) for schema in (_GENERIC, *EMAIL_ENVELOPES.values())}
-
-
-def load_envelope(body: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate ``body`` with its schema and return the envelope's fields.
-
-    Raises marshmallow's ``ValidationError``. Plainly valid bodies skip the
-    field-by-field load (see :mod:`flask_cio_rudder.quickcheck`); the result is the same.
-    """
-    schema = envelope_schema_for(body)
-    if _QUICK_CHECKS[schema](body):
-        return {
-            "event_id": body["event_id"],
-            "object_type": body.get("object_type"),
-            "metric": body.get("metric"),
-            "timestamp": to_datetime(body.get("timestamp")),
-        }
-    envelope: dict[str, Any] = schema.load(body)
-    return envelope
-
-
 def envelope_schema_for(body: Mapping[str, Any]) -> Envelope:
     """Pick the schema for this body: a strict one for the six email events, else the generic one."""
     object_type = body.get("object_type")
     metric = body.get("metric")
     if isinstance(object_type, str) and object_type.lower() == "email" and isinstance(metric, str):
-        return EMAIL_ENVELOPES.get(metric, _GENERIC)
-    return _GENERIC
+        return EMAIL_ENVELOPES.get(metric, GENERIC_ENVELOPE)
+    return GENERIC_ENVELOPE

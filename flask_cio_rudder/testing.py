@@ -147,6 +147,11 @@ class FakeDataPlane:
             self.batches.append(batch)
 
 
+def _blank(value: object) -> bool:
+    """Missing, null or blank: what RudderStack's gateway does not count as an id."""
+    return value is None or (isinstance(value, str) and not value.strip())
+
+
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Clients that time out or are reset on purpose are expected here: stay quiet."""
@@ -194,7 +199,9 @@ def _handler_for(plane: FakeDataPlane) -> type[BaseHTTPRequestHandler]:
             if not isinstance(batch, list) or not batch:
                 return 400, "Empty batch payload"
             for event in batch:
-                if not isinstance(event, dict) or not (event.get("userId") or event.get("anonymousId")):
+                if not isinstance(event, dict) or all(
+                    _blank(event.get(key)) for key in ("userId", "anonymousId")
+                ):
                     return 400, "non-identifiable request"
             plane._store(batch)
             return 200, "OK"

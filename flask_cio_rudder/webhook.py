@@ -24,10 +24,10 @@ from werkzeug.exceptions import (
 
 from . import signals
 from .event import CioEvent
-from .forwarders import ForwardError
-from .rudderstack import undeliverable_reason
+from .forwarders import Forwarder, ForwardError
 from .signature import SignatureError, verify
-from .transform import InvalidEvent, load_event
+from .state import state_of
+from .transform import InvalidEvent, is_text
 
 __all__ = [
     "BodyTooLarge",
@@ -91,29 +91,22 @@ def create_blueprint(path: str) -> Blueprint:
 def receive() -> Response:
     """Handle one Customer.io reporting webhook."""
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-    state = app.extensions["cio_rudder"]
+    state = state_of(app)
     body = read_body(state.max_body_bytes)
     if state.verify_signature:
         check_signature(body, state.signing_keys, state.max_timestamp_age)
     decoded = parse_json(body)
     try:
-        event = load_event(decoded)
-        reason = undeliverable_reason(event)
-        if reason is not None:
-            raise InvalidEvent(reason)
+        event = state.validation(decoded)
     except InvalidEvent as error:
-        return reject(app, body, decoded, error.reason, error.errors)
-
-    forwarder = state.forwarder
-    if forwarder.is_duplicate(event.event_id):
-        return _answer("duplicate", event.event_id)
-    send_signals(app, event)
+        return reject(app, state.forwarder, body, decoded, error)
     try:
-        forwarder.accept(event)
+        if state.forwarder.is_duplicate(event.event_id):
+            return _answer("duplicate", event.event_id)
+        send_signals(app, event)
+        state.forwarder.accept(event)
     except ForwardError as error:
-        if error.retry:
-            raise RetryLater(f"the event was not kept ({error.reason}); send it again later") from None
-        return reject(app, body, decoded, error.reason, {})
+        raise RetryLater(f"the event was not kept ({error.reason}); send it again later") from None
     return _answer("accepted", event.event_id)
 
 
@@ -145,10 +138,15 @@ def _no_constants(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _integer(text: str) -> int | float:
+    """A JSON integer; past Python's 4,300-digit conversion limit, a float as JavaScript reads it."""
+    return int(text) if len(text) <= 4300 else float(text)
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     """Decode the body; anything but a JSON object is a 400 that names the problem."""
     try:
-        decoded = json.loads(body, parse_constant=_no_constants)
+        decoded = json.loads(body, parse_constant=_no_constants, parse_int=_integer)
     except RecursionError:
         raise MalformedBody("the body is not valid JSON: nested too deeply") from None
     except ValueError as error:
@@ -166,15 +164,22 @@ def send_signals(app: Flask, event: CioEvent) -> None:
         email_signal.send(app, event=event)
 
 
-def reject(app: Flask, raw: bytes, body: dict[str, Any], reason: str, errors: dict[str, Any]) -> Response:
+def reject(
+    app: Flask, forwarder: Forwarder, raw: bytes, body: dict[str, Any], error: InvalidEvent
+) -> Response:
     """Answer 2xx for an authentic body that cannot be accepted, and keep it as a dead letter.
 
     A non-2xx answer would make Customer.io hold back every later event for days.
     """
-    event_id = body.get("event_id") if isinstance(body.get("event_id"), str) else None
-    app.extensions["cio_rudder"].forwarder.reject(raw, event_id, reason, errors)
-    signals.event_rejected.send(app, reason=reason, errors=errors, body=body)
-    return jsonify(status="rejected", event_id=event_id, reason=reason, errors=errors)
+    event_id = body.get("event_id")
+    if not (isinstance(event_id, str) and is_text(event_id)):
+        event_id = None  # no key to keep it under; the forwarder makes one from the body
+    try:
+        forwarder.reject(raw, event_id, error.reason, error.errors)
+    except ForwardError as failure:
+        raise RetryLater(f"the rejected event was not kept ({failure.reason}); send it again later") from None
+    signals.event_rejected.send(app, reason=error.reason, errors=error.errors, body=body)
+    return jsonify(status="rejected", event_id=event_id, reason=error.reason, errors=error.errors)
 
 
 def _answer(status: str, event_id: str) -> Response:

@@ -20,7 +20,9 @@ SIGNING_KEY = "test-signing-key"
 WEBHOOK = "/webhooks/customerio"
 SAMPLES = Path(__file__).parent / "samples"
 EMAIL_EVENTS = ["delivered", "opened", "clicked", "bounced", "spammed", "unsubscribed"]
-CONFORMANCE = Path(__file__).parent / "data" / "upstream_cases.json"  # RudderStack's own cases; see data/README.md
+CONFORMANCE = (
+    Path(__file__).parent / "data" / "upstream_cases.json"
+)  # RudderStack's own cases; see data/README.md
 
 
 def sample(metric: str) -> dict[str, Any]:

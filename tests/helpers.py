@@ -16,7 +16,9 @@ POLL = 0.02  # seconds between two looks at a condition
 
 
 def wait_until(
-    predicate: Callable[[], object], timeout: float = 10.0, what: str = "the condition holds",
+    predicate: Callable[[], object],
+    timeout: float = 10.0,
+    what: str = "the condition holds",
     detail: Callable[[], str] = str,
 ) -> None:
     """Poll ``predicate`` until it is true; fail naming ``what`` after ``timeout`` seconds."""

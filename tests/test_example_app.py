@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -19,8 +18,9 @@ from example_app.suppressions import store_for
 from flask_cio_rudder import CioRudder, get_outbox, signals
 from flask_cio_rudder.testing import FakeDataPlane, encode, record_events, signature_headers
 
+from .conftest import sample
+
 KEY = "example-app-test-key"
-SAMPLES = Path(__file__).parent / "samples"
 SUPPRESSED = {  # metric -> the address in its sample
     "bounced": "bob@example.com",
     "spammed": "carol@example.com",
@@ -33,23 +33,18 @@ RUDDERSTACK_NAMES = {
 }
 
 
-def sample(metric: str) -> dict[str, Any]:
-    body: dict[str, Any] = json.loads((SAMPLES / f"email_{metric}.json").read_text())
-    return body
-
-
 @pytest.fixture
 def database(tmp_path: Path) -> Path:
     return tmp_path / "suppressions.sqlite3"
 
 
 @pytest.fixture
-def app(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> Iterator[Flask]:
-    """The app as configured for real (the outbox), pointed at a fake data plane on loopback.
+def example(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> Iterator[Flask]:
+    """The example app as configured for real (the outbox), pointed at a fake data plane on loopback.
 
     The outbox's background sender is off: tests send with ``flush()`` to see what went out.
     """
-    app = create_app(
+    example = create_app(
         {
             "TESTING": True,
             "CIO_RUDDER_SIGNING_KEY": KEY,
@@ -60,13 +55,13 @@ def app(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> Iterator[F
             "SUPPRESSION_DATABASE": str(database),
         }
     )
-    yield app
-    app.extensions["cio_rudder"].forwarder.close()
+    yield example
+    example.extensions["cio_rudder"].forwarder.close()
 
 
 @pytest.fixture
-def client(app: Flask) -> FlaskClient:
-    return app.test_client()
+def example_client(example: Flask) -> FlaskClient:
+    return example.test_client()
 
 
 def post(client: FlaskClient, body: dict[str, Any], key: str = KEY) -> TestResponse:
@@ -75,9 +70,9 @@ def post(client: FlaskClient, body: dict[str, Any], key: str = KEY) -> TestRespo
     return client.post("/webhooks/customerio", data=raw, headers=signature_headers(raw, key))
 
 
-def forwarded(app: Flask, plane: FakeDataPlane) -> list[dict[str, Any]]:
-    """Send what the app's outbox holds, then return every event the data plane stored."""
-    get_outbox(app).flush()
+def forwarded(example: Flask, plane: FakeDataPlane) -> list[dict[str, Any]]:
+    """Send what the example's outbox holds, then return every event the data plane stored."""
+    get_outbox(example).flush()
     return plane.events
 
 
@@ -88,11 +83,11 @@ def rows(database: Path) -> list[tuple[str, str, str]]:
         return list(found.fetchall())
 
 
-def test_factory_builds_an_app_with_the_webhook_route(app: Flask) -> None:
-    routes = {rule.rule: rule.methods or set() for rule in app.url_map.iter_rules()}
+def test_factory_builds_an_app_with_the_webhook_route(example: Flask) -> None:
+    routes = {rule.rule: rule.methods or set() for rule in example.url_map.iter_rules()}
     assert "POST" in routes["/webhooks/customerio"]
     assert "GET" in routes["/suppressions"]
-    assert app.config["CIO_RUDDER_FORWARDER"] == "outbox"
+    assert example.config["CIO_RUDDER_FORWARDER"] == "outbox"
 
 
 def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -101,15 +96,15 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("CIO_RUDDER_DATA_PLANE_URL", "https://dataplane.example.com")
     monkeypatch.setenv("SUPPRESSION_DATABASE", str(tmp_path / "env.sqlite3"))
     monkeypatch.setenv("CIO_RUDDER_OUTBOX_PATH", str(tmp_path / "outbox.sqlite3"))
-    app = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
+    example = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
     try:
-        assert app.config["CIO_RUDDER_SIGNING_KEY"] == "from-env"
-        assert app.config["CIO_RUDDER_WRITE_KEY"] == "write-from-env"
-        assert app.config["CIO_RUDDER_DATA_PLANE_URL"] == "https://dataplane.example.com"
-        assert store_for(app).path == tmp_path / "env.sqlite3"
-        assert get_outbox(app).outbox.path == str(tmp_path / "outbox.sqlite3")
+        assert example.config["CIO_RUDDER_SIGNING_KEY"] == "from-env"
+        assert example.config["CIO_RUDDER_WRITE_KEY"] == "write-from-env"
+        assert example.config["CIO_RUDDER_DATA_PLANE_URL"] == "https://dataplane.example.com"
+        assert store_for(example).path == tmp_path / "env.sqlite3"
+        assert get_outbox(example).outbox.path == str(tmp_path / "outbox.sqlite3")
     finally:
-        app.extensions["cio_rudder"].forwarder.close()
+        example.extensions["cio_rudder"].forwarder.close()
 
 
 def test_the_database_defaults_to_the_instance_folder(
@@ -117,52 +112,68 @@ def test_the_database_defaults_to_the_instance_folder(
 ) -> None:
     monkeypatch.delenv("SUPPRESSION_DATABASE", raising=False)
     monkeypatch.setenv("CIO_RUDDER_OUTBOX_PATH", str(tmp_path / "outbox.sqlite3"))
-    app = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
+    example = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
     try:
-        assert store_for(app).path == Path(app.instance_path) / "suppressions.sqlite3"
+        assert store_for(example).path == Path(example.instance_path) / "suppressions.sqlite3"
     finally:
-        app.extensions["cio_rudder"].forwarder.close()
+        example.extensions["cio_rudder"].forwarder.close()
 
 
 @pytest.mark.parametrize("metric", sorted(SUPPRESSED))
 def test_a_signed_event_suppresses_the_address_with_its_reason(
-    app: Flask, client: FlaskClient, database: Path, data_plane: FakeDataPlane, metric: str
+    example: Flask, example_client: FlaskClient, database: Path, data_plane: FakeDataPlane, metric: str
 ) -> None:
-    response = post(client, sample(metric))
+    response = post(example_client, sample(metric))
     assert response.status_code == 200
     assert response.json == {"status": "accepted", "event_id": sample(metric)["event_id"]}
     assert rows(database) == [(SUPPRESSED[metric], metric, sample(metric)["event_id"])]
-    assert [event["event"] for event in forwarded(app, data_plane)] == [RUDDERSTACK_NAMES[metric]]
+    assert [event["event"] for event in forwarded(example, data_plane)] == [RUDDERSTACK_NAMES[metric]]
 
 
-def test_suppressed_at_is_when_the_event_happened(app: Flask, client: FlaskClient) -> None:
-    post(client, sample("bounced"))
-    (suppression,) = store_for(app).all()
+def test_suppressed_at_is_when_the_event_happened(example: Flask, example_client: FlaskClient) -> None:
+    post(example_client, sample("bounced"))
+    (suppression,) = store_for(example).all()
     assert suppression.suppressed_at == "2021-02-11T17:09:49+00:00"  # the sample's timestamp, 1613063389
-    assert store_for(app).is_suppressed("Bob@Example.com")
-    assert not store_for(app).is_suppressed("ada@example.com")
+    assert store_for(example).is_suppressed("Bob@Example.com")
+    assert not store_for(example).is_suppressed("ada@example.com")
 
 
 @pytest.mark.parametrize("metric", ["delivered", "opened", "clicked"])
 def test_engagement_events_do_not_suppress(
-    app: Flask, client: FlaskClient, data_plane: FakeDataPlane, metric: str
+    example: Flask, example_client: FlaskClient, data_plane: FakeDataPlane, metric: str
 ) -> None:
-    with record_events(app) as events:
-        response = post(client, sample(metric))
+    with record_events(example) as events:
+        response = post(example_client, sample(metric))
     assert response.status_code == 200
     assert [event.metric for event in events] == [metric]  # accepted and signalled...
-    assert len(forwarded(app, data_plane)) == 1  # ...and forwarded
-    assert store_for(app).all() == []  # but nobody suppressed
+    assert len(forwarded(example, data_plane)) == 1  # ...and forwarded
+    assert store_for(example).all() == []  # but nobody suppressed
 
 
-def test_the_address_the_message_went_to_is_suppressed(app: Flask, client: FlaskClient) -> None:
+def test_the_address_the_message_went_to_is_suppressed(example: Flask, example_client: FlaskClient) -> None:
     body = sample("bounced")
     body["data"]["recipient"] = "bob@old-employer.example"  # the profile's email has changed since
-    post(client, body)
-    assert [s.email for s in store_for(app).all()] == ["bob@old-employer.example"]
+    post(example_client, body)
+    assert [s.email for s in store_for(example).all()] == ["bob@old-employer.example"]
 
 
-def test_other_apps_in_the_process_are_left_alone(app: Flask) -> None:
+@pytest.mark.parametrize("metric", sorted(SUPPRESSED))
+def test_a_minimal_body_suppresses_the_profiles_email(
+    example: Flask, example_client: FlaskClient, metric: str
+) -> None:
+    """No recipient, subject or failure_message, as some bodies come: the profile's email is suppressed."""
+    body = {
+        "event_id": f"01MINIMAL{metric}",
+        "object_type": "email",
+        "metric": metric,
+        "timestamp": 1613063089,
+        "data": {"identifiers": {"id": "7", "email": "erin@example.com"}},
+    }
+    assert post(example_client, body).json == {"status": "accepted", "event_id": body["event_id"]}
+    assert [(s.email, s.reason) for s in store_for(example).all()] == [("erin@example.com", metric)]
+
+
+def test_other_apps_in_the_process_are_left_alone(example: Flask) -> None:
     """The receivers are connected for this app only: another app's events reach neither them nor its list."""
     other = Flask("other")
     other.config.update(TESTING=True, CIO_RUDDER_SIGNING_KEY=KEY, CIO_RUDDER_FORWARDER="none")
@@ -171,30 +182,30 @@ def test_other_apps_in_the_process_are_left_alone(app: Flask) -> None:
         response = post(other.test_client(), sample("bounced"))
     assert response.status_code == 200
     assert len(events) == 1
-    assert store_for(app).all() == []
+    assert store_for(example).all() == []
 
 
-def test_an_unsigned_event_suppresses_nobody(app: Flask, client: FlaskClient) -> None:
-    response = post(client, sample("bounced"), key="not-the-key")
+def test_an_unsigned_event_suppresses_nobody(example: Flask, example_client: FlaskClient) -> None:
+    response = post(example_client, sample("bounced"), key="not-the-key")
     assert response.status_code == 401
-    assert store_for(app).all() == []
+    assert store_for(example).all() == []
 
 
 def test_a_duplicate_delivery_adds_no_second_row(
-    app: Flask, client: FlaskClient, database: Path, data_plane: FakeDataPlane
+    example: Flask, example_client: FlaskClient, database: Path, data_plane: FakeDataPlane
 ) -> None:
     event_id = sample("spammed")["event_id"]
-    assert post(client, sample("spammed")).json == {"status": "accepted", "event_id": event_id}
-    assert post(client, sample("spammed")).json == {"status": "duplicate", "event_id": event_id}
+    assert post(example_client, sample("spammed")).json == {"status": "accepted", "event_id": event_id}
+    assert post(example_client, sample("spammed")).json == {"status": "duplicate", "event_id": event_id}
     assert len(rows(database)) == 1
-    assert len(forwarded(app, data_plane)) == 1
+    assert len(forwarded(example, data_plane)) == 1
 
 
 def test_receivers_are_idempotent_when_they_run_again(
-    app: Flask, client: FlaskClient, database: Path
+    example: Flask, example_client: FlaskClient, database: Path
 ) -> None:
     """Another receiver fails after ours ran: the 500 makes Customer.io retry, and ours runs again."""
-    app.config["PROPAGATE_EXCEPTIONS"] = False
+    example.config["PROPAGATE_EXCEPTIONS"] = False
     calls = []
 
     def flaky(sender: Flask, **extra: Any) -> None:
@@ -202,24 +213,24 @@ def test_receivers_are_idempotent_when_they_run_again(
         if len(calls) == 1:
             raise RuntimeError("the CRM is down")
 
-    with signals.email_unsubscribed.connected_to(flaky, sender=app):
-        assert post(client, sample("unsubscribed")).status_code == 500
-        assert post(client, sample("unsubscribed")).json["status"] == "accepted"
+    with signals.email_unsubscribed.connected_to(flaky, sender=example):
+        assert post(example_client, sample("unsubscribed")).status_code == 500
+        assert post(example_client, sample("unsubscribed")).json["status"] == "accepted"
     assert rows(database) == [("dan@example.com", "unsubscribed", sample("unsubscribed")["event_id"])]
 
 
-def test_an_address_keeps_its_first_reason(client: FlaskClient, database: Path) -> None:
-    post(client, sample("bounced"))
+def test_an_address_keeps_its_first_reason(example_client: FlaskClient, database: Path) -> None:
+    post(example_client, sample("bounced"))
     complaint = sample("spammed")
     complaint["data"]["identifiers"]["email"] = complaint["data"]["recipient"] = "BOB@example.com"
-    assert post(client, complaint).status_code == 200
+    assert post(example_client, complaint).status_code == 200
     assert rows(database) == [("bob@example.com", "bounced", sample("bounced")["event_id"])]
 
 
-def test_suppressions_lists_them_as_json(client: FlaskClient) -> None:
+def test_suppressions_lists_them_as_json(example_client: FlaskClient) -> None:
     for metric in ["bounced", "delivered", "unsubscribed"]:
-        post(client, sample(metric))
-    response = client.get("/suppressions")
+        post(example_client, sample(metric))
+    response = example_client.get("/suppressions")
     assert response.status_code == 200
     assert response.json == {
         "suppressions": [
@@ -239,11 +250,11 @@ def test_suppressions_lists_them_as_json(client: FlaskClient) -> None:
     }
 
 
-def test_suppressions_is_an_escaped_html_table_for_browsers(client: FlaskClient) -> None:
+def test_suppressions_is_an_escaped_html_table_for_browsers(example_client: FlaskClient) -> None:
     body = sample("bounced")
     body["data"]["identifiers"]["email"] = body["data"]["recipient"] = "<b>eve</b>@example.com"
-    post(client, body)
-    response = client.get("/suppressions", headers={"Accept": "text/html,*/*;q=0.8"})
+    post(example_client, body)
+    response = example_client.get("/suppressions", headers={"Accept": "text/html,*/*;q=0.8"})
     assert response.mimetype == "text/html"
     page = response.get_data(as_text=True)
     assert "<td>&lt;b&gt;eve&lt;/b&gt;@example.com</td><td>bounced</td>" in page

@@ -13,10 +13,11 @@ import responses
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from flask_cio_rudder import transform
+from flask_cio_rudder import signals, transform
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, record_outcomes, sample
+from .helpers import record_signals
 
 Post = Callable[..., TestResponse]
 DATA_PLANE = "https://dp.example.com"
@@ -95,16 +96,23 @@ def test_an_unreachable_data_plane_is_503(sync_app: Flask, post: Post, error: Ex
 
 @responses.activate
 @pytest.mark.parametrize("status", [400, 413])
-def test_an_event_rudderstack_refuses_is_rejected_2xx_so_the_stream_does_not_stall(
-    sync_app: Flask, post: Post, outcomes: list[Any], status: int
+def test_an_event_rudderstack_refuses_is_2xx_and_reported_as_a_failed_delivery_not_a_rejection(
+    sync_app: Flask, post: Post, status: int
 ) -> None:
+    """The event passed every check and its receivers ran: it was accepted, so it is not also "rejected".
+    RudderStack refusing it is a delivery outcome (``forward_failed``, ``retry=False``), as in the outbox."""
     responses.post(f"{DATA_PLANE}/v1/batch", body="Invalid request body", status=status)
-    response = post(sync_app.test_client(), sample("delivered"))
+    body = sample("delivered")
+    every = [signals.event_received, signals.email_delivered, signals.event_rejected, signals.forward_failed]
+    with record_signals(sync_app, *every) as calls:
+        response = post(sync_app.test_client(), body)
     assert response.status_code == 200
-    assert response.json["status"] == "rejected"
-    assert f"RudderStack answered {status}" in response.json["reason"]
-    assert [name for name, _ in outcomes] == ["failed"]
-    assert outcomes[0][1]["retry"] is False
+    assert response.json == {"status": "accepted", "event_id": body["event_id"]}
+    assert [name for name, _ in calls] == ["event-received", "email-delivered", "forward-failed"]
+    failed = calls[-1][1]
+    assert failed["retry"] is False
+    assert failed["reason"] == f"RudderStack answered {status}: Invalid request body"
+    assert [payload["properties"]["eventId"] for payload in failed["payloads"]] == [body["event_id"]]
 
 
 def test_the_six_email_events_reach_a_real_data_plane_on_loopback(

@@ -53,8 +53,9 @@ def post_batch(
 
 
 def test_fake_data_plane_stores_batches_like_rudderstack(data_plane: FakeDataPlane) -> None:
-    assert post_batch(data_plane, [EVENT]).status_code == 200
-    assert data_plane.events == [EVENT]
+    numeric_id = {"type": "track", "userId": 0}  # the gateway reads any non-blank value as an id
+    assert post_batch(data_plane, [EVENT, numeric_id]).status_code == 200
+    assert data_plane.events == [EVENT, numeric_id]
 
 
 @pytest.mark.parametrize(
@@ -64,8 +65,9 @@ def test_fake_data_plane_stores_batches_like_rudderstack(data_plane: FakeDataPla
         ([], None, 400),
         ([EVENT, {"type": "track", "event": "x"}], None, 400),
         ([EVENT, {"type": "track", "userId": ""}], None, 400),
+        ([EVENT, {"type": "track", "userId": None, "anonymousId": "  "}], None, 400),
     ],
-    ids=["wrong-key", "empty", "no-identity", "blank-identity"],
+    ids=["wrong-key", "empty", "no-identity", "blank-identity", "null-and-whitespace-identity"],
 )
 def test_fake_data_plane_refuses_what_the_gateway_refuses(
     data_plane: FakeDataPlane, batch: list[object], key: str | None, status: int

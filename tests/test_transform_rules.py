@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flask_cio_rudder import InvalidEvent, transform
+from flask_cio_rudder.transform import RudderStackTrack, dump
 
 from .conftest import CONFORMANCE
 
@@ -203,11 +204,6 @@ def without_message_id(event: dict[str, Any]) -> dict[str, Any]:
 # -- the upstream conformance cases ---------------------------------------------------------
 
 
-def test_the_conformance_file_holds_the_24_upstream_cases() -> None:
-    assert len(CASES) == 24
-    assert len({case["name"] for case in CASES}) == 24
-
-
 @pytest.mark.parametrize("case", CASES, ids=[case["name"].split(" | ")[0] for case in CASES])
 def test_upstream_case_is_reproduced_key_for_key(case: dict[str, Any]) -> None:
     source = copy.deepcopy(case["input"])
@@ -237,10 +233,6 @@ def test_message_ids_are_equal_exactly_when_event_ids_are(first: str, second: st
 
 
 # -- event names ----------------------------------------------------------------------------
-
-
-def test_the_name_table_has_44_pairs() -> None:
-    assert len(EVENT_NAMES) == 44
 
 
 @pytest.mark.parametrize(("pair", "name"), EVENT_NAMES.items(), ids=[f"{o}+{m}" for o, m in EVENT_NAMES])
@@ -711,11 +703,11 @@ def test_a_body_that_is_not_an_object_is_invalid(source: Any) -> None:
 
 
 @pytest.mark.parametrize("object_type", [5, 1.5, True, [], ["email"], {}, {"email": "sent"}], ids=repr)
-def test_a_non_string_object_type_is_invalid_and_named(object_type: Any) -> None:
-    with pytest.raises(InvalidEvent) as raised:
-        transform(body(COMPLETE_DATA, object_type=object_type))
-    assert "object_type" in raised.value.errors
-    assert "object_type" in str(raised.value)
+def test_a_non_string_object_type_is_an_unknown_event(object_type: Any) -> None:
+    """RudderStack's transformer crashes on these; here they get the name it gives anything unknown."""
+    event = transform(body(COMPLETE_DATA, object_type=object_type))
+    assert event["event"] == "Unknown Event"
+    assert event["userId"] == COMPLETE_DATA["customer_id"]
 
 
 def test_transform_leaves_its_input_alone_and_shares_nothing_between_events() -> None:
@@ -860,15 +852,26 @@ def json_like_bodies(draw: st.DrawFn) -> dict[str, Any]:
 
 @settings(REPRODUCIBLE, max_examples=500)
 @given(json_like_bodies())
-def test_any_json_body_is_refused_with_named_fields_or_transformed_faithfully(source: dict[str, Any]) -> None:
+def test_any_json_body_is_transformed_faithfully_unless_it_has_no_event_id_or_real_time(
+    source: dict[str, Any],
+) -> None:
+    """Like RudderStack's source, whatever the types; only what the event cannot be made without refuses."""
     kept = copy.deepcopy(source)
+    event_id, timestamp = source.get("event_id"), source.get("timestamp")
+    numeric = isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool)
+    unusable = {
+        "event_id": not (isinstance(event_id, str) and event_id),
+        "timestamp": numeric and not YEAR_1 <= timestamp <= YEAR_9999_END,
+    }
     try:
         event = transform(source)
     except InvalidEvent as error:
-        assert error.errors, "an InvalidEvent for a JSON object names the fields that are wrong"
+        [field] = error.errors
+        assert unusable[field], error.reason
         return
     finally:
         assert source == kept
+    assert not any(unusable.values())
     assert json.loads(json.dumps(event, allow_nan=False)) == event
     assert event["type"] == "track"
     assert event["integrations"] == {"Customer.io": False}
@@ -886,13 +889,23 @@ def test_an_event_is_always_valid_json(data: dict[str, Any]) -> None:
         transform(body({"customer_id": "42", **data}))
 
 
-def test_an_event_id_with_a_lone_surrogate_is_transformed_or_refused() -> None:
+def test_an_event_id_with_a_lone_surrogate_is_refused() -> None:
+    """It is the deduplication key and the outbox's primary key: it must be real text."""
     source = json.loads(
         '{"event_id": "\\ud800", "object_type": "email", "metric": "sent", "data": {"customer_id": "1"}}'
     )
-    try:
-        event = transform(source)
-    except InvalidEvent as error:
-        assert "event_id" in error.errors
-    else:
-        assert event["properties"]["eventId"] == "\ud800"
+    with pytest.raises(InvalidEvent, match="lone UTF-16 surrogate") as raised:
+        transform(source)
+    assert list(raised.value.errors) == ["event_id"]
+
+
+@settings(REPRODUCIBLE, max_examples=400)
+@given(json_like_bodies())
+def test_the_fast_dump_is_marshmallows_dump_of_the_same_schema(source: dict[str, Any]) -> None:
+    """``dump`` walks ``RudderStackTrack``'s own fields; marshmallow's ``Schema.dump`` is the reference."""
+    if not isinstance(source.get("event_id"), str):
+        source["event_id"] = "E1"
+    if isinstance(source.get("timestamp"), (int, float)):
+        source["timestamp"] = 1585250199
+    schema = RudderStackTrack()
+    assert dump(schema, source) == schema.dump(source)

@@ -14,49 +14,28 @@ from flask_cio_rudder import signals
 from flask_cio_rudder.testing import encode, record_events, signature_headers
 
 from .conftest import EMAIL_EVENTS, SIGNING_KEY, WEBHOOK, sample
+from .helpers import record_signals
 
 Post = Callable[..., TestResponse]
 
 
-class Recorder:
-    """Connects to every signal of the extension and records (signal name, kwargs)."""
+EVERY_SIGNAL = [getattr(signals, name) for name in signals.__all__]
 
-    def __init__(self, app: Flask) -> None:
-        self.app = app
-        self.calls: list[tuple[str, dict[str, Any]]] = []
 
-    def __enter__(self) -> Recorder:
-        for name in signals.__all__:
-            getattr(signals, name).connect(self._record(name), sender=self.app, weak=False)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        for name in signals.__all__:
-            for receiver in list(getattr(signals, name).receivers_for(self.app)):
-                getattr(signals, name).disconnect(receiver, sender=self.app)
-
-    def _record(self, name: str) -> Callable[..., None]:
-        def record(sender: Flask, **kwargs: Any) -> None:
-            assert sender is self.app
-            self.calls.append((name, kwargs))
-
-        return record
-
-    @property
-    def names(self) -> list[str]:
-        return [name for name, _ in self.calls]
+def names(calls: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [name for name, _ in calls]
 
 
 @pytest.mark.parametrize("metric", EMAIL_EVENTS)
 def test_an_authentic_new_event_is_accepted_and_signalled(app: Flask, post: Post, metric: str) -> None:
     body = sample(metric)
-    with Recorder(app) as recorder:
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
         response = post(app.test_client(), body)
     assert response.status_code == 200
     assert response.json == {"status": "accepted", "event_id": body["event_id"]}
-    assert recorder.names == ["event_received", f"email_{metric}"]
-    event = recorder.calls[0][1]["event"]
-    assert recorder.calls[1][1]["event"] is event
+    assert names(recorder) == ["event-received", f"email-{metric}"]
+    event = recorder[0][1]["event"]
+    assert recorder[1][1]["event"] is event
     assert event.event_id == body["event_id"]
     assert event.metric == metric
     assert event.raw == body
@@ -82,9 +61,9 @@ def test_the_event_object_carries_the_fields_host_apps_use(app: Flask, post: Pos
 
 def test_other_events_get_only_the_general_signal(app: Flask, post: Post) -> None:
     body = sample("delivered") | {"metric": "sent"}
-    with Recorder(app) as recorder:
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
         assert post(app.test_client(), body).json["status"] == "accepted"
-    assert recorder.names == ["event_received"]
+    assert names(recorder) == ["event-received"]
 
 
 @pytest.mark.parametrize(
@@ -102,12 +81,12 @@ def test_a_missing_or_wrong_signature_is_401_and_nothing_happens(
 ) -> None:
     raw = encode(sample("bounced"))
     sent = {"Content-Type": "application/json", "X-CIO-Timestamp": "1613063389", **headers}
-    with Recorder(app) as recorder, caplog.at_level(logging.WARNING, "flask_cio_rudder"):
+    with record_signals(app, *EVERY_SIGNAL) as recorder, caplog.at_level(logging.WARNING, "flask_cio_rudder"):
         response = app.test_client().post(WEBHOOK, data=raw, headers=sent)
     assert response.status_code == 401
     assert response.is_json
     assert "X-CIO-Signature" in response.json["error"]
-    assert recorder.calls == []
+    assert recorder == []
     assert "Refused a Customer.io webhook" in caplog.text
     assert SIGNING_KEY not in caplog.text + response.get_data(as_text=True)
 
@@ -140,11 +119,11 @@ def test_unsigned_requests_are_accepted_when_verification_is_off(
 
 def test_a_body_over_the_limit_is_413_and_nothing_happens(make_app: Callable[..., Flask], post: Post) -> None:
     app = make_app(CIO_RUDDER_MAX_BODY_BYTES=100)
-    with Recorder(app) as recorder:
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
         response = post(app.test_client(), sample("opened"))
     assert response.status_code == 413
     assert "CIO_RUDDER_MAX_BODY_BYTES" in response.json["error"]
-    assert recorder.calls == []
+    assert recorder == []
 
 
 def test_a_chunked_body_over_the_limit_is_413(make_app: Callable[..., Flask]) -> None:
@@ -173,54 +152,99 @@ def test_a_chunked_body_over_the_limit_is_413(make_app: Callable[..., Flask]) ->
     ids=["broken", "nan", "not-utf8", "deep", "array", "string", "null"],
 )
 def test_a_body_that_is_not_a_json_object_is_400(app: Flask, post: Post, raw: bytes, problem: str) -> None:
-    with Recorder(app) as recorder:
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
         response = post(app.test_client(), raw)
     assert response.status_code == 400
     assert problem in response.json["error"]
-    assert recorder.calls == []
+    assert recorder == []
 
 
-def test_an_authentic_object_that_fails_validation_is_2xx_rejected_with_the_fields(
-    app: Flask, post: Post
+def test_a_body_that_breaks_customerios_schema_is_accepted_and_says_what_it_breaks(
+    app: Flask, post: Post, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """The default, "compatible": RudderStack's own source forwards such bodies, so this does too."""
     body = sample("bounced")
     del body["data"]["failure_message"]
     body["data"]["link_id"] = "7"
-    with Recorder(app) as recorder:
+    with record_signals(app, *EVERY_SIGNAL) as recorder, caplog.at_level(logging.INFO, "flask_cio_rudder"):
+        response = post(app.test_client(), body)
+    assert response.json == {"status": "accepted", "event_id": body["event_id"]}
+    assert names(recorder) == ["event-received", "email-bounced"]
+    event = recorder[0][1]["event"]
+    assert event.problems == {
+        "data.failure_message": "Missing data for required field.",
+        "data.link_id": "Not a valid integer.",
+    }
+    assert event.failure_message is None
+    assert event.payload["properties"]["link"] == {"id": "7"}  # copied as it came, as RudderStack does
+    logged = [record.getMessage() for record in caplog.records]
+    assert len(logged) == 2
+    assert all("Email Bounced" in line for line in logged)
+    assert body["data"]["recipient"] not in " ".join(logged)  # never the body
+
+
+def test_schema_problems_are_logged_once_per_field_and_event_type(
+    app: Flask, post: Post, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = app.test_client()
+    with caplog.at_level(logging.INFO, "flask_cio_rudder"):
+        for number, metric in enumerate(["bounced", "bounced", "bounced", "spammed"]):
+            body = sample(metric) | {"event_id": f"01PROBLEM{number}"}
+            del body["data"]["subject"]
+            assert post(client, body).json["status"] == "accepted"
+    logged = sorted(record.getMessage().split(" events ")[0] for record in caplog.records)
+    assert logged == ["Accepted Email Bounced", "Accepted Email Marked as Spam"]
+
+
+def test_in_strict_mode_a_body_that_breaks_the_schema_is_2xx_rejected_with_the_fields(
+    make_app: Callable[..., Flask], post: Post
+) -> None:
+    app = make_app(CIO_RUDDER_VALIDATION="strict")
+    body = sample("bounced")
+    del body["data"]["failure_message"]
+    body["data"]["link_id"] = "7"
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
         response = post(app.test_client(), body)
     assert response.status_code == 200
     answer = response.json
     assert answer["status"] == "rejected"
     assert answer["event_id"] == body["event_id"]
-    assert set(answer["errors"]["data"]) == {"failure_message", "link_id"}
-    assert "data.failure_message" in answer["reason"]
-    assert recorder.names == ["event_rejected"]
-    rejected = recorder.calls[0][1]
+    assert answer["errors"] == {
+        "data": {"failure_message": ["Missing data for required field."], "link_id": ["Not a valid integer."]}
+    }
+    assert answer["reason"] == "invalid fields: data.failure_message, data.link_id"
+    assert names(recorder) == ["event-rejected"]
+    rejected = recorder[0][1]
     assert rejected["body"] == body
     assert rejected["errors"] == answer["errors"]
 
 
+def test_an_unknown_validation_mode_fails_fast_naming_the_key(make_app: Callable[..., Flask]) -> None:
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_VALIDATION must be 'compatible' or 'strict'"):
+        make_app(CIO_RUDDER_VALIDATION="lenient")
+
+
 def test_an_event_without_any_identity_is_rejected_not_forwarded(app: Flask, post: Post) -> None:
     body = {"event_id": "01NOID", "object_type": "email", "metric": "drafted", "data": {"delivery_id": "x"}}
-    with Recorder(app) as recorder:
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
         response = post(app.test_client(), body)
     assert response.status_code == 200
     assert response.json["status"] == "rejected"
     assert "no userId or anonymousId" in response.json["reason"]
-    assert recorder.names == ["event_rejected"]
+    assert names(recorder) == ["event-rejected"]
 
 
 def test_an_already_seen_event_is_2xx_and_neither_signalled_nor_forwarded_again(
     app: Flask, post: Post
 ) -> None:
     body = sample("spammed")
-    with Recorder(app) as recorder:
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
         first = post(app.test_client(), body)
         again = post(app.test_client(), body)
     assert first.json["status"] == "accepted"
     assert again.status_code == 200
     assert again.json == {"status": "duplicate", "event_id": body["event_id"]}
-    assert recorder.names == ["event_received", "email_spammed"]
+    assert names(recorder) == ["event-received", "email-spammed"]
 
 
 def test_a_receiver_that_raises_is_500_and_nothing_is_kept(
@@ -235,9 +259,9 @@ def test_a_receiver_that_raises_is_500_and_nothing_is_kept(
     with signals.email_bounced.connected_to(broken, sender=app):
         assert post(app.test_client(), body).status_code == 500
     # Customer.io retries: the receivers run again and the event is accepted now.
-    with Recorder(app) as recorder:
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
         assert post(app.test_client(), body).json["status"] == "accepted"
-    assert recorder.names == ["event_received", "email_bounced"]
+    assert names(recorder) == ["event-received", "email-bounced"]
 
 
 def test_errors_can_be_customised_with_an_errorhandler(app: Flask, post: Post) -> None:
