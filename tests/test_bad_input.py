@@ -497,12 +497,14 @@ def mutated_events(draw: st.DrawFn) -> dict[str, Any]:
 # -- the properties -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @settings(REPRODUCIBLE, max_examples=300)
 @given(raw=st.one_of(st.binary(max_size=2048), corrupted_samples()), data=st.data())
 def test_random_bytes_get_a_policy_answer(webhook: Webhook, raw: bytes, data: st.DataObject) -> None:
     assert_policy_for_every_signature(webhook, raw, data.draw(forged_headers(raw)), json_object_or_none(raw))
 
 
+@pytest.mark.slow
 @settings(REPRODUCIBLE, max_examples=350)
 @given(
     value=JSON_VALUES | st.dictionaries(JSON_KEYS, JSON_VALUES, min_size=1, max_size=8),
@@ -517,6 +519,7 @@ def test_any_json_value_gets_a_policy_answer(
     assert_policy_for_every_signature(webhook, raw, data.draw(forged_headers(raw)), body)
 
 
+@pytest.mark.slow
 @settings(REPRODUCIBLE, max_examples=500)
 @given(body=mutated_events(), data=st.data())
 def test_mutated_events_get_a_policy_answer(
@@ -589,6 +592,7 @@ def test_deep_nesting_is_answered_at_every_depth(
                 assert len(outcome.received) == 1
 
 
+@pytest.mark.slow
 @settings(REPRODUCIBLE, max_examples=300)
 @given(
     raw=st.one_of(

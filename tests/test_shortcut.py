@@ -43,6 +43,7 @@ def near_valid_bodies(draw: st.DrawFn) -> dict[str, Any]:
     return body
 
 
+@pytest.mark.slow
 @settings(max_examples=1500, database=None, derandomize=True, deadline=None)
 @given(body=near_valid_bodies())
 def test_a_shortcut_yes_is_marshmallows_yes_and_problems_are_marshmallows_messages(

@@ -821,6 +821,7 @@ def well_typed_bodies(draw: st.DrawFn) -> dict[str, Any]:
     )
 
 
+@pytest.mark.slow
 @settings(REPRODUCIBLE, max_examples=400)
 @given(well_typed_bodies())
 def test_well_typed_bodies_give_exactly_rudderstacks_event(source: dict[str, Any]) -> None:
@@ -850,6 +851,7 @@ def json_like_bodies(draw: st.DrawFn) -> dict[str, Any]:
     return source
 
 
+@pytest.mark.slow
 @settings(REPRODUCIBLE, max_examples=500)
 @given(json_like_bodies())
 def test_any_json_body_is_transformed_faithfully_unless_it_has_no_event_id_or_real_time(
@@ -899,6 +901,7 @@ def test_an_event_id_with_a_lone_surrogate_is_refused() -> None:
     assert list(raised.value.errors) == ["event_id"]
 
 
+@pytest.mark.slow
 @settings(REPRODUCIBLE, max_examples=400)
 @given(json_like_bodies())
 def test_the_fast_dump_is_marshmallows_dump_of_the_same_schema(source: dict[str, Any]) -> None:
