@@ -172,7 +172,7 @@ def reject(
     A non-2xx answer would make Customer.io hold back every later event for days.
     """
     event_id = body.get("event_id")
-    if not (isinstance(event_id, str) and is_text(event_id)):
+    if not (isinstance(event_id, str) and event_id and is_text(event_id)):
         event_id = None  # no key to keep it under; the forwarder makes one from the body
     try:
         forwarder.reject(raw, event_id, error.reason, error.errors)

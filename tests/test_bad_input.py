@@ -190,7 +190,7 @@ def assert_answered(webhook: Webhook, outcome: Outcome, body: dict[str, Any]) ->
     answer = response.get_json()
     event_id = body.get("event_id")
     assert answer["status"] in {"accepted", "duplicate", "rejected"}
-    assert answer["event_id"] == (event_id if is_real_text(event_id) else None)
+    assert answer["event_id"] == (event_id if event_id and is_real_text(event_id) else None)
     if answer["status"] == "rejected":
         assert isinstance(answer["reason"], str)
         assert answer["reason"]
