@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "CIO_RUDDER_WEBHOOK_PATH": "/webhooks/customerio",
     "CIO_RUDDER_MAX_BODY_BYTES": 5 * 1024 * 1024,
     "CIO_RUDDER_VALIDATION": "compatible",
+    "CIO_RUDDER_METRICS": False,
     "CIO_RUDDER_FORWARDER": "outbox",
     "CIO_RUDDER_WRITE_KEY": None,
     "CIO_RUDDER_DATA_PLANE_URL": None,
@@ -95,6 +96,10 @@ class CioRudder:
             validation=validation,
             forwarder=forwarder,
         )
+        if config["CIO_RUDDER_METRICS"]:
+            from . import metrics  # optional: needs prometheus_client, and says so when it is missing
+
+            metrics.enable(app)
         app.register_blueprint(create_blueprint(config["CIO_RUDDER_WEBHOOK_PATH"]))
         app.cli.add_command(cli)
         _exempt_from_csrf(app)

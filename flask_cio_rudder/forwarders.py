@@ -13,6 +13,7 @@ import logging
 import os
 import sqlite3
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
@@ -126,19 +127,24 @@ class SyncForwarder(Forwarder):
         self.data_plane = data_plane_from_config(app.config, (1.0, 2.0))
 
     def send(self, event: CioEvent) -> None:
+        started = time.perf_counter()
         try:
             response = self.data_plane.post_batch([event.payload_json])
         except requests.RequestException as error:
             reason, retry = f"could not reach RudderStack ({type(error).__name__})", True
         else:
             if response.status_code == 200:
-                signals.event_forwarded.send(self.app, payloads=[event.payload])
+                duration = time.perf_counter() - started
+                signals.event_forwarded.send(self.app, payloads=[event.payload], duration=duration)
                 return
             # 400 and 413 are about the event itself: sending it again cannot help. It was accepted
             # (its receivers ran), so it is reported as the outbox reports dead letters; nothing is kept.
             reason, retry = describe(response), response.status_code not in (400, 413)
         logger.error("Forwarding to RudderStack failed: %s", reason)
-        signals.forward_failed.send(self.app, payloads=[event.payload], reason=reason, retry=retry)
+        duration = time.perf_counter() - started
+        signals.forward_failed.send(
+            self.app, payloads=[event.payload], reason=reason, retry=retry, duration=duration
+        )
         if retry:
             raise ForwardError(reason)
 

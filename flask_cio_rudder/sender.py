@@ -165,16 +165,18 @@ class Sender:
     def _deliver(self, owner: str, events: Sequence[Claimed], timeout: float | None) -> str | None:
         """Post ``events``; returns ``None`` when each is delivered or dead, else the error (all released)."""
         ids = [event.event_id for event in events]
+        started = time.perf_counter()
         try:
             response = self.data_plane.post_batch(
                 [event.payload_json for event in events], timeout=_cut(self.data_plane.timeout, timeout)
             )
         except requests.RequestException as error:
-            return self._retry_later(owner, events, f"could not reach RudderStack ({type(error).__name__})")
+            reason = f"could not reach RudderStack ({type(error).__name__})"
+            return self._retry_later(owner, events, reason, time.perf_counter() - started)
         status = response.status_code
         if status == 200:
             self.outbox.delivered(owner, ids)
-            self._signal(signals.event_forwarded, events)
+            self._signal(signals.event_forwarded, events, duration=time.perf_counter() - started)
             return None
         if status in (400, 413) and len(events) > 1:
             half = len(events) // 2
@@ -189,7 +191,8 @@ class Sender:
             logger.warning(
                 "RudderStack refused Customer.io event %s; kept as a dead letter: %s", ids[0], reason
             )
-            self._signal(signals.forward_failed, events, reason=reason, retry=False)
+            duration = time.perf_counter() - started
+            self._signal(signals.forward_failed, events, reason=reason, retry=False, duration=duration)
             return None
         reason = describe(response)
         if status in _CONFIGURATION_ERRORS:
@@ -197,13 +200,13 @@ class Sender:
             if not self._reported_configuration_error:
                 logger.error("Cannot deliver Customer.io events: %s. They are kept and retried.", reason)
                 self._reported_configuration_error = True
-        return self._retry_later(owner, events, reason)
+        return self._retry_later(owner, events, reason, time.perf_counter() - started)
 
-    def _retry_later(self, owner: str, events: Sequence[Claimed], reason: str) -> str:
+    def _retry_later(self, owner: str, events: Sequence[Claimed], reason: str, duration: float) -> str:
         self.outbox.release(owner, [event.event_id for event in events], reason)
         if not self._reported_configuration_error:
             logger.warning("Delivery to RudderStack failed, will retry: %s", reason)
-        self._signal(signals.forward_failed, events, reason=reason, retry=True)
+        self._signal(signals.forward_failed, events, reason=reason, retry=True, duration=duration)
         return reason
 
     def _signal(self, signal: Any, events: Sequence[Claimed], **data: Any) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "event_received",
     "event_rejected",
     "forward_failed",
+    "webhook_answered",
 ]
 
 _signals = Namespace()
@@ -40,9 +41,17 @@ email_unsubscribed = _signals.signal("email-unsubscribed")
 #: ``errors=`` (field name to messages, may be empty), ``body=`` (the decoded body).
 event_rejected = _signals.signal("event-rejected")
 
-#: RudderStack stored a batch: ``payloads=`` the list of RudderStack events sent.
+#: RudderStack stored a batch: ``payloads=`` the list of RudderStack events sent,
+#: ``duration=`` the seconds the request took.
 event_forwarded = _signals.signal("event-forwarded")
 
 #: A batch was not stored: ``payloads=`` the events, ``reason=`` what went wrong,
-#: ``retry=`` whether the events will be sent again (``False``: kept as dead letters or refused).
+#: ``retry=`` whether the events will be sent again (``False``: kept as dead letters or refused),
+#: ``duration=`` the seconds the request took.
 forward_failed = _signals.signal("forward-failed")
+
+#: Every answer of the webhook route: ``outcome=`` one of ``accepted``, ``duplicate``, ``rejected``,
+#: ``refused_signature`` (401), ``too_large`` (413), ``malformed`` (400), ``retry_later`` (503) or
+#: ``error`` (a receiver raised: 500), and ``duration=`` the seconds the route took. For metrics;
+#: a receiver of this signal must not raise.
+webhook_answered = _signals.signal("webhook-answered")

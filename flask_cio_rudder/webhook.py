@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -26,7 +27,7 @@ from . import signals
 from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
 from .signature import SignatureError, verify
-from .state import state_of
+from .state import State, state_of
 from .transform import InvalidEvent, is_text
 
 __all__ = [
@@ -58,6 +59,9 @@ class WebhookError(HTTPException):
     answer with ``app.errorhandler(InvalidSignature)`` and the like.
     """
 
+    #: The ``outcome`` the ``webhook_answered`` signal reports for this answer.
+    outcome = "error"
+
     def get_body(self, environ: Any = None, scope: Any = None) -> str:
         return json.dumps({"error": self.description})
 
@@ -68,17 +72,25 @@ class WebhookError(HTTPException):
 class InvalidSignature(WebhookError, Unauthorized):
     """401: missing, malformed or wrong ``X-CIO-Signature`` (or a too old ``X-CIO-Timestamp``)."""
 
+    outcome = "refused_signature"
+
 
 class BodyTooLarge(WebhookError, RequestEntityTooLarge):
     """413: the body is larger than ``CIO_RUDDER_MAX_BODY_BYTES``."""
+
+    outcome = "too_large"
 
 
 class MalformedBody(WebhookError, BadRequest):
     """400: the body is not a JSON object."""
 
+    outcome = "malformed"
+
 
 class RetryLater(WebhookError, ServiceUnavailable):
     """503: the event could not be kept now; Customer.io will send it again."""
+
+    outcome = "retry_later"
 
 
 def create_blueprint(path: str) -> Blueprint:
@@ -89,9 +101,23 @@ def create_blueprint(path: str) -> Blueprint:
 
 
 def receive() -> Response:
-    """Handle one Customer.io reporting webhook."""
+    """Handle one Customer.io reporting webhook; announce how it was answered (``webhook_answered``)."""
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
-    state = state_of(app)
+    started = time.perf_counter()
+    outcome = "error"  # unless set below: a receiver raised, and Flask answers 500
+    try:
+        response, outcome = handle(app, state_of(app))
+        return response
+    except WebhookError as error:
+        outcome = error.outcome
+        raise
+    finally:
+        if signals.webhook_answered.receivers:
+            signals.webhook_answered.send(app, outcome=outcome, duration=time.perf_counter() - started)
+
+
+def handle(app: Flask, state: State) -> tuple[Response, str]:
+    """The response to the current request and its outcome; raises :class:`WebhookError` for non-2xx."""
     body = read_body(state.max_body_bytes)
     if state.verify_signature:
         check_signature(body, state.signing_keys, state.max_timestamp_age)
@@ -99,15 +125,15 @@ def receive() -> Response:
     try:
         event = state.validation(decoded)
     except InvalidEvent as error:
-        return reject(app, state.forwarder, body, decoded, error)
+        return reject(app, state.forwarder, body, decoded, error), "rejected"
     try:
         if state.forwarder.is_duplicate(event.event_id):
-            return _answer("duplicate", event.event_id)
+            return _answer("duplicate", event.event_id), "duplicate"
         send_signals(app, event)
         state.forwarder.accept(event)
     except ForwardError as error:
         raise RetryLater(f"the event was not kept ({error.reason}); send it again later") from None
-    return _answer("accepted", event.event_id)
+    return _answer("accepted", event.event_id), "accepted"
 
 
 def read_body(limit: int) -> bytes:
