@@ -57,7 +57,8 @@ def serve(app: Flask) -> Iterator[str]:
 
 
 # Sent by the outbox's background sender, not during the request: shown in step 3 instead.
-DELIVERY_SIGNALS = {"event_forwarded", "forward_failed"}
+# Signals about each event's fate in the request; delivery and per-request metrics signals are left out.
+NOT_SHOWN = {"event_forwarded", "forward_failed", "webhook_answered"}
 
 
 @contextmanager
@@ -72,7 +73,7 @@ def record_signals(app: Flask) -> Iterator[list[str]]:
         return record
 
     with ExitStack() as stack:
-        for name in sorted(set(signals.__all__) - DELIVERY_SIGNALS):
+        for name in sorted(set(signals.__all__) - NOT_SHOWN):
             signal = getattr(signals, name)
             stack.enter_context(signal.connected_to(recorder(name), sender=app))
         yield fired

@@ -54,7 +54,9 @@ def test_an_accepted_event_is_posted_to_v1_batch_with_basic_auth_and_gzip(
     assert request.headers["Content-Type"] == "application/json"
     sent = json.loads(gzip.decompress(request.body))  # type: ignore[arg-type]
     assert sent == {"batch": [transform(body)]}
-    assert outcomes == [("forwarded", {"payloads": sent["batch"]})]
+    [(outcome, kwargs)] = outcomes
+    assert (outcome, kwargs["payloads"]) == ("forwarded", sent["batch"])
+    assert kwargs["duration"] > 0
 
 
 @responses.activate
