@@ -11,7 +11,8 @@ from typing import Any
 from flask import Flask, current_app
 
 from .cli import cli
-from .forwarders import Forwarder, OutboxForwarder, create_forwarder
+from .forwarders import Forwarder, create_forwarder
+from .outbox import DEFAULT_URL, Outbox, OutboxForwarder
 from .webhook import create_blueprint
 
 __all__ = ["CioRudder", "get_outbox"]
@@ -30,7 +31,9 @@ DEFAULTS: dict[str, Any] = {
     "CIO_RUDDER_WRITE_KEY": None,
     "CIO_RUDDER_DATA_PLANE_URL": None,
     "CIO_RUDDER_TIMEOUT": None,
-    "CIO_RUDDER_OUTBOX_PATH": None,
+    "CIO_RUDDER_OUTBOX_URL": DEFAULT_URL,
+    "CIO_RUDDER_OUTBOX_TABLE": None,
+    "CIO_RUDDER_OUTBOX_PATH": None,  # deprecated: CIO_RUDDER_OUTBOX_URL
     "CIO_RUDDER_OUTBOX_DURABILITY": "process-crash",
     "CIO_RUDDER_OUTBOX_SENDER": True,
     "CIO_RUDDER_OUTBOX_BATCH_SIZE": 100,
@@ -118,7 +121,7 @@ def _close_forwarders() -> None:
         forwarder.close()
 
 
-def get_outbox(app: Flask | None = None) -> OutboxForwarder:
+def get_outbox(app: Flask | None = None) -> Outbox:
     """The outbox of ``app`` (default: the current app), for status, flush, dead letters...
 
     Raises ``RuntimeError`` if the app does not use ``CIO_RUDDER_FORWARDER = "outbox"``.
@@ -126,7 +129,7 @@ def get_outbox(app: Flask | None = None) -> OutboxForwarder:
     forwarder = state_of(app or current_app._get_current_object()).forwarder  # type: ignore[attr-defined]
     if not isinstance(forwarder, OutboxForwarder):
         raise RuntimeError("This app does not use the outbox: set CIO_RUDDER_FORWARDER = 'outbox'.")
-    return forwarder
+    return forwarder.outbox
 
 
 def state_of(app: Flask) -> State:
