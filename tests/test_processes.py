@@ -1,0 +1,506 @@
+"""The outbox's promises, checked with real processes: SIGKILL, fork, SIGTERM, a dead sender.
+
+The app served here is ``tests/process_app.py``, run by gunicorn (as users run it)
+from the repository root. Each test gets its own outbox, forwarded-batches log and
+data plane (a :class:`FakeDataPlane` on loopback, or a closed loopback port when the
+data plane must be down). Nothing waits a fixed time: every wait polls a condition
+until a deadline and fails saying what it waited for. Every process started here is
+killed (its whole process group) when the test ends, pass or fail.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Collection, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from flask_cio_rudder.store import OutboxStatus, Pending, store_from_url
+from flask_cio_rudder.testing import FakeDataPlane, encode, signature_headers
+from flask_cio_rudder.transform import message_id, transform
+
+from .conftest import EMAIL_EVENTS, WEBHOOK, sample
+from .helpers import free_port, wait_until
+
+pytestmark = pytest.mark.slow  # real gunicorn and flask processes: seconds each
+
+ROOT = Path(__file__).resolve().parents[1]
+SIGNING_KEY = "process-test-signing-key"
+WRITE_KEY = "process-test-write-key"
+BOOT_TIMEOUT = 20.0  # gunicorn importing Flask and the app on a busy 2-core machine
+DELIVERY_TIMEOUT = 20.0
+MAX_AGE = 7 * 24 * 3600.0  # CIO_RUDDER_OUTBOX_MAX_AGE's default
+ANSWER_TIMEOUT = 10.0  # a webhook takes milliseconds; Customer.io itself gives up after 4 s
+
+# -- events --------------------------------------------------------------------------------------
+
+
+def make_bodies(tag: str, count: int) -> list[dict[str, Any]]:
+    """``count`` distinct webhook bodies: the six email samples in turn, each with its own event_id."""
+    bodies = []
+    for number in range(count):
+        body = sample(EMAIL_EVENTS[number % len(EMAIL_EVENTS)])
+        body["event_id"] = f"{tag}-{number:04d}"
+        bodies.append(body)
+    return bodies
+
+
+def post_event(url: str, body: dict[str, Any]) -> requests.Response:
+    """Post one body, signed as Customer.io signs it, on a fresh connection."""
+    raw = encode(body)
+    headers = {**signature_headers(raw, SIGNING_KEY), "Connection": "close"}
+    return requests.post(url + WEBHOOK, data=raw, headers=headers, timeout=ANSWER_TIMEOUT)
+
+
+def assert_accepted(response: requests.Response, body: dict[str, Any]) -> int:
+    """The webhook kept ``body``; returns the pid of the process that answered."""
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "accepted", "event_id": body["event_id"]}
+    return int(response.headers["X-Worker-Pid"])
+
+
+def assert_delivered_exactly_once(stored: list[dict[str, Any]], event_ids: Collection[str]) -> None:
+    """Each event reached the data plane once, under the messageId derived from its event_id."""
+    by_message_id = Counter(event["messageId"] for event in stored)
+    repeated = {mid: count for mid, count in by_message_id.items() if count > 1}
+    assert not repeated, f"events stored more than once (messageId: times): {repeated}"
+    by_event_id = Counter(event["properties"]["eventId"] for event in stored)
+    repeated = {eid: count for eid, count in by_event_id.items() if count > 1}
+    assert not repeated, f"events stored more than once under different messageIds: {repeated}"
+    assert set(by_event_id) == set(event_ids), (
+        f"missing: {sorted(set(event_ids) - set(by_event_id))}, "
+        f"unexpected: {sorted(set(by_event_id) - set(event_ids))}"
+    )
+    assert all(event["messageId"] == message_id(event["properties"]["eventId"]) for event in stored)
+    assert len(stored) == len(event_ids)
+
+
+def outbox_status(url: str, table: str | None = None) -> OutboxStatus:
+    store = store_from_url(url, table=table)
+    try:
+        return store.status()
+    finally:
+        store.close()
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+class Server:
+    """One gunicorn serving ``tests.process_app``, in its own process group."""
+
+    def __init__(self, process: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.process = process
+        self.url = url
+        self.log = log
+
+    @property
+    def pid(self) -> int:
+        """The gunicorn master's pid (it serves no request with more than zero workers)."""
+        return self.process.pid
+
+    def log_tail(self, lines: int = 60) -> str:
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return f"--- last lines of {self.log.name} ---\n" + "\n".join(text.splitlines()[-lines:])
+
+    def kill(self) -> None:
+        """SIGKILL the master and its workers at once, then reap the master."""
+        with contextlib.suppress(ProcessLookupError):  # all gone already
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
+
+
+class Deployment:
+    """Starts gunicorn, always on the same outbox and forwarded-batches log, as often as a test wants."""
+
+    def __init__(self, tmp_path: Path, outbox_url: str | None = None, table: str | None = None) -> None:
+        self.tmp_path = tmp_path
+        self.outbox = outbox_url or f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+        self.table = table
+        self.forwarded_log = tmp_path / "forwarded.log"
+        self.servers: list[Server] = []
+
+    def env(self, data_plane_url: str, **settings: object) -> dict[str, str]:
+        """The environment of a process of this deployment; ``settings`` are ``CIO_RUDDER_*`` values."""
+        env = {key: value for key, value in os.environ.items() if key != "GUNICORN_CMD_ARGS"}
+        env.update(
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            CIO_RUDDER_OUTBOX_URL=self.outbox,
+            CIO_RUDDER_DATA_PLANE_URL=data_plane_url,
+            CIO_RUDDER_WRITE_KEY=WRITE_KEY,
+            CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
+            PROCESS_APP_FORWARDED_LOG=str(self.forwarded_log),
+        )
+        if self.table:
+            env["CIO_RUDDER_OUTBOX_TABLE"] = self.table
+        env.update({f"CIO_RUDDER_{name.upper()}": str(value) for name, value in settings.items()})
+        return env
+
+    def status(self) -> OutboxStatus:
+        return outbox_status(self.outbox, self.table)
+
+    def start(
+        self, data_plane_url: str, *, workers: int = 1, preload: bool = False, **settings: object
+    ) -> Server:
+        """Start gunicorn and wait until it answers HTTP; ``settings`` are ``CIO_RUDDER_*`` values."""
+        port = free_port()
+        env = self.env(data_plane_url, **settings)
+        command = [
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "--workers",
+            str(workers),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--graceful-timeout",
+            "60",  # so that a bounded shutdown is the library's doing, not gunicorn killing a worker
+            "--log-level",
+            "info",
+            *(["--preload"] if preload else []),
+            *_NO_CONTROL_SOCKET,
+            "tests.process_app:create_app()",
+        ]
+        log = self.tmp_path / f"gunicorn-{len(self.servers) + 1}.log"
+        with open(log, "wb") as output:
+            process = subprocess.Popen(
+                command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        server = Server(process, f"http://127.0.0.1:{port}", log)
+        self.servers.append(server)
+
+        def answers() -> bool:
+            if process.poll() is not None:
+                pytest.fail(f"gunicorn exited with {process.returncode} while starting\n{server.log_tail()}")
+            try:
+                requests.get(server.url + "/", timeout=1, headers={"Connection": "close"})
+            except (requests.ConnectionError, requests.Timeout):
+                return False
+            return True
+
+        wait_until(answers, BOOT_TIMEOUT, "gunicorn answers HTTP", server.log_tail)
+        return server
+
+    def forwarded(self) -> list[tuple[int, int]]:
+        """(pid, number of events) for each batch the data plane stored, in the order they were logged."""
+        if not self.forwarded_log.exists():
+            return []
+        complete = self.forwarded_log.read_text().split("\n")[:-1]  # a line being written has no "\n" yet
+        return [(int(pid), int(count)) for pid, count in (line.split() for line in complete)]
+
+    def forwarded_count(self) -> int:
+        return sum(count for _, count in self.forwarded())
+
+    def wait_forwarded(self, count: int, plane: FakeDataPlane, server: Server) -> None:
+        """Wait until the senders have reported ``count`` events forwarded (the last step of a delivery)."""
+
+        def detail() -> str:
+            return (
+                f"forwarded so far: {self.forwarded_count()}, stored by the data plane: {len(plane.events)}, "
+                f"outbox: {self.status()}\n{server.log_tail()}"
+            )
+
+        wait_until(
+            lambda: self.forwarded_count() >= count, DELIVERY_TIMEOUT, f"{count} events are forwarded", detail
+        )
+
+    def stop_all(self) -> None:
+        """Kill every process group started here, finished or not: a worker may outlive its master."""
+        for server in self.servers:
+            server.kill()
+
+
+def _no_control_socket() -> list[str]:
+    """gunicorn 27 opens a control socket in ~/.gunicorn unless told not to: stay out of $HOME."""
+    try:
+        from gunicorn.config import Config
+    except ImportError:  # the deployment fixture skips
+        return []
+    return ["--no-control-socket"] if "control_socket_disable" in Config().settings else []
+
+
+_NO_CONTROL_SOCKET = _no_control_socket()
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[Deployment]:
+    pytest.importorskip("gunicorn", reason="gunicorn (a test dependency, installed in CI) is not installed")
+    deployed = Deployment(tmp_path)
+    try:
+        yield deployed
+    finally:
+        deployed.stop_all()
+
+
+# -- 1. SIGKILL ----------------------------------------------------------------------------------
+
+
+def test_events_accepted_before_a_sigkill_are_delivered_once_after_the_restart(
+    deployment: Deployment,
+) -> None:
+    """Accepted means kept: 2xx answers, then SIGKILL (no atexit, no flush), then a restart sends them all."""
+    bodies = make_bodies("sigkill", 50)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: every send is refused
+    # A short lease: were the kill to land in the few microseconds a failing send holds its lease,
+    # the restart would wait for it to run out (60 s by default) before sending those events.
+    first = deployment.start(down, outbox_lease=5)
+    for body in bodies:
+        assert_accepted(post_event(first.url, body), body)
+
+    first.kill()
+    assert first.process.returncode == -signal.SIGKILL
+    assert deployment.forwarded() == []
+    status = deployment.status()
+    assert (status.pending, status.delivered, status.dead) == (50, 0, 0)
+
+    with FakeDataPlane(write_key=WRITE_KEY) as plane:
+        second = deployment.start(plane.url, outbox_lease=5)
+        deployment.wait_forwarded(50, plane, second)
+        assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
+    assert deployment.forwarded_count() == 50
+    status = deployment.status()
+    assert (status.pending, status.delivered, status.dead) == (0, 50, 0)
+
+
+# -- 2. several workers, forked from a preloaded master ------------------------------------------
+
+
+def test_preloaded_workers_send_after_the_fork_and_nothing_is_forwarded_twice(deployment: Deployment) -> None:
+    """``gunicorn -w 3 --preload``: the app (and its sender) is built in the master, then forked."""
+    with FakeDataPlane(write_key=WRITE_KEY) as plane:
+        server = deployment.start(plane.url, workers=3, preload=True)
+        bodies = iter(make_bodies("preload", 600))
+        accepted: dict[str, int] = {}  # event_id -> pid of the worker that answered
+        unanswered: list[str] = []  # event_ids whose webhook got no answer within ANSWER_TIMEOUT
+        lock = threading.Lock()
+        deadline = time.monotonic() + 30
+
+        def send_until_every_worker_answered() -> None:
+            while time.monotonic() < deadline:
+                with lock:
+                    if len(set(accepted.values())) >= 3 or unanswered:
+                        return
+                    body = next(bodies, None)
+                if body is None:
+                    return
+                try:
+                    response = post_event(server.url, body)
+                except requests.Timeout:
+                    with lock:
+                        unanswered.append(body["event_id"])
+                    return
+                pid = assert_accepted(response, body)
+                with lock:
+                    accepted[body["event_id"]] = pid
+
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            for future in [pool.submit(send_until_every_worker_answered) for _ in range(6)]:
+                future.result()  # re-raises what failed in a sending thread
+        assert not unanswered, f"no answer within {ANSWER_TIMEOUT:g} s to {unanswered}\n{server.log_tail()}"
+
+        workers = set(accepted.values())
+        assert len(workers) == 3, f"answers came from {workers} only, after {len(accepted)} events"
+        assert server.pid not in workers
+
+        deployment.wait_forwarded(len(accepted), plane, server)
+        assert_delivered_exactly_once(plane.events, list(accepted))
+        forwarded = deployment.forwarded()
+        assert sum(count for _, count in forwarded) == len(accepted)  # event_forwarded once per event
+        status = deployment.status()
+        assert (status.pending, status.delivered, status.dead) == (0, len(accepted), 0)
+        senders = {pid for pid, _ in forwarded}
+        assert senders & workers, (
+            f"only {senders} forwarded (master: {server.pid}, workers: {workers}): "
+            "no worker's sender ran after the fork"
+        )
+
+
+# -- 3. SIGTERM while the data plane hangs -------------------------------------------------------
+
+
+def test_sigterm_exits_in_bounded_time_while_the_data_plane_hangs_and_the_restart_sends(
+    deployment: Deployment,
+) -> None:
+    """``CIO_RUDDER_SHUTDOWN_TIMEOUT`` bounds the exit; what was not sent is sent after the next start."""
+    bodies = make_bodies("sigterm", 5)
+    with FakeDataPlane(write_key=WRITE_KEY) as hanging:
+        hanging.hang_next(60, times=1000)
+        # The request timeout (30 s) is longer than the bound checked below (20 s): only a shutdown
+        # that gives up on the hanging request after CIO_RUDDER_SHUTDOWN_TIMEOUT passes. The lease is
+        # short so that the restart need not wait a minute for the batch that was in flight.
+        server = deployment.start(hanging.url, shutdown_timeout=2, timeout=30, outbox_lease=2)
+        for body in bodies:
+            assert_accepted(post_event(server.url, body), body)
+        wait_until(
+            lambda: hanging.requests >= 1,
+            10,
+            "the sender is waiting on the hanging data plane",
+            server.log_tail,
+        )
+
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        try:
+            returncode = server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"gunicorn still runs 20 s after SIGTERM\n{server.log_tail()}")
+        elapsed = time.monotonic() - started
+        assert returncode == 0, server.log_tail()
+        assert hanging.events == []  # nothing was stored: the data plane never answered
+    print(f"gunicorn exited {elapsed:.2f} s after SIGTERM")  # shown with -s; the bound is what matters
+
+    assert deployment.forwarded() == []
+    assert deployment.status().pending == 5
+    with FakeDataPlane(write_key=WRITE_KEY) as healthy:
+        restarted = deployment.start(healthy.url, outbox_lease=2)
+        deployment.wait_forwarded(5, healthy, restarted)
+        assert_delivered_exactly_once(healthy.events, [body["event_id"] for body in bodies])
+    assert deployment.forwarded_count() == 5
+
+
+# -- 4. a claimer SIGKILLed mid-batch, and `flask cio-rudder flush` -----------------------------
+
+CLAIM_AND_HOLD = """
+import json, sys
+from flask_cio_rudder.store import store_from_url
+
+store = store_from_url(sys.argv[1])
+claim = store.claim(int(sys.argv[2]), 600.0, 7 * 24 * 3600)  # a lease of 10 minutes
+print(json.dumps([event.event_id for event in claim.events]), flush=True)
+sys.stdin.read()  # hold the batch, as a sender stuck mid-batch does, until killed
+"""
+
+
+def flask_cli(
+    deployment: Deployment, data_plane_url: str, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``flask --app tests.process_app:create_app cio-rudder ARGS`` as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "tests.process_app:create_app", "cio-rudder", *args],
+        cwd=ROOT,
+        env=deployment.env(data_plane_url, outbox_sender=0),  # counts only what the command itself sends
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def add_events(url: str, bodies: list[dict[str, Any]], table: str | None = None) -> None:
+    """Put accepted events into the outbox as the webhook does, through the store's public API."""
+    store = store_from_url(url, table=table)
+    try:
+        store.add_many(Pending(body["event_id"], json.dumps(transform(body))) for body in bodies)
+    finally:
+        store.close()
+
+
+def test_flush_sends_at_once_the_batch_of_a_claimer_killed_mid_batch_and_says_who_holds_one(
+    deployment: Deployment,
+) -> None:
+    """Issue 8: a live holder's batch is left alone (and named); a dead one's is sent by the next flush."""
+    bodies = make_bodies("claimer", 8)
+    add_events(deployment.outbox, bodies)
+    claimer = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_HOLD, deployment.outbox, "5"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    with FakeDataPlane(write_key=WRITE_KEY) as plane:
+        try:
+            assert claimer.stdout is not None
+            held = json.loads(claimer.stdout.readline() or "null")
+            assert held is not None, claimer.communicate(timeout=30)[1]
+            alive = flask_cli(deployment, plane.url, "flush")
+            assert alive.returncode == 1, alive.stdout + alive.stderr
+            assert "sent 3 events; 5 still pending" in alive.stdout
+            assert f"5 held by a live sender (pid {claimer.pid})" in alive.stdout
+        finally:
+            claimer.kill()
+            claimer.communicate(timeout=30)
+        assert claimer.returncode == -signal.SIGKILL  # died holding the batch: nothing released it
+
+        # The lease has ten minutes to run and flush gives up after 20 s: only a flush that sees
+        # the holder is gone can send the batch.
+        dead = flask_cli(deployment, plane.url, "flush", "--timeout", "20")
+        assert dead.returncode == 0, dead.stdout + dead.stderr
+        assert "sent 5 events; 0 still pending" in dead.stdout
+        assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
+
+
+# -- 5. a sender of its own: `flask cio-rudder worker` -------------------------------------------
+
+
+def test_the_worker_sends_what_web_workers_only_write_and_stops_cleanly_on_sigterm(
+    deployment: Deployment,
+) -> None:
+    """Web workers only write (CIO_RUDDER_OUTBOX_SENDER = False); the worker sends, logs, stops on SIGTERM."""
+    with FakeDataPlane(write_key=WRITE_KEY) as plane:
+        web = deployment.start(plane.url, outbox_sender=0)
+        bodies = make_bodies("worker", 12)
+        for body in bodies[:6]:
+            assert_accepted(post_event(web.url, body), body)
+        log = deployment.tmp_path / "worker.log"
+        with open(log, "wb") as output:
+            worker = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "flask",
+                    "--app",
+                    "tests.process_app:create_app",
+                    "cio-rudder",
+                    "worker",
+                ],
+                cwd=ROOT,
+                env=deployment.env(plane.url, shutdown_timeout=2, timeout=30, outbox_lease=5),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+
+            def worker_log() -> str:
+                return log.read_text(errors="replace")
+
+            deployment.wait_forwarded(6, plane, web)
+            for body in bodies[6:]:  # while the worker idles: it looks again without being told
+                assert_accepted(post_event(web.url, body), body)
+            deployment.wait_forwarded(12, plane, web)
+            assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
+            assert {pid for pid, _ in deployment.forwarded()} == {worker.pid}  # the web workers sent nothing
+            wait_until(lambda: "Delivered" in worker_log(), 10, "the worker logs its deliveries", worker_log)
+
+            plane.hang_next(60, times=1000)  # the next send hangs: SIGTERM must still end the worker
+            hanging = make_bodies("worker-late", 2)
+            for body in hanging:
+                assert_accepted(post_event(web.url, body), body)
+            wait_until(
+                lambda: plane.requests >= 4, 20, "the worker waits on the hanging data plane", worker_log
+            )
+            worker.send_signal(signal.SIGTERM)
+            try:
+                returncode = worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the worker still runs 20 s after SIGTERM\n{worker_log()}")
+            assert returncode == 0, worker_log()
+            assert "Received SIGTERM" in worker_log() and "Stopped" in worker_log()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+    assert deployment.status().pending == 2  # kept for the next sender
