@@ -211,7 +211,7 @@ class PostgresStore(OutboxStore):
         except StoreUnavailable as error:
             cause = error.__cause__
             if not isinstance(cause, psycopg.OperationalError) or not _was_broken(cause):
-                raise
+                raise  # a statement that failed, or no connection at all (PoolTimeout): no second try
         with self._connection() as conn:
             return work(conn)
 
@@ -531,8 +531,11 @@ def _first_line(error: BaseException) -> str:
 
 
 def _was_broken(error: psycopg.OperationalError) -> bool:
-    """Whether the error is a connection that was already dead (server restarted), not a failed statement."""
-    return error.sqlstate is None
+    """Whether the error is a connection that was already dead (server restarted), not a failed statement.
+
+    A pool timeout (no connection could be had at all) is not: trying again would double the wait.
+    """
+    return error.sqlstate is None and not isinstance(error, psycopg_pool.PoolTimeout)
 
 
 def _describe_holder(holder: str) -> str:
