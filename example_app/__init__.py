@@ -5,10 +5,10 @@ watch the whole flow on this machine with a fake RudderStack data plane.
 
 Settings come from the environment: ``CIO_RUDDER_SIGNING_KEY`` (Customer.io's
 webhook signing key), ``CIO_RUDDER_WRITE_KEY`` and ``CIO_RUDDER_DATA_PLANE_URL``
-(a RudderStack HTTP source), ``CIO_RUDDER_OUTBOX_PATH`` and ``SUPPRESSION_DATABASE``
-(SQLite files, by default in the instance folder). Events go through the default
-forwarder, the outbox, so Customer.io never waits on RudderStack and nothing
-accepted is lost.
+(a RudderStack HTTP source), ``CIO_RUDDER_OUTBOX_URL`` (SQLite or PostgreSQL) and
+``SUPPRESSION_DATABASE`` (by default both SQLite files in the instance folder).
+Events go through the default forwarder, the outbox, so Customer.io never waits on
+RudderStack and nothing accepted is lost.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         CIO_RUDDER_WRITE_KEY=os.environ.get("CIO_RUDDER_WRITE_KEY", "demo-write-key"),
         CIO_RUDDER_DATA_PLANE_URL=os.environ.get("CIO_RUDDER_DATA_PLANE_URL", "http://127.0.0.1:8080"),
     )
-    for key in ("CIO_RUDDER_OUTBOX_PATH", "SUPPRESSION_DATABASE"):
+    for key in ("CIO_RUDDER_OUTBOX_URL", "SUPPRESSION_DATABASE"):
         if key in os.environ:
             app.config[key] = os.environ[key]
     app.config.update(config or {})

@@ -123,7 +123,7 @@ def main() -> int:
                 "CIO_RUDDER_SIGNING_KEY": signing_key,
                 "CIO_RUDDER_WRITE_KEY": plane.write_key,
                 "CIO_RUDDER_DATA_PLANE_URL": plane.url,
-                "CIO_RUDDER_OUTBOX_PATH": str(outbox),
+                "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{outbox}",
                 "SUPPRESSION_DATABASE": str(database),
             }
         )

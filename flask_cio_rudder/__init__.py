@@ -3,7 +3,8 @@
 from . import signals
 from .event import CioEvent
 from .extension import CioRudder, get_outbox
-from .forwarders import Forwarder, ForwardError, NullForwarder, OutboxForwarder, SyncForwarder
+from .forwarders import Forwarder, ForwardError, NullForwarder, SyncForwarder
+from .outbox import Outbox, OutboxForwarder
 from .transform import InvalidEvent, transform
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Forwarder",
     "InvalidEvent",
     "NullForwarder",
+    "Outbox",
     "OutboxForwarder",
     "SyncForwarder",
     "get_outbox",

@@ -10,7 +10,8 @@ from typing import Any
 from flask import Flask, current_app
 
 from .cli import cli
-from .forwarders import Forwarder, OutboxForwarder, create_forwarder
+from .forwarders import Forwarder, create_forwarder
+from .outbox import DEFAULT_URL, Outbox, OutboxForwarder
 from .state import State, state_of
 from .validation import Validation
 from .webhook import create_blueprint
@@ -33,7 +34,9 @@ DEFAULTS: dict[str, Any] = {
     "CIO_RUDDER_WRITE_KEY": None,
     "CIO_RUDDER_DATA_PLANE_URL": None,
     "CIO_RUDDER_TIMEOUT": None,
-    "CIO_RUDDER_OUTBOX_PATH": None,
+    "CIO_RUDDER_OUTBOX_URL": DEFAULT_URL,
+    "CIO_RUDDER_OUTBOX_TABLE": None,
+    "CIO_RUDDER_OUTBOX_PATH": None,  # deprecated: CIO_RUDDER_OUTBOX_URL
     "CIO_RUDDER_OUTBOX_DURABILITY": "process-crash",
     "CIO_RUDDER_OUTBOX_SENDER": True,
     "CIO_RUDDER_OUTBOX_BATCH_SIZE": 100,
@@ -116,7 +119,7 @@ def _close_forwarders() -> None:
         forwarder.close()
 
 
-def get_outbox(app: Flask | None = None) -> OutboxForwarder:
+def get_outbox(app: Flask | None = None) -> Outbox:
     """The outbox of ``app`` (default: the current app), for status, flush, dead letters...
 
     Raises ``RuntimeError`` if the app does not use ``CIO_RUDDER_FORWARDER = "outbox"``.
@@ -124,7 +127,7 @@ def get_outbox(app: Flask | None = None) -> OutboxForwarder:
     forwarder = state_of(app or current_app._get_current_object()).forwarder  # type: ignore[attr-defined]
     if not isinstance(forwarder, OutboxForwarder):
         raise RuntimeError("This app does not use the outbox: set CIO_RUDDER_FORWARDER = 'outbox'.")
-    return forwarder
+    return forwarder.outbox
 
 
 def _signing_keys(value: object) -> tuple[str, ...]:

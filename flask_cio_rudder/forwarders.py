@@ -1,7 +1,8 @@
 """Forwarders: where accepted events go after the host app's receivers have run.
 
 A forwarder is chosen per app with ``CIO_RUDDER_FORWARDER``: ``"outbox"`` (the
-default) keeps each event in a SQLite outbox that a background sender delivers,
+default) keeps each event in a durable outbox (SQLite or PostgreSQL, see
+:mod:`flask_cio_rudder.outbox`) that a background sender delivers,
 ``"sync"`` posts each event to RudderStack inside the webhook request, ``"none"``
 keeps nothing (for apps that only want the signals), and any :class:`Forwarder`
 subclass (or a callable taking the app and returning a forwarder) sends events elsewhere.
@@ -10,12 +11,10 @@ subclass (or a callable taking the app and returning a forwarder) sends events e
 from __future__ import annotations
 
 import logging
-import os
-import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import requests
@@ -23,15 +22,12 @@ from flask import Flask
 
 from . import signals
 from .event import CioEvent
-from .outbox import DeadLetter, Outbox, OutboxStatus
 from .rudderstack import data_plane_from_config, describe
-from .sender import Sender
 
 __all__ = [
     "ForwardError",
     "Forwarder",
     "NullForwarder",
-    "OutboxForwarder",
     "SyncForwarder",
     "create_forwarder",
 ]
@@ -152,87 +148,15 @@ class SyncForwarder(Forwarder):
         self.data_plane.close()
 
 
-class OutboxForwarder(Forwarder):
-    """Keeps every accepted event in a SQLite outbox before the webhook answers.
+def _outbox_forwarder(app: Flask) -> Forwarder:
+    """The ``"outbox"`` forwarder, imported on use: its module builds on this one."""
+    from .outbox import OutboxForwarder
 
-    Nothing about RudderStack is awaited in the request: a background sender in
-    each process delivers the outbox (see :mod:`flask_cio_rudder.sender`).
-    Duplicates are found in the outbox, so they collapse across processes and restarts.
-    """
+    return OutboxForwarder(app)
 
-    def __init__(self, app: Flask) -> None:
-        super().__init__(app)
-        config = app.config
-        data_plane_from_config(config, _OUTBOX_TIMEOUT).close()  # fail fast on a missing setting
-        batch_size = config["CIO_RUDDER_OUTBOX_BATCH_SIZE"]
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= 100:
-            raise RuntimeError("CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number from 1 to 100.")
-        path = config["CIO_RUDDER_OUTBOX_PATH"] or os.path.join(
-            app.instance_path, "cio_rudder_outbox.sqlite3"
-        )
-        self.outbox = Outbox(path, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"])
-        self.sender = Sender(
-            app,
-            self.outbox,
-            lambda: data_plane_from_config(config, _OUTBOX_TIMEOUT),
-            batch_size=batch_size,
-            lease=config["CIO_RUDDER_OUTBOX_LEASE"],
-            max_age=config["CIO_RUDDER_OUTBOX_MAX_AGE"],
-            shutdown_timeout=config["CIO_RUDDER_SHUTDOWN_TIMEOUT"],
-        )
-        self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
-        if self.background:
-            self.sender.ensure_running()
-
-    def is_duplicate(self, event_id: str) -> bool:
-        return self.outbox.is_known(event_id)
-
-    def accept(self, event: CioEvent) -> None:
-        try:
-            self.outbox.add(event.event_id, event.payload_json)
-        except sqlite3.Error as error:
-            raise ForwardError(f"could not write the outbox: {error}") from error
-        if self.background:
-            self.sender.ensure_running()
-            self.sender.wake()
-
-    def reject(self, body: bytes, event_id: str | None, reason: str, errors: Mapping[str, Any]) -> None:
-        super().reject(body, event_id, reason, errors)
-        self.outbox.add_rejected(event_id, body, reason)
-
-    # The operator's API (also behind ``flask cio-rudder ...``).
-
-    def status(self) -> OutboxStatus:
-        """Counts of pending, delivered and dead events, the oldest pending age, the last error."""
-        return self.outbox.status()
-
-    def flush(self, timeout: float = 30.0) -> int:
-        """Send what is due now, from this thread, for at most ``timeout`` seconds; returns how many."""
-        return self.sender.flush(timeout)
-
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        return self.outbox.dead_letters(limit)
-
-    def requeue(self, event_ids: Sequence[str] | None = None) -> int:
-        """Send dead letters again: all of them, or those with these ids."""
-        count = self.outbox.requeue(event_ids)
-        self.sender.wake()
-        return count
-
-    def purge_delivered(self, older_than: float) -> int:
-        """Delete delivered events older than ``older_than`` seconds."""
-        return self.outbox.purge_delivered(older_than)
-
-    def close(self) -> None:
-        self.sender.stop()
-        self.outbox.close()
-
-
-# Outside a web request the sender can wait longer than Customer.io would.
-_OUTBOX_TIMEOUT = (3.0, 10.0)
 
 _BUILT_IN: dict[str, ForwarderFactory] = {
-    "outbox": OutboxForwarder,
+    "outbox": _outbox_forwarder,
     "sync": SyncForwarder,
     "none": NullForwarder,
 }

@@ -1,4 +1,4 @@
-"""The sender: a background thread in each process that drains the outbox to RudderStack.
+"""The sender: drains the outbox store to RudderStack, from a thread of each process or a worker.
 
 It claims batches (at most ``batch_size`` events, each at most 32 KB, so well under
 RudderStack's request limit), posts them to ``/v1/batch`` and acts on the answer
@@ -6,6 +6,10 @@ as RudderStack's API describes: 200 delivered; 400 and 413 split the batch until
 the bad events are alone and kept as dead letters; 401, 403 and 404 keep
 everything and log one error naming the setting to check; anything else (429,
 5xx, timeouts, refused or reset connections) gives the events back and backs off.
+A store that cannot be reached (PostgreSQL down, a locked disk) is backed off the same way.
+
+No request outlives the claim's lease: each one's timeout is cut to what is left of
+it, so a live sender's batch is never taken over (and sent twice at once) while it waits.
 """
 
 from __future__ import annotations
@@ -18,16 +22,17 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import requests
 from flask import Flask
 
 from . import signals
-from .outbox import Claimed, Outbox
 from .rudderstack import DataPlane, describe
+from .store import Claimed, OutboxStore, StoreError
 
-__all__ = ["Sender"]
+__all__ = ["Delivery", "Sender"]
 
 logger = logging.getLogger("flask_cio_rudder")
 
@@ -37,9 +42,28 @@ _CONFIGURATION_ERRORS = {
     404: "check CIO_RUDDER_DATA_PLANE_URL and that the RudderStack source is enabled",
 }
 
+#: Seconds of a lease kept back from a request's timeout, for marking the batch afterwards.
+_LEASE_MARGIN = 2.0
+
+
+@dataclass
+class Delivery:
+    """What one or more batches came to: events claimed, delivered, made dead letters; the last error."""
+
+    claimed: int = 0
+    delivered: int = 0
+    dead: int = 0
+    error: str | None = None
+
+    def add(self, other: Delivery) -> None:
+        self.claimed += other.claimed
+        self.delivered += other.delivered
+        self.dead += other.dead
+        self.error = other.error or self.error
+
 
 class Sender:
-    """Sends what the outbox holds, from a daemon thread started in each process that uses it."""
+    """Sends what the outbox store holds, from a daemon thread started in each process that uses it."""
 
     #: First and largest wait after a failed attempt, in seconds (the wait doubles, with jitter).
     RETRY_BASE = 1.0
@@ -53,34 +77,39 @@ class Sender:
     def __init__(
         self,
         app: Flask,
-        outbox: Outbox,
+        store: OutboxStore,
         make_data_plane: Callable[[], DataPlane],
         *,
         batch_size: int = 100,
         lease: float = 60.0,
         max_age: float = 7 * 24 * 3600,
         shutdown_timeout: float = 5.0,
+        idle_wait: float | None = None,
     ) -> None:
         self.app = app
-        self.outbox = outbox
+        self.store = store
         self.batch_size = batch_size
         self.lease = lease
         self.max_age = max_age
         self.shutdown_timeout = shutdown_timeout
+        self.idle_wait = self.IDLE_WAIT if idle_wait is None else idle_wait
         self._make_data_plane = make_data_plane
         self._fresh_process_state()
         _live_senders.add(self)
 
     def _fresh_process_state(self) -> None:
-        """Everything that must not be shared across a fork: thread, locks, sockets."""
+        """Everything that must not be shared across a fork: threads, locks, sockets."""
         self.data_plane = self._make_data_plane()
         self._pid = os.getpid()
         self._thread: threading.Thread | None = None
+        self._watcher: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._failures = 0
         self._reported_configuration_error = False
+        self._reported_store_error = False
+        self._final_flush = True
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -94,18 +123,36 @@ class Sender:
             if self._thread is None and not self._stopping.is_set():
                 self._thread = threading.Thread(target=self._run, name="cio-rudder-sender", daemon=True)
                 self._thread.start()
+                if self.store.notifies:
+                    self._watcher = threading.Thread(
+                        target=self.store.watch,
+                        args=(self.wake, self._stopping),
+                        name="cio-rudder-wakeups",
+                        daemon=True,
+                    )
+                    self._watcher.start()
+
+    @property
+    def running(self) -> bool:
+        """Whether this process's sender thread is alive."""
+        return self._thread is not None and self._thread.is_alive() and self._pid == os.getpid()
 
     def wake(self) -> None:
         """Tell the sender there is something new to send."""
         self._wake.set()
 
-    def stop(self) -> None:
-        """Flush what can be sent within ``shutdown_timeout`` seconds, then stop. Never hangs."""
+    def stop(self, *, flush: bool = True) -> None:
+        """Flush what can be sent within ``shutdown_timeout`` seconds (unless told not to), then stop.
+
+        Never hangs: a batch in flight is given ``shutdown_timeout`` seconds to finish.
+        """
+        self._final_flush = flush
         self._stopping.set()
         self._wake.set()
-        thread = self._thread
-        if thread is not None and thread.is_alive() and self._pid == os.getpid():
-            thread.join(self.shutdown_timeout + 1.0)
+        if self._pid == os.getpid():
+            for thread in (self._thread, self._watcher):
+                if thread is not None and thread.is_alive():
+                    thread.join(self.shutdown_timeout + 1.0)
         self.data_plane.close()
 
     def _after_fork(self) -> None:
@@ -114,56 +161,73 @@ class Sender:
     def _run(self) -> None:
         while not self._stopping.is_set():
             try:
-                claimed, error = self.send_batch()
-            except Exception:  # a bug or a broken disk must not kill the thread silently
+                outcome = self.send_batch()
+            except StoreError as error:  # the database is down: back off as from RudderStack
+                self._failures += 1
+                if not self._reported_store_error:
+                    logger.warning("The outbox cannot be read, will retry: %s", error)
+                    self._reported_store_error = True
+                outcome = Delivery(error=str(error))
+            except Exception:  # a bug must not kill the thread silently
                 logger.exception("The Customer.io event sender failed; retrying")
-                claimed, error = 0, "sender error"
-            if error is not None:
+                self._failures += 1
+                outcome = Delivery(error="sender error")
+            if outcome.error is not None:
                 self._stopping.wait(self._retry_delay())
-            elif claimed < self.batch_size:
-                if self._wake.wait(self.IDLE_WAIT):
+            elif outcome.claimed < self.batch_size:
+                if self._wake.wait(self.idle_wait):
                     self._stopping.wait(self.LINGER)
                 self._wake.clear()
-        self.flush(self.shutdown_timeout)
+        try:
+            if self._final_flush:
+                self.flush(self.shutdown_timeout)
+        except StoreError as error:
+            logger.warning("Could not send the outbox's last events at shutdown: %s", error)
 
     def _retry_delay(self) -> float:
-        ceiling = min(self.RETRY_CAP, self.RETRY_BASE * 2 ** min(self._failures - 1, 30))
+        ceiling = min(self.RETRY_CAP, self.RETRY_BASE * 2 ** min(max(self._failures, 1) - 1, 30))
         return random.uniform(ceiling / 2, ceiling)
 
     # -- sending -------------------------------------------------------------------------------
 
-    def flush(self, timeout: float) -> int:
+    def flush(self, timeout: float) -> Delivery:
         """Send batches from this thread until nothing is due, a send fails, or ``timeout`` passes.
 
-        Returns how many events were claimed. Each request's own timeout is cut to
-        what is left, so this returns within about ``timeout`` seconds.
+        Each request's own timeout is cut to what is left, so this returns within about
+        ``timeout`` seconds. Raises :class:`~flask_cio_rudder.store.StoreError` if the store is down.
         """
         deadline = time.monotonic() + timeout
-        total = 0
+        total = Delivery()
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return total
-            claimed, error = self.send_batch(timeout=remaining)
-            total += claimed
-            if error is not None or claimed == 0:
+            outcome = self.send_batch(timeout=remaining)
+            total.add(outcome)
+            if outcome.error is not None or outcome.claimed == 0:
                 return total
 
-    def send_batch(self, timeout: float | None = None) -> tuple[int, str | None]:
-        """Claim one batch and deliver it; returns how many were claimed and the error, if any."""
-        owner, events = self.outbox.claim(self.batch_size, self.lease, self.max_age)
-        if not events:
-            return 0, None
-        error = self._deliver(owner, events, timeout)
-        if error is None:
+    def send_batch(self, timeout: float | None = None) -> Delivery:
+        """Claim one batch and deliver it; says how many were claimed, delivered, dead, and the error."""
+        claim = self.store.claim(self.batch_size, self.lease, self.max_age)
+        if not claim.events:
+            return Delivery()
+        # No request may outlast the lease: after it, another sender may take the batch.
+        lease_left = max(0.1, self.lease - _LEASE_MARGIN)
+        outcome = Delivery(claimed=len(claim.events))
+        self._deliver(claim.owner, claim.events, min(lease_left, timeout or lease_left), outcome)
+        if outcome.error is None:
             self._failures = 0
             self._reported_configuration_error = False
+            self._reported_store_error = False
         else:
             self._failures += 1
-        return len(events), error
+        if outcome.delivered:
+            logger.info("Delivered %d Customer.io events to RudderStack", outcome.delivered)
+        return outcome
 
-    def _deliver(self, owner: str, events: Sequence[Claimed], timeout: float | None) -> str | None:
-        """Post ``events``; returns ``None`` when each is delivered or dead, else the error (all released)."""
+    def _deliver(self, owner: str, events: Sequence[Claimed], timeout: float, outcome: Delivery) -> None:
+        """Post ``events``; each ends delivered, dead, or released with ``outcome.error`` set."""
         ids = [event.event_id for event in events]
         started = time.perf_counter()
         try:
@@ -172,42 +236,48 @@ class Sender:
             )
         except requests.RequestException as error:
             reason = f"could not reach RudderStack ({type(error).__name__})"
-            return self._retry_later(owner, events, reason, time.perf_counter() - started)
+            self._retry_later(owner, events, reason, outcome, time.perf_counter() - started)
+            return
+        duration = time.perf_counter() - started
         status = response.status_code
         if status == 200:
-            self.outbox.delivered(owner, ids)
-            self._signal(signals.event_forwarded, events, duration=time.perf_counter() - started)
-            return None
+            self.store.mark_delivered(owner, ids)
+            outcome.delivered += len(ids)
+            self._signal(signals.event_forwarded, events, duration=duration)
+            return
         if status in (400, 413) and len(events) > 1:
             half = len(events) // 2
-            first_error = self._deliver(owner, events[:half], timeout)
-            if first_error is not None:
-                self.outbox.release(owner, ids[half:], first_error)
-                return first_error
-            return self._deliver(owner, events[half:], timeout)
+            self._deliver(owner, events[:half], timeout, outcome)
+            if outcome.error is not None:
+                self.store.release(owner, ids[half:], outcome.error)
+                return
+            self._deliver(owner, events[half:], timeout, outcome)
+            return
         if status in (400, 413):
             reason = describe(response)
-            self.outbox.dead(owner, ids, reason)
+            self.store.mark_dead(owner, ids, reason)
+            outcome.dead += len(ids)
             logger.warning(
                 "RudderStack refused Customer.io event %s; kept as a dead letter: %s", ids[0], reason
             )
-            duration = time.perf_counter() - started
             self._signal(signals.forward_failed, events, reason=reason, retry=False, duration=duration)
-            return None
+            return
         reason = describe(response)
         if status in _CONFIGURATION_ERRORS:
             reason = f"{reason}; {_CONFIGURATION_ERRORS[status]}"
             if not self._reported_configuration_error:
                 logger.error("Cannot deliver Customer.io events: %s. They are kept and retried.", reason)
                 self._reported_configuration_error = True
-        return self._retry_later(owner, events, reason, time.perf_counter() - started)
+        self._retry_later(owner, events, reason, outcome, duration)
 
-    def _retry_later(self, owner: str, events: Sequence[Claimed], reason: str, duration: float) -> str:
-        self.outbox.release(owner, [event.event_id for event in events], reason)
+    def _retry_later(
+        self, owner: str, events: Sequence[Claimed], reason: str, outcome: Delivery, duration: float
+    ) -> None:
+        self.store.release(owner, [event.event_id for event in events], reason)
+        outcome.error = reason
         if not self._reported_configuration_error:
             logger.warning("Delivery to RudderStack failed, will retry: %s", reason)
         self._signal(signals.forward_failed, events, reason=reason, retry=True, duration=duration)
-        return reason
 
     def _signal(self, signal: Any, events: Sequence[Claimed], **data: Any) -> None:
         """Send a delivery signal, ``payloads=`` the events, in an app context.
@@ -241,6 +311,7 @@ def _reset_senders_in_child() -> None:
     """After a fork (gunicorn, Celery prefork...): no thread survives it, so start afresh."""
     for sender in list(_live_senders):
         was_running = sender._thread is not None
+        sender.store.after_fork()
         sender._after_fork()
         if was_running:
             sender.ensure_running()

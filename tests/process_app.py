@@ -5,7 +5,9 @@ setting comes from the environment, so each test picks its own outbox, data plan
 and timeouts:
 
 ========================================  ==============================================
-``CIO_RUDDER_OUTBOX_PATH``                the SQLite outbox (required)
+``CIO_RUDDER_OUTBOX_URL``                 the outbox (required)
+``CIO_RUDDER_OUTBOX_TABLE``               its table, optional
+``CIO_RUDDER_OUTBOX_SENDER``              ``0`` for web workers that only write, optional
 ``CIO_RUDDER_DATA_PLANE_URL``             where the sender posts (required)
 ``CIO_RUDDER_WRITE_KEY``                  the data plane's write key (required)
 ``CIO_RUDDER_SIGNING_KEY``                Customer.io's signing key (required)
@@ -31,7 +33,7 @@ from flask import Flask, Response
 from flask_cio_rudder import CioRudder, signals
 
 _REQUIRED = (
-    "CIO_RUDDER_OUTBOX_PATH",
+    "CIO_RUDDER_OUTBOX_URL",
     "CIO_RUDDER_DATA_PLANE_URL",
     "CIO_RUDDER_WRITE_KEY",
     "CIO_RUDDER_SIGNING_KEY",
@@ -52,6 +54,10 @@ def create_app() -> Flask:
     for key in _OPTIONAL_SECONDS:
         if key in os.environ:
             app.config[key] = float(os.environ[key])
+    if "CIO_RUDDER_OUTBOX_TABLE" in os.environ:
+        app.config["CIO_RUDDER_OUTBOX_TABLE"] = os.environ["CIO_RUDDER_OUTBOX_TABLE"]
+    if "CIO_RUDDER_OUTBOX_SENDER" in os.environ:
+        app.config["CIO_RUDDER_OUTBOX_SENDER"] = os.environ["CIO_RUDDER_OUTBOX_SENDER"] != "0"
     forwarded_log = os.environ["PROCESS_APP_FORWARDED_LOG"]
 
     def record_forwarded(sender: Flask, payloads: list[dict[str, Any]], **extra: Any) -> None:

@@ -127,7 +127,7 @@ def forwarder_config(
         config["CIO_RUDDER_WRITE_KEY"] = data_plane.write_key if data_plane else WRITE_KEY
         config["CIO_RUDDER_DATA_PLANE_URL"] = data_plane.url if data_plane else "http://127.0.0.1:9"
     if forwarder == "outbox":
-        config["CIO_RUDDER_OUTBOX_PATH"] = str(directory / "outbox.sqlite3")
+        config["CIO_RUDDER_OUTBOX_URL"] = f"sqlite:///{directory / 'outbox.sqlite3'}"
         config["CIO_RUDDER_OUTBOX_SENDER"] = False
     return config
 

@@ -45,7 +45,7 @@ def outbox_app(make_app: Callable[..., Flask], tmp_path: Path, data_plane: FakeD
         CIO_RUDDER_FORWARDER="outbox",
         CIO_RUDDER_WRITE_KEY=data_plane.write_key,
         CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
-        CIO_RUDDER_OUTBOX_PATH=str(tmp_path / "outbox.sqlite3"),
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
         CIO_RUDDER_OUTBOX_SENDER=False,
     )
 
@@ -219,7 +219,7 @@ def test_strict_mode_rejects_the_same_minimal_body_as_a_dead_letter(
         CIO_RUDDER_FORWARDER="outbox",
         CIO_RUDDER_WRITE_KEY=data_plane.write_key,
         CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
-        CIO_RUDDER_OUTBOX_PATH=str(tmp_path / "outbox.sqlite3"),
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
         CIO_RUDDER_OUTBOX_SENDER=False,
     )
     body = {

@@ -50,7 +50,7 @@ def example(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> Iterat
             "CIO_RUDDER_SIGNING_KEY": KEY,
             "CIO_RUDDER_WRITE_KEY": data_plane.write_key,
             "CIO_RUDDER_DATA_PLANE_URL": data_plane.url,
-            "CIO_RUDDER_OUTBOX_PATH": str(tmp_path / "outbox.sqlite3"),
+            "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
             "CIO_RUDDER_OUTBOX_SENDER": False,
             "SUPPRESSION_DATABASE": str(database),
         }
@@ -95,14 +95,14 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("CIO_RUDDER_WRITE_KEY", "write-from-env")
     monkeypatch.setenv("CIO_RUDDER_DATA_PLANE_URL", "https://dataplane.example.com")
     monkeypatch.setenv("SUPPRESSION_DATABASE", str(tmp_path / "env.sqlite3"))
-    monkeypatch.setenv("CIO_RUDDER_OUTBOX_PATH", str(tmp_path / "outbox.sqlite3"))
+    monkeypatch.setenv("CIO_RUDDER_OUTBOX_URL", f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
     example = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
     try:
         assert example.config["CIO_RUDDER_SIGNING_KEY"] == "from-env"
         assert example.config["CIO_RUDDER_WRITE_KEY"] == "write-from-env"
         assert example.config["CIO_RUDDER_DATA_PLANE_URL"] == "https://dataplane.example.com"
         assert store_for(example).path == tmp_path / "env.sqlite3"
-        assert get_outbox(example).outbox.path == str(tmp_path / "outbox.sqlite3")
+        assert get_outbox(example).path == str(tmp_path / "outbox.sqlite3")
     finally:
         example.extensions["cio_rudder"].forwarder.close()
 
@@ -111,7 +111,7 @@ def test_the_database_defaults_to_the_instance_folder(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("SUPPRESSION_DATABASE", raising=False)
-    monkeypatch.setenv("CIO_RUDDER_OUTBOX_PATH", str(tmp_path / "outbox.sqlite3"))
+    monkeypatch.setenv("CIO_RUDDER_OUTBOX_URL", f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
     example = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
     try:
         assert store_for(example).path == Path(example.instance_path) / "suppressions.sqlite3"

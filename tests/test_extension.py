@@ -11,7 +11,7 @@ from flask_wtf import CSRFProtect
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import CioEvent, CioRudder, Forwarder, NullForwarder
-from flask_cio_rudder.forwarders import OutboxForwarder
+from flask_cio_rudder.outbox import OutboxForwarder
 
 from .conftest import SIGNING_KEY, sample
 

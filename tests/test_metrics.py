@@ -38,7 +38,7 @@ def metered(make_app: Callable[..., Flask], tmp_path: Path, data_plane: FakeData
         CIO_RUDDER_FORWARDER="outbox",
         CIO_RUDDER_WRITE_KEY=data_plane.write_key,
         CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
-        CIO_RUDDER_OUTBOX_PATH=str(tmp_path / "outbox.sqlite3"),
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
         CIO_RUDDER_OUTBOX_SENDER=False,
         CIO_RUDDER_MAX_BODY_BYTES=2000,
         PROPAGATE_EXCEPTIONS=False,

@@ -13,10 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import queue
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -25,42 +22,27 @@ from collections import Counter
 from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import requests
-from flask import Flask
 
-from flask_cio_rudder.outbox import Outbox, OutboxStatus
-from flask_cio_rudder.rudderstack import DataPlane
-from flask_cio_rudder.sender import Sender
+from flask_cio_rudder.store import OutboxStatus, Pending, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane, encode, signature_headers
 from flask_cio_rudder.transform import message_id, transform
 
 from .conftest import EMAIL_EVENTS, WEBHOOK, sample
+from .helpers import free_port, wait_until
+
+pytestmark = pytest.mark.slow  # real gunicorn and flask processes: seconds each
 
 ROOT = Path(__file__).resolve().parents[1]
 SIGNING_KEY = "process-test-signing-key"
 WRITE_KEY = "process-test-write-key"
-POLL = 0.02  # seconds between two looks at a condition
 BOOT_TIMEOUT = 20.0  # gunicorn importing Flask and the app on a busy 2-core machine
 DELIVERY_TIMEOUT = 20.0
 MAX_AGE = 7 * 24 * 3600.0  # CIO_RUDDER_OUTBOX_MAX_AGE's default
 ANSWER_TIMEOUT = 10.0  # a webhook takes milliseconds; Customer.io itself gives up after 4 s
-
-# -- waiting -------------------------------------------------------------------------------------
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout: float, what: str, detail: Callable[[], str] = str
-) -> None:
-    """Poll ``predicate`` every 20 ms until it is true; fail naming ``what`` after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout:g} s waiting until {what}\n{detail()}")
-        time.sleep(POLL)
-
 
 # -- events --------------------------------------------------------------------------------------
 
@@ -105,23 +87,15 @@ def assert_delivered_exactly_once(stored: list[dict[str, Any]], event_ids: Colle
     assert len(stored) == len(event_ids)
 
 
-def outbox_status(path: Path) -> OutboxStatus:
-    outbox = Outbox(str(path))
+def outbox_status(url: str, table: str | None = None) -> OutboxStatus:
+    store = store_from_url(url, table=table)
     try:
-        return outbox.status()
+        return store.status()
     finally:
-        outbox.close()
+        store.close()
 
 
 # -- processes -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on (a closed port, or one to serve on)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class Server:
@@ -151,27 +125,38 @@ class Server:
 class Deployment:
     """Starts gunicorn, always on the same outbox and forwarded-batches log, as often as a test wants."""
 
-    def __init__(self, tmp_path: Path) -> None:
+    def __init__(self, tmp_path: Path, outbox_url: str | None = None, table: str | None = None) -> None:
         self.tmp_path = tmp_path
-        self.outbox = tmp_path / "outbox.sqlite3"
+        self.outbox = outbox_url or f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+        self.table = table
         self.forwarded_log = tmp_path / "forwarded.log"
         self.servers: list[Server] = []
 
-    def start(
-        self, data_plane_url: str, *, workers: int = 1, preload: bool = False, **settings: float
-    ) -> Server:
-        """Start gunicorn and wait until it answers HTTP; ``settings`` are ``CIO_RUDDER_*`` seconds."""
-        port = free_port()
+    def env(self, data_plane_url: str, **settings: object) -> dict[str, str]:
+        """The environment of a process of this deployment; ``settings`` are ``CIO_RUDDER_*`` values."""
         env = {key: value for key, value in os.environ.items() if key != "GUNICORN_CMD_ARGS"}
         env.update(
             PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            CIO_RUDDER_OUTBOX_PATH=str(self.outbox),
+            CIO_RUDDER_OUTBOX_URL=self.outbox,
             CIO_RUDDER_DATA_PLANE_URL=data_plane_url,
             CIO_RUDDER_WRITE_KEY=WRITE_KEY,
             CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
             PROCESS_APP_FORWARDED_LOG=str(self.forwarded_log),
         )
+        if self.table:
+            env["CIO_RUDDER_OUTBOX_TABLE"] = self.table
         env.update({f"CIO_RUDDER_{name.upper()}": str(value) for name, value in settings.items()})
+        return env
+
+    def status(self) -> OutboxStatus:
+        return outbox_status(self.outbox, self.table)
+
+    def start(
+        self, data_plane_url: str, *, workers: int = 1, preload: bool = False, **settings: object
+    ) -> Server:
+        """Start gunicorn and wait until it answers HTTP; ``settings`` are ``CIO_RUDDER_*`` values."""
+        port = free_port()
+        env = self.env(data_plane_url, **settings)
         command = [
             sys.executable,
             "-m",
@@ -224,7 +209,7 @@ class Deployment:
         def detail() -> str:
             return (
                 f"forwarded so far: {self.forwarded_count()}, stored by the data plane: {len(plane.events)}, "
-                f"outbox: {outbox_status(self.outbox)}\n{server.log_tail()}"
+                f"outbox: {self.status()}\n{server.log_tail()}"
             )
 
         wait_until(
@@ -277,7 +262,7 @@ def test_events_accepted_before_a_sigkill_are_delivered_once_after_the_restart(
     first.kill()
     assert first.process.returncode == -signal.SIGKILL
     assert deployment.forwarded() == []
-    status = outbox_status(deployment.outbox)
+    status = deployment.status()
     assert (status.pending, status.delivered, status.dead) == (50, 0, 0)
 
     with FakeDataPlane(write_key=WRITE_KEY) as plane:
@@ -285,7 +270,7 @@ def test_events_accepted_before_a_sigkill_are_delivered_once_after_the_restart(
         deployment.wait_forwarded(50, plane, second)
         assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
     assert deployment.forwarded_count() == 50
-    status = outbox_status(deployment.outbox)
+    status = deployment.status()
     assert (status.pending, status.delivered, status.dead) == (0, 50, 0)
 
 
@@ -333,71 +318,13 @@ def test_preloaded_workers_send_after_the_fork_and_nothing_is_forwarded_twice(de
         assert_delivered_exactly_once(plane.events, list(accepted))
         forwarded = deployment.forwarded()
         assert sum(count for _, count in forwarded) == len(accepted)  # event_forwarded once per event
-        status = outbox_status(deployment.outbox)
+        status = deployment.status()
         assert (status.pending, status.delivered, status.dead) == (0, len(accepted), 0)
         senders = {pid for pid, _ in forwarded}
         assert senders & workers, (
             f"only {senders} forwarded (master: {server.pid}, workers: {workers}): "
             "no worker's sender ran after the fork"
         )
-
-
-def outbox_write_lock_is_free(path: Path) -> bool:
-    """Whether a new connection in another process (this one) gets the outbox's write lock within 2 s."""
-    db = sqlite3.connect(str(path), timeout=2, isolation_level=None)
-    try:
-        db.execute("BEGIN IMMEDIATE")
-        db.execute("ROLLBACK")
-    except sqlite3.OperationalError:
-        return False
-    finally:
-        db.close()
-    return True
-
-
-# -- 2b. a fork in the middle of a transaction ---------------------------------------------------
-
-
-def test_workers_forked_while_the_preloaded_sender_is_in_a_transaction_can_write_the_outbox(
-    deployment: Deployment,
-) -> None:
-    """The master's sender is in a long transaction while gunicorn forks: every worker must still write.
-
-    An SQLite connection (or SQLite's lock bookkeeping inside a transaction) carried across a
-    fork leaves the child waiting forever for a lock nobody holds; the outbox closes its
-    connections before any fork, so this must pass every time.
-
-    The outbox holds 400,000 events older than CIO_RUDDER_OUTBOX_MAX_AGE (left from a long
-    outage): the first claim of the master's sender turns them into dead letters in one
-    write transaction of a second or so, and gunicorn forks its three workers meanwhile.
-    """
-    Outbox(str(deployment.outbox)).close()  # creates the tables
-    expired_at = time.time() - 7200
-    with contextlib.closing(sqlite3.connect(str(deployment.outbox))) as db, db:
-        db.executemany(
-            "INSERT INTO events (event_id, state, payload, accepted_at) VALUES (?, 'pending', '{}', ?)",
-            ((f"expired-{number}", expired_at) for number in range(400_000)),
-        )
-    with FakeDataPlane(write_key=WRITE_KEY) as plane:
-        server = deployment.start(plane.url, workers=3, preload=True, outbox_max_age=3600)
-        bodies = make_bodies("forked", 6)  # one per sending thread: a hung worker costs one timeout
-
-        def answer(body: dict[str, Any]) -> requests.Response | None:
-            try:
-                return post_event(server.url, body)
-            except requests.Timeout:
-                return None
-
-        with ThreadPoolExecutor(max_workers=6) as pool:
-            answers = list(pool.map(answer, bodies))
-        unanswered = [body["event_id"] for body, response in zip(bodies, answers) if response is None]
-        assert not unanswered, (
-            f"no answer within {ANSWER_TIMEOUT:g} s to {unanswered}; "
-            f"outbox write lock free: {outbox_write_lock_is_free(deployment.outbox)}"
-        )
-        for body, response in zip(bodies, answers):
-            assert response is not None
-            assert_accepted(response, body)
 
 
 # -- 3. SIGTERM while the data plane hangs -------------------------------------------------------
@@ -435,7 +362,7 @@ def test_sigterm_exits_in_bounded_time_while_the_data_plane_hangs_and_the_restar
     print(f"gunicorn exited {elapsed:.2f} s after SIGTERM")  # shown with -s; the bound is what matters
 
     assert deployment.forwarded() == []
-    assert outbox_status(deployment.outbox).pending == 5
+    assert deployment.status().pending == 5
     with FakeDataPlane(write_key=WRITE_KEY) as healthy:
         restarted = deployment.start(healthy.url, outbox_lease=2)
         deployment.wait_forwarded(5, healthy, restarted)
@@ -443,89 +370,137 @@ def test_sigterm_exits_in_bounded_time_while_the_data_plane_hangs_and_the_restar
     assert deployment.forwarded_count() == 5
 
 
-# -- 4. a sender that dies holding a lease -------------------------------------------------------
+# -- 4. a claimer SIGKILLed mid-batch, and `flask cio-rudder flush` -----------------------------
 
-CLAIM_THEN_BLOCK = """
+CLAIM_AND_HOLD = """
 import json, sys
-from flask_cio_rudder.outbox import Outbox
+from flask_cio_rudder.store import store_from_url
 
-path, now, limit, lease = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
-outbox = Outbox(path, clock=lambda: now)
-owner, claimed = outbox.claim(limit, lease, 7 * 24 * 3600)
-print(json.dumps([event.event_id for event in claimed]), flush=True)
-sys.stdin.read()  # hold the lease, as a sender stuck mid-batch does, until killed
+store = store_from_url(sys.argv[1])
+claim = store.claim(int(sys.argv[2]), 600.0, 7 * 24 * 3600)  # a lease of 10 minutes
+print(json.dumps([event.event_id for event in claim.events]), flush=True)
+sys.stdin.read()  # hold the batch, as a sender stuck mid-batch does, until killed
 """
 
 
-class FakeClock:
-    def __init__(self, now: float) -> None:
-        self.now = now
+def flask_cli(
+    deployment: Deployment, data_plane_url: str, *args: str, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``flask --app tests.process_app:create_app cio-rudder ARGS`` as an operator would."""
+    return subprocess.run(
+        [sys.executable, "-m", "flask", "--app", "tests.process_app:create_app", "cio-rudder", *args],
+        cwd=ROOT,
+        env=deployment.env(data_plane_url, outbox_sender=0),  # counts only what the command itself sends
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
-    def __call__(self) -> float:
-        return self.now
+
+def add_events(url: str, bodies: list[dict[str, Any]], table: str | None = None) -> None:
+    """Put accepted events into the outbox as the webhook does, through the store's public API."""
+    store = store_from_url(url, table=table)
+    try:
+        store.add_many(Pending(body["event_id"], json.dumps(transform(body))) for body in bodies)
+    finally:
+        store.close()
 
 
-def test_a_batch_claimed_by_a_process_killed_mid_batch_is_sent_by_another_only_after_the_lease(
-    tmp_path: Path,
+def test_flush_sends_at_once_the_batch_of_a_claimer_killed_mid_batch_and_says_who_holds_one(
+    deployment: Deployment,
 ) -> None:
-    """Another process's sender takes over a dead sender's batch, but not before its lease runs out."""
-    path = tmp_path / "outbox.sqlite3"
-    lease = 60.0
-    claimed_at = time.time()
-    clock = FakeClock(claimed_at - 1)
-    outbox = Outbox(str(path), clock=clock)
-    bodies = make_bodies("lease", 8)
-    for body in bodies:
-        assert outbox.add(body["event_id"], json.dumps(transform(body)))
-
+    """Issue 8: a live holder's batch is left alone (and named); a dead one's is sent by the next flush."""
+    bodies = make_bodies("claimer", 8)
+    add_events(deployment.outbox, bodies)
     claimer = subprocess.Popen(
-        [sys.executable, "-c", CLAIM_THEN_BLOCK, str(path), repr(claimed_at), "5", repr(lease)],
+        [sys.executable, "-c", CLAIM_AND_HOLD, deployment.outbox, "5"],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        text=True,
     )
-    try:
-        leased = read_claimed(claimer)
-    finally:
-        claimer.kill()
-        claimer.communicate(timeout=10)
-    assert claimer.returncode == -signal.SIGKILL  # died holding the lease: nothing released it
-    assert len(leased) == 5
-    unleased = {body["event_id"] for body in bodies} - set(leased)
-
     with FakeDataPlane(write_key=WRITE_KEY) as plane:
-        sender = Sender(
-            Flask(__name__), outbox, lambda: DataPlane(plane.url, WRITE_KEY, (2.0, 5.0)), lease=lease
-        )
         try:
-            clock.now = claimed_at + lease - 0.1  # the dead process's lease has not run out yet
-            assert sender.flush(10) == 3
-            assert {event["properties"]["eventId"] for event in plane.events} == unleased
-            assert outbox.claim(100, lease, MAX_AGE)[1] == []  # the leased five are not claimable
-
-            clock.now = claimed_at + lease + 0.1  # now it has run out
-            assert sender.flush(10) == 5
-            assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
+            assert claimer.stdout is not None
+            held = json.loads(claimer.stdout.readline() or "null")
+            assert held is not None, claimer.communicate(timeout=30)[1]
+            alive = flask_cli(deployment, plane.url, "flush")
+            assert alive.returncode == 1, alive.stdout + alive.stderr
+            assert "sent 3 events; 5 still pending" in alive.stdout
+            assert f"5 held by a live sender (pid {claimer.pid})" in alive.stdout
         finally:
-            sender.stop()
-            outbox.close()
-    status = outbox_status(path)
-    assert (status.pending, status.delivered, status.dead) == (0, 8, 0)
+            claimer.kill()
+            claimer.communicate(timeout=30)
+        assert claimer.returncode == -signal.SIGKILL  # died holding the batch: nothing released it
+
+        # The lease has ten minutes to run and flush gives up after 20 s: only a flush that sees
+        # the holder is gone can send the batch.
+        dead = flask_cli(deployment, plane.url, "flush", "--timeout", "20")
+        assert dead.returncode == 0, dead.stdout + dead.stderr
+        assert "sent 5 events; 0 still pending" in dead.stdout
+        assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
 
 
-def read_claimed(claimer: subprocess.Popen[bytes]) -> list[str]:
-    """The event ids the claiming process printed, waiting at most ``BOOT_TIMEOUT`` seconds."""
-    stdout, stderr = claimer.stdout, claimer.stderr
-    assert stdout is not None and stderr is not None
-    lines: queue.Queue[bytes] = queue.Queue()
-    threading.Thread(target=lambda: lines.put(stdout.readline()), daemon=True).start()
-    try:
-        line = lines.get(timeout=BOOT_TIMEOUT)
-    except queue.Empty:
-        pytest.fail(f"the claiming process printed nothing within {BOOT_TIMEOUT:g} s")
-    if not line:  # it exited: say why
-        claimer.wait(timeout=10)
-        pytest.fail(f"the claiming process failed:\n{stderr.read().decode(errors='replace')}")
-    claimed: list[str] = json.loads(line)
-    return claimed
+# -- 5. a sender of its own: `flask cio-rudder worker` -------------------------------------------
+
+
+def test_the_worker_sends_what_web_workers_only_write_and_stops_cleanly_on_sigterm(
+    deployment: Deployment,
+) -> None:
+    """Web workers only write (CIO_RUDDER_OUTBOX_SENDER = False); the worker sends, logs, stops on SIGTERM."""
+    with FakeDataPlane(write_key=WRITE_KEY) as plane:
+        web = deployment.start(plane.url, outbox_sender=0)
+        bodies = make_bodies("worker", 12)
+        for body in bodies[:6]:
+            assert_accepted(post_event(web.url, body), body)
+        log = deployment.tmp_path / "worker.log"
+        with open(log, "wb") as output:
+            worker = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "flask",
+                    "--app",
+                    "tests.process_app:create_app",
+                    "cio-rudder",
+                    "worker",
+                ],
+                cwd=ROOT,
+                env=deployment.env(plane.url, shutdown_timeout=2, timeout=30, outbox_lease=5),
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+
+            def worker_log() -> str:
+                return log.read_text(errors="replace")
+
+            deployment.wait_forwarded(6, plane, web)
+            for body in bodies[6:]:  # while the worker idles: it looks again without being told
+                assert_accepted(post_event(web.url, body), body)
+            deployment.wait_forwarded(12, plane, web)
+            assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
+            assert {pid for pid, _ in deployment.forwarded()} == {worker.pid}  # the web workers sent nothing
+            wait_until(lambda: "Delivered" in worker_log(), 10, "the worker logs its deliveries", worker_log)
+
+            plane.hang_next(60, times=1000)  # the next send hangs: SIGTERM must still end the worker
+            hanging = make_bodies("worker-late", 2)
+            for body in hanging:
+                assert_accepted(post_event(web.url, body), body)
+            wait_until(
+                lambda: plane.requests >= 4, 20, "the worker waits on the hanging data plane", worker_log
+            )
+            worker.send_signal(signal.SIGTERM)
+            try:
+                returncode = worker.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the worker still runs 20 s after SIGTERM\n{worker_log()}")
+            assert returncode == 0, worker_log()
+            assert "Received SIGTERM" in worker_log() and "Stopped" in worker_log()
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait(timeout=10)
+    assert deployment.status().pending == 2  # kept for the next sender

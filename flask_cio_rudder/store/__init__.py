@@ -1,0 +1,108 @@
+"""Outbox stores, chosen by URL as Flask-Limiter chooses its storage: one module per backend.
+
+``store_from_url("sqlite:///cio_rudder_outbox.sqlite3", instance_path=...)`` or
+``store_from_url("postgresql://app@db/app")``. A backend's driver is imported only
+when its scheme is used, so PostgreSQL needs its extra only where it is chosen.
+A new backend is one module with an :class:`OutboxStore` subclass, one line in
+``_BACKENDS``, and the contract suite in ``tests/test_store_contract.py`` passing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from urllib.parse import unquote, urlsplit
+
+from .base import (
+    Claim,
+    Claimed,
+    Clock,
+    DeadLetter,
+    OutboxStatus,
+    OutboxStore,
+    Pending,
+    StoreError,
+    StoreUnavailable,
+    redact_url,
+)
+
+__all__ = [
+    "Claim",
+    "Claimed",
+    "DeadLetter",
+    "OutboxStatus",
+    "OutboxStore",
+    "Pending",
+    "StoreError",
+    "StoreUnavailable",
+    "redact_url",
+    "store_from_url",
+]
+
+#: URL scheme -> (module, class, the extra that brings its driver).
+_BACKENDS: dict[str, tuple[str, str, str | None]] = {
+    "sqlite": ("flask_cio_rudder.store.sqlite", "SQLiteStore", None),
+    "postgresql": ("flask_cio_rudder.store.postgres", "PostgresStore", "postgres"),
+    "postgres": ("flask_cio_rudder.store.postgres", "PostgresStore", "postgres"),
+    "postgresql+psycopg": ("flask_cio_rudder.store.postgres", "PostgresStore", "postgres"),
+}
+
+
+def store_from_url(
+    url: str,
+    *,
+    instance_path: str | None = None,
+    table: str | None = None,
+    durability: str = "process-crash",
+    clock: Clock | None = None,
+) -> OutboxStore:
+    """The store ``url`` names (``CIO_RUDDER_OUTBOX_URL``); errors name the key, never the password.
+
+    ``sqlite:///name.sqlite3`` is relative to ``instance_path`` (the app's instance folder),
+    ``sqlite:////abs/path.sqlite3`` absolute. ``table`` defaults to the backend's own name.
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise RuntimeError(
+            "CIO_RUDDER_OUTBOX_URL must be a URL such as sqlite:///cio_rudder_outbox.sqlite3 "
+            f"or postgresql://user@host/database, not {redact_url(str(url))!r}."
+        )
+    scheme = url.split("://", 1)[0].lower()
+    if scheme not in _BACKENDS:
+        known = ", ".join(sorted(_BACKENDS))
+        raise RuntimeError(
+            f"CIO_RUDDER_OUTBOX_URL {redact_url(url)!r} has an unknown scheme {scheme!r}; use one of {known}."
+        )
+    module_name, class_name, extra = _BACKENDS[scheme]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        if extra is None:
+            raise
+        raise RuntimeError(
+            f"CIO_RUDDER_OUTBOX_URL is a {scheme}:// URL, which needs the {extra!r} extra: "
+            f'pip install "Flask-CIO-Rudder[{extra}]" ({error})'
+        ) from None
+    if class_name == "SQLiteStore":
+        return module.SQLiteStore(  # type: ignore[no-any-return]
+            sqlite_path(url, instance_path),
+            table=table or module.DEFAULT_TABLE,
+            durability=durability,
+            clock=clock or time.time,
+        )
+    store: OutboxStore = getattr(module, class_name)(url, table=table, clock=clock)
+    return store
+
+
+def sqlite_path(url: str, instance_path: str | None) -> str:
+    """The file of an ``sqlite:///`` URL: three slashes, relative to ``instance_path``; four, absolute."""
+    parts = urlsplit(url)
+    if parts.netloc or not parts.path or parts.path == "/" or parts.query:
+        raise RuntimeError(
+            f"CIO_RUDDER_OUTBOX_URL {url!r} is not an SQLite file URL: use sqlite:///relative/name.sqlite3 "
+            "(in the instance folder) or sqlite:////absolute/path.sqlite3."
+        )
+    path = unquote(parts.path[1:])  # the first slash separates the (empty) host from the path
+    if os.path.isabs(path):
+        return path
+    return os.path.join(instance_path or os.getcwd(), path)

@@ -1,0 +1,283 @@
+"""The store interface: what every outbox backend keeps and how a sender takes work from it.
+
+One row per Customer.io ``event_id``. A row is ``pending`` until a sender claims it,
+then ``delivered``, or ``dead`` with the reason when RudderStack will never take it.
+A claim is a lease held by one sender (the *holder*: a process on SQLite, a
+heartbeating sender on PostgreSQL): nobody else claims the batch while the lease
+runs and the holder lives, and a batch whose holder died is free at once. Finishing
+a batch (:meth:`OutboxStore.mark_delivered`, ...) names the claim's ``owner`` token,
+so a late answer to a lease that was taken over changes nothing.
+
+Every backend raises :class:`StoreUnavailable` (never its driver's own errors) when
+the database cannot be reached or written, so nothing outside the store modules
+needs to know which database is behind it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = [
+    "Claim",
+    "Claimed",
+    "DeadLetter",
+    "OutboxStatus",
+    "OutboxStore",
+    "Pending",
+    "StoreError",
+    "StoreUnavailable",
+    "redact_url",
+    "storage_key",
+]
+
+#: Longest ``event_id`` kept as it is; longer ones are stored under a hash (PostgreSQL's
+#: index entries are limited to about 2.7 KB, and Customer.io's ids are 26-character ULIDs).
+MAX_KEY_LENGTH = 255
+
+Clock = Callable[[], float]
+
+
+class StoreError(Exception):
+    """The outbox store could not do what was asked."""
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or written now (down, locked, disk full); try again later.
+
+    The message never holds a password: URLs in it are redacted.
+    """
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """An event a sender has leased: its id and its RudderStack event as JSON text."""
+
+    event_id: str
+    payload_json: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claimed batch: ``owner`` names this claim when the sender marks its events."""
+
+    owner: str
+    events: list[Claimed]
+
+
+@dataclass(frozen=True)
+class Pending:
+    """An event to add in bulk (benchmarks, copying between stores); ``accepted_at`` defaults to now."""
+
+    event_id: str
+    payload_json: str
+    accepted_at: float | None = None
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """An event that will not be delivered unless requeued, and why."""
+
+    event_id: str
+    reason: str
+    accepted_at: float
+    attempts: int
+    requeueable: bool  # False for bodies rejected at validation: there is nothing to send
+    body: str | None  # for those, the body exactly as received
+
+
+@dataclass(frozen=True)
+class OutboxStatus:
+    """Counts by state, what senders hold now, and the age of the oldest pending event."""
+
+    pending: int
+    delivered: int
+    dead: int
+    oldest_pending_age: float | None  # seconds
+    last_error: str | None
+    last_error_at: float | None
+    #: Pending events a live sender holds right now (claimed, not yet marked).
+    in_flight: int = 0
+    #: Who holds them: process ids (SQLite) or sender names (PostgreSQL).
+    holders: tuple[str, ...] = ()
+
+
+class OutboxStore(ABC):
+    """Durable store of accepted events, shared by every process (and server) that opens the same URL.
+
+    Implementations are safe to use from many threads and across ``fork()``: each
+    process opens its own connections on first use. Times are seconds since the
+    epoch from ``clock`` (tests pass a hand-moved one).
+    """
+
+    #: URL schemes this backend serves, e.g. ``("sqlite",)``.
+    schemes: ClassVar[tuple[str, ...]] = ()
+    #: Whether :meth:`watch` hears about events other processes add (else senders only poll).
+    notifies: ClassVar[bool] = False
+
+    #: The store's URL with any password replaced by ``***``: safe to log.
+    url: str
+    #: The table that holds the events.
+    table: str
+
+    # -- the web request's side ----------------------------------------------------------------
+
+    @abstractmethod
+    def is_known(self, event_id: str) -> bool:
+        """Whether this event was already accepted (rejected bodies do not count)."""
+
+    @abstractmethod
+    def add(self, event_id: str, payload_json: str) -> bool:
+        """Keep an accepted event as pending; ``False`` if it was already there. Durable on return.
+
+        A body that was rejected under the same id earlier is replaced by the event.
+        """
+
+    @abstractmethod
+    def add_many(self, events: Iterable[Pending]) -> int:
+        """Add pending events in large transactions (bulk loads, copies); returns how many were new."""
+
+    @abstractmethod
+    def add_rejected(self, event_id: str | None, body: bytes, reason: str) -> None:
+        """Keep a body that could not be accepted (as received, any bytes) as a dead letter."""
+
+    # -- the sender's side ---------------------------------------------------------------------
+
+    @abstractmethod
+    def claim(self, limit: int, lease: float, max_age: float) -> Claim:
+        """Lease up to ``limit`` pending events, oldest first, for ``lease`` seconds.
+
+        Events accepted more than ``max_age`` seconds ago become dead letters instead.
+        Events held by a sender that no longer lives are claimed as if free.
+        """
+
+    @abstractmethod
+    def mark_delivered(self, owner: str, event_ids: Sequence[str]) -> None:
+        """RudderStack stored these events of claim ``owner``."""
+
+    @abstractmethod
+    def release(self, owner: str, event_ids: Sequence[str], error: str) -> None:
+        """Give leased events back as pending after a failed attempt, noting the error."""
+
+    @abstractmethod
+    def mark_dead(self, owner: str, event_ids: Sequence[str], reason: str) -> None:
+        """Make leased events dead letters: RudderStack will not take them as they are."""
+
+    def watch(self, on_new: Callable[[], None], stopping: threading.Event) -> None:  # noqa: B027
+        """Call ``on_new`` when another process adds an event, until ``stopping`` is set.
+
+        Runs in a thread of its own. Backends that cannot hear other processes return
+        at once (``notifies`` is false); senders poll in any case.
+        """
+
+    # -- operators -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def status(self) -> OutboxStatus:
+        """Counts of pending, delivered and dead events, what senders hold, the last error."""
+
+    @abstractmethod
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+
+    @abstractmethod
+    def pending(self, limit: int = 1000, after: str | None = None) -> list[Pending]:
+        """Pending events in ``event_id`` order after ``after``: a page of them, to copy elsewhere."""
+
+    @abstractmethod
+    def requeue(self, event_ids: Sequence[str] | None = None) -> int:
+        """Make dead letters pending again (all, or these ids); returns how many.
+
+        Their age starts again now, so ``CIO_RUDDER_OUTBOX_MAX_AGE`` does not kill them at once.
+        """
+
+    @abstractmethod
+    def purge_delivered(self, older_than: float) -> int:
+        """Delete rows delivered more than ``older_than`` seconds ago; returns how many.
+
+        Their ids are forgotten too, so a replay of such an old event would be accepted again.
+        """
+
+    @abstractmethod
+    def schema_sql(self) -> str:
+        """The SQL that creates the store's tables, for teams that run migrations themselves."""
+
+    @abstractmethod
+    def create_tables(self) -> None:
+        """Create the tables now if they are missing (they are also created on first use)."""
+
+    @abstractmethod
+    def drop_tables(self) -> None:
+        """Drop the store's tables and everything in them (tests, and a deliberate operator)."""
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release this process's connections (and leases, heartbeats); reopened on next use."""
+
+    @abstractmethod
+    def after_fork(self) -> None:
+        """Forget, without closing, what the parent process had open: the child opens its own."""
+
+
+_KEY_PREFIX = "sha256:"
+
+
+def storage_key(event_id: str) -> str:
+    """The key an ``event_id`` is stored under: itself, unless no database could keep it as text.
+
+    Ids with a lone surrogate (not encodable as UTF-8), a NUL character (PostgreSQL's text
+    refuses it), or longer than ``MAX_KEY_LENGTH`` are stored under a hash of their code
+    points, so every ``str`` has a key and the same id always gets the same one.
+    """
+    if len(event_id) <= MAX_KEY_LENGTH and "\x00" not in event_id and not event_id.startswith(_KEY_PREFIX):
+        try:
+            event_id.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return event_id
+    return _KEY_PREFIX + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def rejected_key(event_id: str | None, body: bytes) -> str:
+    """The key of a rejected body: its ``event_id``, or a hash of the body when it has none."""
+    if event_id is None:
+        return "no-event-id:" + hashlib.sha256(body).hexdigest()[:32]
+    return storage_key(event_id)
+
+
+def body_text(body: bytes) -> str:
+    """A body as text any database keeps: invalid UTF-8 and NUL escaped, nothing dropped."""
+    return body.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (if any) replaced by ``***``, so it can be logged."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")
+
+
+def check_table_name(name: object, *, schemas: bool) -> str:
+    """``name`` if it is a plain SQL identifier (``schema.table`` too when ``schemas``), else fail."""
+    parts = name.split(".") if isinstance(name, str) else []
+    if not parts or len(parts) > (2 if schemas else 1) or not all(_IDENTIFIER.fullmatch(p) for p in parts):
+        allowed = "letters, digits and _ (48 at most)" + (", optionally schema.table" if schemas else "")
+        raise RuntimeError(f"CIO_RUDDER_OUTBOX_TABLE must be a table name of {allowed}, not {name!r}.")
+    return str(name)

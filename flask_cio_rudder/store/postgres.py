@@ -1,0 +1,544 @@
+"""The PostgreSQL store: one outbox shared by every app server, done as PostgreSQL queues are.
+
+- Dedup holds across servers: ``event_id`` is the primary key and events are added
+  with ``INSERT ... ON CONFLICT``, never a check then an insert.
+- A claim is one ``UPDATE`` of rows picked ``FOR UPDATE SKIP LOCKED``, so senders on
+  any number of machines never claim the same row; no transaction stays open while
+  the batch is posted.
+- Each process that claims keeps a heartbeat row in ``<table>_senders``. A batch
+  whose holder's heartbeat stopped (SIGKILL, a machine gone) is free after
+  ``HEARTBEAT_TIMEOUT`` seconds; a live, slow holder keeps it until its lease ends.
+- Adding an event sends ``NOTIFY``; senders ``LISTEN`` to wake up, and poll anyway,
+  since a notification can be lost.
+- One connection pool per process (psycopg_pool), opened on first use. After a
+  fork the child opens its own and leaves the parent's untouched: psycopg never
+  closes a connection from a process that did not open it.
+
+Times are seconds since the epoch: the database server's clock, or the ``clock``
+given (tests), so leases and heartbeats never depend on app servers' clocks agreeing.
+Every driver error leaves as :class:`StoreUnavailable`, with no password in it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable
+
+import psycopg
+import psycopg_pool
+from psycopg import Connection
+
+from .base import (
+    Claim,
+    Claimed,
+    Clock,
+    DeadLetter,
+    OutboxStatus,
+    OutboxStore,
+    Pending,
+    StoreUnavailable,
+    body_text,
+    check_table_name,
+    redact_url,
+    rejected_key,
+    storage_key,
+)
+
+__all__ = ["DEFAULT_TABLE", "PostgresStore"]
+
+logger = logging.getLogger("flask_cio_rudder")
+
+DEFAULT_TABLE = "cio_rudder_outbox"
+
+#: The time of a statement: the given clock's, else the server's.
+_NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
+
+_SCHEMA = """\
+CREATE TABLE IF NOT EXISTS {events} (
+    event_id     text PRIMARY KEY,
+    state        text NOT NULL CHECK (state IN ('pending', 'delivered', 'dead')),
+    payload      text,              -- the RudderStack event (JSON); NULL if rejected at validation
+    body         text,              -- the body as received, kept only for rejected ones
+    reason       text,              -- dead: why; pending: the last delivery error
+    accepted_at  double precision NOT NULL,   -- seconds since the epoch
+    attempts     integer NOT NULL DEFAULT 0,
+    lease_owner  text,              -- the claim holding the row
+    lease_holder text,              -- the sender process of that claim (see {senders})
+    leased_at    double precision,
+    lease_until  double precision,
+    delivered_at double precision
+);
+CREATE INDEX IF NOT EXISTS "{prefix}_pending" ON {events} (accepted_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS "{prefix}_dead" ON {events} (accepted_at) WHERE state = 'dead';
+CREATE INDEX IF NOT EXISTS "{prefix}_delivered" ON {events} (delivered_at) WHERE state = 'delivered';
+CREATE TABLE IF NOT EXISTS {senders} (
+    holder  text PRIMARY KEY,       -- host:pid:random, one per sending process
+    beat_at double precision NOT NULL
+);
+CREATE TABLE IF NOT EXISTS {meta} (key text PRIMARY KEY, value text);
+"""
+
+_live_stores: weakref.WeakSet[PostgresStore] = weakref.WeakSet()
+
+
+def _forget_pools_in_child() -> None:
+    for store in list(_live_stores):
+        store.after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools_in_child)
+
+# Pools and connections of a parent process, kept referenced in the child so that
+# nothing there ever runs their clean-up (psycopg would not close them anyway).
+_abandoned: list[Any] = []
+
+
+def _quote(name: str) -> str:
+    return ".".join(f'"{part}"' for part in name.split("."))
+
+
+class PostgresStore(OutboxStore):
+    """The outbox in a PostgreSQL table, shared by every process on every server that uses the URL."""
+
+    schemes = ("postgresql", "postgres", "postgresql+psycopg")
+    notifies = True
+
+    #: Seconds between two heartbeats of a process that claims.
+    HEARTBEAT = 1.0
+    #: A holder whose heartbeat is older than this (seconds) is dead: its batch is free.
+    HEARTBEAT_TIMEOUT = 5.0
+    #: Seconds a caller waits for a pooled connection (the webhook answers 503 after it).
+    POOL_TIMEOUT = 2.0
+    #: Seconds to connect before giving up (libpq's connect_timeout; whole seconds).
+    CONNECT_TIMEOUT = 2
+    #: Events per statement in :meth:`add_many`.
+    CHUNK = 5000
+
+    def __init__(
+        self, url: str, *, table: str | None = None, clock: Clock | None = None, pool_size: int = 4
+    ) -> None:
+        rest = url.split("://", 1)[1]
+        self.conninfo = "postgresql://" + rest
+        self.url = redact_url(url)
+        self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
+        self.clock = clock
+        self.pool_size = pool_size
+        name = self.table.rpartition(".")[2]
+        self._events = _quote(self.table)
+        self._senders = _quote(self.table + "_senders")
+        self._meta = _quote(self.table + "_meta")
+        self._schema_sql = _SCHEMA.format(
+            events=self._events, senders=self._senders, meta=self._meta, prefix=name
+        )
+        self.channel = f"cio_rudder_{self.table.replace('.', '_')}"
+        self._lock_key = f"flask_cio_rudder:{self.table}"
+        _live_stores.add(self)
+        self._fresh_process_state()
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore {self.url} table={self.table!r}>"
+
+    def _fresh_process_state(self) -> None:
+        """What one process owns: its pool, its holder name, its heartbeat thread."""
+        self._pid = os.getpid()
+        self._pool: psycopg_pool.ConnectionPool[Any] | None = None
+        self._pool_lock = threading.Lock()
+        self._ready = False
+        self.holder = f"{socket.gethostname()}:{self._pid}:{uuid.uuid4().hex[:8]}"
+        self._heartbeat: threading.Thread | None = None
+        self._closing = threading.Event()
+        self._has_held = False  # whether this process ever held a batch (then close frees it)
+
+    # -- connections ---------------------------------------------------------------------------
+
+    def _now(self) -> float | None:
+        return None if self.clock is None else self.clock()
+
+    def _get_pool(self) -> psycopg_pool.ConnectionPool[Any]:
+        if self._pid != os.getpid():  # forked without the fork hook having run
+            self.after_fork()
+        pool = self._pool
+        if pool is None:
+            with self._pool_lock:
+                pool = self._pool
+                if pool is None:
+                    pool = psycopg_pool.ConnectionPool(
+                        self.conninfo,
+                        min_size=1,
+                        max_size=self.pool_size,
+                        open=False,
+                        timeout=self.POOL_TIMEOUT,
+                        # Short, so that a pool that lost the server retries soon once it is back.
+                        reconnect_timeout=5.0,
+                        kwargs={"autocommit": True, "connect_timeout": self.CONNECT_TIMEOUT},
+                        name=f"cio-rudder-{self.table}",
+                    )
+                    pool.open(wait=False)
+                    self._pool = pool
+        return pool
+
+    @contextmanager
+    def _connection(self) -> Iterator[Connection[Any]]:
+        """A pooled connection (tables created on first use); driver errors become StoreUnavailable."""
+        try:
+            with self._get_pool().connection() as conn:
+                if not self._ready:
+                    self._create(conn)
+                yield conn
+        except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as error:
+            raise StoreUnavailable(
+                f"the PostgreSQL outbox {self.url} cannot be used: {_first_line(error)}"
+            ) from error
+
+    def _run(self, work: Callable[[Connection[Any]], Any]) -> Any:
+        """Run ``work`` on a pooled connection; once more on a fresh one if the first was dead.
+
+        After the server restarted, the pool's idle connections are broken: the first
+        use of each fails without anything having been done, so trying again is safe.
+        """
+        try:
+            with self._connection() as conn:
+                return work(conn)
+        except StoreUnavailable as error:
+            cause = error.__cause__
+            if not isinstance(cause, psycopg.OperationalError) or not _was_broken(cause):
+                raise  # a statement that failed, or no connection at all (PoolTimeout): no second try
+        with self._connection() as conn:
+            return work(conn)
+
+    def _create(self, conn: Connection[Any]) -> None:
+        """Create the tables; an advisory lock keeps processes starting together from racing."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
+            conn.execute(self._schema_sql.encode())
+        self._ready = True
+
+    def close(self) -> None:
+        """Stop the heartbeat (freeing this process's batches at once) and close the pool."""
+        if self._pid != os.getpid():
+            self.after_fork()
+            return
+        self._closing.set()
+        heartbeat, self._heartbeat = self._heartbeat, None
+        if heartbeat is not None:
+            heartbeat.join(self.POOL_TIMEOUT + 1)
+        pool = self._pool
+        if pool is not None:
+            if self._has_held:
+                # If this fails, the heartbeat stops all the same: the batches are free seconds later.
+                with contextlib.suppress(StoreUnavailable):
+                    self._forget_holder()
+            pool.close(timeout=1.0)
+        self._fresh_process_state()
+
+    def after_fork(self) -> None:
+        """Leave the parent's pool alone (kept referenced, never closed) and start afresh."""
+        if self._pool is not None:
+            _abandoned.append(self._pool)
+        self._fresh_process_state()
+
+    # -- heartbeat -----------------------------------------------------------------------------
+
+    def _beat_sql(self) -> str:
+        return (
+            f"INSERT INTO {self._senders} (holder, beat_at) VALUES (%(holder)s, {_NOW}) "
+            "ON CONFLICT (holder) DO UPDATE SET beat_at = excluded.beat_at"
+        )
+
+    def _ensure_heartbeat(self) -> None:
+        if self._heartbeat is None:
+            with self._pool_lock:
+                if self._heartbeat is None:
+                    self._heartbeat = threading.Thread(
+                        target=self._beat_forever, name="cio-rudder-heartbeat", daemon=True
+                    )
+                    self._heartbeat.start()
+
+    def _beat_forever(self) -> None:
+        closing = self._closing
+        while not closing.wait(self.HEARTBEAT):
+            try:
+                self._run(
+                    lambda conn: conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
+                )
+            except StoreUnavailable as error:
+                logger.debug("Outbox heartbeat failed: %s", error)
+
+    def _forget_holder(self) -> None:
+        """Free this process's leases and drop its heartbeat: a clean exit leaves nothing held."""
+
+        def forget(conn: Connection[Any]) -> None:
+            with conn.transaction():
+                conn.execute(
+                    f"UPDATE {self._events} SET lease_owner = NULL, lease_holder = NULL, lease_until = NULL "
+                    "WHERE lease_holder = %s AND state = 'pending'",
+                    (self.holder,),
+                )
+                conn.execute(f"DELETE FROM {self._senders} WHERE holder = %s", (self.holder,))
+
+        self._run(forget)
+
+    # -- the web request's side ----------------------------------------------------------------
+
+    def is_known(self, event_id: str) -> bool:
+        query = f"SELECT 1 FROM {self._events} WHERE event_id = %s AND payload IS NOT NULL"
+        return bool(self._run(lambda conn: conn.execute(query, (storage_key(event_id),)).fetchone()))
+
+    def _upsert(self, source: str) -> str:
+        return (
+            f"INSERT INTO {self._events} AS e (event_id, state, payload, accepted_at) {source} "
+            "ON CONFLICT (event_id) DO UPDATE SET state = 'pending', payload = excluded.payload, "
+            "body = NULL, reason = NULL, accepted_at = excluded.accepted_at WHERE e.payload IS NULL"
+        )
+
+    def add(self, event_id: str, payload_json: str) -> bool:
+        added = self._upsert(f"VALUES (%(id)s, 'pending', %(payload)s, {_NOW})")
+        query = f"WITH added AS ({added} RETURNING 1) SELECT pg_notify(%(channel)s, '') FROM added"
+        params = {
+            "id": storage_key(event_id),
+            "payload": payload_json,
+            "now": self._now(),
+            "channel": self.channel,
+        }
+        return len(self._run(lambda conn: conn.execute(query, params).fetchall())) == 1
+
+    def add_many(self, events: Iterable[Pending]) -> int:
+        statement = self._upsert(
+            f"SELECT id, 'pending', payload, COALESCE(at, {_NOW}) "
+            "FROM unnest(%(ids)s::text[], %(payloads)s::text[], %(ats)s::float8[]) AS new (id, payload, at)"
+        )
+        batch: list[Pending] = []
+        added = 0
+
+        def flush(conn: Connection[Any]) -> int:
+            params = {
+                "ids": [storage_key(event.event_id) for event in batch],
+                "payloads": [event.payload_json for event in batch],
+                "ats": [event.accepted_at for event in batch],
+                "now": self._now(),
+            }
+            count = conn.execute(statement, params).rowcount
+            conn.execute("SELECT pg_notify(%s, '')", (self.channel,))
+            return count
+
+        for event in events:
+            batch.append(event)
+            if len(batch) >= self.CHUNK:
+                added += self._run(flush)
+                batch = []
+        if batch:
+            added += self._run(flush)
+        return added
+
+    def add_rejected(self, event_id: str | None, body: bytes, reason: str) -> None:
+        query = (
+            f"INSERT INTO {self._events} (event_id, state, body, reason, accepted_at) "
+            f"VALUES (%(id)s, 'dead', %(body)s, %(reason)s, {_NOW}) ON CONFLICT (event_id) DO NOTHING"
+        )
+        params = {
+            "id": rejected_key(event_id, body),
+            "body": body_text(body),
+            "reason": reason.replace("\x00", "\\x00"),
+            "now": self._now(),
+        }
+        self._run(lambda conn: conn.execute(query, params))
+
+    # -- the sender's side ---------------------------------------------------------------------
+
+    def claim(self, limit: int, lease: float, max_age: float) -> Claim:
+        self._ensure_heartbeat()
+        owner = uuid.uuid4().hex
+        # Free: never leased, lease over, or a holder that has had time to beat and has not.
+        # (A claim younger than the heartbeat timeout is trusted: a statement's snapshot may
+        # predate its holder's first heartbeat, and must not read that as a dead holder.)
+        free = (
+            f"(c.lease_until IS NULL OR c.lease_until < {_NOW} OR (c.leased_at < {_NOW} - %(stale)s "
+            f"AND NOT EXISTS (SELECT 1 FROM {self._senders} s WHERE s.holder = c.lease_holder "
+            f"AND s.beat_at >= {_NOW} - %(stale)s)))"
+        )
+        expire = (
+            f"UPDATE {self._events} SET state = 'dead', lease_owner = NULL, lease_holder = NULL, "
+            "lease_until = NULL, reason = 'not delivered within CIO_RUDDER_OUTBOX_MAX_AGE (' "
+            "|| %(max_age)s::bigint || ' s); last error: ' || COALESCE(reason, 'none') "
+            f"WHERE event_id IN (SELECT event_id FROM {self._events} c WHERE c.state = 'pending' "
+            f"AND c.accepted_at < {_NOW} - %(max_age)s AND {free} LIMIT 10000 FOR UPDATE OF c SKIP LOCKED)"
+        )
+        take = (
+            f"WITH beat AS ({self._beat_sql()} RETURNING 1) "
+            f"UPDATE {self._events} e SET lease_owner = %(owner)s, lease_holder = %(holder)s, "
+            f"leased_at = {_NOW}, lease_until = {_NOW} + %(lease)s "
+            f"FROM (SELECT event_id FROM {self._events} c WHERE c.state = 'pending' AND {free} "
+            "ORDER BY c.accepted_at LIMIT %(limit)s FOR UPDATE OF c SKIP LOCKED) picked "
+            "WHERE e.event_id = picked.event_id AND EXISTS (SELECT 1 FROM beat) "
+            "RETURNING e.event_id, e.payload, e.accepted_at"
+        )
+        params = {
+            "now": self._now(),
+            "stale": self.HEARTBEAT_TIMEOUT,
+            "max_age": max_age,
+            "owner": owner,
+            "holder": self.holder,
+            "lease": lease,
+            "limit": limit,
+        }
+
+        def claim(conn: Connection[Any]) -> list[Any]:
+            conn.execute(expire, params)
+            return conn.execute(take, params).fetchall()
+
+        rows = sorted(self._run(claim), key=lambda row: row[2])
+        self._has_held = self._has_held or bool(rows)
+        return Claim(owner, [Claimed(event_id, payload) for event_id, payload, _ in rows])
+
+    _DONE = "lease_owner = NULL, lease_holder = NULL, leased_at = NULL, lease_until = NULL"
+
+    def _finish(self, assignments: str, owner: str, event_ids: Sequence[str], **values: Any) -> None:
+        query = (
+            f"UPDATE {self._events} SET {assignments}, attempts = attempts + 1, {self._DONE} "
+            "WHERE event_id = ANY(%(ids)s) AND lease_owner = %(owner)s"
+        )
+        params = {"ids": list(event_ids), "owner": owner, "now": self._now(), **values}
+        self._run(lambda conn: conn.execute(query, params))
+
+    def mark_delivered(self, owner: str, event_ids: Sequence[str]) -> None:
+        self._finish(f"state = 'delivered', delivered_at = {_NOW}, reason = NULL", owner, event_ids)
+
+    def release(self, owner: str, event_ids: Sequence[str], error: str) -> None:
+        self._finish("reason = %(error)s", owner, event_ids, error=error)
+        meta = (
+            f"INSERT INTO {self._meta} (key, value) VALUES ('last_error', %(error)s), "
+            f"('last_error_at', ({_NOW})::text) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        )
+        params = {"error": error, "now": self._now()}
+        self._run(lambda conn: conn.execute(meta, params))
+
+    def mark_dead(self, owner: str, event_ids: Sequence[str], reason: str) -> None:
+        self._finish("state = 'dead', reason = %(reason)s", owner, event_ids, reason=reason)
+
+    def watch(self, on_new: Callable[[], None], stopping: threading.Event) -> None:
+        """LISTEN on a connection of its own, outside the pool, and reconnect after a failure."""
+        delay = 1.0
+        while not stopping.is_set():
+            try:
+                with psycopg.connect(
+                    self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT
+                ) as conn:
+                    conn.execute(f'LISTEN "{self.channel}"')
+                    delay = 1.0
+                    on_new()  # something may have come while nobody listened
+                    while not stopping.is_set():
+                        for _ in conn.notifies(timeout=1.0, stop_after=1):
+                            on_new()
+            except psycopg.Error as error:
+                logger.debug("Outbox wake-ups lost (%s); senders poll meanwhile", _first_line(error))
+                stopping.wait(delay)
+                delay = min(delay * 2, 30.0)
+
+    # -- operators -----------------------------------------------------------------------------
+
+    def status(self) -> OutboxStatus:
+        def read(conn: Connection[Any]) -> tuple[Any, ...]:
+            params = {"now": self._now(), "stale": self.HEARTBEAT_TIMEOUT}
+            counts = dict(
+                conn.execute(f"SELECT state, count(*) FROM {self._events} GROUP BY state").fetchall()
+            )
+            oldest, now = conn.execute(
+                f"SELECT min(accepted_at), {_NOW} FROM {self._events} WHERE state = 'pending'", params
+            ).fetchone() or (None, 0.0)
+            meta = dict(conn.execute(f"SELECT key, value FROM {self._meta}").fetchall())
+            held = conn.execute(
+                f"SELECT c.lease_holder, count(*) FROM {self._events} c JOIN {self._senders} s "
+                f"ON s.holder = c.lease_holder AND s.beat_at >= {_NOW} - %(stale)s "
+                f"WHERE c.state = 'pending' AND c.lease_until >= {_NOW} GROUP BY c.lease_holder",
+                params,
+            ).fetchall()
+            return counts, oldest, now, meta, held
+
+        counts, oldest, now, meta, held = self._run(read)
+        return OutboxStatus(
+            pending=counts.get("pending", 0),
+            delivered=counts.get("delivered", 0),
+            dead=counts.get("dead", 0),
+            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+            last_error=meta.get("last_error"),
+            last_error_at=float(meta["last_error_at"]) if "last_error_at" in meta else None,
+            in_flight=sum(count for _, count in held),
+            holders=tuple(sorted(_describe_holder(holder) for holder, _ in held)),
+        )
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        query = (
+            "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body "
+            f"FROM {self._events} WHERE state = 'dead' ORDER BY accepted_at LIMIT %s"
+        )
+        rows = self._run(lambda conn: conn.execute(query, (limit,)).fetchall())
+        return [DeadLetter(*row) for row in rows]
+
+    def pending(self, limit: int = 1000, after: str | None = None) -> list[Pending]:
+        query = (
+            f"SELECT event_id, payload, accepted_at FROM {self._events} "
+            "WHERE state = 'pending' AND event_id > %s ORDER BY event_id LIMIT %s"
+        )
+        rows = self._run(lambda conn: conn.execute(query, ("" if after is None else after, limit)).fetchall())
+        return [Pending(*row) for row in rows]
+
+    def requeue(self, event_ids: Sequence[str] | None = None) -> int:
+        query = (
+            f"UPDATE {self._events} SET state = 'pending', reason = NULL, attempts = 0, accepted_at = {_NOW} "
+            "WHERE state = 'dead' AND payload IS NOT NULL"
+        )
+        params: dict[str, Any] = {"now": self._now()}
+        if event_ids is not None:
+            query += " AND event_id = ANY(%(ids)s)"
+            params["ids"] = [storage_key(event_id) for event_id in event_ids]
+        count: int = self._run(lambda conn: conn.execute(query, params).rowcount)
+        if count:
+            self._run(lambda conn: conn.execute("SELECT pg_notify(%s, '')", (self.channel,)))
+        return count
+
+    def purge_delivered(self, older_than: float) -> int:
+        query = f"DELETE FROM {self._events} WHERE state = 'delivered' AND delivered_at < {_NOW} - %(age)s"
+        params = {"now": self._now(), "age": older_than}
+        count: int = self._run(lambda conn: conn.execute(query, params).rowcount)
+        return count
+
+    def schema_sql(self) -> str:
+        return self._schema_sql
+
+    def create_tables(self) -> None:
+        self._run(lambda conn: None)  # the first use creates them
+
+    def drop_tables(self) -> None:
+        def drop(conn: Connection[Any]) -> None:
+            for table in (self._events, self._senders, self._meta):
+                conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+        self._run(drop)
+        self._ready = False
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _was_broken(error: psycopg.OperationalError) -> bool:
+    """Whether the error is a connection that was already dead (server restarted), not a failed statement.
+
+    A pool timeout (no connection could be had at all) is not: trying again would double the wait.
+    """
+    return error.sqlstate is None and not isinstance(error, psycopg_pool.PoolTimeout)
+
+
+def _describe_holder(holder: str) -> str:
+    host, _, rest = holder.partition(":")
+    pid = rest.partition(":")[0]
+    return f"pid {pid} on {host}"

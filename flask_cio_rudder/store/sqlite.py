@@ -1,0 +1,516 @@
+"""The SQLite store: one file on the local disk of one machine, shared by every process there.
+
+Every process that serves the app opens the same file; SQLite's locking (WAL mode,
+``BEGIN IMMEDIATE`` to claim) keeps two senders off the same rows. A claim's holder
+is its process (id and start time): the outbox is on one machine, so a batch whose
+process no longer exists is claimed again at once, not after its lease.
+
+Writers wait on a lock file (``<outbox>.lock``, ``flock``; not on Windows) rather
+than on SQLite's own busy handler, which sleeps 1, 2, 5, 10... ms between tries:
+under load a web request would otherwise wait milliseconds for a lock freed
+microseconds later. A commit that checkpoints the WAL (SQLite does every 1,000
+pages) holds that lock meanwhile, so no writer appends during the checkpoint and
+the WAL usually starts over small (a reader's snapshot can still hold it back).
+The lock file must stay while the app runs: it is the lock, not a marker.
+
+An SQLite connection must never cross a ``fork()`` (gunicorn ``--preload`` forks
+workers from a process whose sender thread may be inside a transaction; the child
+would then wait forever for a lock nobody holds). So every use of a connection
+holds ``_fork_lock``, and a fork first takes that lock and closes every connection.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import stat
+import sys
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+from .base import (
+    Claim,
+    Claimed,
+    Clock,
+    DeadLetter,
+    OutboxStatus,
+    OutboxStore,
+    Pending,
+    StoreUnavailable,
+    body_text,
+    check_table_name,
+    rejected_key,
+    storage_key,
+)
+
+if sys.platform != "win32":
+    import fcntl
+
+__all__ = ["DURABILITY", "SQLiteStore", "holder_alive", "this_process"]
+
+#: ``CIO_RUDDER_OUTBOX_DURABILITY`` values and the SQLite ``synchronous`` setting of each.
+#: "process-crash": a commit survives the process being killed (the WAL is written
+#: before the answer), but the last commits can be lost if the machine loses power.
+#: "power-loss": every commit is also fsync'ed, so it survives power loss; slower.
+DURABILITY = {"process-crash": "NORMAL", "power-loss": "FULL"}
+
+#: The table of outboxes made before the table name could be chosen; its side table is ``meta``.
+DEFAULT_TABLE = "events"
+
+_fork_lock = threading.RLock()
+_live_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
+
+
+def _close_all_before_fork() -> None:
+    _fork_lock.acquire()  # waits until no thread of this process is inside SQLite
+    for store in list(_live_stores):
+        store.close()
+
+
+def _release_after_fork() -> None:
+    _fork_lock.release()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(
+        before=_close_all_before_fork,
+        after_in_parent=_release_after_fork,
+        after_in_child=_release_after_fork,
+    )
+
+
+# -- which process holds a lease -----------------------------------------------------------------
+
+
+def _process_start(pid: int) -> str | None:
+    """When process ``pid`` started (clock ticks since boot; ``""`` where unknown); ``None`` if it is gone.
+
+    Linux's ``/proc`` gives the start time, which tells a reused process id from the
+    holder; elsewhere only whether some process has that id. A zombie counts as gone.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as file:
+            stat_line = file.read()
+    except FileNotFoundError:
+        return None
+    except OSError:  # no /proc (macOS, Windows): does any process have this id?
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except OSError:  # exists, owned by someone else
+            pass
+        return ""
+    fields = stat_line[stat_line.rindex(b")") + 2 :].split()  # after "pid (command) "
+    if fields[0] in (b"Z", b"X"):  # killed, not yet reaped
+        return None
+    return fields[19].decode()  # field 22 of proc(5), starttime
+
+
+def this_process() -> str:
+    """This process as a lease holder: ``"<pid>:<start time>"``."""
+    pid = os.getpid()
+    return f"{pid}:{_process_start(pid) or ''}"
+
+
+def holder_alive(holder: str) -> bool:
+    """Whether the process named by ``holder`` (see :func:`this_process`) still runs."""
+    pid_text, _, started = holder.partition(":")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False
+    now_started = _process_start(pid)
+    return now_started is not None and (not started or not now_started or now_started == started)
+
+
+# -- files and locks ------------------------------------------------------------------------------
+
+
+def _open_lock_file(database: str) -> int | None:
+    """The descriptor of the outbox's lock file, created with the database's permissions.
+
+    ``None`` on Windows, which has no ``flock``: there SQLite's busy timeout is all there is.
+    """
+    if sys.platform == "win32":
+        return None
+    try:
+        mode = stat.S_IMODE(os.stat(database).st_mode)
+    except FileNotFoundError:
+        mode = 0o644  # what SQLite gives a new database file
+    return os.open(database + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, mode)
+
+
+@contextmanager
+def _locked(lock_file: int | None) -> Iterator[None]:
+    """Hold the outbox's write lock, waiting for any process that holds it. Not re-entrant: never nest."""
+    if lock_file is None:
+        yield
+        return
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _close(db: sqlite3.Connection | None, lock_file: int | None) -> None:
+    """Close a connection under the write lock (closing the last one checkpoints the WAL), then the lock."""
+    with _locked(lock_file):
+        if db is not None:
+            db.close()
+    if lock_file is not None:
+        os.close(lock_file)
+
+
+_TABLES = """
+CREATE TABLE IF NOT EXISTS {events} (
+    event_id     TEXT PRIMARY KEY,
+    state        TEXT NOT NULL,     -- 'pending', 'delivered' or 'dead'
+    payload      TEXT,              -- the RudderStack event (JSON); NULL if rejected at validation
+    body         TEXT,              -- the body as received, kept only for rejected ones
+    reason       TEXT,              -- dead: why; pending: the last delivery error
+    accepted_at  REAL NOT NULL,
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    lease_owner  TEXT,              -- the claim holding the row
+    lease_until  REAL,
+    delivered_at REAL,
+    lease_holder TEXT               -- the process of that claim, "<pid>:<start time>"
+);
+CREATE TABLE IF NOT EXISTS {meta} (key TEXT PRIMARY KEY, value TEXT);
+"""
+
+_INDEXES = """
+CREATE INDEX IF NOT EXISTS {events}_by_state ON {events} (state, accepted_at);
+CREATE INDEX IF NOT EXISTS {events}_by_holder ON {events} (lease_holder) WHERE lease_holder IS NOT NULL;
+"""
+
+
+class SQLiteStore(OutboxStore):
+    """The outbox in an SQLite file; every process on the machine that opens ``path`` shares it.
+
+    Safe to use from many threads: each thread (and each process after a fork)
+    gets its own SQLite connection.
+    """
+
+    schemes = ("sqlite",)
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        table: str = DEFAULT_TABLE,
+        durability: str = "process-crash",
+        clock: Clock = time.time,
+    ) -> None:
+        if durability not in DURABILITY:
+            choices = ", ".join(repr(name) for name in DURABILITY)
+            raise RuntimeError(f"CIO_RUDDER_OUTBOX_DURABILITY must be one of {choices}, not {durability!r}.")
+        self.path = path
+        self.url = "sqlite:///" + os.path.abspath(path)
+        self.table = check_table_name(table, schemas=False)
+        # The side table of the first outboxes was plain "meta"; keep finding it there.
+        self._meta = "meta" if table == DEFAULT_TABLE else f"{table}_meta"
+        self.clock = clock
+        self._synchronous = DURABILITY[durability]
+        self._local = threading.local()
+        self._opened: list[tuple[sqlite3.Connection, int | None]] = []
+        self._opened_lock = threading.Lock()
+        self._ready = False
+        _live_stores.add(self)
+        # A local file: if it cannot be made, nothing can work, so say so at start-up.
+        self.create_tables()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStore {self.path!r} table={self.table!r}>"
+
+    # -- connections ---------------------------------------------------------------------------
+
+    @contextmanager
+    def _connected(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, held so that no fork happens while it is in use.
+
+        SQLite's errors (and the lock file's) leave as :class:`StoreUnavailable`.
+        """
+        try:
+            with _fork_lock:
+                db = self._db()
+                if not self._ready:
+                    self._create(db)
+                yield db
+        except (sqlite3.Error, OSError) as error:
+            raise StoreUnavailable(f"the SQLite outbox {self.path} cannot be used: {error}") from error
+
+    def _db(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use in this thread and process."""
+        db: sqlite3.Connection | None = getattr(self._local, "db", None)
+        if db is None or self._local.pid != os.getpid():  # after a fork that ran no fork hooks
+            directory = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(directory, exist_ok=True)
+            lock_file = _open_lock_file(self.path)
+            db = None  # a connection inherited through a fork is left alone, never closed here
+            try:
+                # Turning a new file to WAL needs an exclusive lock that SQLite's busy timeout
+                # does not wait for: two workers starting at once would fail ("database is locked").
+                with _locked(lock_file):
+                    db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+                    db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA synchronous={self._synchronous}")
+            except BaseException:
+                _close(db, lock_file)
+                raise
+            self._local.db, self._local.lock_file, self._local.pid = db, lock_file, os.getpid()
+            with self._opened_lock:
+                self._opened.append((db, lock_file))
+        return db
+
+    def _create(self, db: sqlite3.Connection) -> None:
+        """Create the tables (and add the holder column to an outbox made before it existed)."""
+        with _locked(self._local.lock_file):
+            db.executescript(_TABLES.format(events=self.table, meta=self._meta))
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({self.table})")}
+            if "lease_holder" not in columns:
+                db.execute(f"ALTER TABLE {self.table} ADD COLUMN lease_holder TEXT")
+            db.executescript(_INDEXES.format(events=self.table))
+        self._ready = True
+
+    @contextmanager
+    def _writing(self) -> Iterator[sqlite3.Connection]:
+        """This thread's connection, holding the outbox's write lock (waits, in any process, until free).
+
+        The wait has no timeout, as a lock held only for one statement or transaction needs none.
+        """
+        with self._connected() as db, _locked(self._local.lock_file):
+            yield db
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT``: takes the write lock up front, so claims never race."""
+        with self._writing() as db:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+
+    def close(self) -> None:
+        """Close every connection of this process; each thread reopens its own on next use."""
+        with _fork_lock:
+            opened, self._opened = self._opened, []
+            self._local = threading.local()
+            for db, lock_file in opened:
+                _close(db, lock_file)
+
+    def after_fork(self) -> None:
+        """Drop the parent's connections unclosed (the fork hook closed them already where it ran)."""
+        with self._opened_lock:
+            self._opened = []
+        self._local = threading.local()
+
+    # -- the web request's side ----------------------------------------------------------------
+
+    def is_known(self, event_id: str) -> bool:
+        with self._connected() as db:
+            query = f"SELECT 1 FROM {self.table} WHERE event_id = ? AND payload IS NOT NULL"
+            return db.execute(query, (storage_key(event_id),)).fetchone() is not None
+
+    _ADD = (
+        "INSERT INTO {t} (event_id, state, payload, accepted_at) VALUES (?, 'pending', ?, ?) "
+        "ON CONFLICT (event_id) DO UPDATE SET state = 'pending', payload = excluded.payload, "
+        "body = NULL, reason = NULL, accepted_at = excluded.accepted_at WHERE {t}.payload IS NULL"
+    )
+
+    def add(self, event_id: str, payload_json: str) -> bool:
+        with self._writing() as db:
+            cursor = db.execute(
+                self._ADD.format(t=self.table), (storage_key(event_id), payload_json, self.clock())
+            )
+            return cursor.rowcount == 1
+
+    def add_many(self, events: Iterable[Pending]) -> int:
+        now = self.clock()
+        statement = self._ADD.format(t=self.table)
+        added = 0
+        with self._transaction() as db:
+            for event in events:
+                accepted_at = now if event.accepted_at is None else event.accepted_at
+                added += db.execute(
+                    statement, (storage_key(event.event_id), event.payload_json, accepted_at)
+                ).rowcount
+        return added
+
+    def add_rejected(self, event_id: str | None, body: bytes, reason: str) -> None:
+        with self._writing() as db:
+            db.execute(
+                f"INSERT INTO {self.table} (event_id, state, body, reason, accepted_at) "
+                "VALUES (?, 'dead', ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                (rejected_key(event_id, body), body_text(body), reason, self.clock()),
+            )
+
+    # -- the sender's side ---------------------------------------------------------------------
+
+    def claim(self, limit: int, lease: float, max_age: float) -> Claim:
+        now = self.clock()
+        owner = uuid.uuid4().hex
+        t = self.table
+        with self._transaction() as db:
+            db.execute(
+                f"UPDATE {t} SET state = 'dead', lease_owner = NULL, lease_until = NULL, "
+                "lease_holder = NULL, "
+                "reason = 'not delivered within CIO_RUDDER_OUTBOX_MAX_AGE (' || ? || ' s); last error: ' "
+                "|| COALESCE(reason, 'none') WHERE state = 'pending' AND accepted_at < ?",
+                (int(max_age), now - max_age),
+            )
+            self._free_dead_holders(db)
+            rows = db.execute(
+                f"SELECT event_id, payload FROM {t} WHERE state = 'pending' "
+                "AND (lease_until IS NULL OR lease_until < ?) ORDER BY accepted_at LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            holder = this_process()
+            db.executemany(
+                f"UPDATE {t} SET lease_owner = ?, lease_until = ?, lease_holder = ? WHERE event_id = ?",
+                [(owner, now + lease, holder, event_id) for event_id, _ in rows],
+            )
+        return Claim(owner, [Claimed(event_id, payload_json) for event_id, payload_json in rows])
+
+    def _free_dead_holders(self, db: sqlite3.Connection) -> None:
+        """Free the leases of processes that no longer exist (a worker SIGKILLed mid-batch)."""
+        holders = db.execute(
+            f"SELECT DISTINCT lease_holder FROM {self.table} WHERE lease_holder IS NOT NULL"
+        ).fetchall()
+        dead = [(holder,) for (holder,) in holders if not holder_alive(holder)]
+        db.executemany(
+            f"UPDATE {self.table} SET lease_owner = NULL, lease_until = NULL, lease_holder = NULL "
+            "WHERE lease_holder = ?",
+            dead,
+        )
+
+    _DONE = (
+        "lease_owner = NULL, lease_until = NULL, lease_holder = NULL WHERE event_id = ? AND lease_owner = ?"
+    )
+
+    def mark_delivered(self, owner: str, event_ids: Sequence[str]) -> None:
+        now = self.clock()
+        self._finish(
+            f"UPDATE {self.table} SET state = 'delivered', delivered_at = ?, reason = NULL, "
+            f"attempts = attempts + 1, {self._DONE}",
+            [(now, event_id, owner) for event_id in event_ids],
+        )
+
+    def release(self, owner: str, event_ids: Sequence[str], error: str) -> None:
+        self._finish(
+            f"UPDATE {self.table} SET reason = ?, attempts = attempts + 1, {self._DONE}",
+            [(error, event_id, owner) for event_id in event_ids],
+        )
+        self._set_meta({"last_error": error, "last_error_at": str(self.clock())})
+
+    def mark_dead(self, owner: str, event_ids: Sequence[str], reason: str) -> None:
+        self._finish(
+            f"UPDATE {self.table} SET state = 'dead', reason = ?, attempts = attempts + 1, {self._DONE}",
+            [(reason, event_id, owner) for event_id in event_ids],
+        )
+
+    def _finish(self, statement: str, rows: list[tuple[Any, ...]]) -> None:
+        with self._transaction() as db:
+            db.executemany(statement, rows)
+
+    def _set_meta(self, values: dict[str, str]) -> None:
+        with self._transaction() as db:
+            db.executemany(
+                f"INSERT INTO {self._meta} (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                list(values.items()),
+            )
+
+    # -- operators -----------------------------------------------------------------------------
+
+    def status(self) -> OutboxStatus:
+        now = self.clock()
+        t = self.table
+        with self._connected() as db:
+            counts = dict(db.execute(f"SELECT state, COUNT(*) FROM {t} GROUP BY state").fetchall())
+            (oldest,) = db.execute(f"SELECT MIN(accepted_at) FROM {t} WHERE state = 'pending'").fetchone()
+            meta = dict(db.execute(f"SELECT key, value FROM {self._meta}").fetchall())
+            held = db.execute(
+                f"SELECT lease_holder, COUNT(*) FROM {t} WHERE lease_holder IS NOT NULL "
+                "AND state = 'pending' AND lease_until >= ? GROUP BY lease_holder",
+                (now,),
+            ).fetchall()
+        live = [(holder, count) for holder, count in held if holder_alive(holder)]
+        return OutboxStatus(
+            pending=counts.get("pending", 0),
+            delivered=counts.get("delivered", 0),
+            dead=counts.get("dead", 0),
+            oldest_pending_age=None if oldest is None else max(0.0, now - oldest),
+            last_error=meta.get("last_error"),
+            last_error_at=float(meta["last_error_at"]) if "last_error_at" in meta else None,
+            in_flight=sum(count for _, count in live),
+            holders=tuple(sorted("pid " + holder.partition(":")[0] for holder, _ in live)),
+        )
+
+    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+        with self._connected() as db:
+            rows = db.execute(
+                "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body "
+                f"FROM {self.table} WHERE state = 'dead' ORDER BY accepted_at LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            DeadLetter(event_id, reason, accepted_at, attempts, bool(requeueable), body)
+            for event_id, reason, accepted_at, attempts, requeueable, body in rows
+        ]
+
+    def pending(self, limit: int = 1000, after: str | None = None) -> list[Pending]:
+        with self._connected() as db:
+            rows = db.execute(
+                f"SELECT event_id, payload, accepted_at FROM {self.table} "
+                "WHERE state = 'pending' AND event_id > ? ORDER BY event_id LIMIT ?",
+                ("" if after is None else after, limit),
+            ).fetchall()
+        return [Pending(event_id, payload, accepted_at) for event_id, payload, accepted_at in rows]
+
+    def requeue(self, event_ids: Sequence[str] | None = None) -> int:
+        query = (
+            f"UPDATE {self.table} SET state = 'pending', reason = NULL, attempts = 0, accepted_at = ? "
+            "WHERE state = 'dead' AND payload IS NOT NULL"
+        )
+        with self._transaction() as db:
+            if event_ids is None:
+                return db.execute(query, (self.clock(),)).rowcount
+            return sum(
+                db.execute(query + " AND event_id = ?", (self.clock(), storage_key(event_id))).rowcount
+                for event_id in event_ids
+            )
+
+    def purge_delivered(self, older_than: float) -> int:
+        with self._transaction() as db:
+            return db.execute(
+                f"DELETE FROM {self.table} WHERE state = 'delivered' AND delivered_at < ?",
+                (self.clock() - older_than,),
+            ).rowcount
+
+    def schema_sql(self) -> str:
+        return (
+            _TABLES.format(events=self.table, meta=self._meta).strip()
+            + "\n"
+            + _INDEXES.format(events=self.table).strip()
+            + "\n"
+        )
+
+    def create_tables(self) -> None:
+        with self._connected():
+            pass  # the first use creates them
+
+    def drop_tables(self) -> None:
+        with self._writing() as db:
+            db.execute(f"DROP TABLE IF EXISTS {self.table}")
+            db.execute(f"DROP TABLE IF EXISTS {self._meta}")
+        self._ready = False

@@ -1,0 +1,151 @@
+"""What only the SQLite store does: WAL and durability, the lock file, and its fork rule."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+import threading
+import traceback
+from pathlib import Path
+
+import pytest
+
+from flask_cio_rudder.store import Pending, store_from_url
+from flask_cio_rudder.store.sqlite import SQLiteStore, holder_alive, this_process
+
+from .helpers import wait_until
+
+
+def in_function(thread: threading.Thread, name: str) -> bool:
+    """Whether ``thread`` is inside the function called ``name`` right now (it waits there)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and any(entry.name == name for entry in traceback.extract_stack(frame))
+
+
+@pytest.mark.parametrize(("durability", "synchronous"), [("process-crash", 1), ("power-loss", 2)])
+def test_durability_sets_wal_and_the_sync_level(tmp_path: Path, durability: str, synchronous: int) -> None:
+    store = SQLiteStore(str(tmp_path / "o.sqlite3"), durability=durability)
+    try:
+        with store._connected() as db:  # reads SQLite's own settings, writes nothing
+            assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+            assert db.execute("PRAGMA synchronous").fetchone() == (synchronous,)
+    finally:
+        store.close()
+
+
+def test_an_unknown_durability_names_the_key(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_OUTBOX_DURABILITY"):
+        SQLiteStore(str(tmp_path / "o.sqlite3"), durability="paranoid")
+
+
+def test_a_holder_is_this_process_until_it_is_gone() -> None:
+    assert holder_alive(this_process())
+    pid, _, started = this_process().partition(":")
+    if started:  # /proc tells start times: the same pid with another start time is another process
+        assert not holder_alive(f"{pid}:{int(started) + 1}")
+    assert not holder_alive("not-a-pid:0")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="the outbox's write lock uses flock, which Windows lacks")
+def test_writers_and_a_new_outbox_wait_for_the_write_lock_instead_of_failing(tmp_path: Path) -> None:
+    import fcntl
+
+    path = tmp_path / "outbox.sqlite3"
+    store = SQLiteStore(str(path))
+    outcomes: list[str] = []
+
+    def add() -> None:
+        store.add("e1", "{}")
+        outcomes.append("added")
+
+    def open_another() -> None:  # a worker starting while another holds the lock (SQLite's WAL switch)
+        SQLiteStore(str(tmp_path / "new.sqlite3")).close()
+        outcomes.append("opened")
+
+    with open(str(path) + ".lock", "ab") as other, open(str(tmp_path / "new.sqlite3.lock"), "ab") as new:
+        fcntl.flock(other, fcntl.LOCK_EX)  # as another process holding each lock
+        fcntl.flock(new, fcntl.LOCK_EX)
+        threads = [threading.Thread(target=add), threading.Thread(target=open_another)]
+        for thread in threads:
+            thread.start()
+        # One waits on the lock file; the other on it too, or on the first (a process's threads
+        # queue for SQLite one at a time, so that no fork lands while one is inside).
+        wait_until(
+            lambda: (
+                any(in_function(thread, "_locked") for thread in threads)
+                and all(in_function(thread, "_connected") for thread in threads)
+            ),
+            10,
+            "both threads wait for the lock file",
+        )
+        assert outcomes == []  # queued on the lock, not failed and not written around it
+        fcntl.flock(other, fcntl.LOCK_UN)
+        fcntl.flock(new, fcntl.LOCK_UN)
+    for thread in threads:
+        thread.join(10)
+    assert sorted(outcomes) == ["added", "opened"] and store.is_known("e1")
+    store.close()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no lock file on Windows")
+def test_the_lock_file_gets_the_database_files_permissions(tmp_path: Path) -> None:
+    # So that whoever may write the outbox (an operator's `flask cio-rudder` in the app's
+    # group, say) may also take its lock.
+    path = tmp_path / "outbox.sqlite3"
+    SQLiteStore(str(path)).close()
+    (tmp_path / "outbox.sqlite3.lock").unlink()
+    path.chmod(0o660)
+    SQLiteStore(str(path)).close()
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "outbox.sqlite3.lock").stat().st_mode) == 0o660 & ~mask
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_fork_waits_for_an_open_transaction_and_the_child_can_write(tmp_path: Path) -> None:
+    """gunicorn --preload forks while the master's sender may be inside a transaction.
+
+    A connection carried across a fork inside a transaction leaves the child waiting forever
+    for a lock nobody holds; so a fork waits until no thread is inside SQLite. Here a bulk add
+    is held open mid-transaction while another thread forks: the fork must wait, then the
+    child must write.
+    """
+    store = store_from_url(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    inside, go = threading.Event(), threading.Event()
+
+    def slow_events() -> object:
+        yield Pending("first", "{}")
+        inside.set()
+        go.wait(30)  # the transaction stays open meanwhile
+        yield Pending("second", "{}")
+
+    adder = threading.Thread(target=lambda: store.add_many(slow_events()))
+    adder.start()
+    assert inside.wait(10)
+    child: list[int] = []
+
+    def fork() -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = 0 if store.add("from-child", "{}") else 2
+            finally:
+                os._exit(code)
+        child.append(pid)
+
+    forker = threading.Thread(target=fork)
+    forker.start()
+    wait_until(
+        lambda: in_function(forker, "_close_all_before_fork"), 10, "the fork waits for the transaction"
+    )
+    assert child == []
+    go.set()
+    adder.join(10)
+    forker.join(10)
+    _, status = os.waitpid(child[0], 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.is_known("second") and store.is_known("from-child")
+    store.close()

@@ -1,0 +1,304 @@
+"""The contract every outbox store keeps, run against each backend (SQLite, PostgreSQL).
+
+A new backend passes this file and nothing else needs to change. Time is a hand-moved
+clock, except where another process takes part.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from flask_cio_rudder.store import Pending, StoreUnavailable, store_from_url
+from flask_cio_rudder.transform import transform
+
+from .conftest import sample
+from .helpers import Clock, free_port, wait_until
+from .stores import Backend, backend_fixture  # noqa: F401  (a fixture)
+
+ROOT = Path(__file__).resolve().parents[1]
+LEASE = 60.0
+MAX_AGE = 3600.0
+
+
+def stored(event_id: str) -> str:
+    """The RudderStack event of a sample, as the JSON text a store keeps."""
+    return json.dumps(transform(sample("opened") | {"event_id": event_id}))
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+def test_an_added_event_is_known_and_adding_it_again_changes_nothing(backend: Backend, clock: Clock) -> None:
+    store = backend.store(clock=clock)
+    assert store.add("e1", stored("e1")) is True
+    assert store.is_known("e1")
+    assert not store.is_known("e2")
+    assert store.add("e1", json.dumps({"changed": True})) is False
+    claim = store.claim(100, LEASE, MAX_AGE)
+    assert [json.loads(event.payload_json)["event"] for event in claim.events] == ["Email Opened"]
+
+
+def test_concurrent_adds_of_one_event_keep_it_once(backend: Backend) -> None:
+    stores = [backend.store() for _ in range(4)]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        added = list(pool.map(lambda n: stores[n % 4].add("same", stored("same")), range(16)))
+    assert added.count(True) == 1
+    assert stores[0].status().pending == 1
+
+
+def test_a_rejected_body_is_a_dead_letter_that_does_not_block_a_later_valid_event(
+    backend: Backend, clock: Clock
+) -> None:
+    store = backend.store(clock=clock)
+    store.add_rejected("e1", b'{"event_id": "e1", "data": "oops"}', "invalid fields: data")
+    store.add_rejected(None, b'{"no": "id"}', "invalid fields: event_id")
+    assert not store.is_known("e1")
+    letters = {letter.event_id: letter for letter in store.dead_letters()}
+    assert letters["e1"].reason == "invalid fields: data"
+    assert letters["e1"].body == '{"event_id": "e1", "data": "oops"}'
+    assert not letters["e1"].requeueable
+    assert any(key.startswith("no-event-id:") for key in letters)
+    assert store.add("e1", stored("e1")) is True
+    assert store.status().pending == 1
+
+
+@pytest.mark.parametrize("event_id", ["\ud800", "a\udfffb", "nul\x00inside", "x" * 5000, "\ufffe\U0010ffff"])
+def test_any_string_is_an_event_id_a_store_can_keep(backend: Backend, event_id: str) -> None:
+    store = backend.store()
+    store.add_rejected(event_id, b"\xff\x00 not utf-8", "reason with \x00 inside")
+    assert not store.is_known(event_id)
+    assert store.add(event_id, stored("odd")) is True
+    assert store.is_known(event_id)
+    assert store.add(event_id, stored("odd")) is False
+    assert len(store.claim(100, LEASE, MAX_AGE).events) == 1
+
+
+def test_a_claim_is_leased_until_the_lease_runs_out(backend: Backend, clock: Clock) -> None:
+    store = backend.store(clock=clock)
+    for n in range(3):
+        store.add(f"e{n}", stored(f"e{n}"))
+    first = store.claim(100, LEASE, MAX_AGE)
+    assert len(first.events) == 3
+    assert backend.store(clock=clock).claim(100, LEASE, MAX_AGE).events == []  # nobody else gets them
+    clock.now += LEASE + 1  # the lease ran out (a sender stuck past it)
+    second = store.claim(100, LEASE, MAX_AGE)
+    assert [event.event_id for event in second.events] == ["e0", "e1", "e2"]
+    store.mark_delivered(first.owner, ["e0", "e1", "e2"])  # a late answer to a lost lease changes nothing
+    assert store.status().pending == 3
+    store.mark_delivered(second.owner, ["e0", "e1", "e2"])
+    assert store.status().delivered == 3
+
+
+def test_claims_are_oldest_first_bounded_and_never_overlap(backend: Backend, clock: Clock) -> None:
+    store = backend.store(clock=clock)
+    for n in range(5):
+        clock.now += 1
+        store.add(f"e{n}", stored(f"e{n}"))
+    assert [event.event_id for event in store.claim(2, LEASE, MAX_AGE).events] == ["e0", "e1"]
+    for n in range(5, 205):
+        store.add(f"e{n}", stored(f"e{n}"))
+    claimers = [backend.store(clock=clock) for _ in range(4)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        claims = list(pool.map(lambda n: claimers[n % 4].claim(10, LEASE, MAX_AGE), range(40)))
+    ids = [event.event_id for claim in claims for event in claim.events]
+    assert len(ids) == len(set(ids)) == 203
+
+
+def test_a_released_event_is_pending_again_with_the_error(backend: Backend, clock: Clock) -> None:
+    store = backend.store(clock=clock)
+    store.add("e1", stored("e1"))
+    claim = store.claim(100, LEASE, MAX_AGE)
+    assert store.status().in_flight == 1
+    store.release(claim.owner, ["e1"], "RudderStack answered 503")
+    status = store.status()
+    assert (status.pending, status.in_flight, status.last_error) == (1, 0, "RudderStack answered 503")
+    assert status.last_error_at == clock.now
+    assert len(store.claim(100, LEASE, MAX_AGE).events) == 1
+
+
+def test_an_event_older_than_the_maximum_age_becomes_a_dead_letter(backend: Backend, clock: Clock) -> None:
+    store = backend.store(clock=clock)
+    store.add("old", stored("old"))
+    claim = store.claim(100, LEASE, MAX_AGE)
+    store.release(claim.owner, ["old"], "RudderStack answered 503")
+    clock.now += MAX_AGE + 1
+    store.add("new", stored("new"))
+    assert [event.event_id for event in store.claim(100, LEASE, MAX_AGE).events] == ["new"]
+    (letter,) = store.dead_letters()
+    assert letter.event_id == "old"
+    assert "CIO_RUDDER_OUTBOX_MAX_AGE" in letter.reason
+    assert "RudderStack answered 503" in letter.reason
+
+
+def test_dead_letters_can_be_requeued_all_or_by_id(backend: Backend, clock: Clock) -> None:
+    store = backend.store(clock=clock)
+    for event_id in ("a", "b", "c"):
+        store.add(event_id, stored(event_id))
+    claim = store.claim(100, LEASE, MAX_AGE)
+    store.mark_dead(claim.owner, ["a", "b", "c"], "RudderStack answered 400")
+    store.add_rejected("r", b'{"event_id": "r"}', "invalid")
+    assert store.requeue(["a", "missing"]) == 1
+    assert store.status().pending == 1
+    assert store.requeue() == 2  # b and c; the rejected body has nothing to send
+    assert store.status().dead == 1
+
+
+def test_purge_deletes_only_old_delivered_events(backend: Backend, clock: Clock) -> None:
+    store = backend.store(clock=clock)
+    store.add("old", stored("old"))
+    claim = store.claim(100, LEASE, MAX_AGE)
+    store.mark_delivered(claim.owner, ["old"])
+    clock.now += 86400
+    store.add("pending", stored("pending"))
+    assert store.purge_delivered(older_than=3600) == 1
+    assert store.status().pending == 1
+    assert store.purge_delivered(older_than=0) == 0
+
+
+def test_status_reports_the_oldest_pending_age(backend: Backend, clock: Clock) -> None:
+    store = backend.store(clock=clock)
+    assert store.status().oldest_pending_age is None
+    store.add("e1", stored("e1"))
+    clock.now += 90
+    assert store.status().oldest_pending_age == 90
+
+
+def test_bulk_adds_count_only_new_events_and_pending_pages_in_id_order(
+    backend: Backend, clock: Clock
+) -> None:
+    store = backend.store(clock=clock)
+    store.add("e003", stored("e003"))
+    events = [Pending(f"e{n:03d}", stored(f"e{n:03d}"), accepted_at=clock.now - 10) for n in range(6)]
+    assert store.add_many(iter(events)) == 5
+    first = store.pending(limit=4)
+    rest = store.pending(limit=4, after=first[-1].event_id)
+    assert [event.event_id for event in first + rest] == [f"e{n:03d}" for n in range(6)]
+    assert first[0].accepted_at == clock.now - 10 and first[0].payload_json == stored("e000")
+
+
+def test_new_events_wake_a_watcher_when_the_backend_notifies(backend: Backend) -> None:
+    store, other = backend.store(), backend.store()
+    woken, stopping = threading.Event(), threading.Event()
+    watcher = threading.Thread(target=store.watch, args=(woken.set, stopping), daemon=True)
+    watcher.start()
+    try:
+        if not store.notifies:
+            watcher.join(10)
+            assert not watcher.is_alive()  # nothing to listen to: senders poll
+            return
+        wait_until(woken.is_set, 10, "the watcher is listening (it wakes once on connecting)")
+        woken.clear()
+        other.add("e1", stored("e1"))
+        wait_until(woken.is_set, 10, "the add woke the watcher")
+    finally:
+        stopping.set()
+        watcher.join(10)
+
+
+def test_the_schema_is_printable_and_names_the_table(backend: Backend) -> None:
+    store = backend.store()
+    sql = store.schema_sql()
+    assert backend.table in sql and "CREATE TABLE" in sql
+    store.create_tables()
+    store.create_tables()  # again: nothing changes
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_opens_its_own_connections_and_leaves_the_parents_alone(backend: Backend) -> None:
+    store = backend.store()
+    store.add("parent-before", stored("parent-before"))
+    pid = os.fork()
+    if pid == 0:  # the child: write, then leave without running any clean-up
+        code = 1
+        try:
+            code = 0 if store.add("child", stored("child")) else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert store.add("parent-after", stored("parent-after"))  # the parent's connections still work
+    assert store.is_known("child")
+
+
+CLAIM_AND_HOLD = """
+import json, sys
+from flask_cio_rudder.store import store_from_url
+
+store = store_from_url(sys.argv[1], table=sys.argv[2])
+claim = store.claim(int(sys.argv[3]), 600.0, 7 * 24 * 3600)
+print(json.dumps([event.event_id for event in claim.events]), flush=True)
+sys.stdin.read()  # hold the batch, as a sender stuck mid-batch does, until killed
+"""
+
+
+@pytest.mark.slow
+def test_a_batch_held_by_a_live_process_stays_held_and_is_free_once_the_process_is_killed(
+    backend: Backend,
+) -> None:
+    """SQLite: the holder's process is gone, so at once; PostgreSQL: when its heartbeat stops, in seconds."""
+    store = backend.store()
+    for n in range(8):
+        store.add(f"e{n}", stored(f"e{n}"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", CLAIM_AND_HOLD, backend.url, backend.table, "5"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert holder.stdout is not None
+        held = json.loads(holder.stdout.readline() or "null")
+        assert held is not None, holder.communicate(timeout=30)[1].decode()
+        assert len(held) == 5
+        assert len(store.claim(100, 600.0, MAX_AGE).events) == 3  # the five stay with their live holder
+        assert store.claim(100, 600.0, MAX_AGE).events == []
+        status = store.status()
+        assert status.in_flight == 8 and len(status.holders) == 2
+    finally:
+        holder.kill()
+        holder.communicate(timeout=30)
+    assert holder.returncode == -signal.SIGKILL  # died holding the batch: nothing released it
+    taken: list[str] = []
+    wait_until(
+        lambda: (
+            taken.extend(event.event_id for event in store.claim(100, 600.0, MAX_AGE).events)
+            or len(taken) >= 5
+        ),
+        30,
+        "the dead holder's batch is claimed again",
+    )
+    assert sorted(taken) == sorted(held)
+
+
+def test_an_unreachable_store_raises_store_unavailable_without_the_password(tmp_path: Path) -> None:
+    blocked = tmp_path / "a-directory.sqlite3"
+    blocked.mkdir()
+    with pytest.raises(StoreUnavailable, match=r"a-directory\.sqlite3"):
+        store_from_url(f"sqlite:///{blocked}")
+
+
+@pytest.mark.service
+def test_an_unreachable_postgresql_raises_store_unavailable_without_the_password() -> None:
+    pytest.importorskip("psycopg", reason='the postgres extra is not installed: pip install -e ".[postgres]"')
+    store = store_from_url(f"postgresql://app:s3cret-pw@127.0.0.1:{free_port()}/test")
+    try:
+        assert "s3cret-pw" not in store.url and "***" in store.url
+        for call in (lambda: store.is_known("e1"), lambda: store.add("e1", "{}"), store.status):
+            with pytest.raises(StoreUnavailable) as raised:
+                call()
+            assert "s3cret-pw" not in str(raised.value)
+    finally:
+        store.close()
