@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,7 +12,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from flask_cio_rudder import CioRudder, signals
+from flask_cio_rudder import CioRudder
 from flask_cio_rudder.testing import FakeDataPlane, encode, signature_headers
 
 SIGNING_KEY = "test-signing-key"
@@ -76,23 +75,6 @@ def post() -> Callable[..., TestResponse]:
         return client.post(WEBHOOK, data=raw, headers=sent)
 
     return post
-
-
-@contextmanager
-def record_outcomes(app: Flask) -> Iterator[list[tuple[str, dict[str, Any]]]]:
-    """Record ``("forwarded" | "failed", kwargs)`` for each delivery signal ``app`` sends."""
-    recorded: list[tuple[str, dict[str, Any]]] = []
-
-    def forwarded(sender: Flask, **kwargs: Any) -> None:
-        recorded.append(("forwarded", kwargs))
-
-    def failed(sender: Flask, **kwargs: Any) -> None:
-        recorded.append(("failed", kwargs))
-
-    on_forwarded = signals.event_forwarded.connected_to(forwarded, sender=app)
-    on_failed = signals.forward_failed.connected_to(failed, sender=app)
-    with on_forwarded, on_failed:
-        yield recorded
 
 
 @pytest.fixture

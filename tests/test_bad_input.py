@@ -30,6 +30,7 @@ from flask_cio_rudder import CioEvent, CioRudder, get_outbox, signals
 from flask_cio_rudder.testing import FakeDataPlane, encode, record_events, signature_headers
 
 from .conftest import EMAIL_EVENTS, SIGNING_KEY, WEBHOOK, sample
+from .helpers import record_signals
 
 # Reproducible in CI: no example database, the same examples on every run. No deadline:
 # a loaded two-core CI machine must not turn a slow example into a failure.
@@ -103,14 +104,11 @@ class Webhook:
     accepted: set[str] = field(default_factory=set)
 
     def post(self, raw: bytes, headers: dict[str, str]) -> Outcome:
-        rejected: list[dict[str, Any]] = []
-
-        def on_rejected(sender: Flask, **extra: Any) -> None:
-            rejected.append(extra)
-
         seen_logs = len(self.log.records)
-        with record_events(self.app) as received, signals.event_rejected.connected_to(on_rejected, self.app):
+        with record_signals(self.app, signals.event_received, signals.event_rejected) as calls:
             response = self.client.post(WEBHOOK, data=raw, headers=headers)
+        received = [kwargs["event"] for name, kwargs in calls if name == "event-received"]
+        rejected = [kwargs for name, kwargs in calls if name == "event-rejected"]
         return Outcome(response, received, rejected, self.log.records[seen_logs:])
 
 

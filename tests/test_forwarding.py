@@ -16,7 +16,7 @@ from werkzeug.test import TestResponse
 from flask_cio_rudder import signals, transform
 from flask_cio_rudder.testing import FakeDataPlane
 
-from .conftest import EMAIL_EVENTS, record_outcomes, sample
+from .conftest import EMAIL_EVENTS, sample
 from .helpers import record_signals
 
 Post = Callable[..., TestResponse]
@@ -36,7 +36,7 @@ def sync_app(make_app: Callable[..., Flask]) -> Flask:
 
 @pytest.fixture
 def outcomes(sync_app: Flask) -> Any:
-    with record_outcomes(sync_app) as recorded:
+    with record_signals(sync_app, signals.event_forwarded, signals.forward_failed) as recorded:
         yield recorded
 
 
@@ -55,7 +55,7 @@ def test_an_accepted_event_is_posted_to_v1_batch_with_basic_auth_and_gzip(
     sent = json.loads(gzip.decompress(request.body))  # type: ignore[arg-type]
     assert sent == {"batch": [transform(body)]}
     [(outcome, kwargs)] = outcomes
-    assert (outcome, kwargs["payloads"]) == ("forwarded", sent["batch"])
+    assert (outcome, kwargs["payloads"]) == ("event-forwarded", sent["batch"])
     assert kwargs["duration"] > 0
 
 
@@ -77,7 +77,7 @@ def test_a_transient_or_configuration_failure_is_503_so_customerio_retries(
     response = post(sync_app.test_client(), body)
     assert response.status_code == 503
     assert f"RudderStack answered {status}" in response.json["error"]
-    assert outcomes[0][0] == "failed"
+    assert outcomes[0][0] == "forward-failed"
     assert outcomes[0][1]["retry"] is True
     # Not remembered: Customer.io's retry is forwarded once RudderStack is back.
     responses.replace(responses.POST, f"{DATA_PLANE}/v1/batch", body="OK")
