@@ -284,7 +284,8 @@ def app_here(env: Mapping[str, str]) -> Iterator[Flask]:
     try:
         yield app
     finally:
-        get_outbox(app).close()
+        if app.config["CIO_RUDDER_FORWARDER"] == "outbox":
+            get_outbox(app).close()
 
 
 def add_events(app: Flask, events: Iterator[tuple[str, str]]) -> int:
