@@ -64,11 +64,8 @@ def header() -> str:
     """The command, the commit measured (and whether the library had uncommitted changes), versions."""
     from importlib.metadata import version
 
-    dirty = (
-        " + uncommitted changes in flask_cio_rudder/"
-        if _git("status", "--porcelain", "flask_cio_rudder")
-        else ""
-    )
+    changed = _git("status", "--porcelain", "flask_cio_rudder", "benchmarks")
+    dirty = " + uncommitted changes in flask_cio_rudder/ or benchmarks/" if changed else ""
     versions = ", ".join(f"{name} {version(name)}" for name in ("flask", "gunicorn", "rudder-sdk-python"))
     command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
     return (

@@ -78,7 +78,9 @@ class Bench:
         closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
         self.closed_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
         self.bodies = self.warm_bodies = workdir / "bodies.txt"
-        if not args.outbox_url:  # a fresh outbox each run: the same bodies serve every run
+        if args.outbox_url:
+            h.outbox_env(args.outbox_url, workdir / "unused")  # exits now if the library cannot use it
+        else:  # a fresh outbox each run: the same bodies serve every run
             self.bodies, self.warm_bodies = self.new_bodies()
 
     def new_bodies(self) -> tuple[Path, Path]:
