@@ -103,7 +103,10 @@ def measure(args: argparse.Namespace, workdir: Path, plane: h.DataPlane, backlog
             bodies = workdir / "bodies.txt"
             h.write_signed_bodies(bodies, (250 if pace else args.max_rate) * seconds + 100)
             h.wait_until_quiet(args.quiet_wait)
+            assert server.process is not None
+            others = h.Others([server.process.pid, *server.worker_pids(), plane.process.pid])
             r[kind] = h.wrk(server.url, bodies, seconds, connections, threads, pace)
+            r[kind]["others"] = others.cores()
             print(
                 f"            {kind}: {r[kind]['rps']:,.0f} req/s, p99 {r[kind]['p99_us'] / 1e3:.2f} ms",
                 flush=True,
@@ -199,18 +202,20 @@ def main() -> int:
             f"{r['fill']:.1f}",
             r["size_filled"],
             r["size_after"],
+            f"{r['paced']['others']:.2f} / {r['saturated']['others']:.2f}",
         ]
         for r in results
     ]
     headers = [
         "backlog",
-        "pending at start",
+        "added by (a)",
         "paced p50 ms",
         "paced p99 ms",
         "saturated req/s",
         "saturated p99 ms",
     ]
     headers += ["drain events/s", "drain RSS MiB", "fill s", "db + wal MiB filled", "db + wal MiB after"]
+    headers += ["others' cores (paced / saturated)"]
     print(f"\n{h.header()}\n\n{h.table(headers, rows)}")
     if args.plot:
         plot(results, args.plot)
