@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -180,6 +181,8 @@ def main() -> int:
         )
     started = time.monotonic()
     print(h.header(), flush=True)
+    # One "queue is full" warning per dropped event would time the terminal; track() says it dropped.
+    logging.getLogger("rudderstack").disabled = True
     events = make_events(args.events)
     with tempfile.TemporaryDirectory(prefix="cio-rudder-delivery-") as tmp:
         workdir, plane, runs = Path(tmp), h.DataPlane(), [0]
