@@ -84,7 +84,8 @@ def main() -> int:
                 forwarder = get_outbox(steps)
 
                 def keep(event: CioEvent) -> None:
-                    forwarder.is_duplicate(event.event_id) or forwarder.accept(event)
+                    if not forwarder.is_duplicate(event.event_id):
+                        forwarder.accept(event)
 
                 rows = [
                     ("bare Flask: one request", per_request_us(h.bare_app(), lines[:count])),

@@ -206,7 +206,7 @@ def main() -> int:
             plane.stop()
 
     def rate(r: dict[str, Any]) -> float:
-        return float(r["stats"]["distinct"]) / r["seconds"]
+        return float(r["stats"]["distinct"]) / float(r["seconds"])
 
     outbox_rate = h.median([rate(r) for r in results["outbox"]])
     rows = [

@@ -57,9 +57,12 @@ def drain_child(env: Mapping[str, str], seconds: float) -> None:
     """``growth.py _drain``: flush for ``seconds`` from a fresh process; print what happened as JSON."""
     with h.app_here(env) as app:
         samples, stop = [rss_kib()], threading.Event()
-        sampler = threading.Thread(
-            target=lambda: [samples.append(rss_kib()) for _ in iter(lambda: stop.wait(0.25), True)]
-        )
+
+        def sample() -> None:
+            while not stop.wait(0.25):
+                samples.append(rss_kib())
+
+        sampler = threading.Thread(target=sample)
         sampler.start()
         started = time.monotonic()
         sent = get_outbox(app).flush(seconds)

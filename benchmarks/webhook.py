@@ -35,6 +35,8 @@ from pathlib import Path
 
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
+from flask_cio_rudder import get_outbox
+
 BARE, SDK, EXT, DOWN, FLOOR = "bare Flask", "SDK route", "Flask-CIO-Rudder", "ext, data plane down", "floor"
 FACTORIES = {BARE: "bare_app()", SDK: "sdk_app()", EXT: "ext_app()", DOWN: "ext_app()", FLOOR: "floor_app()"}
 #: scenario -> (apps, paced, [(figure, candidate, baseline, target)])
@@ -121,7 +123,7 @@ class Bench:
         pending = None
         if outbox:
             with h.app_here(outbox) as app:
-                pending = h.get_outbox(app).status().pending
+                pending = get_outbox(app).status().pending
         trouble = (f"{n['errors']:.0f} errors " if n["errors"] else "") + (
             "bodies reused: raise --max-rate" if n["bodies_wrapped"] else ""
         )
