@@ -1,15 +1,13 @@
-"""Where each request's CPU goes, step by step, in one process: the budget behind the webhook targets.
+"""Where each request's CPU goes, step by step, in one process (no gunicorn, no network).
 
-    python benchmarks/budget.py                      # about a minute
-    python benchmarks/budget.py --bare-cpu-us 355    # also print the budget for 0.85 of bare Flask
+    python benchmarks/budget.py            # 10,000 signed bodies: about a minute
+    python benchmarks/budget.py --quick    # 1,000 bodies
 
-``webhook.py`` measures what a gunicorn worker spends per request (its "worker CPU
-us/req" column). To reach a throughput ratio r against bare Flask on a CPU-bound
-machine, everything the extension adds must fit in ``bare * (1/r - 1)``
-microseconds per event, delivery included (the sender runs on the same cores).
-This script measures, in this process and without gunicorn or the network, the
-CPU each step costs, so the two can be put side by side: the same signed bodies as
-webhook.py, each request driven straight through the WSGI app.
+Each request goes straight through the app's WSGI callable with the bodies webhook.py
+sends; the steps are timed alone on the same bodies, and the sender's CPU per event
+delivered to a data plane in another process. Put beside webhook.py's "worker CPU µs/req":
+to reach a throughput ratio r against bare Flask, everything the extension adds, sending
+included, must fit in ``bare * (1/r - 1)`` µs per event.
 """
 
 from __future__ import annotations
@@ -17,8 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import sqlite3
 import sys
 import tempfile
 import time
@@ -26,28 +22,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import apps  # after the path above, so the script runs from anywhere
+import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
 from flask_cio_rudder import get_outbox
-from flask_cio_rudder.outbox import Outbox
+from flask_cio_rudder.event import CioEvent
 from flask_cio_rudder.signature import verify
 from flask_cio_rudder.transform import load_event
 
-Body = tuple[str, str, bytes]  # X-CIO-Timestamp, X-CIO-Signature, body
 
-BARE = "bare Flask: one request (the peer's whole app)"
-EXT_OUTBOX = "Flask-CIO-Rudder, outbox (sender off): one request"
-SENDER = "sender: CPU per event delivered (batches of 100)"
-
-
-def per_item_us(step: Callable[[Any], Any], items: Sequence[Any]) -> float:
-    """Mean CPU microseconds of ``step`` over ``items`` (after a warm-up on the first tenth).
-
-    CPU time, as webhook.py's worker CPU: waits for the disk (fsync) are not in it.
-    """
-    warm = max(1, len(items) // 10)
+def cpu_us(step: Callable[[Any], object], items: Sequence[Any]) -> float:
+    """Mean CPU µs of ``step`` per item, after a warm-up on the first tenth (disk waits not counted)."""
+    warm = len(items) // 10
     for item in items[:warm]:
         step(item)
     started = time.process_time()
@@ -56,140 +41,78 @@ def per_item_us(step: Callable[[Any], Any], items: Sequence[Any]) -> float:
     return (time.process_time() - started) / (len(items) - warm) * 1e6
 
 
-def environ(body: Body) -> dict[str, Any]:
-    timestamp, signature, raw = body
-    return {
-        "REQUEST_METHOD": "POST",
-        "PATH_INFO": apps.WEBHOOK_PATH,
-        "SERVER_NAME": "127.0.0.1",
-        "SERVER_PORT": "80",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "REMOTE_ADDR": "127.0.0.1",
-        "wsgi.url_scheme": "http",
-        "wsgi.input": io.BytesIO(raw),
-        "wsgi.errors": sys.stderr,
-        "CONTENT_TYPE": "application/json",
-        "CONTENT_LENGTH": str(len(raw)),
-        "HTTP_X_CIO_TIMESTAMP": timestamp,
-        "HTTP_X_CIO_SIGNATURE": signature,
-    }
-
-
-def wsgi_request_us(app: Any, bodies: Sequence[Body]) -> float:
-    """Microseconds per request through the app's WSGI callable (each answered 200)."""
+def per_request_us(app: Any, lines: Sequence[bytes]) -> float:
+    def environ(line: bytes) -> dict[str, Any]:
+        timestamp, signature, raw = line.split(b"\t", 2)
+        return {
+            "REQUEST_METHOD": "POST", "PATH_INFO": h.WEBHOOK_PATH, "SERVER_NAME": "127.0.0.1",
+            "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(raw), "wsgi.errors": sys.stderr, "CONTENT_TYPE": "application/json",
+            "CONTENT_LENGTH": str(len(raw)), "HTTP_X_CIO_TIMESTAMP": timestamp.decode(),
+            "HTTP_X_CIO_SIGNATURE": signature.decode(),
+        }  # fmt: skip
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
-        if not status.startswith("200"):
-            raise RuntimeError(f"the app answered {status}")
+        assert status.startswith("200"), status
 
-    return per_item_us(lambda env: b"".join(app(env, start_response)), [environ(b) for b in bodies])
-
-
-def ext_app(workdir: Path, name: str, **env: str) -> Any:
-    settings = {
-        "CIO_RUDDER_DATA_PLANE_URL": "http://127.0.0.1:9",  # never reached: no background sender here
-        "CIO_RUDDER_OUTBOX_PATH": str(workdir / f"{name}.sqlite3"),
-        "CIO_RUDDER_OUTBOX_SENDER": "false",
-        "CIO_RUDDER_FORWARDER": "outbox",
-    }
-    os.environ.update({**settings, **env})
-    return apps.create_ext_app()
+    return cpu_us(lambda env: b"".join(app(env, start_response)), [environ(line) for line in lines])
 
 
-def plain_commit_us(workdir: Path, bodies: Sequence[Body]) -> float:
-    """One ``INSERT`` commit per body into a one-table SQLite WAL file, as the floor app does."""
-    db = sqlite3.connect(workdir / "plain.sqlite3", isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("CREATE TABLE events (event_id TEXT PRIMARY KEY, body TEXT)")
-    rows = [(f"{n}-{body[1]}", body[2].decode()) for n, body in enumerate(bodies)]
-    try:
-        return per_item_us(lambda row: db.execute("INSERT OR IGNORE INTO events VALUES (?, ?)", row), rows)
-    finally:
-        db.close()
-
-
-def sender_us_per_event(workdir: Path, bodies: Sequence[Body]) -> float:
-    """CPU of this process per event to drain an outbox to a data plane in another process."""
-    plane = apps.DataPlaneProcess()
-    try:
-        app = ext_app(workdir, "drain", CIO_RUDDER_DATA_PLANE_URL=plane.url)
-        forwarder = get_outbox(app)
-        for body in bodies:
-            event = load_event(json.loads(body[2]))
-            forwarder.outbox.add(event.event_id, event.payload_json)
-        started = time.process_time()
-        sent = forwarder.flush(timeout=600)
-        cpu = time.process_time() - started
-        forwarder.close()
-    finally:
-        plane.stop()
-    if sent != len(bodies):
-        raise RuntimeError(f"the sender sent {sent} of {len(bodies)} events")
-    return cpu / sent * 1e6
-
-
-def measure(count: int) -> list[tuple[str, float]]:
-    bodies = list(apps.signed_bodies(count, apps.new_tag()))
-    decoded = [json.loads(body[2]) for body in bodies]
-    events = [load_event(body) for body in decoded]
-    key = (apps.SIGNING_KEY,)
-    with tempfile.TemporaryDirectory(prefix="cio-rudder-budget-") as tmp:
-        workdir = Path(tmp)
-        outbox = Outbox(str(workdir / "steps.sqlite3"))
-
-        def keep(event: Any) -> None:
-            outbox.is_known(event.event_id)
-            outbox.add(event.event_id, event.payload_json)
-
-        rows = [
-            (BARE, wsgi_request_us(apps.create_bare_app(), bodies)),
-            (
-                "Flask-CIO-Rudder, forwarder none: one request",
-                wsgi_request_us(ext_app(workdir, "none", CIO_RUDDER_FORWARDER="none"), bodies),
-            ),
-            (EXT_OUTBOX, wsgi_request_us(ext_app(workdir, "outbox"), bodies)),
-            ("  step: verify the signature", per_item_us(lambda b: verify(b[2], b[0], b[1], key), bodies)),
-            ("  step: parse the JSON (bare Flask does too)", per_item_us(lambda b: json.loads(b[2]), bodies)),
-            ("  step: validate and transform (load_event)", per_item_us(load_event, decoded)),
-            ("  step: keep it (duplicate lookup + outbox commit)", per_item_us(keep, events)),
-            ("  for comparison: one plain SQLite commit", plain_commit_us(workdir, bodies)),
-            (SENDER, sender_us_per_event(workdir, bodies)),
-        ]
-        outbox.close()
-    return rows
-
-
-def report(rows: list[tuple[str, float]], bare_cpu_us: float | None, ratio: float) -> str:
-    cells = [[name, f"{us:.1f}"] for name, us in rows]
-    lines = [apps.table(["what (one event, in this process)", "us"], cells)]
-    figures = dict(rows)
-    added = figures[EXT_OUTBOX] - figures[BARE] + figures[SENDER]
-    lines.append(f"The extension adds {added:.0f} us per event over bare Flask here (request and sender).")
-    if bare_cpu_us:
-        budget = bare_cpu_us * (1 / ratio - 1)
-        lines.append(
-            f"With bare Flask at {bare_cpu_us:.0f} us of worker CPU per request under gunicorn, a throughput "
-            f"ratio of {ratio} leaves {budget:.0f} us per event for everything the extension adds: "
-            f"it adds {added / budget:.1f} times that. At {added:.0f} us added, the ratio to expect is about "
-            f"{bare_cpu_us / (bare_cpu_us + added):.2f}."
-        )
-    return "\n\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--events", type=int, default=10_000, help="signed bodies to use (default 10000)")
-    parser.add_argument(
-        "--bare-cpu-us",
-        type=float,
-        help="bare Flask's worker CPU per request under gunicorn (webhook.py prints it): prints the budget",
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--ratio", type=float, default=0.85, help="the throughput ratio to budget for")
-    args = parser.parse_args(argv)
-    print(report(measure(args.events), args.bare_cpu_us, args.ratio))
+    parser.add_argument("--quick", action="store_true", help="1,000 bodies")
+    parser.add_argument("--events", type=int, default=10_000)
+    args = parser.parse_args()
+    count = 1_000 if args.quick else args.events
+    with tempfile.TemporaryDirectory(prefix="cio-rudder-budget-") as tmp:
+        workdir, plane = Path(tmp), h.DataPlane()
+        h.write_signed_bodies(workdir / "bodies.txt", 3 * count)
+        lines = (workdir / "bodies.txt").read_bytes().splitlines()
+        parts = [line.split(b"\t", 2) for line in lines[:count]]
+        decoded = [json.loads(raw) for _, _, raw in parts]
+
+        def app(n: int, **env: str) -> Any:
+            return h.app_here({**h.outbox_env(None, workdir / f"outbox-{n}.sqlite3"), **env})
+
+        def verified(p: list[bytes]) -> None:
+            verify(p[2], p[0].decode(), p[1].decode(), [h.SIGNING_KEY])
+
+        try:
+            with app(1, CIO_RUDDER_FORWARDER="none") as none, app(2) as ext, app(3) as steps:
+                forwarder = get_outbox(steps)
+
+                def keep(event: CioEvent) -> None:
+                    if not forwarder.is_duplicate(event.event_id):
+                        forwarder.accept(event)
+
+                rows = [
+                    ("bare Flask: one request", per_request_us(h.bare_app(), lines[:count])),
+                    (
+                        "extension, forwarder none: one request",
+                        per_request_us(none, lines[count : 2 * count]),
+                    ),
+                    ("extension, outbox, sender off: one request", per_request_us(ext, lines[2 * count :])),
+                    ("  step: verify the signature", cpu_us(verified, parts)),
+                    (
+                        "  step: parse the JSON (bare Flask does too)",
+                        cpu_us(json.loads, [p[2] for p in parts]),
+                    ),
+                    ("  step: validate and transform (load_event)", cpu_us(load_event, decoded)),
+                    ("  step: duplicate lookup + outbox add", cpu_us(keep, [load_event(b) for b in decoded])),
+                ]
+            with app(4, CIO_RUDDER_DATA_PLANE_URL=plane.url) as sender:
+                h.add_events(sender, ((e.event_id, e.payload_json) for e in map(load_event, decoded)))
+                started = time.process_time()
+                sent = get_outbox(sender).flush(300)
+                rows.append(("sender: CPU per event delivered", (time.process_time() - started) / sent * 1e6))
+        finally:
+            plane.stop()
+    cells = [[name, f"{us:.1f}"] for name, us in rows]
+    print(f"{h.header()}\n\n{h.table(['what (one event, in this process)', 'CPU µs'], cells)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    h.main_guard(main)

@@ -1,7 +1,7 @@
 -- wrk script: POST pre-signed Customer.io webhook bodies, each body at most once across all threads.
 --
--- Environment (set by benchmarks/webhook.py and benchmarks/growth.py):
---   BENCH_BODIES   file of lines "X-CIO-Timestamp<TAB>X-CIO-Signature<TAB>body" (apps.write_bodies_file)
+-- Environment (set by harness.wrk):
+--   BENCH_BODIES   file of lines "X-CIO-Timestamp<TAB>X-CIO-Signature<TAB>body" (harness.write_signed_bodies)
 --   BENCH_THREADS  wrk's -t: thread k of n sends lines k, k+n, k+2n... so no two threads share a body
 --   BENCH_PACE_MS  optional: each connection waits this long before each request (an open, paced load)
 --

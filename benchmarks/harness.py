@@ -1,0 +1,689 @@
+"""The one harness every benchmark script uses.
+
+- **Apps** served by gunicorn, configured by ``CIO_RUDDER_*`` environment variables:
+  ``bare_app()`` (parse the JSON, answer), ``ext_app()`` (Flask-CIO-Rudder with its
+  defaults and one trivial receiver per email signal), ``sdk_app()`` (the route a user
+  writes instead: map the body by hand, ``rudder-sdk-python``'s ``track()``) and
+  ``floor_app()`` (bare Flask plus one SQLite commit per request).
+- **The outbox** chosen by URL (``--outbox-url``): :func:`outbox_env`.
+- **A data plane** (``FakeDataPlane``) in its own process, counting what it stores, able to
+  fail at random and to go down for a while: :class:`DataPlane`.
+- **gunicorn** (:class:`Gunicorn`), **wrk** with ``webhook.lua`` (:func:`wrk`), interleaved
+  rounds, the CPU other processes used meanwhile, medians, ratios and Markdown tables, and
+  the header (command, commit, versions) printed above every table.
+
+Everything listens on 127.0.0.1 only; every process is started in its own session and
+stopped by the script that started it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+from flask import Flask
+
+from flask_cio_rudder import CioRudder, get_outbox, signals
+from flask_cio_rudder.signature import sign
+from flask_cio_rudder.testing import FakeDataPlane, encode
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SAMPLES = ROOT / "tests" / "samples"
+WEBHOOK_PATH = "/webhooks/customerio"
+SIGNING_KEY = "benchmark-signing-key"
+WRITE_KEY = "benchmark-write-key"
+METRICS = ("delivered", "opened", "clicked", "bounced", "spammed", "unsubscribed")
+R = TypeVar("R")
+
+
+# -- the header above every table ---------------------------------------------------------------
+
+
+def _git(*args: str) -> str:
+    run = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=30)
+    return run.stdout.strip()
+
+
+def header() -> str:
+    """The command, the commit measured (and whether the library had uncommitted changes), versions."""
+    from importlib.metadata import version
+
+    changed = _git("status", "--porcelain", "flask_cio_rudder", "benchmarks")
+    dirty = " + uncommitted changes in flask_cio_rudder/ or benchmarks/" if changed else ""
+    versions = ", ".join(f"{name} {version(name)}" for name in ("flask", "gunicorn", "rudder-sdk-python"))
+    command = shlex.join(["python", f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+    return (
+        f"command: `{command}`"
+        f"\ncommit {_git('rev-parse', '--short', 'HEAD') or 'unknown'}{dirty}; {versions}; "
+        f"Python {sys.version.split()[0]}; {os.cpu_count()} CPUs, shared: compare ratios, not absolutes; "
+        f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC"
+    )
+
+
+# -- bodies -------------------------------------------------------------------------------------
+
+
+def new_tag() -> str:
+    """Six random characters that keep one run's event ids apart from another's."""
+    return "".join(random.choice("0123456789ABCDEFGHJKMNPQRSTVWXYZ") for _ in range(6))
+
+
+def event_id(tag: str, index: int) -> str:
+    """A 26-character ULID-shaped id, distinct for each (tag, index)."""
+    return f"01{tag}{index:018d}"
+
+
+def bodies(count: int, tag: str) -> list[dict[str, Any]]:
+    """The six sample email events round robin, each with its own event_id, among 5,000 customers."""
+    samples = [(SAMPLES / f"email_{metric}.json").read_text() for metric in METRICS]
+    out = []
+    for index in range(count):
+        body = json.loads(samples[index % len(samples)])
+        customer = str(index % 5000 + 1)
+        body["event_id"] = event_id(tag, index)
+        body["data"].update(customer_id=customer, recipient=f"user{customer}@example.com")
+        body["data"]["identifiers"].update(id=customer, email=f"user{customer}@example.com")
+        out.append(body)
+    return out
+
+
+def write_signed_bodies(path: Path, count: int) -> None:
+    """``count`` fresh bodies, one per line: ``timestamp<TAB>signature<TAB>body`` (for webhook.lua)."""
+    timestamp = str(int(time.time()))
+    with open(path, "wb") as out:
+        for body in bodies(count, new_tag()):
+            raw = encode(body)  # compact JSON: no newline or tab inside
+            out.write(f"{timestamp}\t{sign(raw, timestamp, SIGNING_KEY)}\t".encode() + raw + b"\n")
+
+
+# -- the apps (gunicorn factories: ``harness:ext_app()``) ---------------------------------------
+
+
+def _configured(name: str) -> Flask:
+    """A Flask app whose config holds every ``CIO_RUDDER_*`` variable (JSON values decoded)."""
+    app = Flask(name)
+    app.config.update(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_WRITE_KEY=WRITE_KEY)
+    for key, value in os.environ.items():
+        if key.startswith("CIO_RUDDER_"):
+            try:
+                app.config[key] = json.loads(value)
+            except ValueError:
+                app.config[key] = value
+    return app
+
+
+def bare_app() -> Flask:
+    """The peer: parse the JSON body, answer 200 ``{"status": "accepted"}``."""
+    from flask import jsonify, request
+
+    app = Flask("bare")
+
+    @app.post(WEBHOOK_PATH)
+    def receive() -> Any:
+        request.get_json(force=True)
+        return jsonify(status="accepted")
+
+    return app
+
+
+def ext_app() -> Flask:
+    """Flask-CIO-Rudder as configured by the environment, one trivial receiver per email signal."""
+    app = _configured("ext")
+    seen: Counter[str] = Counter()
+
+    def receiver(sender: Flask, event: Any, **extra: Any) -> None:
+        seen[event.metric] += 1  # what a real receiver does at the least: look at the event
+
+    for metric in METRICS:
+        getattr(signals, f"email_{metric}").connect(receiver, sender=app, weak=False)
+    CioRudder(app)
+    return app
+
+
+def sdk_app() -> Flask:
+    """The route a user writes instead: verify, map the body by hand, ``track()`` (memory only).
+
+    The SDK's consumer thread posts to ``CIO_RUDDER_DATA_PLANE_URL``; its queue holds 10^6
+    events so that nothing is dropped. Built in each gunicorn worker (no ``--preload``).
+    """
+    import hashlib
+    import hmac
+
+    from flask import abort, jsonify, request
+    from rudderstack.analytics import Client
+
+    app = _configured("sdk")
+    key = app.config["CIO_RUDDER_SIGNING_KEY"].encode()
+    client = Client(
+        app.config["CIO_RUDDER_WRITE_KEY"], host=app.config["CIO_RUDDER_DATA_PLANE_URL"], max_queue_size=10**6
+    )
+    names = {metric: f"Email {metric.title()}" for metric in METRICS} | {"clicked": "Email Link Clicked"}
+
+    @app.post(WEBHOOK_PATH)
+    def receive() -> Any:
+        raw = request.get_data()
+        message = b"v0:" + request.headers.get("X-CIO-Timestamp", "").encode() + b":" + raw
+        expected = hmac.new(key, message, hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(expected, request.headers.get("X-CIO-Signature", "")):
+            abort(401)
+        body = request.get_json(force=True)
+        data = dict(body["data"])
+        identifiers = data.pop("identifiers", {})
+        client.track(
+            user_id=data.pop("customer_id", None) or identifiers.get("id"),
+            event=names.get(body["metric"], "Unknown Event"),
+            properties={"eventId": body["event_id"], **data},
+            context={"traits": {"email": identifiers.get("email") or data.get("recipient")}},
+            timestamp=datetime.fromtimestamp(body["timestamp"], timezone.utc),
+            message_id=body["event_id"],
+        )
+        return jsonify(status="accepted")
+
+    return app
+
+
+def floor_app() -> Flask:
+    """The least a durable receiver does: bare Flask + one SQLite (WAL) commit per request.
+
+    Writers queue on a lock file, as the outbox does. File: ``FLOOR_PATH``.
+    """
+    import fcntl
+    import sqlite3
+
+    from flask import jsonify, request
+
+    app, path, local = Flask("floor"), os.environ["FLOOR_PATH"], threading.local()
+
+    @app.post(WEBHOOK_PATH)
+    def receive() -> Any:
+        body = request.get_json(force=True)
+        first = not hasattr(local, "db")
+        if first:
+            local.lock = open(path + ".lock", "ab")  # noqa: SIM115 - lives as long as the worker
+            local.db = sqlite3.connect(path, timeout=30, isolation_level=None)
+        fcntl.flock(local.lock, fcntl.LOCK_EX)
+        try:
+            if first:  # under the lock: two workers may create the file at once
+                local.db.execute("PRAGMA journal_mode=WAL")
+                local.db.execute("PRAGMA synchronous=NORMAL")  # the outbox's default durability
+                local.db.execute("CREATE TABLE IF NOT EXISTS events (event_id TEXT PRIMARY KEY, body TEXT)")
+            row = (str(body.get("event_id")), request.get_data(as_text=True))
+            local.db.execute("INSERT OR IGNORE INTO events VALUES (?, ?)", row)
+        finally:
+            fcntl.flock(local.lock, fcntl.LOCK_UN)
+        return jsonify(status="accepted")
+
+    return app
+
+
+# -- the outbox, chosen by URL ------------------------------------------------------------------
+
+
+def library_knows_outbox_url() -> bool:
+    """Whether this flask_cio_rudder takes ``CIO_RUDDER_OUTBOX_URL`` (CioRudder() checks option names)."""
+    try:
+        CioRudder(outbox_url="sqlite://")
+    except TypeError:
+        return False
+    return True
+
+
+def outbox_env(url: str | None, fresh_file: Path) -> dict[str, str]:
+    """The app's outbox setting: ``url`` if given, else a fresh SQLite file.
+
+    ``{run}`` in ``url`` is replaced by the caller. A library without ``CIO_RUDDER_OUTBOX_URL``
+    gets ``CIO_RUDDER_OUTBOX_PATH`` for ``sqlite:///`` URLs, and refuses any other URL
+    (it would silently use its default outbox instead).
+    """
+    url = url or f"sqlite:///{fresh_file}"  # an absolute path: sqlite:////tmp/...
+    if library_knows_outbox_url():
+        return {"CIO_RUDDER_OUTBOX_URL": url}
+    if url.startswith("sqlite:///"):
+        return {"CIO_RUDDER_OUTBOX_PATH": url[len("sqlite:///") :]}
+    sys.exit(f"this flask_cio_rudder has no CIO_RUDDER_OUTBOX_URL yet: it cannot use {url.split('://')[0]}")
+
+
+def sqlite_file(env: Mapping[str, str]) -> Path | None:
+    """The outbox's SQLite file, if it is one."""
+    url = env.get("CIO_RUDDER_OUTBOX_URL", "sqlite:///" + env.get("CIO_RUDDER_OUTBOX_PATH", ""))
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") and len(url) > 10 else None
+
+
+@contextlib.contextmanager
+def app_here(env: Mapping[str, str]) -> Iterator[Flask]:
+    """``ext_app()`` built in this process with ``env`` (its sender off unless ``env`` says otherwise)."""
+    saved = dict(os.environ)
+    os.environ.update(
+        {"CIO_RUDDER_OUTBOX_SENDER": "false", "CIO_RUDDER_DATA_PLANE_URL": "http://127.0.0.1:9"}
+    )
+    os.environ.update(env)
+    try:
+        app = ext_app()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        yield app
+    finally:
+        if app.config["CIO_RUDDER_FORWARDER"] == "outbox":
+            get_outbox(app).close()
+
+
+def add_events(app: Flask, events: Iterator[tuple[str, str]]) -> int:
+    """Add ``(event_id, payload JSON)`` pending events through the outbox's public ``add``."""
+    outbox = get_outbox(app).outbox  # the store's add, once the library has a store interface
+    return sum(outbox.add(event_id, payload) for event_id, payload in events)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    """SIGTERM the process's group (started in its own session), SIGKILL if it lingers."""
+    for signum, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
+        if process.poll() is not None:
+            break
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(wait)
+    with contextlib.suppress(ProcessLookupError):  # a worker may outlive its master
+        os.killpg(process.pid, signal.SIGKILL)
+
+
+class Gunicorn:
+    """``gunicorn -w N`` (sync workers) serving ``factory`` on a loopback port; restartable on that port."""
+
+    def __init__(self, factory: str, env: Mapping[str, str], log: Path, workers: int = 2) -> None:
+        from gunicorn.config import Config
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}{WEBHOOK_PATH}"
+        self.log, self.workers, self.env = log, workers, {**os.environ, **env}
+        self.command = [sys.executable, "-m", "gunicorn", "--pythonpath", f"{HERE},{ROOT}"]
+        self.command += [
+            "--bind",
+            f"127.0.0.1:{self.port}",
+            "--workers",
+            str(workers),
+            "--worker-class",
+            "sync",
+        ]
+        self.command += ["--log-level", "info", "--graceful-timeout", "10"]
+        if "control_socket_disable" in Config().settings:  # gunicorn 25+ would write ~/.gunicorn
+            self.command.append("--no-control-socket")
+        self.command.append(factory)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self, timeout: float = 30.0) -> float:
+        """Start (again); the seconds until every worker booted and the port answers HTTP."""
+        started, offset = time.monotonic(), self.log.stat().st_size if self.log.exists() else 0
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        while time.monotonic() - started < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"gunicorn exited at start-up:\n{self.log_tail()}")
+            booted = self.log.read_bytes()[offset:].count(b"Booting worker")
+            if booted >= self.workers and _answers_http(self.port):
+                return time.monotonic() - started
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"gunicorn did not come up within {timeout:g} s:\n{self.log_tail()}")
+
+    def worker_pids(self) -> list[int]:
+        assert self.process is not None
+        with contextlib.suppress(OSError):
+            return [
+                int(pid)
+                for pid in Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+                .read_text()
+                .split()
+            ]
+        return []
+
+    def kill(self) -> None:
+        """SIGKILL the master and its workers at once."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process)
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+def _answers_http(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(f"GET {WEBHOOK_PATH} HTTP/1.0\r\n\r\n".encode())
+            return sock.recv(5) == b"HTTP/"
+    except OSError:
+        return False
+
+
+# -- the data plane, in its own process -----------------------------------------------------------
+
+
+class DataPlane:
+    """A RudderStack-compatible data plane in a child process (``harness.py dataplane``).
+
+    It counts requests, their outcomes, events stored and, per messageId, its eventId and how
+    often it was stored. ``faults`` are probabilities per request: ``500``, ``429``, ``hang``
+    (past the client's timeout, then the batch is stored: an answer lost) and ``reset``.
+    Commands go over the child's stdin as JSON lines; it exits when its stdin closes.
+    """
+
+    def __init__(self, faults: Mapping[str, float] | None = None, hang: float = 2.0, seed: int = 1) -> None:
+        config = json.dumps({"faults": dict(faults or {}), "hang": hang, "seed": seed})
+        self.process = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "dataplane", config],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self._lock = threading.Lock()
+        self.url: str = self._reply()["url"]
+        self.write_key = WRITE_KEY
+
+    def _reply(self) -> Any:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the data plane process exited ({self.process.poll()})")
+        return json.loads(line)
+
+    def call(self, op: str, **args: Any) -> Any:
+        assert self.process.stdin is not None
+        with self._lock:
+            self.process.stdin.write(json.dumps({"op": op, **args}) + "\n")
+            self.process.stdin.flush()
+            return self._reply()
+
+    def stats(self) -> dict[str, Any]:
+        """requests, outcomes, stored, distinct, duplicates, last_store_at, outages, cpu_seconds."""
+        return self.call("stats")  # type: ignore[no-any-return]
+
+    def wait(self, distinct: int, timeout: float) -> dict[str, Any]:
+        """The stats once ``distinct`` messageIds are stored, or after ``timeout`` seconds."""
+        return self.call("wait", distinct=distinct, timeout=timeout)  # type: ignore[no-any-return]
+
+    def ids(self) -> list[list[Any]]:
+        """``[messageId, eventId, times stored]`` for every messageId stored."""
+        return self.call("ids")  # type: ignore[no-any-return]
+
+    def reset(self) -> None:
+        self.call("reset")
+
+    def outage(self, seconds: float) -> None:
+        """Stop listening now (connections refused, kept-alive ones reset), listen again after ``seconds``."""
+        self.call("outage", seconds=seconds)
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            if self.process.stdin is not None:
+                self.process.stdin.close()
+        stop_process(self.process, timeout=5)
+
+
+class _Counts:
+    def __init__(self, faults: Mapping[str, float], hang: float, seed: int) -> None:
+        self.cond = threading.Condition()
+        self.faults, self.hang, self.rng = faults, hang, random.Random(seed)
+        self.down = False
+        self.outages: list[dict[str, float]] = []
+        self.reset()
+
+    def reset(self) -> None:
+        self.requests, self.stored = 0, 0
+        self.outcomes: Counter[str] = Counter()
+        self.by_id: dict[str, list[Any]] = {}  # messageId -> [eventId, times stored]
+        self.last_store_at: float | None = None
+
+    def stats(self) -> dict[str, Any]:
+        distinct = len(self.by_id)
+        return {
+            "requests": self.requests,
+            "outcomes": dict(self.outcomes),
+            "stored": self.stored,
+            "distinct": distinct,
+            "duplicates": self.stored - distinct,
+            "last_store_at": self.last_store_at,
+            "outages": self.outages,
+            "now": time.monotonic(),
+            "cpu_seconds": time.process_time(),
+        }
+
+
+class _CountingPlane(FakeDataPlane):
+    def __init__(self, counts: _Counts, port: int = 0) -> None:
+        super().__init__(write_key=WRITE_KEY, port=port)
+        self.counts = counts
+
+    def _next_misbehaviour(self) -> tuple[str, float] | None:
+        counts = self.counts
+        with counts.cond:
+            counts.requests += 1
+            if counts.down:  # a connection kept alive across the outage
+                counts.outcomes["reset (outage)"] += 1
+                return ("reset", 0.0)
+            draw = counts.rng.random()
+            answers = {"500": ("status", 500.0), "429": ("status", 429.0), "hang": ("hang", counts.hang)}
+            for kind, answer in (*answers.items(), ("reset", ("reset", 0.0))):
+                draw -= counts.faults.get(kind, 0.0)
+                if draw < 0:
+                    counts.outcomes[kind] += 1
+                    return answer
+        return None
+
+    def _store(self, batch: list[dict[str, Any]]) -> None:
+        counts = self.counts
+        with counts.cond:
+            counts.outcomes["200 stored"] += 1
+            counts.stored += len(batch)
+            for event in batch:
+                entry = counts.by_id.setdefault(event["messageId"], [event["properties"].get("eventId"), 0])
+                entry[1] += 1
+            counts.last_store_at = time.monotonic()
+            counts.cond.notify_all()
+
+
+def _serve_data_plane(config: dict[str, Any]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
+    counts = _Counts(config["faults"], config["hang"], config["seed"])
+    plane = _CountingPlane(counts).start()
+    port = plane._server.server_port
+
+    def come_back(seconds: float) -> None:
+        nonlocal plane
+        time.sleep(seconds)
+        for _ in range(100):  # the port may refuse a bind for a moment after the close
+            with contextlib.suppress(OSError):
+                plane = _CountingPlane(counts, port).start()
+                break
+            time.sleep(0.05)
+        with counts.cond:
+            counts.down = False
+            counts.outages[-1]["up_at"] = time.monotonic()
+
+    print(json.dumps({"url": plane.url}), flush=True)
+    for line in sys.stdin:
+        command = json.loads(line)
+        op, reply = command["op"], None
+        if op == "outage" and not counts.down:
+            with counts.cond:
+                counts.down = True
+                counts.outages.append({"down_at": time.monotonic(), "seconds": command["seconds"]})
+            plane.stop()
+            threading.Thread(target=come_back, args=(command["seconds"],), daemon=True).start()
+        with counts.cond:
+            if op == "wait":
+                distinct = command["distinct"]
+                counts.cond.wait_for(lambda: len(counts.by_id) >= distinct, command["timeout"])  # noqa: B023
+            if op == "reset":
+                counts.reset()
+            if op == "ids":
+                reply = [[message_id, *entry] for message_id, entry in counts.by_id.items()]
+            print(json.dumps(counts.stats() if reply is None else reply), flush=True)
+    plane.stop()
+
+
+# -- wrk ----------------------------------------------------------------------------------------
+
+
+def wrk(
+    url: str, bodies_file: Path, seconds: int, connections: int = 8, threads: int = 2, pace_ms: float = 0
+) -> dict[str, float]:
+    """One wrk run with ``webhook.lua``: each body sent at most once; latencies in microseconds."""
+    env = {
+        **os.environ,
+        "BENCH_BODIES": str(bodies_file),
+        "BENCH_THREADS": str(threads),
+        "BENCH_PACE_MS": str(pace_ms),
+    }
+    command = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s"]
+    run = subprocess.run(
+        [*command, "-s", str(HERE / "webhook.lua"), url],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 60,
+        check=False,
+    )
+    for line in run.stdout.splitlines():
+        if line.startswith("BENCH "):
+            numbers = {key: float(value) for key, value in (item.split("=") for item in line.split()[1:])}
+            numbers["rps"] = numbers["requests"] / numbers["duration_us"] * 1e6
+            numbers["errors"] = sum(
+                numbers[f"errors_{kind}"] for kind in ("connect", "read", "write", "status", "timeout")
+            )
+            return numbers
+    raise RuntimeError(f"wrk failed ({run.returncode}):\n{run.stdout}\n{run.stderr}")
+
+
+# -- noise: the machine is shared -----------------------------------------------------------------
+
+
+def _busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores)."""
+    with open("/proc/stat") as stat:
+        user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, stat.readline().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of these processes so far."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class Others:
+    """Cores that processes other than ``pids`` and our waited-for children (wrk) used meanwhile."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self.started, self.busy, self.ours = time.monotonic(), _busy_seconds(), self._ours()
+
+    def _ours(self) -> float:
+        import resource
+
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return cpu_seconds(self.pids) + children.ru_utime + children.ru_stime
+
+    def cores(self) -> float:
+        others = _busy_seconds() - self.busy - (self._ours() - self.ours)
+        return max(0.0, others / max(time.monotonic() - self.started, 1e-9))
+
+
+def wait_until_quiet(max_wait: float, threshold: float = 0.3) -> None:
+    """Wait, at most ``max_wait`` s, for a second in which the machine uses under ``threshold`` cores."""
+    deadline = time.monotonic() + max_wait
+    while time.monotonic() < deadline:
+        before = _busy_seconds()
+        time.sleep(1.0)
+        if _busy_seconds() - before < threshold:
+            return
+
+
+# -- rounds and tables ----------------------------------------------------------------------------
+
+
+def interleave(labels: Sequence[str], rounds: int, measure: Callable[[str, int], R]) -> dict[str, list[R]]:
+    """``measure(label, round)`` for each label in turn (A, B, C, A, B, C...), ``rounds`` times."""
+    results: dict[str, list[R]] = {label: [] for label in labels}
+    for round_ in range(1, rounds + 1):
+        for label in labels:
+            results[label].append(measure(label, round_))
+    return results
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A Markdown table; the first column left-aligned, the others right-aligned."""
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        return (
+            "| "
+            + " | ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+            + " |"
+        )
+
+    rule = "|" + "|".join("-" * (w + 1) + (":" if i else "-") for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(headers), rule, *(line(row) for row in cells)])
+
+
+def main_guard(main: Callable[[], int]) -> None:
+    """Run ``main`` with SIGTERM handled as Ctrl-C, so that every ``finally`` stops its processes."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["dataplane"]:
+        sys.exit('usage: python benchmarks/harness.py dataplane \'{"faults": {}, "hang": 2, "seed": 1}\'')
+    _serve_data_plane(json.loads(sys.argv[2]))
