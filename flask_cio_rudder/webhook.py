@@ -23,7 +23,7 @@ from werkzeug.exceptions import (
     Unauthorized,
 )
 
-from . import signals
+from . import jsoncodec, signals
 from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
 from .signature import SignatureError, verify
@@ -169,10 +169,19 @@ def _integer(text: str) -> int | float:
     return int(text) if len(text) <= 4300 else float(text)
 
 
+def _json_loads(body: bytes) -> Any:
+    """The reference decoding: the json module's, refusing NaN and keeping integers exact."""
+    return json.loads(body, parse_constant=_no_constants, parse_int=_integer)
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
-    """Decode the body; anything but a JSON object is a 400 that names the problem."""
+    """Decode the body; anything but a JSON object is a 400 that names the problem.
+
+    Decoded as :func:`_json_loads` decodes it, through orjson where that gives the same
+    (see :mod:`flask_cio_rudder.jsoncodec`).
+    """
     try:
-        decoded = json.loads(body, parse_constant=_no_constants, parse_int=_integer)
+        decoded = jsoncodec.loads(body, _json_loads)
     except RecursionError:
         raise MalformedBody("the body is not valid JSON: nested too deeply") from None
     except ValueError as error:
@@ -210,4 +219,5 @@ def reject(
 
 def _answer(status: str, event_id: str) -> Response:
     """The 2xx answer of an accepted or duplicate event (built directly: this is the hot path)."""
-    return Response(json.dumps({"status": status, "event_id": event_id}), mimetype="application/json")
+    text = jsoncodec.dumps({"status": status, "event_id": event_id}, json.dumps)
+    return Response(text, mimetype="application/json")
