@@ -59,8 +59,7 @@ class Validation:
         size = len(payload_json.encode("utf-8"))  # the bytes sent to RudderStack
         if size > MAX_EVENT_BYTES:
             raise InvalidEvent(
-                f"the RudderStack event is {size} bytes; RudderStack accepts at most "
-                f"{MAX_EVENT_BYTES}"
+                f"the RudderStack event is {size} bytes; RudderStack accepts at most {MAX_EVENT_BYTES}"
             )
         if problems:
             self._report(payload["event"], problems)
