@@ -12,9 +12,10 @@ than the standard library (issue 11 measured 8.8 µs against 1.0 µs, and 8.6 µ
   and refuses integers beyond 64 bits, lone surrogates and keys that are not strings.
 
 So each function below takes the ``json`` way as ``slow`` and uses it whenever orjson
-might not give the same meaning: a body with a run of 19 or more digits (an integer
-that might not fit 64 bits), anything orjson refuses, and any output with a ``null``
-in it (which might have been a NaN). Authentic bodies that only ``json`` takes are
+might not give the same meaning: anything orjson refuses, a body with a run of 19 or
+more digits whose value holds a float of 2**63 or more (an integer beyond 64 bits that
+orjson read as a float; ids in strings with long digit runs do not count), and any
+output with a ``null`` in it (which might have been a NaN). Authentic bodies that only ``json`` takes are
 answered as before (``tests/test_bad_input.py``), and ``tests/test_jsoncodec.py`` holds
 both functions equal to ``json`` on generated values.
 
@@ -34,16 +35,33 @@ __all__ = ["dumps", "loads"]
 # found by a substring search, several times faster than a regular expression.
 _DIGITS_ONLY = bytes(ord("0") if ord("0") <= byte <= ord("9") else ord(" ") for byte in range(256))
 _LONG_NUMBER = b"0" * 19  # 2**63 has 19 digits: a shorter integer always fits orjson's 64 bits
+_LARGEST_EXACT = float(2**63)  # an integer orjson read as a float is at least this large
 
 
 def loads(body: bytes, slow: Callable[[bytes], Any]) -> Any:
     """``slow(body)``'s value, through orjson when that certainly gives the same; errors are ``slow``'s."""
-    if _LONG_NUMBER in body.translate(_DIGITS_ONLY):
-        return slow(body)
     try:
-        return orjson.loads(body)
+        value = orjson.loads(body)
     except orjson.JSONDecodeError:  # json may take it (a lone surrogate, 1e999...) or say why not
         return slow(body)
+    if _LONG_NUMBER in body.translate(_DIGITS_ONLY) and _holds_a_large_float(value):
+        return slow(body)  # perhaps an integer beyond 64 bits that orjson read as a float
+    return value
+
+
+def _holds_a_large_float(value: Any) -> bool:
+    """Whether a float of magnitude 2**63 or more is anywhere in ``value`` (a loop: nesting can be deep)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if type(item) is float:
+            if abs(item) >= _LARGEST_EXACT:
+                return True
+        elif type(item) is dict:
+            stack.extend(item.values())
+        elif type(item) is list:
+            stack.extend(item)
+    return False
 
 
 def dumps(value: Any, slow: Callable[[Any], str]) -> str:
