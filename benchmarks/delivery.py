@@ -4,10 +4,10 @@
     python benchmarks/delivery.py --quick    # a smoke run: a few seconds
     python benchmarks/delivery.py --outbox-url postgresql://127.0.0.1/test
 
-The same events (the six sample email events, each with its own ``event_id``, through
-``load_event``), the same data plane in its own process, interleaved rounds:
+The same events (the six sample email events, each with its own ``event_id``, validated and
+transformed as the webhook does), the same data plane in its own process, interleaved rounds:
 
-- **outbox**: the outbox is filled first through its public ``add`` (timed apart), then the
+- **outbox**: the outbox is filled first through the store's public ``add_many`` (timed apart), then the
   clock runs while ``get_outbox(app).flush()`` drains it, until the data plane stored the last.
 - **sdk (defaults)**: ``Client.track()`` for each event, then ``flush()``; ``track()`` drops
   events when its queue (10,000) is full, and they are counted.
@@ -36,13 +36,7 @@ from typing import Any
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 from rudderstack.analytics import Client
 
-from flask_cio_rudder import get_outbox
-from flask_cio_rudder.event import CioEvent
-from flask_cio_rudder.transform import load_event
-
-
-def make_events(count: int) -> list[CioEvent]:
-    return [load_event(body) for body in h.bodies(count, h.new_tag())]
+from flask_cio_rudder import CioEvent, Outbox, get_outbox
 
 
 def track(client: Client, event: CioEvent) -> bool:
@@ -63,7 +57,7 @@ def track(client: Client, event: CioEvent) -> bool:
 def run_outbox(plane: h.DataPlane, events: list[CioEvent], outbox: Mapping[str, str]) -> dict[str, Any]:
     with h.app_here({**outbox, "CIO_RUDDER_DATA_PLANE_URL": plane.url}) as app:
         started = time.monotonic()
-        h.add_events(app, ((e.event_id, e.payload_json) for e in events))
+        h.add_events(get_outbox(app).store, ((e.event_id, e.payload_json) for e in events))
         fill = time.monotonic() - started
         plane.reset()
         started = time.monotonic()
@@ -92,10 +86,10 @@ def run_sdk(plane: h.DataPlane, events: list[CioEvent], queue: int) -> dict[str,
 
 def child(kind: str, url: str, count: int, outbox: dict[str, str]) -> None:
     """``delivery.py _child``: hand ``count`` events over, then exit without flushing or SIGKILL."""
-    events = make_events(count)
+    events = h.cio_events(count, h.new_tag())
     if kind == "outbox":
-        with h.app_here(outbox) as app:
-            h.add_events(app, ((e.event_id, e.payload_json) for e in events))
+        with h.open_store(outbox) as store:
+            h.add_events(store, ((e.event_id, e.payload_json) for e in events))
             os.kill(os.getpid(), signal.SIGKILL)
     client = Client(h.WRITE_KEY, host=url)
     for event in events:
@@ -109,7 +103,7 @@ def losses(plane: h.DataPlane, count: int, outbox: dict[str, str]) -> list[list[
     for kind, what in (
         ("sdk", "sdk: track(), then a normal exit without flush()"),
         ("sdk-kill", "sdk: track(), then SIGKILL"),
-        ("outbox", "outbox: add(), then SIGKILL; then a new process's sender"),
+        ("outbox", "outbox: add_many(), then SIGKILL; then a new process's sender"),
     ):
         plane.reset()
         argv = [sys.executable, __file__, "_child", kind, plane.url, str(count), json.dumps(outbox)]
@@ -120,6 +114,12 @@ def losses(plane: h.DataPlane, count: int, outbox: dict[str, str]) -> list[list[
         stored = plane.wait(count, 2)["distinct"]
         rows.append([what, code, f"{count:,}", f"{stored:,}", f"{count - stored:,}"])
     return rows
+
+
+def accept(outbox: Outbox, event: CioEvent) -> None:
+    """What the webhook does with an accepted event: add it to the store, wake the sender."""
+    outbox.store.add(event.event_id, event.payload_json)
+    outbox.sender.wake()
 
 
 def paced(items: list[CioEvent], per_second: float, hand_over: Callable[[CioEvent], object]) -> int:
@@ -146,7 +146,7 @@ def outage(plane: h.DataPlane, events: list[CioEvent], rate: float, seconds: flo
         else:
             env = {**outbox, "CIO_RUDDER_DATA_PLANE_URL": plane.url, "CIO_RUDDER_OUTBOX_SENDER": "true"}
             with h.app_here(env) as app:
-                dropped = paced(batch, rate, get_outbox(app).accept)
+                dropped = paced(batch, rate, functools.partial(accept, get_outbox(app)))
                 stats = plane.wait(len(batch), 120)
         stored = stats["distinct"]
         back = stats["outages"][-1].get("up_at", stats["now"])
@@ -166,7 +166,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="2,000 events, 1 round, short checks")
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--outbox-url", help="CIO_RUDDER_OUTBOX_URL; default: a fresh SQLite file each round")
+    parser.add_argument(
+        "--outbox-url", help="CIO_RUDDER_OUTBOX_URL, a fresh table each round; default: SQLite"
+    )
     parser.add_argument("--loss-events", type=int, default=5_000, help="events per loss check")
     parser.add_argument("--outage-rate", type=float, default=2_000, help="events/s handed over meanwhile")
     parser.add_argument("--outage-seconds", type=float, default=8.0, help="how long the data plane is down")
@@ -183,14 +185,13 @@ def main() -> int:
     print(h.header(), flush=True)
     # One "queue is full" warning per dropped event would time the terminal; track() says it dropped.
     logging.getLogger("rudderstack").disabled = True
-    events = make_events(args.events)
+    events = h.cio_events(args.events, h.new_tag())
     with tempfile.TemporaryDirectory(prefix="cio-rudder-delivery-") as tmp:
-        workdir, plane, runs = Path(tmp), h.DataPlane(), [0]
+        workdir, plane, made = Path(tmp), h.DataPlane(), list[dict[str, str]]()
 
         def outbox() -> dict[str, str]:
-            runs[0] += 1
-            url = args.outbox_url and args.outbox_url.replace("{run}", str(runs[0]))
-            return h.outbox_env(url, workdir / f"outbox-{runs[0]}.sqlite3")
+            made.append(h.outbox_env(args.outbox_url, workdir, str(len(made))))
+            return made[-1]
 
         variants: dict[str, Callable[[], dict[str, Any]]] = {
             "outbox": lambda: run_outbox(plane, events, outbox()),
@@ -204,6 +205,8 @@ def main() -> int:
             outage_rows = outage(plane, events, args.outage_rate, args.outage_seconds, outbox())
         finally:
             plane.stop()
+            for env in made:
+                h.drop_outbox(env)
 
     def rate(r: dict[str, Any]) -> float:
         return float(r["stats"]["distinct"]) / float(r["seconds"])
@@ -223,7 +226,7 @@ def main() -> int:
     fill = h.median([r["fill"] for r in results["outbox"]])
     print(f"\n{h.header()}\n\n### Throughput: {args.events:,} events, median of {args.rounds} rounds\n")
     print(h.table(["sender", "stored", "dropped", "events/s", "each round", "outbox / this"], rows))
-    print(f"\n(filling the outbox, timed apart: {args.events / fill:,.0f} events/s, one commit each)")
+    print(f"\n(filling the outbox, timed apart: {args.events / fill:,.0f} events/s, add_many)")
     print(f"\n### What arrives when the process ends right after handing {args.loss_events:,} events over\n")
     print(h.table(["what", "exit code", "handed over", "arrived", "lost"], loss_rows))
     print(

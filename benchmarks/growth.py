@@ -4,7 +4,7 @@
     python benchmarks/growth.py --quick    # 1k and 10k, short windows: about half a minute
     python benchmarks/growth.py --outbox-url 'postgresql://127.0.0.1/test'
 
-For each backlog a fresh outbox is filled through its public ``add`` with pending events
+For each backlog a fresh outbox is filled through the store's public ``add_many`` with pending events
 (the library's transform of the sample events). Then (a) the webhook path with the sender
 off, so the backlog stays: gunicorn -w 2 and wrk, one paced run (4 connections, 20 ms
 between requests: one request's latency at a modest rate) and one saturating run (-c8);
@@ -30,14 +30,13 @@ from typing import Any
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
 from flask_cio_rudder import get_outbox
-from flask_cio_rudder.transform import load_event, message_id
+from flask_cio_rudder.transform import message_id
 
 
 def payloads(count: int, tag: str) -> Iterator[tuple[str, str]]:
     """``count`` (event_id, payload JSON), from templates: the transform of each sample, ids swapped."""
     templates = []
-    for body in h.bodies(6, "TMPLTE"):
-        event = load_event(body)
+    for event in h.cio_events(6, "TMPLTE"):
         templates.append(
             event.payload_json.replace(event.event_id, "\0E").replace(message_id(event.event_id), "\0M")
         )
@@ -65,7 +64,7 @@ def drain_child(env: Mapping[str, str], seconds: float) -> None:
         sampler = threading.Thread(target=sample)
         sampler.start()
         started = time.monotonic()
-        sent = get_outbox(app).flush(seconds)
+        sent = get_outbox(app).flush(seconds).delivered
         elapsed = time.monotonic() - started
         stop.set()
         sampler.join()
@@ -83,16 +82,12 @@ def sizes(outbox: Mapping[str, str]) -> str:
 
 
 def measure(args: argparse.Namespace, workdir: Path, plane: h.DataPlane, backlog: int) -> dict[str, Any]:
-    url = args.outbox_url and args.outbox_url.replace("{run}", str(backlog))
-    outbox = {
-        **h.outbox_env(url, workdir / f"outbox-{backlog}.sqlite3"),
-        "CIO_RUDDER_DATA_PLANE_URL": plane.url,
-    }
+    outbox = {**h.outbox_env(args.outbox_url, workdir, str(backlog)), "CIO_RUDDER_DATA_PLANE_URL": plane.url}
     r: dict[str, Any] = {"backlog": backlog}
     started = time.monotonic()
-    with h.app_here(outbox) as app:
-        h.add_events(app, payloads(backlog, h.new_tag()))
-        r["fill"], r["size_filled"] = time.monotonic() - started, sizes(outbox)
+    with h.open_store(outbox) as store:
+        h.add_events(store, payloads(backlog, h.new_tag()))
+    r["fill"], r["size_filled"] = time.monotonic() - started, sizes(outbox)
     print(f"  {backlog:>9,} pending: filled in {r['fill']:.1f} s ({r['size_filled']} MiB)", flush=True)
 
     server = h.Gunicorn(
@@ -128,8 +123,7 @@ def measure(args: argparse.Namespace, workdir: Path, plane: h.DataPlane, backlog
         f"            drain: {d['sent'] / d['elapsed']:,.0f} events/s, RSS {d['rss'][0] // 1024} MiB",
         flush=True,
     )
-    for path in workdir.glob(f"outbox-{backlog}.*"):
-        path.unlink()
+    h.drop_outbox(outbox)
     return r
 
 
@@ -171,7 +165,7 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="1k and 10k, 2 s windows, no plot")
     parser.add_argument("--backlogs", default="10000,100000,1000000", help="pending events, comma-separated")
-    parser.add_argument("--outbox-url", help="CIO_RUDDER_OUTBOX_URL, {run} replaced by the backlog")
+    parser.add_argument("--outbox-url", help="CIO_RUDDER_OUTBOX_URL, a fresh table per backlog")
     parser.add_argument("--paced-seconds", type=int, default=10)
     parser.add_argument("--saturated-seconds", type=int, default=5)
     parser.add_argument("--drain-seconds", type=float, default=10)

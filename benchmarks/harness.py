@@ -5,7 +5,9 @@
   defaults and one trivial receiver per email signal), ``sdk_app()`` (the route a user
   writes instead: map the body by hand, ``rudder-sdk-python``'s ``track()``) and
   ``floor_app()`` (bare Flask plus one SQLite commit per request).
-- **The outbox** chosen by URL (``--outbox-url``): :func:`outbox_env`.
+- **The outbox** chosen by URL, fresh for each run (a new SQLite file, or a new table in a
+  PostgreSQL database): :func:`outbox_env`, :func:`open_store`, :func:`drop_outbox`;
+  filled in bulk through the store's public ``add_many`` (:func:`add_events`).
 - **A data plane** (``FakeDataPlane``) in its own process, counting what it stores, able to
   fail at random and to go down for a while: :class:`DataPlane`.
 - **gunicorn** (:class:`Gunicorn`), **wrk** with ``webhook.lua`` (:func:`wrk`), interleaved
@@ -31,7 +33,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,8 +41,11 @@ from typing import Any, TypeVar
 from flask import Flask
 
 from flask_cio_rudder import CioRudder, get_outbox, signals
+from flask_cio_rudder.event import CioEvent
 from flask_cio_rudder.signature import sign
+from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane, encode
+from flask_cio_rudder.validation import Validation
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -235,34 +240,49 @@ def floor_app() -> Flask:
 # -- the outbox, chosen by URL ------------------------------------------------------------------
 
 
-def library_knows_outbox_url() -> bool:
-    """Whether this flask_cio_rudder takes ``CIO_RUDDER_OUTBOX_URL`` (CioRudder() checks option names)."""
-    try:
-        CioRudder(outbox_url="sqlite://")
-    except TypeError:
-        return False
-    return True
+def outbox_env(url: str | None, workdir: Path, run: str) -> dict[str, str]:
+    """The settings of a fresh outbox for one run: a new SQLite file in ``workdir``, or a new table.
 
-
-def outbox_env(url: str | None, fresh_file: Path) -> dict[str, str]:
-    """The app's outbox setting: ``url`` if given, else a fresh SQLite file.
-
-    ``{run}`` in ``url`` is replaced by the caller. A library without ``CIO_RUDDER_OUTBOX_URL``
-    gets ``CIO_RUDDER_OUTBOX_PATH`` for ``sqlite:///`` URLs, and refuses any other URL
-    (it would silently use its default outbox instead).
+    With ``url`` (``CIO_RUDDER_OUTBOX_URL``, e.g. ``postgresql://127.0.0.1/test``) the run gets
+    its own ``CIO_RUDDER_OUTBOX_TABLE``, unique to this process and ``run``: :func:`drop_outbox` it.
     """
-    url = url or f"sqlite:///{fresh_file}"  # an absolute path: sqlite:////tmp/...
-    if library_knows_outbox_url():
-        return {"CIO_RUDDER_OUTBOX_URL": url}
-    if url.startswith("sqlite:///"):
-        return {"CIO_RUDDER_OUTBOX_PATH": url[len("sqlite:///") :]}
-    sys.exit(f"this flask_cio_rudder has no CIO_RUDDER_OUTBOX_URL yet: it cannot use {url.split('://')[0]}")
+    if url is None:
+        return {"CIO_RUDDER_OUTBOX_URL": f"sqlite:///{workdir / f'outbox-{run}.sqlite3'}"}
+    return {"CIO_RUDDER_OUTBOX_URL": url, "CIO_RUDDER_OUTBOX_TABLE": f"bench_{_RUN_TAG}_{run}"}
+
+
+_RUN_TAG = "".join(random.choice("abcdefghjkmnpqrstvwxyz0123456789") for _ in range(6))
+
+
+@contextlib.contextmanager
+def open_store(env: Mapping[str, str]) -> Iterator[OutboxStore]:
+    """The outbox store that ``env`` names, opened directly (no app, no sender), closed after."""
+    url, table = env["CIO_RUDDER_OUTBOX_URL"], env.get("CIO_RUDDER_OUTBOX_TABLE")
+    store = store_from_url(url, table=table)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def drop_outbox(env: Mapping[str, str]) -> None:
+    """Drop the run's outbox: its tables (``store.drop_tables()``), and an SQLite file's files."""
+    with open_store(env) as store:
+        store.drop_tables()
+    path = sqlite_file(env)
+    for name in [] if path is None else [path, Path(f"{path}-wal"), Path(f"{path}-shm")]:
+        name.unlink(missing_ok=True)
 
 
 def sqlite_file(env: Mapping[str, str]) -> Path | None:
     """The outbox's SQLite file, if it is one."""
-    url = env.get("CIO_RUDDER_OUTBOX_URL", "sqlite:///" + env.get("CIO_RUDDER_OUTBOX_PATH", ""))
-    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") and len(url) > 10 else None
+    url = env["CIO_RUDDER_OUTBOX_URL"]
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+
+
+def backend(env: Mapping[str, str]) -> str:
+    """``SQLite`` or ``PostgreSQL``: the outbox's kind, for labels."""
+    return "SQLite" if sqlite_file(env) else "PostgreSQL"
 
 
 @contextlib.contextmanager
@@ -285,10 +305,15 @@ def app_here(env: Mapping[str, str]) -> Iterator[Flask]:
             get_outbox(app).close()
 
 
-def add_events(app: Flask, events: Iterator[tuple[str, str]]) -> int:
-    """Add ``(event_id, payload JSON)`` pending events through the outbox's public ``add``."""
-    outbox = get_outbox(app).outbox  # the store's add, once the library has a store interface
-    return sum(outbox.add(event_id, payload) for event_id, payload in events)
+def cio_events(count: int, tag: str) -> list[CioEvent]:
+    """:func:`bodies` validated and transformed as the webhook does them (``Validation()``)."""
+    validate = Validation()
+    return [validate(body) for body in bodies(count, tag)]
+
+
+def add_events(store: OutboxStore, events: Iterable[tuple[str, str]]) -> int:
+    """Add ``(event_id, payload JSON)`` pending events in bulk: the store's public ``add_many``."""
+    return store.add_many(Pending(event_id, payload) for event_id, payload in events)
 
 
 # -- processes ----------------------------------------------------------------------------------

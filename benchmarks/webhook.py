@@ -35,8 +35,6 @@ from pathlib import Path
 
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
-from flask_cio_rudder import get_outbox
-
 BARE, SDK, EXT, DOWN, FLOOR = "bare Flask", "SDK route", "Flask-CIO-Rudder", "ext, data plane down", "floor"
 FACTORIES = {BARE: "bare_app()", SDK: "sdk_app()", EXT: "ext_app()", DOWN: "ext_app()", FLOOR: "floor_app()"}
 #: scenario -> (apps, paced, [(figure, candidate, baseline, target)])
@@ -79,31 +77,20 @@ class Bench:
         closed = stack.enter_context(socket.socket())
         closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
         self.closed_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        self.bodies = self.warm_bodies = workdir / "bodies.txt"
-        if args.outbox_url:
-            h.outbox_env(args.outbox_url, workdir / "unused")  # exits now if the library cannot use it
-        else:  # a fresh outbox each run: the same bodies serve every run
-            self.bodies, self.warm_bodies = self.new_bodies()
-
-    def new_bodies(self) -> tuple[Path, Path]:
-        """Enough fresh signed bodies for a run at ``--max-rate`` req/s, and for its warm-up."""
-        measured, warm = self.workdir / f"bodies-{self.runs}.txt", self.workdir / f"warm-{self.runs}.txt"
-        h.write_signed_bodies(measured, self.args.max_rate * self.args.duration)
-        h.write_signed_bodies(warm, self.args.max_rate * self.args.warmup)
-        return measured, warm
+        # A fresh outbox each run (a new SQLite file or table): the same bodies serve every run.
+        self.bodies, self.warm_bodies = workdir / "bodies.txt", workdir / "warm.txt"
+        h.write_signed_bodies(self.bodies, args.max_rate * args.duration)
+        h.write_signed_bodies(self.warm_bodies, args.max_rate * args.warmup)
 
     def measure(self, label: str, round_: int, paced: bool) -> Run:
         args, self.runs = self.args, self.runs + 1
         env = {"CIO_RUDDER_DATA_PLANE_URL": self.closed_url if label == DOWN else self.plane.url}
         outbox: dict[str, str] = {}
         if label in (EXT, DOWN):
-            url = args.outbox_url and args.outbox_url.replace("{run}", str(self.runs))
-            outbox = h.outbox_env(url, self.workdir / f"outbox-{self.runs}.sqlite3")
+            outbox = h.outbox_env(args.outbox_url, self.workdir, str(self.runs))
             env |= {**outbox, "CIO_RUDDER_SHUTDOWN_TIMEOUT": "2"}
         if label == FLOOR:
             env["FLOOR_PATH"] = str(self.workdir / f"floor-{self.runs}.sqlite3")
-        if args.outbox_url:  # a shared outbox: fresh event ids every run
-            self.bodies, self.warm_bodies = self.new_bodies()
         h.wait_until_quiet(args.quiet_wait)
         server = h.Gunicorn(f"harness:{FACTORIES[label]}", env, self.workdir / f"gunicorn-{self.runs}.log")
         try:
@@ -122,8 +109,9 @@ class Bench:
             server.stop()
         pending = None
         if outbox:
-            with h.app_here(outbox) as app:
-                pending = get_outbox(app).status().pending
+            with h.open_store(outbox) as store:
+                pending = store.status().pending
+            h.drop_outbox(outbox)
         trouble = (f"{n['errors']:.0f} errors " if n["errors"] else "") + (
             "bodies reused: raise --max-rate" if n["bodies_wrapped"] else ""
         )
@@ -210,7 +198,7 @@ def main() -> int:
     parser.add_argument(
         "--scenario", action="append", choices=list(SCENARIOS), help="default: peer and paced"
     )
-    outbox_help = "the extension's outbox (CIO_RUDDER_OUTBOX_URL), {run} replaced by the run's number"
+    outbox_help = "the extension's outbox (CIO_RUDDER_OUTBOX_URL), a fresh table each run"
     parser.add_argument("--outbox-url", help=outbox_help + "; default: a fresh SQLite file each run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=15, help="seconds of each measured wrk run")
