@@ -245,10 +245,16 @@ def outbox_env(url: str | None, workdir: Path, run: str) -> dict[str, str]:
 
     With ``url`` (``CIO_RUDDER_OUTBOX_URL``, e.g. ``postgresql://127.0.0.1/test``) the run gets
     its own ``CIO_RUDDER_OUTBOX_TABLE``, unique to this process and ``run``: :func:`drop_outbox` it.
+    A PostgreSQL URL gets ``application_name=cio-rudder-bench``, so :func:`db_pids` finds its backends.
     """
     if url is None:
         return {"CIO_RUDDER_OUTBOX_URL": f"sqlite:///{workdir / f'outbox-{run}.sqlite3'}"}
+    if url.startswith("postgres") and "application_name=" not in url:
+        url += ("&" if "?" in url else "?") + f"application_name={BENCH_APP}"
     return {"CIO_RUDDER_OUTBOX_URL": url, "CIO_RUDDER_OUTBOX_TABLE": f"bench_{_RUN_TAG}_{run}"}
+
+
+BENCH_APP = "cio-rudder-bench"
 
 
 _RUN_TAG = "".join(random.choice("abcdefghjkmnpqrstvwxyz0123456789") for _ in range(6))
@@ -280,9 +286,45 @@ def sqlite_file(env: Mapping[str, str]) -> Path | None:
     return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
 
 
-def backend(env: Mapping[str, str]) -> str:
-    """``SQLite`` or ``PostgreSQL``: the outbox's kind, for labels."""
-    return "SQLite" if sqlite_file(env) else "PostgreSQL"
+def _psql(env: Mapping[str, str], query: str) -> str:
+    run = subprocess.run(
+        ["psql", env["CIO_RUDDER_OUTBOX_URL"], "-Atc", query], capture_output=True, text=True, timeout=60
+    )
+    if run.returncode:
+        raise RuntimeError(f"psql failed: {run.stderr.strip()}")
+    return run.stdout
+
+
+def db_pids(env: Mapping[str, str]) -> list[int]:
+    """The PostgreSQL server processes serving this benchmark's connections now (none for SQLite)."""
+    if sqlite_file(env):
+        return []
+    query = "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND application_name = "
+    query += f"'{BENCH_APP}'"
+    return [int(pid) for pid in _psql(env, query).split()]
+
+
+class CpuMeter:
+    """CPU seconds used since it started by ``pids()`` (called again at the end: new ones count whole)."""
+
+    def __init__(self, pids: Callable[[], Sequence[int]]) -> None:
+        self.pids = pids
+        self.start = {pid: cpu_seconds([pid]) for pid in pids()}
+
+    def used(self) -> tuple[float, list[int]]:
+        """The CPU seconds used meanwhile, and every process counted."""
+        pids = sorted(set(self.start) | set(self.pids()))
+        return sum(cpu_seconds([pid]) - self.start.get(pid, 0.0) for pid in pids), pids
+
+
+def outbox_bytes(env: Mapping[str, str]) -> int:
+    """The outbox on disk: an SQLite file and its WAL, or ``pg_total_relation_size`` of its tables."""
+    path = sqlite_file(env)
+    if path is not None:
+        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    table = env["CIO_RUDDER_OUTBOX_TABLE"]  # a plain identifier (outbox_env): no quoting needed
+    query = " + ".join(f"pg_total_relation_size('{table}{part}')" for part in ("", "_senders", "_meta"))
+    return int(_psql(env, f"SELECT {query}"))
 
 
 @contextlib.contextmanager
@@ -317,6 +359,19 @@ def add_events(store: OutboxStore, events: Iterable[tuple[str, str]]) -> int:
 
 
 # -- processes ----------------------------------------------------------------------------------
+
+
+def start_worker(env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``flask --app 'harness:ext_app()' cio-rudder worker``: the sender in a process of its own."""
+    command = [sys.executable, "-m", "flask", "--app", "harness:ext_app()", "cio-rudder", "worker"]
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            command,
+            env={**os.environ, "PYTHONPATH": f"{HERE}:{ROOT}", **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def free_port() -> int:
@@ -455,7 +510,7 @@ class DataPlane:
             return self._reply()
 
     def stats(self) -> dict[str, Any]:
-        """requests, outcomes, stored, distinct, duplicates, last_store_at, outages, cpu_seconds."""
+        """requests, outcomes, stored, distinct, duplicates, first/last_store_at, outages, cpu_seconds."""
         return self.call("stats")  # type: ignore[no-any-return]
 
     def wait(self, distinct: int, timeout: float) -> dict[str, Any]:
@@ -492,6 +547,7 @@ class _Counts:
         self.requests, self.stored = 0, 0
         self.outcomes: Counter[str] = Counter()
         self.by_id: dict[str, list[Any]] = {}  # messageId -> [eventId, times stored]
+        self.first_store_at: float | None = None
         self.last_store_at: float | None = None
 
     def stats(self) -> dict[str, Any]:
@@ -502,6 +558,7 @@ class _Counts:
             "stored": self.stored,
             "distinct": distinct,
             "duplicates": self.stored - distinct,
+            "first_store_at": self.first_store_at,
             "last_store_at": self.last_store_at,
             "outages": self.outages,
             "now": time.monotonic(),
@@ -539,6 +596,7 @@ class _CountingPlane(FakeDataPlane):
                 entry = counts.by_id.setdefault(event["messageId"], [event["properties"].get("eventId"), 0])
                 entry[1] += 1
             counts.last_store_at = time.monotonic()
+            counts.first_store_at = counts.first_store_at or counts.last_store_at
             counts.cond.notify_all()
 
 
@@ -636,7 +694,10 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 
 
 class Others:
-    """Cores that processes other than ``pids`` and our waited-for children (wrk) used meanwhile."""
+    """Cores that processes other than ``pids`` and our waited-for children (wrk) used meanwhile.
+
+    Processes that join during the window (a pool's new database connections) are added to ``pids``.
+    """
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)
