@@ -517,6 +517,10 @@ class DataPlane:
         """The stats once ``distinct`` messageIds are stored, or after ``timeout`` seconds."""
         return self.call("wait", distinct=distinct, timeout=timeout)  # type: ignore[no-any-return]
 
+    def between(self, start: float, end: float) -> float:
+        """Seconds between the batches that stored the ``start`` and ``end`` shares of what was stored."""
+        return float(self.call("between", start=start, end=end))
+
     def ids(self) -> list[list[Any]]:
         """``[messageId, eventId, times stored]`` for every messageId stored."""
         return self.call("ids")  # type: ignore[no-any-return]
@@ -549,6 +553,14 @@ class _Counts:
         self.by_id: dict[str, list[Any]] = {}  # messageId -> [eventId, times stored]
         self.first_store_at: float | None = None
         self.last_store_at: float | None = None
+        self.timeline: list[tuple[float, int]] = []  # (when, events stored so far), one per batch
+
+    def between(self, start: float, end: float) -> float:
+        times = [
+            next(when for when, stored in self.timeline if stored >= share * self.stored)
+            for share in (start, end)
+        ]
+        return times[1] - times[0]
 
     def stats(self) -> dict[str, Any]:
         distinct = len(self.by_id)
@@ -597,6 +609,7 @@ class _CountingPlane(FakeDataPlane):
                 entry[1] += 1
             counts.last_store_at = time.monotonic()
             counts.first_store_at = counts.first_store_at or counts.last_store_at
+            counts.timeline.append((counts.last_store_at, counts.stored))
             counts.cond.notify_all()
 
 
@@ -621,7 +634,7 @@ def _serve_data_plane(config: dict[str, Any]) -> None:
     print(json.dumps({"url": plane.url}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
-        op, reply = command["op"], None
+        op, reply = command["op"], None  # type: tuple[str, Any]
         if op == "outage" and not counts.down:
             with counts.cond:
                 counts.down = True
@@ -634,6 +647,8 @@ def _serve_data_plane(config: dict[str, Any]) -> None:
                 counts.cond.wait_for(lambda: len(counts.by_id) >= distinct, command["timeout"])  # noqa: B023
             if op == "reset":
                 counts.reset()
+            if op == "between":
+                reply = counts.between(command["start"], command["end"])
             if op == "ids":
                 reply = [[message_id, *entry] for message_id, entry in counts.by_id.items()]
             print(json.dumps(counts.stats() if reply is None else reply), flush=True)
