@@ -105,7 +105,7 @@ def test_a_rejected_body_is_kept_as_a_dead_letter(outbox_app: Flask, post: Post)
 def test_an_outbox_that_cannot_be_written_answers_503_and_a_rejection_still_answers(
     outbox_app: Flask, post: Post, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(*args: Any) -> Any:
+    def broken(*args: Any, **options: Any) -> Any:
         raise StoreUnavailable("the SQLite outbox x cannot be used: disk I/O error")
 
     store = get_outbox(outbox_app).store
