@@ -21,11 +21,12 @@ from flask import Flask
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import ForwardError, Outbox, get_outbox, signals, transform
+from flask_cio_rudder.sender import Sender
 from flask_cio_rudder.store import Pending, StoreUnavailable, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, sample
-from .helpers import free_port, record_signals, wait_until
+from .helpers import Clock, free_port, record_signals, wait_until
 from .stores import Backend, backend_fixture, postgres_fixture  # noqa: F401  (fixtures)
 
 Post = Callable[..., TestResponse]
@@ -168,6 +169,78 @@ def test_transient_failures_keep_the_events_and_retry(
     assert outcomes[0][1]["retry"] is True
     get_outbox(outbox_app).flush()
     assert len(data_plane.events) == 5
+
+
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize(
+    ("header", "wait"),
+    [("30", 30.0), ("86400", Sender.RETRY_CAP), ("Tue, 14 Nov 2023 22:15:20 GMT", 120.0), ("soon", None)],
+)
+def test_retry_after_sets_the_wait_before_the_next_attempt_capped_by_the_backoff_cap(
+    outbox_app: Flask, data_plane: FakeDataPlane, status: int, header: str, wait: float | None
+) -> None:
+    sender = get_outbox(outbox_app).sender
+    sender.clock = Clock(1_700_000_000.0)  # 2023-11-14 22:13:20 GMT: the date above is 120 s later
+    accept(outbox_app, 2)
+    data_plane.fail_next(status, retry_after=header)
+    report = get_outbox(outbox_app).flush()
+    assert report.delivered == 0 and get_outbox(outbox_app).status().pending == 2
+    if wait is None:  # unreadable: the usual jittered backoff
+        assert "Retry-After" not in (report.error or "")
+        assert Sender.RETRY_BASE / 2 <= sender.retry_delay() <= Sender.RETRY_BASE
+    else:
+        assert "s (Retry-After)" in (report.error or "")
+        assert sender.retry_delay() == wait
+    assert get_outbox(outbox_app).flush().delivered == 2
+    assert sender.retry_delay() <= Sender.RETRY_BASE  # a success forgets what was asked
+
+
+def test_a_request_rate_cap_spaces_the_requests(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane
+) -> None:
+    app = make_app(**outbox_config, CIO_RUDDER_MAX_REQUESTS_PER_SECOND=2, CIO_RUDDER_OUTBOX_BATCH_SIZE=1)
+    sender = get_outbox(app).sender
+    clock = Clock(0.0)
+    sender.pacer.clock = clock
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the hand-moved clock stands in for waiting
+        waits.append(seconds)
+        clock.now += seconds
+
+    sender.sleep = sleep
+    accept(app, 5)
+    assert get_outbox(app).flush().delivered == 5
+    assert data_plane.requests == 5
+    assert clock.now == 2.0  # five requests at two a second: the last one 2 s after the first
+    assert waits == [0.5] * 4
+
+
+@pytest.mark.parametrize("rate", [0, -1, "fast", True])
+def test_a_bad_request_rate_cap_fails_at_init_naming_the_key(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], rate: Any
+) -> None:
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_MAX_REQUESTS_PER_SECOND"):
+        make_app(**outbox_config, CIO_RUDDER_MAX_REQUESTS_PER_SECOND=rate)
+
+
+def test_a_paused_outbox_keeps_accepting_and_sends_once_resumed(
+    outbox_app: Flask,
+    make_app: Callable[..., Flask],
+    outbox_config: dict[str, Any],
+    post: Post,
+    data_plane: FakeDataPlane,
+) -> None:
+    worker = make_app(**outbox_config)  # another process using the same outbox
+    get_outbox(outbox_app).pause()
+    assert post(outbox_app.test_client(), sample("bounced")).json["status"] == "accepted"
+    report = get_outbox(worker).flush()
+    assert (report.delivered, data_plane.requests) == (0, 0)
+    assert report.status is not None and report.status.paused and not report.complete
+    assert report.explain() == ["1 not sent: sending is paused; `flask cio-rudder resume` starts it again"]
+    get_outbox(outbox_app).resume()
+    assert get_outbox(worker).flush().delivered == 1
+    assert [event["event"] for event in data_plane.events] == ["Email Bounced"]
 
 
 @pytest.mark.parametrize("misbehave", ["hang", "reset"])
