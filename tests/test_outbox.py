@@ -493,15 +493,94 @@ def test_cli_status_flush_dead_letters_requeue_and_purge(
     assert "1 dead letters" in flushed.output
 
     letters = runner.invoke(args=["cio-rudder", "dead-letters"])
-    assert "01BAD  RudderStack answered 400" in letters.output
+    assert letters.output.startswith("01BAD  ") and "Email Opened" in letters.output
+    assert letters.output.rstrip().endswith("RudderStack answered 400: non-identifiable request")
 
     assert runner.invoke(args=["cio-rudder", "requeue"]).exit_code == 2
-    assert "requeued 1 events" in runner.invoke(args=["cio-rudder", "requeue", "01BAD"]).output
+    assert "requeued 1 events" in runner.invoke(args=["cio-rudder", "requeue", "01BAD", "--yes"]).output
     assert "requeued 0 events" in runner.invoke(args=["cio-rudder", "requeue", "--all"]).output
 
-    assert "purged 0" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "1d"]).output
-    assert "purged 3" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s"]).output
+    assert "purged 0" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "1d", "-y"]).output
+    assert "purged 3" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s", "-y"]).output
     assert runner.invoke(args=["cio-rudder", "purge", "--older-than", "soon"]).exit_code == 2
+
+
+def test_cli_pause_stops_sending_everywhere_and_status_shows_it(
+    outbox_app: Flask,
+    make_app: Callable[..., Flask],
+    outbox_config: dict[str, Any],
+    data_plane: FakeDataPlane,
+) -> None:
+    runner = outbox_app.test_cli_runner()
+    accept(outbox_app, 2)
+    assert "sending is paused" in runner.invoke(args=["cio-rudder", "pause"]).output
+    assert "sending:            PAUSED" in runner.invoke(args=["cio-rudder", "status"]).output
+    status = json.loads(runner.invoke(args=["cio-rudder", "status", "--json"]).output)
+    assert (status["paused"], status["pending"], status["dead"]) == (True, 2, 0)
+    worker = make_app(**outbox_config)  # the worker process: pausing was not done there
+    flushed = worker.test_cli_runner().invoke(args=["cio-rudder", "flush"])
+    assert flushed.exit_code == 1 and "sending is paused" in flushed.output and data_plane.requests == 0
+    assert "sending resumed" in runner.invoke(args=["cio-rudder", "resume"]).output
+    assert "sent 2 events" in worker.test_cli_runner().invoke(args=["cio-rudder", "flush"]).output
+    assert json.loads(runner.invoke(args=["cio-rudder", "status", "--json"]).output)["paused"] is False
+
+
+def refuse(app: Flask, data_plane: FakeDataPlane, *bodies: dict[str, Any]) -> None:
+    """Accept ``bodies`` through the outbox, then have RudderStack refuse each: dead letters."""
+    for body in bodies:
+        get_outbox(app).store.add(body["event_id"], json.dumps(transform(body)))
+    data_plane.fail_next(400, times=2 * len(bodies) - 1)  # the batch is bisected down to single events
+    get_outbox(app).flush()
+    assert get_outbox(app).count_dead_letters() == len(bodies)
+
+
+def test_cli_dead_letters_and_requeue_filter_and_requeue_asks_first(
+    outbox_app: Flask, data_plane: FakeDataPlane
+) -> None:
+    runner = outbox_app.test_cli_runner()
+    bounced, opened = sample("bounced"), sample("opened")
+    refuse(outbox_app, data_plane, bounced, opened)
+    invoke = lambda *args, **options: runner.invoke(args=["cio-rudder", *args], **options)  # noqa: E731
+    assert invoke("dead-letters", "--event", "email bounced").output.startswith(bounced["event_id"])
+    assert invoke("dead-letters", "--email", "BOB@example.com").output.count("\n") == 1
+    assert invoke("dead-letters", "--reason", "simulated").output.count("\n") == 2
+    assert invoke("dead-letters", "--since", "1h").output.count("\n") == 2
+    assert invoke("dead-letters", "--since", "2999-01-01").output == ""
+    assert invoke("dead-letters", "--since", "yesterday").exit_code == 2
+
+    dry = invoke("requeue", "--event", "bounced", "--dry-run")
+    assert "would requeue 1 events" in dry.output and get_outbox(outbox_app).count_dead_letters() == 2
+    declined = invoke("requeue", "--event", "bounced", input="n\n")
+    assert "Requeue 1 events" in declined.output and declined.exit_code == 1
+    assert get_outbox(outbox_app).count_dead_letters() == 2
+    assert invoke("requeue", "--all", "--event", "bounced").exit_code == 2  # one way of choosing at a time
+    accepted = invoke("requeue", "--event", "bounced", input="y\n")
+    assert "requeued 1 events" in accepted.output
+    assert get_outbox(outbox_app).flush().delivered == 1
+    assert [event["event"] for event in data_plane.events] == ["Email Bounced"]
+
+
+def test_cli_purge_dead_letters_by_filter_after_confirmation(
+    outbox_app: Flask, data_plane: FakeDataPlane, post: Post
+) -> None:
+    runner = outbox_app.test_cli_runner()
+    invoke = lambda *args, **options: runner.invoke(args=["cio-rudder", *args], **options)  # noqa: E731
+    refuse(outbox_app, data_plane, sample("opened"))
+    post(outbox_app.test_client(), {"event_id": "01NOBODY", "object_type": "email", "metric": "sent"})
+    assert invoke("purge", "--reason", "userId").exit_code == 2  # filters are for dead letters
+    assert (
+        "would purge 1 dead letters"
+        in invoke("purge", "--dead-letters", "--reason", "userid", "--dry-run").output
+    )
+    assert invoke("purge", "--dead-letters", "--reason", "userid").exit_code == 1  # nobody answered: aborted
+    assert get_outbox(outbox_app).count_dead_letters() == 2
+    assert (
+        "purged 1 dead letters" in invoke("purge", "--dead-letters", "--reason", "userid", input="y\n").output
+    )
+    assert [letter.reason for letter in get_outbox(outbox_app).dead_letters()] == [
+        "RudderStack answered 400: simulated failure"
+    ]
+    assert "purged 1 dead letters" in invoke("purge", "--dead-letters", "--yes").output
 
 
 def test_cli_flush_says_why_events_are_still_pending(outbox_app: Flask, data_plane: FakeDataPlane) -> None:
