@@ -26,7 +26,7 @@ from flask_cio_rudder.store import Pending, StoreUnavailable, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, sample
-from .helpers import Clock, free_port, record_signals, wait_until
+from .helpers import Clock, free_port, record_signals, refuse, wait_until
 from .stores import Backend, backend_fixture, postgres_fixture  # noqa: F401  (fixtures)
 
 Post = Callable[..., TestResponse]
@@ -523,15 +523,6 @@ def test_cli_pause_stops_sending_everywhere_and_status_shows_it(
     assert "sending resumed" in runner.invoke(args=["cio-rudder", "resume"]).output
     assert "sent 2 events" in worker.test_cli_runner().invoke(args=["cio-rudder", "flush"]).output
     assert json.loads(runner.invoke(args=["cio-rudder", "status", "--json"]).output)["paused"] is False
-
-
-def refuse(app: Flask, data_plane: FakeDataPlane, *bodies: dict[str, Any]) -> None:
-    """Accept ``bodies`` through the outbox, then have RudderStack refuse each: dead letters."""
-    for body in bodies:
-        get_outbox(app).store.add(body["event_id"], json.dumps(transform(body)))
-    data_plane.fail_next(400, times=2 * len(bodies) - 1)  # the batch is bisected down to single events
-    get_outbox(app).flush()
-    assert get_outbox(app).count_dead_letters() == len(bodies)
 
 
 def test_cli_dead_letters_and_requeue_filter_and_requeue_asks_first(
