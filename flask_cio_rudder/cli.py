@@ -13,7 +13,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any, TypeVar
 
@@ -228,25 +228,29 @@ def requeue(
     outbox = outbox_of_current_app()
     ids = list(event_ids) or None
     if ids is None:
-        letters = _store_call(lambda: outbox.dead_letters(10**9, match=match))
+        sendable = replace(match, sendable=True)
+        shown = _store_call(lambda: outbox.dead_letters(100, match=sendable))
+        count = _store_call(outbox.count_dead_letters, sendable)
+        others = _store_call(outbox.count_dead_letters, match) - count
         what = "every dead letter" if everything else "the dead letters that match"
     else:
         letters = [letter for event_id in ids for letter in _store_call(_one_letter, outbox, event_id)]
+        shown = [letter for letter in letters if letter.requeueable]
+        count, others = len(shown), len(letters) - len(shown)
         what = "these dead letters"
-    sendable = [letter for letter in letters if letter.requeueable]
     if dry_run:
-        for letter in sendable:
+        for letter in shown:
             click.echo(_describe(letter))
-        click.echo(
-            f"would requeue {len(sendable)} events ({len(letters) - len(sendable)} others cannot be sent)"
-        )
+        if count > len(shown):
+            click.echo(f"... and {count - len(shown)} more")
+        click.echo(f"would requeue {count} events ({others} others are rejected bodies: nothing to send)")
         return
-    if not sendable:
+    if not count:
         click.echo("requeued 0 events: nothing matches that can be sent")
         return
-    _confirm(f"Requeue {len(sendable)} events ({what}) to be sent to RudderStack again?", yes)
-    count = _store_call(lambda: outbox.requeue(ids, match=None if everything or ids else match))
-    click.echo(f"requeued {count} events")
+    _confirm(f"Requeue {count} events ({what}) to be sent to RudderStack again?", yes)
+    requeued = _store_call(lambda: outbox.requeue(ids, match=None if everything or ids else match))
+    click.echo(f"requeued {requeued} events")
 
 
 @cli.command("purge")

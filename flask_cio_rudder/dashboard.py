@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import json
 import secrets
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -256,7 +257,7 @@ def bulk(action: str) -> Any:
         else:
             flash(f"Deleted {outbox.purge_dead(match)} dead letters.")
         return redirect(url_for(".dead_letters", **query))
-    matching = outbox.count_dead_letters(match)
+    matching = outbox.count_dead_letters(replace(match, sendable=True) if action == "requeue" else match)
     return render_template(
         "cio_rudder/confirm.html",
         action=action,

@@ -208,6 +208,7 @@ def test_dead_letters_filter_by_time_reason_event_id_and_email_a_page_at_a_time(
     assert ids(limit=1, newest_first=True) == ["r1"]
     assert letters.count_dead_letters() == 4
     assert letters.count_dead_letters(Match(email="bob@example.com")) == 2
+    assert ids(Match(sendable=False)) == ["r1"] and letters.count_dead_letters(Match(sendable=True)) == 3
     (first,) = letters.dead_letters(limit=1)
     assert (first.event_name, first.email) == ("Email Bounced", "ann@example.com")
 

@@ -108,7 +108,8 @@ class Match:
 
     ``since``: accepted at or after this time (seconds since the epoch); ``reason``: the
     reason contains this text; ``event``: the RudderStack event name contains it (both
-    ignore case); ``event_id`` and ``email``: exactly this one (the email ignoring case).
+    ignore case); ``event_id`` and ``email``: exactly this one (the email ignoring case);
+    ``sendable``: ``True`` for those that can be requeued, ``False`` for rejected bodies.
     """
 
     since: float | None = None
@@ -116,13 +117,13 @@ class Match:
     event: str | None = None
     event_id: str | None = None
     email: str | None = None
+    sendable: bool | None = None
 
     @property
     def everything(self) -> bool:
         """Whether no field narrows the match."""
-        return all(
-            value is None for value in (self.since, self.reason, self.event, self.event_id, self.email)
-        )
+        fields = (self.since, self.reason, self.event, self.event_id, self.email, self.sendable)
+        return all(value is None for value in fields)
 
 
 @dataclass(frozen=True)
@@ -393,6 +394,8 @@ def match_conditions(match: Match | None, placeholder: str, position: str) -> tu
     if match.email is not None:
         conditions.append(f"email = {placeholder}")
         params.append(search_email(match.email) or "")
+    if match.sendable is not None:
+        conditions.append("payload IS NOT NULL" if match.sendable else "payload IS NULL")
     return "".join(f" AND {condition}" for condition in conditions), params
 
 
