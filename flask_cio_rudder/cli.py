@@ -6,6 +6,7 @@ and ask first, unless ``--yes``; ``--dry-run`` only says it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from .state import state_of
 from .store import DeadLetter, Match, StoreError, store_from_url
 from .webhook import RetryLater
 
-__all__ = ["cli", "outbox_of_current_app", "parse_age", "parse_since"]
+__all__ = ["cli", "format_age", "outbox_of_current_app", "parse_age", "parse_since"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -66,20 +67,27 @@ def parse_since(text: str) -> float:
 
 
 def match_options(command: F) -> F:
-    """The dead-letter filter shared by ``dead-letters``, ``requeue`` and ``purge --dead-letters``."""
+    """The dead-letter filter of ``dead-letters``, ``requeue`` and ``purge``: the command gets ``match``."""
+
+    @functools.wraps(command)
+    def with_match(
+        *args: Any, since: str | None, reason: str | None, event: str | None, email: str | None, **rest: Any
+    ) -> Any:
+        match = Match(
+            since=None if since is None else parse_since(since), reason=reason, event=event, email=email
+        )
+        return command(*args, match=match, **rest)
+
     options = [
         click.option("--since", help="Accepted since an age (2h, 7d) or a date (2024-05-01T12:00Z, UTC)."),
         click.option("--reason", help="The reason contains this text (any case)."),
         click.option("--event", help="The RudderStack event name contains this text, e.g. 'Email Bounced'."),
         click.option("--email", help="The person's email address (any case)."),
     ]
+    decorated: Any = with_match
     for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _match(since: str | None, reason: str | None, event: str | None, email: str | None) -> Match:
-    return Match(since=None if since is None else parse_since(since), reason=reason, event=event, email=email)
+        decorated = option(decorated)
+    return decorated  # type: ignore[no-any-return]
 
 
 def outbox_of_current_app(*, keep_sender: bool = False) -> Outbox:
@@ -98,7 +106,8 @@ def outbox_of_current_app(*, keep_sender: bool = False) -> Outbox:
     return forwarder.outbox
 
 
-def _age(seconds: float | None) -> str:
+def format_age(seconds: float | None) -> str:
+    """Seconds as people read an age: ``45s``, ``12.5m``, ``3.0h``, ``2.1d``; ``-`` for none."""
     if seconds is None:
         return "-"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -126,14 +135,14 @@ def status(as_json: bool) -> None:
         return
     last_error = current.last_error or "-"
     if current.last_error_at is not None:
-        last_error += f" ({_age(time.time() - current.last_error_at)} ago)"
+        last_error += f" ({format_age(time.time() - current.last_error_at)} ago)"
     click.echo(f"outbox:             {outbox.url}")
     click.echo(f"pending:            {current.pending}")
     click.echo(
         f"  held by senders:  {current.in_flight}"
         + (f" ({', '.join(current.holders)})" if current.holders else "")
     )
-    click.echo(f"oldest pending age: {_age(current.oldest_pending_age)}")
+    click.echo(f"oldest pending age: {format_age(current.oldest_pending_age)}")
     click.echo(f"delivered:          {current.delivered}")
     click.echo(f"dead letters:       {current.dead}")
     click.echo(f"last error:         {last_error}")
@@ -182,12 +191,9 @@ def _describe(letter: DeadLetter) -> str:
 @match_options
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, with the body when kept.")
-def dead_letters(
-    since: str | None, reason: str | None, event: str | None, email: str | None, limit: int, as_json: bool
-) -> None:
+def dead_letters(match: Match, limit: int, as_json: bool) -> None:
     """List dead letters (those that match the filters), oldest first, with their reasons."""
     outbox = outbox_of_current_app()
-    match = _match(since, reason, event, email)
     for letter in _store_call(lambda: outbox.dead_letters(limit, match=match)):
         click.echo(json.dumps(asdict(letter)) if as_json else _describe(letter))
 
@@ -208,21 +214,11 @@ def _confirm(question: str, yes: bool) -> None:
 @match_options
 @click.option("--dry-run", is_flag=True, help="Say what would be requeued; change nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def requeue(
-    event_ids: tuple[str, ...],
-    everything: bool,
-    since: str | None,
-    reason: str | None,
-    event: str | None,
-    email: str | None,
-    dry_run: bool,
-    yes: bool,
-) -> None:
+def requeue(event_ids: tuple[str, ...], everything: bool, match: Match, dry_run: bool, yes: bool) -> None:
     """Send dead letters again: those named, those that match the filters, or all with --all.
 
     Bodies rejected at validation have nothing to send and stay dead letters.
     """
-    match = _match(since, reason, event, email)
     if sum((bool(event_ids), everything, not match.everything)) != 1:
         raise click.UsageError("name event ids, pass --all, or filter with --since/--reason/--event/--email")
     outbox = outbox_of_current_app()
@@ -263,21 +259,11 @@ def requeue(
 @match_options
 @click.option("--dry-run", is_flag=True, help="Say how many would be deleted; delete nothing.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
-def purge(
-    older_than: str | None,
-    dead: bool,
-    since: str | None,
-    reason: str | None,
-    event: str | None,
-    email: str | None,
-    dry_run: bool,
-    yes: bool,
-) -> None:
+def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: bool) -> None:
     """Delete delivered events older than --older-than, or dead letters with --dead-letters.
 
     Deleted events are forgotten: Customer.io sending one again would be accepted again.
     """
-    match = _match(since, reason, event, email)
     if (older_than is None) == (not dead):
         raise click.UsageError(
             "pass --older-than AGE (delivered events) or --dead-letters (with any filters)"

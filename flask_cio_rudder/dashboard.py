@@ -40,7 +40,7 @@ from flask import (
 )
 from werkzeug.exceptions import BadRequest, Forbidden
 
-from .cli import parse_since
+from .cli import format_age, parse_since
 from .extension import get_outbox
 from .outbox import Outbox
 from .store import Activity, Match
@@ -131,14 +131,7 @@ def _when(seconds: float | None) -> str:
     return datetime.fromtimestamp(seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-@dashboard.app_template_filter("cio_age")
-def _age(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f} {unit}"
-    return f"{seconds:.0f} s"
+dashboard.add_app_template_filter(format_age, "cio_age")
 
 
 @dashboard.context_processor

@@ -413,6 +413,15 @@ def per_minute(rows: Iterable[tuple[int, int]], minutes: int) -> list[int]:
     return counts
 
 
+def search_columns(
+    payload_json: str, event_name: str | None, email: str | None
+) -> tuple[str | None, str | None]:
+    """What ``add`` keeps in the ``event_name`` and ``email`` columns: the caller's, else the payload's."""
+    if event_name is None:
+        return payload_summary(payload_json)
+    return clean_text(event_name), search_email(email)
+
+
 def payload_summary(payload_json: str) -> tuple[str | None, str | None]:
     """The RudderStack event name and the email address (lower case) in an event's JSON, if any."""
     try:

@@ -57,6 +57,7 @@ from .base import (
     per_minute,
     redact_url,
     rejected_key,
+    search_columns,
     search_email,
     storage_key,
 )
@@ -342,10 +343,7 @@ class PostgresStore(OutboxStore):
     def add(
         self, event_id: str, payload_json: str, *, event_name: str | None = None, email: str | None = None
     ) -> bool:
-        if event_name is None:
-            event_name, email = payload_summary(payload_json)
-        else:
-            event_name, email = clean_text(event_name), search_email(email)
+        event_name, email = search_columns(payload_json, event_name, email)
         added = self._upsert(f"VALUES (%(id)s, 'pending', %(payload)s, {_NOW}, %(name)s, %(email)s)")
         query = f"WITH added AS ({added} RETURNING 1) SELECT pg_notify(%(channel)s, '') FROM added"
         params = {

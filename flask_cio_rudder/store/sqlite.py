@@ -54,6 +54,7 @@ from .base import (
     payload_summary,
     per_minute,
     rejected_key,
+    search_columns,
     search_email,
     storage_key,
 )
@@ -361,10 +362,7 @@ class SQLiteStore(OutboxStore):
     def add(
         self, event_id: str, payload_json: str, *, event_name: str | None = None, email: str | None = None
     ) -> bool:
-        if event_name is None:
-            event_name, email = payload_summary(payload_json)
-        else:
-            event_name, email = clean_text(event_name), search_email(email)
+        event_name, email = search_columns(payload_json, event_name, email)
         with self._writing() as db:
             cursor = db.execute(
                 self._ADD.format(t=self.table),
