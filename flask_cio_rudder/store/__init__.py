@@ -15,10 +15,13 @@ import time
 from urllib.parse import unquote, urlsplit
 
 from .base import (
+    Activity,
     Claim,
     Claimed,
     Clock,
     DeadLetter,
+    EventRecord,
+    Match,
     OutboxStatus,
     OutboxStore,
     Pending,
@@ -28,9 +31,12 @@ from .base import (
 )
 
 __all__ = [
+    "Activity",
     "Claim",
     "Claimed",
     "DeadLetter",
+    "EventRecord",
+    "Match",
     "OutboxStatus",
     "OutboxStore",
     "Pending",
