@@ -24,10 +24,11 @@ from typing import Any
 
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
-from flask_cio_rudder import get_outbox
-from flask_cio_rudder.event import CioEvent
+from flask_cio_rudder import CioEvent, get_outbox
 from flask_cio_rudder.signature import verify
-from flask_cio_rudder.transform import load_event
+from flask_cio_rudder.validation import Validation
+
+load_event = Validation()  # the webhook's validation + transform of one decoded body
 
 
 def cpu_us(step: Callable[[Any], object], items: Sequence[Any]) -> float:
@@ -74,18 +75,18 @@ def main() -> int:
         decoded = [json.loads(raw) for _, _, raw in parts]
 
         def app(n: int, **env: str) -> Any:
-            return h.app_here({**h.outbox_env(None, workdir / f"outbox-{n}.sqlite3"), **env})
+            return h.app_here({**h.outbox_env(None, workdir, str(n)), **env})
 
         def verified(p: list[bytes]) -> None:
             verify(p[2], p[0].decode(), p[1].decode(), [h.SIGNING_KEY])
 
         try:
             with app(1, CIO_RUDDER_FORWARDER="none") as none, app(2) as ext, app(3) as steps:
-                forwarder = get_outbox(steps)
+                store = get_outbox(steps).store
 
-                def keep(event: CioEvent) -> None:
-                    if not forwarder.is_duplicate(event.event_id):
-                        forwarder.accept(event)
+                def keep(event: CioEvent) -> None:  # what the outbox forwarder does with an event
+                    if not store.is_known(event.event_id):
+                        store.add(event.event_id, event.payload_json)
 
                 rows = [
                     ("bare Flask: one request", per_request_us(h.bare_app(), lines[:count])),
@@ -99,13 +100,14 @@ def main() -> int:
                         "  step: parse the JSON (bare Flask does too)",
                         cpu_us(json.loads, [p[2] for p in parts]),
                     ),
-                    ("  step: validate and transform (load_event)", cpu_us(load_event, decoded)),
+                    ("  step: validate and transform (Validation())", cpu_us(load_event, decoded)),
                     ("  step: duplicate lookup + outbox add", cpu_us(keep, [load_event(b) for b in decoded])),
                 ]
             with app(4, CIO_RUDDER_DATA_PLANE_URL=plane.url) as sender:
-                h.add_events(sender, ((e.event_id, e.payload_json) for e in map(load_event, decoded)))
+                events = ((e.event_id, e.payload_json) for e in map(load_event, decoded))
+                h.add_events(get_outbox(sender).store, events)
                 started = time.process_time()
-                sent = get_outbox(sender).flush(300)
+                sent = get_outbox(sender).flush(300).delivered
                 rows.append(("sender: CPU per event delivered", (time.process_time() - started) / sent * 1e6))
         finally:
             plane.stop()

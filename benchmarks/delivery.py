@@ -1,20 +1,26 @@
 """Delivery: the outbox's sender against rudder-sdk-python, and what each loses.
 
-    python benchmarks/delivery.py            # 50,000 events, 3 rounds: a minute or two
-    python benchmarks/delivery.py --quick    # a smoke run: a few seconds
-    python benchmarks/delivery.py --outbox-url postgresql://127.0.0.1/test
+    python benchmarks/delivery.py            # 50,000 events, 3 rounds: about five minutes
+    python benchmarks/delivery.py --quick    # a smoke run: under a minute
+    python benchmarks/delivery.py --section senders --postgres-url postgresql://127.0.0.1/test
+    python benchmarks/delivery.py --outbox-url postgresql://127.0.0.1/test   # the first three on it
 
-The same events (the six sample email events, each with its own ``event_id``, through
-``load_event``), the same data plane in its own process, interleaved rounds:
+The same events (the six sample email events, each with its own ``event_id``, validated and
+transformed as the webhook does), the same data plane in its own process, interleaved rounds:
 
-- **outbox**: the outbox is filled first through its public ``add`` (timed apart), then the
-  clock runs while ``get_outbox(app).flush()`` drains it, until the data plane stored the last.
+- **outbox**: the outbox is filled first through the store's public ``add_many`` (timed apart),
+  then the clock runs while ``get_outbox(app).flush()`` drains it, until the data plane stored the last.
 - **sdk (defaults)**: ``Client.track()`` for each event, then ``flush()``; ``track()`` drops
   events when its queue (10,000) is full, and they are counted.
 - **sdk (queue fits)**: the same with a queue big enough for every event.
 
 Then what each loses when the process ends right after handing events over (a normal exit
 without ``flush()``, SIGKILL), and while the data plane is down for a while.
+
+**senders**: the drain rate with 1, 2 and 4 ``flask cio-rudder worker`` processes started at
+once on a filled outbox, SQLite and PostgreSQL (``--postgres-url``) interleaved: events stored
+per second from 10 % to 90 % of them stored, each worker's CPU from its first log line, and
+PostgreSQL's server processes' CPU apart (``application_name=cio-rudder-bench``).
 """
 
 from __future__ import annotations
@@ -36,13 +42,7 @@ from typing import Any
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 from rudderstack.analytics import Client
 
-from flask_cio_rudder import get_outbox
-from flask_cio_rudder.event import CioEvent
-from flask_cio_rudder.transform import load_event
-
-
-def make_events(count: int) -> list[CioEvent]:
-    return [load_event(body) for body in h.bodies(count, h.new_tag())]
+from flask_cio_rudder import CioEvent, Outbox, get_outbox
 
 
 def track(client: Client, event: CioEvent) -> bool:
@@ -63,7 +63,7 @@ def track(client: Client, event: CioEvent) -> bool:
 def run_outbox(plane: h.DataPlane, events: list[CioEvent], outbox: Mapping[str, str]) -> dict[str, Any]:
     with h.app_here({**outbox, "CIO_RUDDER_DATA_PLANE_URL": plane.url}) as app:
         started = time.monotonic()
-        h.add_events(app, ((e.event_id, e.payload_json) for e in events))
+        h.add_events(get_outbox(app).store, ((e.event_id, e.payload_json) for e in events))
         fill = time.monotonic() - started
         plane.reset()
         started = time.monotonic()
@@ -92,10 +92,10 @@ def run_sdk(plane: h.DataPlane, events: list[CioEvent], queue: int) -> dict[str,
 
 def child(kind: str, url: str, count: int, outbox: dict[str, str]) -> None:
     """``delivery.py _child``: hand ``count`` events over, then exit without flushing or SIGKILL."""
-    events = make_events(count)
+    events = h.cio_events(count, h.new_tag())
     if kind == "outbox":
-        with h.app_here(outbox) as app:
-            h.add_events(app, ((e.event_id, e.payload_json) for e in events))
+        with h.open_store(outbox) as store:
+            h.add_events(store, ((e.event_id, e.payload_json) for e in events))
             os.kill(os.getpid(), signal.SIGKILL)
     client = Client(h.WRITE_KEY, host=url)
     for event in events:
@@ -109,7 +109,7 @@ def losses(plane: h.DataPlane, count: int, outbox: dict[str, str]) -> list[list[
     for kind, what in (
         ("sdk", "sdk: track(), then a normal exit without flush()"),
         ("sdk-kill", "sdk: track(), then SIGKILL"),
-        ("outbox", "outbox: add(), then SIGKILL; then a new process's sender"),
+        ("outbox", "outbox: add_many(), then SIGKILL; then a new process's sender"),
     ):
         plane.reset()
         argv = [sys.executable, __file__, "_child", kind, plane.url, str(count), json.dumps(outbox)]
@@ -120,6 +120,12 @@ def losses(plane: h.DataPlane, count: int, outbox: dict[str, str]) -> list[list[
         stored = plane.wait(count, 2)["distinct"]
         rows.append([what, code, f"{count:,}", f"{stored:,}", f"{count - stored:,}"])
     return rows
+
+
+def accept(outbox: Outbox, event: CioEvent) -> None:
+    """What the webhook does with an accepted event: add it to the store, wake the sender."""
+    outbox.store.add(event.event_id, event.payload_json)
+    outbox.sender.wake()
 
 
 def paced(items: list[CioEvent], per_second: float, hand_over: Callable[[CioEvent], object]) -> int:
@@ -146,7 +152,7 @@ def outage(plane: h.DataPlane, events: list[CioEvent], rate: float, seconds: flo
         else:
             env = {**outbox, "CIO_RUDDER_DATA_PLANE_URL": plane.url, "CIO_RUDDER_OUTBOX_SENDER": "true"}
             with h.app_here(env) as app:
-                dropped = paced(batch, rate, get_outbox(app).accept)
+                dropped = paced(batch, rate, functools.partial(accept, get_outbox(app)))
                 stats = plane.wait(len(batch), 120)
         stored = stats["distinct"]
         back = stats["outages"][-1].get("up_at", stats["now"])
@@ -154,6 +160,82 @@ def outage(plane: h.DataPlane, events: list[CioEvent], rate: float, seconds: flo
         last = (stats["last_store_at"] or back) - back
         rows.append([name, f"{len(batch):,}", f"{stored:,}", lost, f"{last:.1f}"])
     return rows
+
+
+def run_senders(
+    plane: h.DataPlane, events: list[CioEvent], env: dict[str, str], senders: int, logdir: Path
+) -> dict[str, Any]:
+    """Fill a fresh outbox, start ``senders`` ``flask cio-rudder worker`` processes, time the drain.
+
+    Each worker's CPU is counted from its "Sending the outbox" line; the rate is the steady one,
+    from 10 % to 90 % of the events stored, so the workers' start-up and the last batches are not timed.
+    """
+    with h.open_store(env) as store:
+        h.add_events(store, ((e.event_id, e.payload_json) for e in events))
+    plane.reset()
+    env = {**env, "CIO_RUDDER_DATA_PLANE_URL": plane.url, "CIO_RUDDER_SHUTDOWN_TIMEOUT": "2"}
+    logs = [logdir / f"worker-{i}.log" for i in range(senders)]
+    db = h.CpuMeter(lambda: h.db_pids(env))
+    workers = [h.start_worker(env, log) for log in logs]
+    others = h.Others([plane.process.pid, *db.start, *(worker.pid for worker in workers)])
+    ready: dict[int, tuple[float, float]] = {}  # pid -> (when, CPU seconds) at its first log line
+    try:
+        deadline = time.monotonic() + 180
+        while (stats := plane.stats())["distinct"] < len(events) and time.monotonic() < deadline:
+            for worker, log in zip(workers, logs):
+                if worker.pid not in ready and log.exists() and b"Sending the outbox" in log.read_bytes():
+                    ready[worker.pid] = (time.monotonic(), h.cpu_seconds([worker.pid]))
+            time.sleep(0.01)
+        cpu = sum(h.cpu_seconds([pid]) - spent for pid, (_, spent) in ready.items())
+        db_cpu, db_pids = db.used()
+        others.pids += [pid for pid in db_pids if pid not in db.start]
+        cores = others.cores()
+    finally:
+        for worker in workers:
+            h.stop_process(worker)
+        for log in logs:
+            log.unlink(missing_ok=True)
+    starts = [when for when, _ in ready.values()]
+    seconds = plane.between(0.1, 0.9) if stats["distinct"] else 0.0
+    return {
+        "stored": stats["distinct"],
+        "rate": 0.8 * stats["distinct"] / seconds if seconds > 0 else float("nan"),
+        "cpu_us": cpu / max(stats["distinct"], 1) * 1e6,
+        "db_us": db_cpu / max(stats["distinct"], 1) * 1e6,
+        "spread": max(starts) - min(starts) if len(starts) == senders else float("nan"),
+        "duplicates": stats["duplicates"],
+        "others": cores,
+    }
+
+
+def senders_table(results: dict[str, list[dict[str, Any]]]) -> str:
+    def med(rs: list[dict[str, Any]], key: str, form: str) -> str:
+        return format(h.median([r[key] for r in rs]), form)
+
+    first: dict[str, float] = {}  # each outbox's median rate with the fewest senders
+    for label, rs in results.items():
+        first.setdefault(label.split(",")[0], h.median([r["rate"] for r in rs]))
+    rows = [
+        [
+            label,
+            med(rs, "stored", ",.0f"),
+            med(rs, "rate", ",.0f"),
+            " / ".join(f"{r['rate']:,.0f}" for r in rs),
+            f"{h.median([r['rate'] for r in rs]) / first[label.split(',')[0]]:.2f}",
+            med(rs, "cpu_us", ".0f"),
+            "-" if label.startswith("SQLite") else med(rs, "db_us", ".0f"),
+            med(rs, "duplicates", ",.0f"),
+            med(rs, "spread", ".2f"),
+            " / ".join(f"{r['others']:.2f}" for r in rs),
+        ]
+        for label, rs in results.items()
+    ]
+    headers = ["outbox, senders", "stored", "events/s", "each round", "vs fewest", "sender CPU µs/event"]
+    headers += ["db CPU µs/event", "sent twice", "start spread s", "others' cores"]
+    return h.table(headers, rows)
+
+
+SECTIONS = ("throughput", "losses", "outage", "senders")
 
 
 def main() -> int:
@@ -164,12 +246,16 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="2,000 events, 1 round, short checks")
+    parser.add_argument("--section", action="append", choices=SECTIONS, help="default: all of them")
     parser.add_argument("--events", type=int, default=50_000)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--outbox-url", help="CIO_RUDDER_OUTBOX_URL; default: a fresh SQLite file each round")
+    parser.add_argument("--outbox-url", help="CIO_RUDDER_OUTBOX_URL (a fresh table each round)")
     parser.add_argument("--loss-events", type=int, default=5_000, help="events per loss check")
     parser.add_argument("--outage-rate", type=float, default=2_000, help="events/s handed over meanwhile")
     parser.add_argument("--outage-seconds", type=float, default=8.0, help="how long the data plane is down")
+    parser.add_argument("--senders", default="1,2,4", help="senders: worker processes draining at once")
+    pg_help = "senders: the PostgreSQL outbox beside SQLite (a fresh table each run); '' for none"
+    parser.add_argument("--postgres-url", default="postgresql://127.0.0.1/test", help=pg_help)
     args = parser.parse_args()
     if args.quick:
         args.events, args.rounds, args.loss_events, args.outage_rate, args.outage_seconds = (
@@ -179,31 +265,77 @@ def main() -> int:
             500,
             2,
         )
+    sections = args.section or SECTIONS
     started = time.monotonic()
     print(h.header(), flush=True)
     # One "queue is full" warning per dropped event would time the terminal; track() says it dropped.
     logging.getLogger("rudderstack").disabled = True
-    events = make_events(args.events)
+    events = h.cio_events(args.events, h.new_tag())
+    out = []
     with tempfile.TemporaryDirectory(prefix="cio-rudder-delivery-") as tmp:
-        workdir, plane, runs = Path(tmp), h.DataPlane(), [0]
+        workdir, plane, made = Path(tmp), h.DataPlane(), list[dict[str, str]]()
 
-        def outbox() -> dict[str, str]:
-            runs[0] += 1
-            url = args.outbox_url and args.outbox_url.replace("{run}", str(runs[0]))
-            return h.outbox_env(url, workdir / f"outbox-{runs[0]}.sqlite3")
+        def outbox(url: str | None = args.outbox_url) -> dict[str, str]:
+            made.append(h.outbox_env(url, workdir, str(len(made))))
+            return made[-1]
 
-        variants: dict[str, Callable[[], dict[str, Any]]] = {
-            "outbox": lambda: run_outbox(plane, events, outbox()),
-            "sdk (defaults)": lambda: run_sdk(plane, events, 10_000),
-            "sdk (queue fits)": lambda: run_sdk(plane, events, len(events) + 1),
-        }
         try:
-            run_outbox(plane, events[:1000], outbox())  # warm up
-            results = h.interleave(list(variants), args.rounds, lambda name, _: variants[name]())
-            loss_rows = losses(plane, args.loss_events, outbox())
-            outage_rows = outage(plane, events, args.outage_rate, args.outage_seconds, outbox())
+            if "throughput" in sections:
+                out.append(throughput(args, plane, events, outbox))
+            if "losses" in sections:
+                out.append(
+                    f"### What arrives when the process ends right after handing {args.loss_events:,} "
+                    "events over\n\n"
+                    + h.table(
+                        ["what", "exit code", "handed over", "arrived", "lost"],
+                        losses(plane, args.loss_events, outbox()),
+                    )
+                )
+            if "outage" in sections:
+                rows = outage(plane, events, args.outage_rate, args.outage_seconds, outbox())
+                headers = ["sender", "handed over", "arrived", "lost", "last arrival, s after it came back"]
+                out.append(
+                    f"### The data plane down {args.outage_seconds:g} s while {args.outage_rate:,.0f} "
+                    f"events/s are handed over\n\n{h.table(headers, rows)}"
+                )
+            if "senders" in sections:
+                urls = {"SQLite": None, **({"PostgreSQL": args.postgres_url} if args.postgres_url else {})}
+                counts = [int(n) for n in args.senders.split(",")]
+                labels = {f"{name}, {n} senders": (url, n) for name, url in urls.items() for n in counts}
+
+                def drain(label: str, round_: int) -> dict[str, Any]:
+                    url, n = labels[label]
+                    r = run_senders(plane, events, outbox(url), n, workdir)
+                    h.drop_outbox(made.pop())
+                    print(
+                        f"  {round_} {label:<24} {r['rate']:8,.0f} events/s  others {r['others']:.2f}",
+                        flush=True,
+                    )
+                    return r
+
+                results = h.interleave(list(labels), args.rounds, drain)
+                out.append(
+                    f"### Drain rate: {args.events:,} pending events, 1, 2 and 4 `flask cio-rudder worker` "
+                    f"processes at once, median of {args.rounds} rounds\n\n{senders_table(results)}"
+                )
         finally:
             plane.stop()
+            for env in made:
+                h.drop_outbox(env)
+    print(f"\n{h.header()}\n\n" + "\n\n".join(out) + f"\n\n({time.monotonic() - started:.0f} s)")
+    return 0
+
+
+def throughput(
+    args: argparse.Namespace, plane: h.DataPlane, events: list[CioEvent], outbox: Callable[[], dict[str, str]]
+) -> str:
+    variants: dict[str, Callable[[], dict[str, Any]]] = {
+        "outbox": lambda: run_outbox(plane, events, outbox()),
+        "sdk (defaults)": lambda: run_sdk(plane, events, 10_000),
+        "sdk (queue fits)": lambda: run_sdk(plane, events, len(events) + 1),
+    }
+    run_outbox(plane, events[:1000], outbox())  # warm up
+    results = h.interleave(list(variants), args.rounds, lambda name, _: variants[name]())
 
     def rate(r: dict[str, Any]) -> float:
         return float(r["stats"]["distinct"]) / float(r["seconds"])
@@ -221,22 +353,11 @@ def main() -> int:
         for name, rs in results.items()
     ]
     fill = h.median([r["fill"] for r in results["outbox"]])
-    print(f"\n{h.header()}\n\n### Throughput: {args.events:,} events, median of {args.rounds} rounds\n")
-    print(h.table(["sender", "stored", "dropped", "events/s", "each round", "outbox / this"], rows))
-    print(f"\n(filling the outbox, timed apart: {args.events / fill:,.0f} events/s, one commit each)")
-    print(f"\n### What arrives when the process ends right after handing {args.loss_events:,} events over\n")
-    print(h.table(["what", "exit code", "handed over", "arrived", "lost"], loss_rows))
-    print(
-        f"\n### The data plane down {args.outage_seconds:g} s while {args.outage_rate:,.0f} events/s "
-        "are handed over\n"
+    return (
+        f"### Throughput: {args.events:,} events, median of {args.rounds} rounds\n\n"
+        + h.table(["sender", "stored", "dropped", "events/s", "each round", "outbox / this"], rows)
+        + f"\n\n(filling the outbox, timed apart: {args.events / fill:,.0f} events/s, add_many)"
     )
-    print(
-        h.table(
-            ["sender", "handed over", "arrived", "lost", "last arrival, s after it came back"], outage_rows
-        )
-    )
-    print(f"\n({time.monotonic() - started:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":

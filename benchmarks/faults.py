@@ -29,7 +29,6 @@ from typing import Any
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 import requests
 
-from flask_cio_rudder import get_outbox
 from flask_cio_rudder.testing import encode, signature_headers
 from flask_cio_rudder.transform import message_id
 
@@ -87,7 +86,9 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="400 events, a 2 s outage")
     parser.add_argument("--events", type=int, default=20_000)
-    parser.add_argument("--outbox-url", help="CIO_RUDDER_OUTBOX_URL; default: a fresh SQLite file")
+    parser.add_argument(
+        "--outbox-url", help="CIO_RUDDER_OUTBOX_URL, a fresh table; default: a fresh SQLite file"
+    )
     parser.add_argument("--threads", type=int, default=4, help="posting threads")
     parser.add_argument("--faults", default="500=0.06,429=0.04,hang=0.03,reset=0.04", help="per request")
     parser.add_argument("--outage", type=float, default=8.0, help="seconds the data plane is down")
@@ -110,7 +111,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="cio-rudder-faults-") as tmp:
         plane = h.DataPlane(faults, hang=1.5, seed=7)
-        outbox = h.outbox_env(args.outbox_url, Path(tmp) / "outbox.sqlite3")
+        outbox = h.outbox_env(args.outbox_url, Path(tmp), "faults")
         env = {**SETTINGS, **outbox, "CIO_RUDDER_DATA_PLANE_URL": plane.url}
         server = None
         try:
@@ -118,8 +119,7 @@ def main() -> int:
             bodies = h.bodies(args.events, h.new_tag())
             load = Load(server.url, bodies, args.threads, deadline - min(150.0, args.max_seconds / 2))
             note(f"gunicorn up; {args.events:,} events, faults per request {faults}")
-            with h.app_here({**outbox, **SETTINGS}) as app:  # to read the outbox (no sender here)
-                forwarder = get_outbox(app)
+            with h.open_store(outbox) as store:  # to read the outbox (no sender here)
                 while load.running():
                     done = len(load.answers)
                     if args.outage_at <= 1 and done >= args.outage_at * args.events:
@@ -132,16 +132,17 @@ def main() -> int:
                         note(f"gunicorn SIGKILLed ({done:,} answered); up again after {server.start():.1f} s")
                     time.sleep(0.05)
                 note(f"load done: {len(load.answers):,} answered 2xx")
-                while (pending := forwarder.status().pending) and time.monotonic() < deadline:
+                while (pending := store.status().pending) and time.monotonic() < deadline:
                     time.sleep(0.25)
                 note(f"{pending:,} pending in the outbox")
                 server.stop()
-                status, dead = forwarder.status(), {d.event_id for d in forwarder.dead_letters(10**7)}
+                status, dead = store.status(), {d.event_id for d in store.dead_letters(10**7)}
             stats, stored = plane.stats(), plane.ids()
         finally:
             if server is not None:
                 server.stop()
             plane.stop()
+            h.drop_outbox(outbox)
 
     accepted, delivered = set(load.answers), {event_id for _, event_id, _ in stored}
     lost = sorted(accepted - delivered - dead)

@@ -1,23 +1,24 @@
 """Growth: the webhook path and the sender with 10k, 100k and 1M events waiting in the outbox.
 
-    python benchmarks/growth.py            # 10k, 100k, 1M: about 5 minutes; writes benchmarks/growth.png
+    python benchmarks/growth.py            # SQLite, 10k, 100k, 1M: about 5 minutes; writes growth.png
     python benchmarks/growth.py --quick    # 1k and 10k, short windows: about half a minute
-    python benchmarks/growth.py --outbox-url 'postgresql://127.0.0.1/test'
+    python benchmarks/growth.py --outbox-url sqlite --outbox-url postgresql://127.0.0.1/test  # both
 
-For each backlog a fresh outbox is filled through its public ``add`` with pending events
+For each backlog a fresh outbox is filled through the store's public ``add_many`` with pending events
 (the library's transform of the sample events). Then (a) the webhook path with the sender
 off, so the backlog stays: gunicorn -w 2 and wrk, one paced run (4 connections, 20 ms
 between requests: one request's latency at a modest rate) and one saturating run (-c8);
 (b) the drain: ``get_outbox(app).flush()`` in a fresh process for ``--drain-seconds``,
 to the data plane in its own process, with that process's RSS at start, end and peak;
-(c) the outbox on disk (SQLite: the file and its ``-wal``). Prints a table, writes a plot.
+(c) the outbox on disk (SQLite: the file and its ``-wal``; PostgreSQL: ``pg_total_relation_size``
+of its tables, read with psql). With several ``--outbox-url`` the outboxes take turns at each
+backlog; each is a fresh SQLite file or a fresh table, dropped after. Prints a table, writes a plot.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -30,14 +31,13 @@ from typing import Any
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
 from flask_cio_rudder import get_outbox
-from flask_cio_rudder.transform import load_event, message_id
+from flask_cio_rudder.transform import message_id
 
 
 def payloads(count: int, tag: str) -> Iterator[tuple[str, str]]:
     """``count`` (event_id, payload JSON), from templates: the transform of each sample, ids swapped."""
     templates = []
-    for body in h.bodies(6, "TMPLTE"):
-        event = load_event(body)
+    for event in h.cio_events(6, "TMPLTE"):
         templates.append(
             event.payload_json.replace(event.event_id, "\0E").replace(message_id(event.event_id), "\0M")
         )
@@ -65,7 +65,7 @@ def drain_child(env: Mapping[str, str], seconds: float) -> None:
         sampler = threading.Thread(target=sample)
         sampler.start()
         started = time.monotonic()
-        sent = get_outbox(app).flush(seconds)
+        sent = get_outbox(app).flush(seconds).delivered
         elapsed = time.monotonic() - started
         stop.set()
         sampler.join()
@@ -74,26 +74,21 @@ def drain_child(env: Mapping[str, str], seconds: float) -> None:
         print(json.dumps(result | {"pending": get_outbox(app).status().pending}), flush=True)
 
 
-def sizes(outbox: Mapping[str, str]) -> str:
-    path = h.sqlite_file(outbox)
-    if path is None:
-        return "-"
-    mib = [os.path.getsize(p) / 2**20 if os.path.exists(p) else 0.0 for p in (path, f"{path}-wal")]
-    return f"{mib[0]:,.1f} + {mib[1]:,.1f}"
-
-
-def measure(args: argparse.Namespace, workdir: Path, plane: h.DataPlane, backlog: int) -> dict[str, Any]:
-    url = args.outbox_url and args.outbox_url.replace("{run}", str(backlog))
-    outbox = {
-        **h.outbox_env(url, workdir / f"outbox-{backlog}.sqlite3"),
-        "CIO_RUDDER_DATA_PLANE_URL": plane.url,
-    }
-    r: dict[str, Any] = {"backlog": backlog}
+def measure(
+    args: argparse.Namespace, workdir: Path, plane: h.DataPlane, url: str | None, backlog: int
+) -> dict[str, Any]:
+    outbox = h.outbox_env(url, workdir, str(backlog))
+    name = "SQLite" if h.sqlite_file(outbox) else "PostgreSQL"
+    outbox["CIO_RUDDER_DATA_PLANE_URL"] = plane.url
+    r: dict[str, Any] = {"backlog": backlog, "outbox": name}
     started = time.monotonic()
-    with h.app_here(outbox) as app:
-        h.add_events(app, payloads(backlog, h.new_tag()))
-        r["fill"], r["size_filled"] = time.monotonic() - started, sizes(outbox)
-    print(f"  {backlog:>9,} pending: filled in {r['fill']:.1f} s ({r['size_filled']} MiB)", flush=True)
+    with h.open_store(outbox) as store:
+        h.add_events(store, payloads(backlog, h.new_tag()))
+    r["fill"], r["bytes_filled"] = time.monotonic() - started, h.outbox_bytes(outbox)
+    print(
+        f"  {name} {backlog:>9,} pending: filled in {r['fill']:.1f} s ({r['bytes_filled'] / 2**20:,.1f} MiB)",
+        flush=True,
+    )
 
     server = h.Gunicorn(
         "harness:ext_app()", {**outbox, "CIO_RUDDER_OUTBOX_SENDER": "false"}, workdir / "g.log"
@@ -107,8 +102,10 @@ def measure(args: argparse.Namespace, workdir: Path, plane: h.DataPlane, backlog
             h.write_signed_bodies(bodies, (250 if pace else args.max_rate) * seconds + 100)
             h.wait_until_quiet(args.quiet_wait)
             assert server.process is not None
-            others = h.Others([server.process.pid, *server.worker_pids(), plane.process.pid])
+            db = h.CpuMeter(lambda: h.db_pids(outbox))  # PostgreSQL's server processes: ours
+            others = h.Others([server.process.pid, *server.worker_pids(), plane.process.pid, *db.start])
             r[kind] = h.wrk(server.url, bodies, seconds, connections, threads, pace)
+            others.pids += [pid for pid in db.used()[1] if pid not in db.start]
             r[kind]["others"] = others.cores()
             print(
                 f"            {kind}: {r[kind]['rps']:,.0f} req/s, p99 {r[kind]['p99_us'] / 1e3:.2f} ms",
@@ -122,14 +119,13 @@ def measure(args: argparse.Namespace, workdir: Path, plane: h.DataPlane, backlog
     argv = [sys.executable, __file__, "_drain", json.dumps(outbox), str(args.drain_seconds)]
     run = subprocess.run(argv, capture_output=True, text=True, timeout=args.drain_seconds + 300, check=True)
     r["drain"] = json.loads(run.stdout.strip().splitlines()[-1])
-    r["size_after"] = sizes(outbox)
+    r["bytes_after"] = h.outbox_bytes(outbox)
     d = r["drain"]
     print(
         f"            drain: {d['sent'] / d['elapsed']:,.0f} events/s, RSS {d['rss'][0] // 1024} MiB",
         flush=True,
     )
-    for path in workdir.glob(f"outbox-{backlog}.*"):
-        path.unlink()
+    h.drop_outbox(outbox)
     return r
 
 
@@ -139,20 +135,25 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = [r["backlog"] for r in results]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for kind, style in (("paced", "o-"), ("saturated", "s--")):
-        for p in ("p50", "p99"):
-            axes[0].plot(x, [r[kind][f"{p}_us"] / 1e3 for r in results], style, label=f"{kind} {p}")
-    axes[0].set(title="webhook latency, sender off", ylabel="ms")
-    axes[1].plot(
-        x, [r["drain"]["sent"] / r["drain"]["elapsed"] for r in results], "o-", label="drain events/s"
-    )
-    axes[1].plot(x, [r["saturated"]["rps"] for r in results], "s--", label="webhook req/s, saturated")
-    axes[1].set(title="drain and webhook throughput", ylabel="per second")
-    for i, label in enumerate(("start", "end", "peak")):
-        axes[2].plot(x, [r["drain"]["rss"][i] / 1024 for r in results], "o-", label=f"RSS at {label}")
-    axes[2].set(title="draining process RSS", ylabel="MiB", ylim=(0, None))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, color in (("SQLite", "tab:blue"), ("PostgreSQL", "tab:orange")):
+        rs = [r for r in results if r["outbox"] == name]
+        if not rs:
+            continue
+        x = [r["backlog"] for r in rs]
+        for kind, style in (("paced", "o-"), ("saturated", "s--")):
+            y = [r[kind]["p99_us"] / 1e3 for r in rs]
+            axes[0].plot(x, y, style, color=color, label=f"{name}, {kind}")
+        drain = [r["drain"]["sent"] / r["drain"]["elapsed"] for r in rs]
+        axes[1].plot(x, drain, "o-", color=color, label=f"{name}: drain, events/s")
+        axes[1].plot(
+            x, [r["saturated"]["rps"] for r in rs], "s--", color=color, label=f"{name}: webhook req/s"
+        )
+        per_event = [r["bytes_filled"] / r["backlog"] for r in rs]
+        axes[2].plot(x, per_event, "o-", color=color, label=name)
+    axes[0].set(title="webhook p99 latency, sender off", ylabel="ms", ylim=(0, None))
+    axes[1].set(title="drain (one sender) and webhook (saturated)", ylabel="per second", ylim=(0, None))
+    axes[2].set(title="outbox on disk per pending event", ylabel="bytes", ylim=(0, None))
     for ax in axes:
         ax.set(xscale="log", xlabel="pending events in the outbox")
         ax.grid(True, which="both", alpha=0.3)
@@ -171,7 +172,8 @@ def main() -> int:
     )
     parser.add_argument("--quick", action="store_true", help="1k and 10k, 2 s windows, no plot")
     parser.add_argument("--backlogs", default="10000,100000,1000000", help="pending events, comma-separated")
-    parser.add_argument("--outbox-url", help="CIO_RUDDER_OUTBOX_URL, {run} replaced by the backlog")
+    url_help = "CIO_RUDDER_OUTBOX_URL (a fresh table per backlog), or sqlite (a fresh file); repeatable"
+    parser.add_argument("--outbox-url", action="append", help=url_help + "; default: sqlite")
     parser.add_argument("--paced-seconds", type=int, default=10)
     parser.add_argument("--saturated-seconds", type=int, default=5)
     parser.add_argument("--drain-seconds", type=float, default=10)
@@ -183,16 +185,21 @@ def main() -> int:
         args.backlogs, args.plot = "1000,10000", None
         args.paced_seconds = args.saturated_seconds = args.drain_seconds = 2
         args.quiet_wait = 0
+    urls = [None if url in (None, "sqlite") else url for url in args.outbox_url or [None]]
     started = time.monotonic()
     print(h.header(), flush=True)
     with tempfile.TemporaryDirectory(prefix="cio-rudder-growth-") as tmp:
         plane = h.DataPlane()
         try:
-            results = [measure(args, Path(tmp), plane, int(n)) for n in args.backlogs.split(",")]
+            results = [
+                measure(args, Path(tmp), plane, url, int(n)) for n in args.backlogs.split(",") for url in urls
+            ]
         finally:
             plane.stop()
+    results.sort(key=lambda r: (r["outbox"] != "SQLite", r["backlog"]))
     rows = [
         [
+            r["outbox"],
             f"{r['backlog']:,}",
             f"{r['paced']['requests'] + r['saturated']['requests']:,.0f}",
             f"{r['paced']['p50_us'] / 1e3:.2f}",
@@ -203,22 +210,16 @@ def main() -> int:
             " → ".join(f"{kib / 1024:.0f}" for kib in r["drain"]["rss"][:2])
             + f" (peak {r['drain']['rss'][2] / 1024:.0f})",
             f"{r['fill']:.1f}",
-            r["size_filled"],
-            r["size_after"],
+            f"{r['bytes_filled'] / 2**20:,.1f}",
+            f"{r['bytes_filled'] / r['backlog']:,.0f}",
+            f"{r['bytes_after'] / 2**20:,.1f}",
             f"{r['paced']['others']:.2f} / {r['saturated']['others']:.2f}",
         ]
         for r in results
     ]
-    headers = [
-        "backlog",
-        "added by (a)",
-        "paced p50 ms",
-        "paced p99 ms",
-        "saturated req/s",
-        "saturated p99 ms",
-    ]
-    headers += ["drain events/s", "drain RSS MiB", "fill s", "db + wal MiB filled", "db + wal MiB after"]
-    headers += ["others' cores (paced / saturated)"]
+    headers = ["outbox", "backlog", "added by (a)", "paced p50 ms", "paced p99 ms", "saturated req/s"]
+    headers += ["saturated p99 ms", "drain events/s", "drain RSS MiB", "fill s", "disk MiB filled"]
+    headers += ["bytes/event", "disk MiB after", "others' cores (paced / saturated)"]
     print(f"\n{h.header()}\n\n{h.table(headers, rows)}")
     if args.plot:
         plot(results, args.plot)

@@ -5,7 +5,9 @@
   defaults and one trivial receiver per email signal), ``sdk_app()`` (the route a user
   writes instead: map the body by hand, ``rudder-sdk-python``'s ``track()``) and
   ``floor_app()`` (bare Flask plus one SQLite commit per request).
-- **The outbox** chosen by URL (``--outbox-url``): :func:`outbox_env`.
+- **The outbox** chosen by URL, fresh for each run (a new SQLite file, or a new table in a
+  PostgreSQL database): :func:`outbox_env`, :func:`open_store`, :func:`drop_outbox`;
+  filled in bulk through the store's public ``add_many`` (:func:`add_events`).
 - **A data plane** (``FakeDataPlane``) in its own process, counting what it stores, able to
   fail at random and to go down for a while: :class:`DataPlane`.
 - **gunicorn** (:class:`Gunicorn`), **wrk** with ``webhook.lua`` (:func:`wrk`), interleaved
@@ -31,7 +33,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,8 +41,11 @@ from typing import Any, TypeVar
 from flask import Flask
 
 from flask_cio_rudder import CioRudder, get_outbox, signals
+from flask_cio_rudder.event import CioEvent
 from flask_cio_rudder.signature import sign
+from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane, encode
+from flask_cio_rudder.validation import Validation
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -235,34 +240,91 @@ def floor_app() -> Flask:
 # -- the outbox, chosen by URL ------------------------------------------------------------------
 
 
-def library_knows_outbox_url() -> bool:
-    """Whether this flask_cio_rudder takes ``CIO_RUDDER_OUTBOX_URL`` (CioRudder() checks option names)."""
-    try:
-        CioRudder(outbox_url="sqlite://")
-    except TypeError:
-        return False
-    return True
+def outbox_env(url: str | None, workdir: Path, run: str) -> dict[str, str]:
+    """The settings of a fresh outbox for one run: a new SQLite file in ``workdir``, or a new table.
 
-
-def outbox_env(url: str | None, fresh_file: Path) -> dict[str, str]:
-    """The app's outbox setting: ``url`` if given, else a fresh SQLite file.
-
-    ``{run}`` in ``url`` is replaced by the caller. A library without ``CIO_RUDDER_OUTBOX_URL``
-    gets ``CIO_RUDDER_OUTBOX_PATH`` for ``sqlite:///`` URLs, and refuses any other URL
-    (it would silently use its default outbox instead).
+    With ``url`` (``CIO_RUDDER_OUTBOX_URL``, e.g. ``postgresql://127.0.0.1/test``) the run gets
+    its own ``CIO_RUDDER_OUTBOX_TABLE``, unique to this process and ``run``: :func:`drop_outbox` it.
+    A PostgreSQL URL gets ``application_name=cio-rudder-bench``, so :func:`db_pids` finds its backends.
     """
-    url = url or f"sqlite:///{fresh_file}"  # an absolute path: sqlite:////tmp/...
-    if library_knows_outbox_url():
-        return {"CIO_RUDDER_OUTBOX_URL": url}
-    if url.startswith("sqlite:///"):
-        return {"CIO_RUDDER_OUTBOX_PATH": url[len("sqlite:///") :]}
-    sys.exit(f"this flask_cio_rudder has no CIO_RUDDER_OUTBOX_URL yet: it cannot use {url.split('://')[0]}")
+    if url is None:
+        return {"CIO_RUDDER_OUTBOX_URL": f"sqlite:///{workdir / f'outbox-{run}.sqlite3'}"}
+    if url.startswith("postgres") and "application_name=" not in url:
+        url += ("&" if "?" in url else "?") + f"application_name={BENCH_APP}"
+    return {"CIO_RUDDER_OUTBOX_URL": url, "CIO_RUDDER_OUTBOX_TABLE": f"bench_{_RUN_TAG}_{run}"}
+
+
+BENCH_APP = "cio-rudder-bench"
+
+
+_RUN_TAG = "".join(random.choice("abcdefghjkmnpqrstvwxyz0123456789") for _ in range(6))
+
+
+@contextlib.contextmanager
+def open_store(env: Mapping[str, str]) -> Iterator[OutboxStore]:
+    """The outbox store that ``env`` names, opened directly (no app, no sender), closed after."""
+    url, table = env["CIO_RUDDER_OUTBOX_URL"], env.get("CIO_RUDDER_OUTBOX_TABLE")
+    store = store_from_url(url, table=table)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def drop_outbox(env: Mapping[str, str]) -> None:
+    """Drop the run's outbox: its tables (``store.drop_tables()``), and an SQLite file's files."""
+    with open_store(env) as store:
+        store.drop_tables()
+    path = sqlite_file(env)
+    for name in [] if path is None else [path, Path(f"{path}-wal"), Path(f"{path}-shm")]:
+        name.unlink(missing_ok=True)
 
 
 def sqlite_file(env: Mapping[str, str]) -> Path | None:
     """The outbox's SQLite file, if it is one."""
-    url = env.get("CIO_RUDDER_OUTBOX_URL", "sqlite:///" + env.get("CIO_RUDDER_OUTBOX_PATH", ""))
-    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") and len(url) > 10 else None
+    url = env["CIO_RUDDER_OUTBOX_URL"]
+    return Path(url[len("sqlite:///") :]) if url.startswith("sqlite:///") else None
+
+
+def _psql(env: Mapping[str, str], query: str) -> str:
+    run = subprocess.run(
+        ["psql", env["CIO_RUDDER_OUTBOX_URL"], "-Atc", query], capture_output=True, text=True, timeout=60
+    )
+    if run.returncode:
+        raise RuntimeError(f"psql failed: {run.stderr.strip()}")
+    return run.stdout
+
+
+def db_pids(env: Mapping[str, str]) -> list[int]:
+    """The PostgreSQL server processes serving this benchmark's connections now (none for SQLite)."""
+    if sqlite_file(env):
+        return []
+    query = "SELECT pid FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND application_name = "
+    query += f"'{BENCH_APP}'"
+    return [int(pid) for pid in _psql(env, query).split()]
+
+
+class CpuMeter:
+    """CPU seconds used since it started by ``pids()`` (called again at the end: new ones count whole)."""
+
+    def __init__(self, pids: Callable[[], Sequence[int]]) -> None:
+        self.pids = pids
+        self.start = {pid: cpu_seconds([pid]) for pid in pids()}
+
+    def used(self) -> tuple[float, list[int]]:
+        """The CPU seconds used meanwhile, and every process counted."""
+        pids = sorted(set(self.start) | set(self.pids()))
+        return sum(cpu_seconds([pid]) - self.start.get(pid, 0.0) for pid in pids), pids
+
+
+def outbox_bytes(env: Mapping[str, str]) -> int:
+    """The outbox on disk: an SQLite file and its WAL, or ``pg_total_relation_size`` of its tables."""
+    path = sqlite_file(env)
+    if path is not None:
+        return sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    table = env["CIO_RUDDER_OUTBOX_TABLE"]  # a plain identifier (outbox_env): no quoting needed
+    query = " + ".join(f"pg_total_relation_size('{table}{part}')" for part in ("", "_senders", "_meta"))
+    return int(_psql(env, f"SELECT {query}"))
 
 
 @contextlib.contextmanager
@@ -285,13 +347,31 @@ def app_here(env: Mapping[str, str]) -> Iterator[Flask]:
             get_outbox(app).close()
 
 
-def add_events(app: Flask, events: Iterator[tuple[str, str]]) -> int:
-    """Add ``(event_id, payload JSON)`` pending events through the outbox's public ``add``."""
-    outbox = get_outbox(app).outbox  # the store's add, once the library has a store interface
-    return sum(outbox.add(event_id, payload) for event_id, payload in events)
+def cio_events(count: int, tag: str) -> list[CioEvent]:
+    """:func:`bodies` validated and transformed as the webhook does them (``Validation()``)."""
+    validate = Validation()
+    return [validate(body) for body in bodies(count, tag)]
+
+
+def add_events(store: OutboxStore, events: Iterable[tuple[str, str]]) -> int:
+    """Add ``(event_id, payload JSON)`` pending events in bulk: the store's public ``add_many``."""
+    return store.add_many(Pending(event_id, payload) for event_id, payload in events)
 
 
 # -- processes ----------------------------------------------------------------------------------
+
+
+def start_worker(env: Mapping[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``flask --app 'harness:ext_app()' cio-rudder worker``: the sender in a process of its own."""
+    command = [sys.executable, "-m", "flask", "--app", "harness:ext_app()", "cio-rudder", "worker"]
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            command,
+            env={**os.environ, "PYTHONPATH": f"{HERE}:{ROOT}", **env},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def free_port() -> int:
@@ -430,12 +510,16 @@ class DataPlane:
             return self._reply()
 
     def stats(self) -> dict[str, Any]:
-        """requests, outcomes, stored, distinct, duplicates, last_store_at, outages, cpu_seconds."""
+        """requests, outcomes, stored, distinct, duplicates, first/last_store_at, outages, cpu_seconds."""
         return self.call("stats")  # type: ignore[no-any-return]
 
     def wait(self, distinct: int, timeout: float) -> dict[str, Any]:
         """The stats once ``distinct`` messageIds are stored, or after ``timeout`` seconds."""
         return self.call("wait", distinct=distinct, timeout=timeout)  # type: ignore[no-any-return]
+
+    def between(self, start: float, end: float) -> float:
+        """Seconds between the batches that stored the ``start`` and ``end`` shares of what was stored."""
+        return float(self.call("between", start=start, end=end))
 
     def ids(self) -> list[list[Any]]:
         """``[messageId, eventId, times stored]`` for every messageId stored."""
@@ -467,7 +551,16 @@ class _Counts:
         self.requests, self.stored = 0, 0
         self.outcomes: Counter[str] = Counter()
         self.by_id: dict[str, list[Any]] = {}  # messageId -> [eventId, times stored]
+        self.first_store_at: float | None = None
         self.last_store_at: float | None = None
+        self.timeline: list[tuple[float, int]] = []  # (when, events stored so far), one per batch
+
+    def between(self, start: float, end: float) -> float:
+        times = [
+            next(when for when, stored in self.timeline if stored >= share * self.stored)
+            for share in (start, end)
+        ]
+        return times[1] - times[0]
 
     def stats(self) -> dict[str, Any]:
         distinct = len(self.by_id)
@@ -477,6 +570,7 @@ class _Counts:
             "stored": self.stored,
             "distinct": distinct,
             "duplicates": self.stored - distinct,
+            "first_store_at": self.first_store_at,
             "last_store_at": self.last_store_at,
             "outages": self.outages,
             "now": time.monotonic(),
@@ -514,6 +608,8 @@ class _CountingPlane(FakeDataPlane):
                 entry = counts.by_id.setdefault(event["messageId"], [event["properties"].get("eventId"), 0])
                 entry[1] += 1
             counts.last_store_at = time.monotonic()
+            counts.first_store_at = counts.first_store_at or counts.last_store_at
+            counts.timeline.append((counts.last_store_at, counts.stored))
             counts.cond.notify_all()
 
 
@@ -538,7 +634,7 @@ def _serve_data_plane(config: dict[str, Any]) -> None:
     print(json.dumps({"url": plane.url}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
-        op, reply = command["op"], None
+        op, reply = command["op"], None  # type: tuple[str, Any]
         if op == "outage" and not counts.down:
             with counts.cond:
                 counts.down = True
@@ -551,6 +647,8 @@ def _serve_data_plane(config: dict[str, Any]) -> None:
                 counts.cond.wait_for(lambda: len(counts.by_id) >= distinct, command["timeout"])  # noqa: B023
             if op == "reset":
                 counts.reset()
+            if op == "between":
+                reply = counts.between(command["start"], command["end"])
             if op == "ids":
                 reply = [[message_id, *entry] for message_id, entry in counts.by_id.items()]
             print(json.dumps(counts.stats() if reply is None else reply), flush=True)
@@ -611,7 +709,10 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 
 
 class Others:
-    """Cores that processes other than ``pids`` and our waited-for children (wrk) used meanwhile."""
+    """Cores that processes other than ``pids`` and our waited-for children (wrk) used meanwhile.
+
+    Processes that join during the window (a pool's new database connections) are added to ``pids``.
+    """
 
     def __init__(self, pids: Sequence[int]) -> None:
         self.pids = list(pids)

@@ -3,6 +3,7 @@
     python benchmarks/webhook.py                  # peer + paced, 3 rounds: about 8 minutes
     python benchmarks/webhook.py --quick          # a smoke run: about a minute
     python benchmarks/webhook.py --scenario down --scenario floor
+    python benchmarks/webhook.py --scenario postgres --scenario worker
     python benchmarks/webhook.py --outbox-url postgresql://127.0.0.1/test   # another outbox, same runs
 
 Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
@@ -15,11 +16,19 @@ Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
   each request, so latency is mostly the request's own, not the queue's.
 - ``down``: the extension with the data plane up, and down (a closed port): the outbox grows.
 - ``floor``: bare Flask, bare Flask + one SQLite commit per request, the extension.
+- ``postgres``: bare Flask, the extension on SQLite, and on PostgreSQL (``--postgres-url``), with
+  its senders in the web workers and with one ``flask cio-rudder worker`` process, at full load.
+- ``worker``: bare Flask, the SDK route, the extension's default set-up (a sender in each web
+  worker) and the other one: web workers only writing (``CIO_RUDDER_OUTBOX_SENDER = False``),
+  one ``flask cio-rudder worker`` process sending, at full load.
 
-Each run: a fresh gunicorn (``-w 2``, sync workers) and a fresh outbox, a warm-up wrk run,
-then the measured one. Each body is sent at most once in a run (distinct ``event_id``), so
-the extension keeps every request. The SDK route and the extension's senders post to the
-same data plane, in its own process; "forwarded" is what it stored during the measured run.
+Each run: a fresh gunicorn (``-w 2``, sync workers) and a fresh outbox (a new SQLite file, or a
+new table dropped after the run), a warm-up wrk run, then the measured one. "app CPU" counts the
+gunicorn workers and the worker process, if any; "db CPU" PostgreSQL's server processes that
+serve the run's connections (``application_name=cio-rudder-bench``), kept out of "others'".
+Each body is sent at most once in a run (distinct ``event_id``), so the extension keeps every
+request. The SDK route and the extension's senders post to the same data plane, in its own
+process; "forwarded" is what it stored during the measured run.
 """
 
 from __future__ import annotations
@@ -35,10 +44,9 @@ from pathlib import Path
 
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
-from flask_cio_rudder import get_outbox
-
 BARE, SDK, EXT, DOWN, FLOOR = "bare Flask", "SDK route", "Flask-CIO-Rudder", "ext, data plane down", "floor"
-FACTORIES = {BARE: "bare_app()", SDK: "sdk_app()", EXT: "ext_app()", DOWN: "ext_app()", FLOOR: "floor_app()"}
+WORKER, PG, PG_WORKER = "ext, sender in worker", "ext, PostgreSQL", "ext, PostgreSQL, worker"
+FACTORIES = {BARE: "bare_app()", SDK: "sdk_app()", FLOOR: "floor_app()"}  # the others: ext_app()
 #: scenario -> (apps, paced, [(figure, candidate, baseline, target)])
 SCENARIOS = {
     "peer": (
@@ -56,6 +64,22 @@ SCENARIOS = {
     ),
     "down": ((EXT, DOWN), False, [("req/s", DOWN, EXT, ""), ("p99", DOWN, EXT, "")]),
     "floor": ((BARE, FLOOR, EXT), False, [("req/s", FLOOR, BARE, ""), ("req/s", EXT, BARE, "")]),
+    "postgres": (
+        (BARE, EXT, PG, PG_WORKER),
+        False,
+        [
+            *[("req/s", PG, EXT, ""), ("req/s", PG, BARE, ""), ("req/s", EXT, BARE, "")],
+            *[("req/s", PG_WORKER, PG, ""), ("p99", PG, EXT, ""), ("p99", PG_WORKER, PG, "")],
+        ],
+    ),
+    "worker": (
+        (BARE, SDK, EXT, WORKER),
+        False,
+        [
+            *[("req/s", WORKER, SDK, ">= 1.0"), ("req/s", EXT, SDK, ">= 1.0"), ("req/s", WORKER, EXT, "")],
+            *[("req/s", WORKER, BARE, "0.75 wanted"), ("p99", WORKER, EXT, ""), ("p99", WORKER, SDK, "")],
+        ],
+    ),
 }
 
 
@@ -64,7 +88,8 @@ class Run:
     rps: float
     p50: float  # ms
     p99: float  # ms
-    cpu_us: float  # the gunicorn workers' CPU per request answered
+    cpu_us: float  # the gunicorn workers' (and the worker process's) CPU per request answered
+    db_us: float | None  # PostgreSQL's server processes' CPU per request answered (None: SQLite)
     others: float  # cores other processes used meanwhile
     forwarded: int  # events the data plane stored during the measured run
     pending: int | None  # in the outbox after gunicorn stopped (the extension only)
@@ -79,51 +104,49 @@ class Bench:
         closed = stack.enter_context(socket.socket())
         closed.bind(("127.0.0.1", 0))  # bound, not listening: connections are refused
         self.closed_url = f"http://127.0.0.1:{closed.getsockname()[1]}"
-        self.bodies = self.warm_bodies = workdir / "bodies.txt"
-        if args.outbox_url:
-            h.outbox_env(args.outbox_url, workdir / "unused")  # exits now if the library cannot use it
-        else:  # a fresh outbox each run: the same bodies serve every run
-            self.bodies, self.warm_bodies = self.new_bodies()
-
-    def new_bodies(self) -> tuple[Path, Path]:
-        """Enough fresh signed bodies for a run at ``--max-rate`` req/s, and for its warm-up."""
-        measured, warm = self.workdir / f"bodies-{self.runs}.txt", self.workdir / f"warm-{self.runs}.txt"
-        h.write_signed_bodies(measured, self.args.max_rate * self.args.duration)
-        h.write_signed_bodies(warm, self.args.max_rate * self.args.warmup)
-        return measured, warm
+        # A fresh outbox each run (a new SQLite file or table): the same bodies serve every run.
+        self.bodies, self.warm_bodies = workdir / "bodies.txt", workdir / "warm.txt"
+        h.write_signed_bodies(self.bodies, args.max_rate * args.duration)
+        h.write_signed_bodies(self.warm_bodies, args.max_rate * args.warmup)
 
     def measure(self, label: str, round_: int, paced: bool) -> Run:
         args, self.runs = self.args, self.runs + 1
         env = {"CIO_RUDDER_DATA_PLANE_URL": self.closed_url if label == DOWN else self.plane.url}
         outbox: dict[str, str] = {}
-        if label in (EXT, DOWN):
-            url = args.outbox_url and args.outbox_url.replace("{run}", str(self.runs))
-            outbox = h.outbox_env(url, self.workdir / f"outbox-{self.runs}.sqlite3")
+        if label not in FACTORIES:
+            url = args.postgres_url if label in (PG, PG_WORKER) else args.outbox_url
+            outbox = h.outbox_env(url, self.workdir, str(self.runs))
             env |= {**outbox, "CIO_RUDDER_SHUTDOWN_TIMEOUT": "2"}
+        if label in (WORKER, PG_WORKER):  # web workers only write; one process sends
+            env["CIO_RUDDER_OUTBOX_SENDER"] = "false"
         if label == FLOOR:
             env["FLOOR_PATH"] = str(self.workdir / f"floor-{self.runs}.sqlite3")
-        if args.outbox_url:  # a shared outbox: fresh event ids every run
-            self.bodies, self.warm_bodies = self.new_bodies()
         h.wait_until_quiet(args.quiet_wait)
-        server = h.Gunicorn(f"harness:{FACTORIES[label]}", env, self.workdir / f"gunicorn-{self.runs}.log")
+        log = self.workdir / f"gunicorn-{self.runs}.log"
+        server = h.Gunicorn(f"harness:{FACTORIES.get(label, 'ext_app()')}", env, log)
+        sender = h.start_worker(env, log.with_suffix(".worker.log")) if label in (WORKER, PG_WORKER) else None
         try:
             h.wrk(server.url, self.warm_bodies, args.warmup, args.connections)
-            workers = server.worker_pids()
+            workers = server.worker_pids() + ([sender.pid] if sender else [])
             assert server.process is not None
-            cpu, others = (
-                h.cpu_seconds(workers),
-                h.Others([*workers, server.process.pid, self.plane.process.pid]),
-            )
+            db = h.CpuMeter(lambda: h.db_pids(outbox) if outbox else [])  # PostgreSQL's server processes
+            cpu = h.cpu_seconds(workers)
+            others = h.Others([*workers, server.process.pid, self.plane.process.pid, *db.start])
             self.plane.reset()
             pace = args.pace_ms if paced else 0
             n = h.wrk(server.url, self.bodies, args.duration, args.connections, pace_ms=pace)
+            db_cpu, db_pids = db.used()
+            others.pids += [pid for pid in db_pids if pid not in db.start]
             cpu, cores, forwarded = h.cpu_seconds(workers) - cpu, others.cores(), self.plane.stats()["stored"]
         finally:
             server.stop()
+            if sender is not None:
+                h.stop_process(sender)
         pending = None
         if outbox:
-            with h.app_here(outbox) as app:
-                pending = get_outbox(app).status().pending
+            with h.open_store(outbox) as store:
+                pending = store.status().pending
+            h.drop_outbox(outbox)
         trouble = (f"{n['errors']:.0f} errors " if n["errors"] else "") + (
             "bodies reused: raise --max-rate" if n["bodies_wrapped"] else ""
         )
@@ -132,13 +155,14 @@ class Bench:
             n["p50_us"] / 1e3,
             n["p99_us"] / 1e3,
             cpu / n["requests"] * 1e6,
+            db_cpu / n["requests"] * 1e6 if outbox and not h.sqlite_file(outbox) else None,
             cores,
             forwarded,
             pending,
             trouble,
         )
         print(
-            f"  {round_} {label:<21} {run.rps:7,.0f} req/s  p50 {run.p50:6.2f} ms  p99 {run.p99:6.2f} ms"
+            f"  {round_} {label:<23} {run.rps:7,.0f} req/s  p50 {run.p50:6.2f} ms  p99 {run.p99:6.2f} ms"
             f"  cpu {run.cpu_us:4.0f} us/req  forwarded {forwarded:7,}  others {cores:.2f} cores  {trouble}",
             flush=True,
         )
@@ -157,7 +181,8 @@ def report(name: str, runs: dict[str, list[Run]], comparisons: list[tuple[str, s
             "p50 ms",
             "p99 ms",
             "each round",
-            "worker CPU µs/req",
+            "app CPU µs/req",
+            "db CPU µs/req",
             "forwarded",
             "pending after",
             "others' cores",
@@ -171,6 +196,7 @@ def report(name: str, runs: dict[str, list[Run]], comparisons: list[tuple[str, s
                 f"{h.median([r.p99 for r in rs]):.2f}",
                 each([r.p99 for r in rs], ".1f"),
                 f"{h.median([r.cpu_us for r in rs]):.0f}",
+                "-" if rs[0].db_us is None else f"{h.median([r.db_us or 0 for r in rs]):.0f}",
                 f"{h.median([r.forwarded for r in rs]):,.0f}",
                 "-" if rs[0].pending is None else f"{h.median([r.pending or 0 for r in rs]):,.0f}",
                 each([r.others for r in rs], ".2f"),
@@ -210,8 +236,10 @@ def main() -> int:
     parser.add_argument(
         "--scenario", action="append", choices=list(SCENARIOS), help="default: peer and paced"
     )
-    outbox_help = "the extension's outbox (CIO_RUDDER_OUTBOX_URL), {run} replaced by the run's number"
+    outbox_help = "the extension's outbox (CIO_RUDDER_OUTBOX_URL), a fresh table each run"
     parser.add_argument("--outbox-url", help=outbox_help + "; default: a fresh SQLite file each run")
+    pg_help = "the PostgreSQL outbox of the postgres scenario (a fresh table each run)"
+    parser.add_argument("--postgres-url", default="postgresql://127.0.0.1/test", help=pg_help)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=15, help="seconds of each measured wrk run")
     parser.add_argument("--warmup", type=int, default=3, help="seconds of wrk before each measured run")
