@@ -21,6 +21,7 @@ stopped by the script that started it.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import random
@@ -42,6 +43,7 @@ from flask import Flask
 
 from flask_cio_rudder import CioRudder, get_outbox, signals
 from flask_cio_rudder.event import CioEvent
+from flask_cio_rudder.samples import email_sample
 from flask_cio_rudder.signature import sign
 from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane, encode
@@ -49,7 +51,6 @@ from flask_cio_rudder.validation import Validation
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SAMPLES = ROOT / "tests" / "samples"
 WEBHOOK_PATH = "/webhooks/customerio"
 SIGNING_KEY = "benchmark-signing-key"
 WRITE_KEY = "benchmark-write-key"
@@ -96,10 +97,10 @@ def event_id(tag: str, index: int) -> str:
 
 def bodies(count: int, tag: str) -> list[dict[str, Any]]:
     """The six sample email events round robin, each with its own event_id, among 5,000 customers."""
-    samples = [(SAMPLES / f"email_{metric}.json").read_text() for metric in METRICS]
+    samples = [email_sample(metric) for metric in METRICS]
     out = []
     for index in range(count):
-        body = json.loads(samples[index % len(samples)])
+        body = copy.deepcopy(samples[index % len(samples)])
         customer = str(index % 5000 + 1)
         body["event_id"] = event_id(tag, index)
         body["data"].update(customer_id=customer, recipient=f"user{customer}@example.com")

@@ -5,8 +5,10 @@ watch the whole flow on this machine with a fake RudderStack data plane.
 
 Settings come from the environment: ``CIO_RUDDER_SIGNING_KEY`` (Customer.io's
 webhook signing key), ``CIO_RUDDER_WRITE_KEY`` and ``CIO_RUDDER_DATA_PLANE_URL``
-(a RudderStack HTTP source), ``CIO_RUDDER_OUTBOX_URL`` (SQLite or PostgreSQL) and
-``SUPPRESSION_DATABASE`` (by default both SQLite files in the instance folder).
+(a RudderStack HTTP source), ``CIO_RUDDER_OUTBOX_URL`` (SQLite or PostgreSQL),
+``SUPPRESSION_DATABASE`` (by default both SQLite files in the instance folder),
+``DASHBOARD_PASSWORD`` (the operators' dashboard at ``/admin/cio``, user ``admin``) and
+``SECRET_KEY`` (the dashboard's sessions; a random one per process when unset).
 Events go through the default forwarder, the outbox, so Customer.io never waits on
 RudderStack and nothing accepted is lost.
 """
@@ -15,13 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from typing import Any
 
 from flask import Flask
 
 from flask_cio_rudder import CioRudder
 
-from . import suppressions
+from . import admin, suppressions
 
 __all__ = ["create_app"]
 
@@ -41,13 +44,18 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         CIO_RUDDER_WRITE_KEY=os.environ.get("CIO_RUDDER_WRITE_KEY", "demo-write-key"),
         CIO_RUDDER_DATA_PLANE_URL=os.environ.get("CIO_RUDDER_DATA_PLANE_URL", "http://127.0.0.1:8080"),
     )
-    for key in ("CIO_RUDDER_OUTBOX_URL", "SUPPRESSION_DATABASE"):
+    for key in ("CIO_RUDDER_OUTBOX_URL", "SUPPRESSION_DATABASE", "SECRET_KEY"):
         if key in os.environ:
             app.config[key] = os.environ[key]
     app.config.update(config or {})
     if app.config["CIO_RUDDER_SIGNING_KEY"] == DEMO_SIGNING_KEY:
         logger.warning("Using the demo signing key: set CIO_RUDDER_SIGNING_KEY to your Customer.io key.")
 
+    if not app.config.get("SECRET_KEY"):
+        # Fine for one process; under gunicorn with several workers set SECRET_KEY, or sessions break.
+        app.config["SECRET_KEY"] = secrets.token_hex(32)
+
     cio_rudder.init_app(app)
     suppressions.init_app(app)
+    admin.init_app(app)
     return app

@@ -8,7 +8,6 @@ Needs no network, no RudderStack account and no Customer.io account.
 
 from __future__ import annotations
 
-import json
 import secrets
 import sys
 import tempfile
@@ -23,14 +22,14 @@ from flask import Flask
 from werkzeug.serving import WSGIRequestHandler, make_server
 
 from flask_cio_rudder import signals
+from flask_cio_rudder.samples import EMAIL_METRICS, email_sample
 from flask_cio_rudder.testing import FakeDataPlane, encode, signature_headers
 
 from . import create_app
 
 __all__ = ["main"]
 
-SAMPLES = Path(__file__).resolve().parents[1] / "tests" / "samples"
-EMAIL_EVENTS = ("delivered", "opened", "clicked", "bounced", "spammed", "unsubscribed")
+EMAIL_EVENTS = EMAIL_METRICS
 SUPPRESSING = {"bounced", "spammed", "unsubscribed"}
 TIMEOUT = 5.0  # seconds; everything is on loopback, so only a bug gets near it
 
@@ -109,7 +108,7 @@ class DeliveryWatch:
 
 def sample_body(metric: str) -> bytes:
     """A sample event serialised as Customer.io sends it (compact JSON)."""
-    return encode(json.loads((SAMPLES / f"email_{metric}.json").read_text(encoding="utf-8")))
+    return encode(email_sample(metric))
 
 
 def main() -> int:

@@ -1,24 +1,37 @@
-"""``flask cio-rudder ...``: look at and act on the outbox from a shell, or run its sender."""
+"""``flask cio-rudder ...``: look at and act on the outbox from a shell, or run its sender.
+
+Commands that change or delete events (``requeue``, ``purge``) say what they will touch
+and ask first, unless ``--yes``; ``--dry-run`` only says it.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import signal
 import threading
 import time
-from dataclasses import asdict
-from typing import Any
+from collections.abc import Callable
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from typing import Any, TypeVar
 
 import click
 from flask import current_app
 from flask.cli import AppGroup
 
 from .outbox import Outbox, OutboxForwarder
-from .store import StoreError, store_from_url
+from .replay import read_bodies, replay
+from .sendtest import send_samples
+from .state import state_of
+from .store import DeadLetter, Match, StoreError, store_from_url
+from .webhook import RetryLater
 
-__all__ = ["cli", "outbox_of_current_app", "parse_age"]
+__all__ = ["cli", "format_age", "outbox_of_current_app", "parse_age", "parse_since"]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 logger = logging.getLogger("flask_cio_rudder")
 
@@ -34,6 +47,47 @@ def parse_age(text: str) -> float:
         return float(text[:-1]) * unit if unit else float(text)
     except ValueError:
         raise click.BadParameter(f"{text!r} is not an age; use a number with s, m, h or d, like 7d") from None
+
+
+def parse_since(text: str) -> float:
+    """``--since``: an age back from now (``"2h"``, ``"7d"``) or a date/time (``"2024-05-01T12:00Z"``, UTC if
+    no zone is given), as seconds since the epoch."""
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        pass
+    else:
+        return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+    try:
+        return time.time() - parse_age(text)
+    except click.BadParameter:
+        raise click.BadParameter(
+            f"{text!r} is neither an age (30m, 2h, 7d) nor a date (2024-05-01, 2024-05-01T12:00Z)"
+        ) from None
+
+
+def match_options(command: F) -> F:
+    """The dead-letter filter of ``dead-letters``, ``requeue`` and ``purge``: the command gets ``match``."""
+
+    @functools.wraps(command)
+    def with_match(
+        *args: Any, since: str | None, reason: str | None, event: str | None, email: str | None, **rest: Any
+    ) -> Any:
+        match = Match(
+            since=None if since is None else parse_since(since), reason=reason, event=event, email=email
+        )
+        return command(*args, match=match, **rest)
+
+    options = [
+        click.option("--since", help="Accepted since an age (2h, 7d) or a date (2024-05-01T12:00Z, UTC)."),
+        click.option("--reason", help="The reason contains this text (any case)."),
+        click.option("--event", help="The RudderStack event name contains this text, e.g. 'Email Bounced'."),
+        click.option("--email", help="The person's email address (any case)."),
+    ]
+    decorated: Any = with_match
+    for option in reversed(options):
+        decorated = option(decorated)
+    return decorated  # type: ignore[no-any-return]
 
 
 def outbox_of_current_app(*, keep_sender: bool = False) -> Outbox:
@@ -52,7 +106,8 @@ def outbox_of_current_app(*, keep_sender: bool = False) -> Outbox:
     return forwarder.outbox
 
 
-def _age(seconds: float | None) -> str:
+def format_age(seconds: float | None) -> str:
+    """Seconds as people read an age: ``45s``, ``12.5m``, ``3.0h``, ``2.1d``; ``-`` for none."""
     if seconds is None:
         return "-"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
@@ -70,23 +125,44 @@ def _store_call(action: Any, *args: Any) -> Any:
 
 
 @cli.command("status")
-def status() -> None:
-    """Pending, delivered and dead events, the oldest pending age and the last error."""
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for scripts.")
+def status(as_json: bool) -> None:
+    """Pending, delivered and dead events, the oldest pending age, the last error, paused or not."""
     outbox = outbox_of_current_app()
     current = _store_call(outbox.status)
+    if as_json:
+        click.echo(json.dumps({"outbox": outbox.url, **asdict(current)}))
+        return
     last_error = current.last_error or "-"
     if current.last_error_at is not None:
-        last_error += f" ({_age(time.time() - current.last_error_at)} ago)"
+        last_error += f" ({format_age(time.time() - current.last_error_at)} ago)"
     click.echo(f"outbox:             {outbox.url}")
     click.echo(f"pending:            {current.pending}")
     click.echo(
         f"  held by senders:  {current.in_flight}"
         + (f" ({', '.join(current.holders)})" if current.holders else "")
     )
-    click.echo(f"oldest pending age: {_age(current.oldest_pending_age)}")
+    click.echo(f"oldest pending age: {format_age(current.oldest_pending_age)}")
     click.echo(f"delivered:          {current.delivered}")
     click.echo(f"dead letters:       {current.dead}")
     click.echo(f"last error:         {last_error}")
+    click.echo(f"sending:            {'PAUSED (flask cio-rudder resume)' if current.paused else 'on'}")
+
+
+@cli.command("pause")
+def pause() -> None:
+    """Stop sending in every process and worker (for RudderStack maintenance); events are still accepted."""
+    outbox = outbox_of_current_app()
+    _store_call(outbox.pause)
+    click.echo(f"sending is paused for {outbox.url}: events are accepted and kept; `resume` sends them")
+
+
+@cli.command("resume")
+def resume() -> None:
+    """Start sending again after `pause`."""
+    outbox = outbox_of_current_app()
+    _store_call(outbox.resume)
+    click.echo(f"sending resumed for {outbox.url}")
 
 
 @cli.command("flush")
@@ -102,37 +178,115 @@ def flush(timeout: float) -> None:
         raise SystemExit(1)
 
 
+def _describe(letter: DeadLetter) -> str:
+    """One line per dead letter: id, time, event, address, reason."""
+    when = datetime.fromtimestamp(letter.accepted_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    note = "" if letter.requeueable else "  [rejected at validation: cannot be requeued]"
+    return (
+        f"{letter.event_id}  {when}  {letter.event_name or '-'}  {letter.email or '-'}  {letter.reason}{note}"
+    )
+
+
 @cli.command("dead-letters")
+@match_options
 @click.option("--limit", default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, with the body when kept.")
-def dead_letters(limit: int, as_json: bool) -> None:
-    """List dead letters with their reasons, oldest first."""
-    for letter in _store_call(outbox_of_current_app().dead_letters, limit):
-        if as_json:
-            click.echo(json.dumps(asdict(letter)))
-        else:
-            note = "" if letter.requeueable else "  [rejected at validation: cannot be requeued]"
-            click.echo(f"{letter.event_id}  {letter.reason}{note}")
+def dead_letters(match: Match, limit: int, as_json: bool) -> None:
+    """List dead letters (those that match the filters), oldest first, with their reasons."""
+    outbox = outbox_of_current_app()
+    for letter in _store_call(lambda: outbox.dead_letters(limit, match=match)):
+        click.echo(json.dumps(asdict(letter)) if as_json else _describe(letter))
+
+
+def _one_letter(outbox: Outbox, event_id: str) -> list[DeadLetter]:
+    return outbox.dead_letters(1, match=Match(event_id=event_id))
+
+
+def _confirm(question: str, yes: bool) -> None:
+    """Ask before a destructive step unless ``--yes``; aborts (exit 1) on no, or when nobody can answer."""
+    if not yes:
+        click.confirm(question, abort=True)
 
 
 @cli.command("requeue")
 @click.argument("event_ids", nargs=-1)
 @click.option("--all", "everything", is_flag=True, help="Requeue every dead letter.")
-def requeue(event_ids: tuple[str, ...], everything: bool) -> None:
-    """Send dead letters again: those named, or all with --all."""
-    if bool(event_ids) == everything:
-        raise click.UsageError("name event ids, or pass --all")
-    count = _store_call(outbox_of_current_app().requeue, None if everything else list(event_ids))
-    click.echo(f"requeued {count} events")
+@match_options
+@click.option("--dry-run", is_flag=True, help="Say what would be requeued; change nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def requeue(event_ids: tuple[str, ...], everything: bool, match: Match, dry_run: bool, yes: bool) -> None:
+    """Send dead letters again: those named, those that match the filters, or all with --all.
+
+    Bodies rejected at validation have nothing to send and stay dead letters.
+    """
+    if sum((bool(event_ids), everything, not match.everything)) != 1:
+        raise click.UsageError("name event ids, pass --all, or filter with --since/--reason/--event/--email")
+    outbox = outbox_of_current_app()
+    ids = list(event_ids) or None
+    if ids is None:
+        sendable = replace(match, sendable=True)
+        shown = _store_call(lambda: outbox.dead_letters(100, match=sendable))
+        count = _store_call(outbox.count_dead_letters, sendable)
+        others = _store_call(outbox.count_dead_letters, match) - count
+        what = "every dead letter" if everything else "the dead letters that match"
+    else:
+        letters = [letter for event_id in ids for letter in _store_call(_one_letter, outbox, event_id)]
+        shown = [letter for letter in letters if letter.requeueable]
+        count, others = len(shown), len(letters) - len(shown)
+        what = "these dead letters"
+    if dry_run:
+        for letter in shown:
+            click.echo(_describe(letter))
+        if count > len(shown):
+            click.echo(f"... and {count - len(shown)} more")
+        click.echo(f"would requeue {count} events ({others} others are rejected bodies: nothing to send)")
+        return
+    if not count:
+        click.echo("requeued 0 events: nothing matches that can be sent")
+        return
+    _confirm(f"Requeue {count} events ({what}) to be sent to RudderStack again?", yes)
+    requeued = _store_call(lambda: outbox.requeue(ids, match=None if everything or ids else match))
+    click.echo(f"requeued {requeued} events")
 
 
 @cli.command("purge")
-@click.option("--older-than", "older_than", required=True, help="Age such as 30d, 12h or seconds.")
-def purge(older_than: str) -> None:
-    """Delete delivered events delivered longer ago than --older-than."""
-    age = parse_age(older_than)
-    count = _store_call(outbox_of_current_app().purge_delivered, age)
-    click.echo(f"purged {count} delivered events")
+@click.option(
+    "--older-than", "older_than", help="Delete delivered events delivered longer ago (30d, 12h, seconds)."
+)
+@click.option(
+    "--dead-letters", "dead", is_flag=True, help="Delete dead letters (those that match the filters)."
+)
+@match_options
+@click.option("--dry-run", is_flag=True, help="Say how many would be deleted; delete nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: bool) -> None:
+    """Delete delivered events older than --older-than, or dead letters with --dead-letters.
+
+    Deleted events are forgotten: Customer.io sending one again would be accepted again.
+    """
+    if (older_than is None) == (not dead):
+        raise click.UsageError(
+            "pass --older-than AGE (delivered events) or --dead-letters (with any filters)"
+        )
+    if not dead and not match.everything:
+        raise click.UsageError("--since/--reason/--event/--email filter dead letters: add --dead-letters")
+    outbox = outbox_of_current_app()
+    if older_than is not None:
+        age = parse_age(older_than)
+        if dry_run:
+            click.echo(f"would purge the events delivered more than {older_than} ago")
+            return
+        _confirm(f"Delete the events delivered more than {older_than} ago?", yes)
+        count = _store_call(outbox.purge_delivered, age)
+        click.echo(f"purged {count} delivered events")
+        return
+    matching = _store_call(outbox.count_dead_letters, match)
+    if dry_run or not matching:
+        click.echo(f"would purge {matching} dead letters" if dry_run else "purged 0 dead letters: none match")
+        return
+    _confirm(f"Delete {matching} dead letters for good?", yes)
+    count = _store_call(outbox.purge_dead, match)
+    click.echo(f"purged {count} dead letters")
 
 
 @cli.command("create-table")
@@ -197,3 +351,78 @@ def worker() -> None:
     logger.info("Sending the outbox %s to RudderStack (pid %d)", outbox.url, os.getpid())
     outbox.run_worker(stopping)
     logger.info("Stopped")
+
+
+@cli.command("replay")
+@click.argument("file", type=click.File("r", encoding="utf-8", errors="surrogateescape"))
+@click.option(
+    "--signals", "announce", is_flag=True, help="Send the extension's signals, as the webhook does."
+)
+def replay_command(file: Any, announce: bool) -> None:
+    """Feed Customer.io webhook bodies from FILE (one JSON object per line, or a JSON array) through the
+    webhook's validation, transform, deduplication and outbox, without signals unless --signals.
+
+    For backfills and for re-driving events from logs. Events already accepted are skipped as duplicates,
+    so running a file twice is safe.
+    """
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    forwarder = state_of(app).forwarder
+    if isinstance(forwarder, OutboxForwarder):
+        forwarder.outbox.sender.stop(flush=False)  # the app's own senders deliver what this keeps
+    try:
+        bodies = read_bodies(file.read())
+    except ValueError as error:
+        raise click.ClickException(f"{file.name} is not a JSON array: {error}") from None
+    with click.progressbar(bodies, label="replaying", show_pos=True) as progress:
+        try:
+            summary = replay(app, progress, announce=announce)
+        except RetryLater as error:
+            raise click.ClickException(f"stopped: {error.description}; replay the file again later") from None
+    rejected = sum(summary.rejected.values())
+    click.echo(
+        f"{summary.total} bodies from {file.name}: {summary.accepted} accepted, "
+        f"{summary.duplicate} duplicate, {rejected} rejected, {len(summary.malformed)} not JSON objects"
+        + ("" if announce else " (no signals sent; --signals sends them)")
+    )
+    if rejected:
+        click.echo("rejected (kept as dead letters):")
+        for reason, count in summary.rejected.most_common():
+            click.echo(f"  {count:>6}  {reason}")
+    if summary.malformed:
+        click.echo("not JSON objects (left out):")
+        for where in summary.malformed[:20]:
+            click.echo(f"  {where}")
+        if len(summary.malformed) > 20:
+            click.echo(f"  ... and {len(summary.malformed) - 20} more")
+
+
+@cli.command("send-test")
+@click.argument("url")
+@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for each answer.")
+def send_test(url: str, timeout: float) -> None:
+    """Post the six sample email events, signed with CIO_RUDDER_SIGNING_KEY, to a deployed webhook URL
+    and report each answer: the check to run after deploying, before pointing Customer.io at it.
+
+    Exit 1 unless all six are accepted.
+    """
+    keys = state_of(current_app._get_current_object()).signing_keys  # type: ignore[attr-defined]
+    click.echo(f"posting the six sample email events to {url}")
+    click.echo(
+        "  signed with CIO_RUDDER_SIGNING_KEY" + (" (the first key of the list)" if len(keys) > 1 else "")
+        if keys
+        else "  unsigned: CIO_RUDDER_SIGNING_KEY is not set"
+    )
+    click.echo(
+        "  each with a fresh event_id, so each run is new events, not duplicates: an app that forwards\n"
+        "  them sends six sample events (customers 42 to 45) to RudderStack"
+    )
+    answers = send_samples(url, keys[0] if keys else None, timeout=timeout)
+    for answer in answers:
+        code = "-" if answer.status_code is None else str(answer.status_code)
+        click.echo(f"  email_{answer.metric:<13} {code:>3}  {answer.outcome}  ({answer.event_id})")
+    accepted = sum(answer.ok for answer in answers)
+    if any(answer.status_code == 401 for answer in answers):
+        click.echo("the webhook refused the signature: is CIO_RUDDER_SIGNING_KEY the same here and there?")
+    if accepted != len(answers):
+        raise click.ClickException(f"{accepted} of {len(answers)} accepted")
+    click.echo(f"OK: {accepted} of {len(answers)} accepted")

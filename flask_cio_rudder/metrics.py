@@ -147,6 +147,11 @@ class _OutboxCollector(Collector):
             labels=["app"],
         )
         dead = GaugeMetricFamily("cio_rudder_dead_letters", "Events kept as dead letters.", labels=["app"])
+        paused = GaugeMetricFamily(
+            "cio_rudder_sending_paused",
+            "1 while an operator has paused sending (flask cio-rudder pause), else 0.",
+            labels=["app"],
+        )
         for name, app in sorted(_apps.items()):
             try:
                 status = get_outbox(app).status()
@@ -155,7 +160,8 @@ class _OutboxCollector(Collector):
             pending.add_metric([name], status.pending)
             oldest.add_metric([name], status.oldest_pending_age or 0.0)
             dead.add_metric([name], status.dead)
-        yield from (pending, oldest, dead)
+            paused.add_metric([name], 1.0 if status.paused else 0.0)
+        yield from (pending, oldest, dead, paused)
 
 
 _OUTBOX = _OutboxCollector()

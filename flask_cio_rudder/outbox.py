@@ -10,6 +10,7 @@ what operators steer (``get_outbox(app)``, ``flask cio-rudder ...``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -25,7 +26,18 @@ from .forwarders import Forwarder, ForwardError
 from .rudderstack import DataPlane, check_url, data_plane_from_config
 from .sender import Delivery, Sender
 from .spool import Spool, spool_for
-from .store import DeadLetter, OutboxStatus, OutboxStore, StoreError, redact_url, store_from_url
+from .store import (
+    Activity,
+    DeadLetter,
+    EventRecord,
+    Match,
+    OutboxStatus,
+    OutboxStore,
+    StoreError,
+    redact_url,
+    store_from_url,
+)
+from .transform import describe_body
 
 __all__ = ["DEFAULT_URL", "FlushReport", "Outbox", "OutboxForwarder"]
 
@@ -67,7 +79,9 @@ class FlushReport:
                 "which is sending them now"
             )
         waiting = status.pending - status.in_flight
-        if waiting and self.error is not None:
+        if waiting and status.paused:
+            lines.append(f"{waiting} not sent: sending is paused; `flask cio-rudder resume` starts it again")
+        elif waiting and self.error is not None:
             lines.append(f"{waiting} not sent: {self.error}; kept, and retried with backoff")
         elif waiting:
             lines.append(f"{waiting} not sent within the timeout; run flush again, or let the senders work")
@@ -132,15 +146,46 @@ class Outbox:
             status, outcome.error = None, str(error)
         return FlushReport(outcome.delivered, outcome.dead, outcome.error, status)
 
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters with their reasons, oldest first."""
-        return self.store.dead_letters(limit)
+    def pause(self) -> None:
+        """Stop sending in every process that uses this outbox; events are still accepted and kept."""
+        self.store.set_paused(True)
 
-    def requeue(self, event_ids: Sequence[str] | None = None) -> int:
-        """Send dead letters again: all of them, or those with these ids."""
-        count = self.store.requeue(event_ids)
+    def resume(self) -> None:
+        """Start sending again everywhere (senders that poll notice within their poll interval)."""
+        self.store.set_paused(False)
+        self.sender.wake()
+
+    def dead_letters(
+        self, limit: int = 100, *, match: Match | None = None, offset: int = 0, newest_first: bool = False
+    ) -> list[DeadLetter]:
+        """Dead letters with their reasons, oldest first; those that ``match``, a page at a time."""
+        return self.store.dead_letters(limit, match=match, offset=offset, newest_first=newest_first)
+
+    def count_dead_letters(self, match: Match | None = None) -> int:
+        """How many dead letters ``match`` (all by default)."""
+        return self.store.count_dead_letters(match)
+
+    def requeue(self, event_ids: Sequence[str] | None = None, *, match: Match | None = None) -> int:
+        """Send dead letters again: all of them, those with these ids, or those that ``match``."""
+        count = self.store.requeue(event_ids, match=match)
         self.sender.wake()
         return count
+
+    def purge_dead(self, match: Match | None = None) -> int:
+        """Delete the dead letters that ``match`` (all by default): they will never be sent."""
+        return self.store.purge_dead(match)
+
+    def find(self, query: str, limit: int = 50) -> list[EventRecord]:
+        """What became of an event id, or (for a query with ``@``) of an email address's events."""
+        query = query.strip()
+        self._move_spooled()  # an event accepted a moment ago is found too
+        if "@" in query:
+            return self.store.find(email=query, limit=limit)
+        return self.store.find(event_id=query, limit=limit) if query else []
+
+    def activity(self, minutes: int = 60) -> Activity:
+        """Events accepted and delivered per minute over the last ``minutes`` minutes."""
+        return self.store.activity(minutes)
 
     def purge_delivered(self, older_than: float) -> int:
         """Delete delivered events older than ``older_than`` seconds."""
@@ -220,6 +265,7 @@ class OutboxForwarder(Forwarder):
             lease=config["CIO_RUDDER_OUTBOX_LEASE"],
             max_age=config["CIO_RUDDER_OUTBOX_MAX_AGE"],
             shutdown_timeout=config["CIO_RUDDER_SHUTDOWN_TIMEOUT"],
+            max_requests_per_second=config["CIO_RUDDER_MAX_REQUESTS_PER_SECOND"],
         )
         self.spool = spool_for(store, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"], on_moved=sender.wake)
         self.outbox = Outbox(store, sender, self.spool)
@@ -246,7 +292,9 @@ class OutboxForwarder(Forwarder):
             self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store
             return
         try:
-            self.outbox.store.add(event.event_id, event.payload_json)
+            self.outbox.store.add(
+                event.event_id, event.payload_json, event_name=event.name, email=event.email
+            )
         except StoreError as error:
             raise ForwardError(f"could not write the outbox: {error}") from error
         if self.background:
@@ -256,7 +304,15 @@ class OutboxForwarder(Forwarder):
     def reject(self, body: bytes, event_id: str | None, reason: str, errors: Mapping[str, Any]) -> None:
         super().reject(body, event_id, reason, errors)
         try:
-            self.outbox.store.add_rejected(event_id, body, reason)
+            decoded = json.loads(body)
+        except (
+            ValueError,
+            RecursionError,
+        ):  # not JSON, not UTF-8 (a body the webhook refused as malformed never gets here)
+            decoded = None
+        name, email = describe_body(decoded)
+        try:
+            self.outbox.store.add_rejected(event_id, body, reason, event_name=name, email=email)
         except StoreError as error:  # the answer is 2xx whatever happens: say it was not kept
             logger.error("Could not keep a rejected Customer.io body as a dead letter: %s", error)
 

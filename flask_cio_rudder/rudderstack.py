@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gzip
 from collections.abc import Mapping, Sequence
+from datetime import timezone
+from email.utils import parsedate_to_datetime
 from typing import Any, Union
 from urllib.parse import urlsplit
 
 import requests
 
-__all__ = ["DataPlane", "Timeout", "check_url", "data_plane_from_config", "describe"]
+__all__ = ["DataPlane", "Timeout", "check_url", "data_plane_from_config", "describe", "retry_after"]
 
 Timeout = Union[float, tuple[float, float]]
 
@@ -67,3 +69,25 @@ def describe(response: requests.Response) -> str:
     """A short, secret-free account of a non-200 answer from the data plane."""
     text = response.text.strip().replace("\n", " ")[:200]
     return f"RudderStack answered {response.status_code}" + (f": {text}" if text else "")
+
+
+def retry_after(response: requests.Response, now: float) -> float | None:
+    """Seconds RudderStack asks us to wait (``Retry-After`` on a 429 or 503), or ``None``.
+
+    The header is a number of seconds or an HTTP date (compared with ``now``, seconds since
+    the epoch); a date in the past means at once, anything unreadable is ignored.
+    """
+    if response.status_code not in (429, 503):
+        return None
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": GMT all the same, as HTTP dates always are
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, when.timestamp() - now)

@@ -7,6 +7,9 @@ the bad events are alone and kept as dead letters; 401, 403 and 404 keep
 everything and log one error naming the setting to check; anything else (429,
 5xx, timeouts, refused or reset connections) gives the events back and backs off.
 A store that cannot be reached (PostgreSQL down, a locked disk) is backed off the same way.
+A ``Retry-After`` on a 429 or 503 sets the wait instead (at most ``RETRY_CAP``), and an
+optional :class:`Pacer` spaces requests (``CIO_RUDDER_MAX_REQUESTS_PER_SECOND``).
+While an operator has paused sending, nothing is claimed and the sender only polls.
 
 No request outlives the claim's lease: each one's timeout is cut to what is left of
 it, so a live sender's batch is never taken over (and sent twice at once) while it waits.
@@ -29,10 +32,10 @@ import requests
 from flask import Flask
 
 from . import signals
-from .rudderstack import DataPlane, describe
+from .rudderstack import DataPlane, describe, retry_after
 from .store import Claimed, OutboxStore, StoreError
 
-__all__ = ["Delivery", "Sender"]
+__all__ = ["Delivery", "Pacer", "Sender"]
 
 logger = logging.getLogger("flask_cio_rudder")
 
@@ -54,12 +57,42 @@ class Delivery:
     delivered: int = 0
     dead: int = 0
     error: str | None = None
+    paused: bool = False  # nothing was claimed: an operator paused sending
 
     def add(self, other: Delivery) -> None:
         self.claimed += other.claimed
         self.delivered += other.delivered
         self.dead += other.dead
         self.error = other.error or self.error
+        self.paused = other.paused
+
+
+class Pacer:
+    """Spaces this process's requests to RudderStack at least ``1 / rate`` seconds apart.
+
+    ``rate`` is ``CIO_RUDDER_MAX_REQUESTS_PER_SECOND`` (``None``: no cap). Each sending process
+    keeps its own pace, so N senders together send at most N times the rate.
+    """
+
+    def __init__(self, rate: float | None, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0):
+            raise RuntimeError(
+                f"CIO_RUDDER_MAX_REQUESTS_PER_SECOND must be a positive number or None, not {rate!r}."
+            )
+        self.interval = 0.0 if rate is None else 1.0 / rate
+        self.clock = clock
+        self._next = float("-inf")
+        self._lock = threading.Lock()
+
+    def reserve(self) -> float:
+        """Take the next slot; returns the seconds to wait before sending in it (0 when it is due)."""
+        if not self.interval:
+            return 0.0
+        with self._lock:
+            now = self.clock()
+            slot = max(now, self._next)
+            self._next = slot + self.interval
+            return slot - now
 
 
 class Sender:
@@ -85,6 +118,7 @@ class Sender:
         max_age: float = 7 * 24 * 3600,
         shutdown_timeout: float = 5.0,
         idle_wait: float | None = None,
+        max_requests_per_second: float | None = None,
     ) -> None:
         self.app = app
         self.store = store
@@ -93,6 +127,9 @@ class Sender:
         self.max_age = max_age
         self.shutdown_timeout = shutdown_timeout
         self.idle_wait = self.IDLE_WAIT if idle_wait is None else idle_wait
+        self.pacer = Pacer(max_requests_per_second)
+        #: Wall-clock time, for ``Retry-After`` dates (tests give a hand-moved one).
+        self.clock: Callable[[], float] = time.time
         self._make_data_plane = make_data_plane
         self._fresh_process_state()
         _live_senders.add(self)
@@ -107,6 +144,9 @@ class Sender:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._failures = 0
+        self._retry_after: float | None = None  # seconds RudderStack last asked us to wait
+        #: How the sender waits (between paced requests, after failures); returns early when stopping.
+        self.sleep: Callable[[float], object] = self._stopping.wait
         self._reported_configuration_error = False
         self._reported_store_error = False
         self._final_flush = True
@@ -173,7 +213,10 @@ class Sender:
                 self._failures += 1
                 outcome = Delivery(error="sender error")
             if outcome.error is not None:
-                self._stopping.wait(self._retry_delay())
+                self.sleep(self.retry_delay())
+            elif outcome.paused:
+                self._wake.wait(self.idle_wait)  # resuming wakes senders that listen; the others poll
+                self._wake.clear()
             elif outcome.claimed < self.batch_size:
                 if self._wake.wait(self.idle_wait):
                     self._stopping.wait(self.LINGER)
@@ -184,7 +227,13 @@ class Sender:
         except StoreError as error:
             logger.warning("Could not send the outbox's last events at shutdown: %s", error)
 
-    def _retry_delay(self) -> float:
+    def retry_delay(self) -> float:
+        """Seconds to wait after a failed attempt: what RudderStack asked for, else jittered backoff.
+
+        Both are capped at ``RETRY_CAP``.
+        """
+        if self._retry_after is not None:
+            return min(self.RETRY_CAP, self._retry_after)
         ceiling = min(self.RETRY_CAP, self.RETRY_BASE * 2 ** min(max(self._failures, 1) - 1, 30))
         return random.uniform(ceiling / 2, ceiling)
 
@@ -211,13 +260,14 @@ class Sender:
         """Claim one batch and deliver it; says how many were claimed, delivered, dead, and the error."""
         claim = self.store.claim(self.batch_size, self.lease, self.max_age)
         if not claim.events:
-            return Delivery()
+            return Delivery(paused=claim.paused)
         # No request may outlast the lease: after it, another sender may take the batch.
         lease_left = max(0.1, self.lease - _LEASE_MARGIN)
         outcome = Delivery(claimed=len(claim.events))
         self._deliver(claim.owner, claim.events, min(lease_left, timeout or lease_left), outcome)
         if outcome.error is None:
             self._failures = 0
+            self._retry_after = None
             self._reported_configuration_error = False
             self._reported_store_error = False
         else:
@@ -229,12 +279,16 @@ class Sender:
     def _deliver(self, owner: str, events: Sequence[Claimed], timeout: float, outcome: Delivery) -> None:
         """Post ``events``; each ends delivered, dead, or released with ``outcome.error`` set."""
         ids = [event.event_id for event in events]
+        wait = self.pacer.reserve()
+        if wait > 0:
+            self.sleep(wait)
         started = time.perf_counter()
         try:
             response = self.data_plane.post_batch(
                 [event.payload_json for event in events], timeout=_cut(self.data_plane.timeout, timeout)
             )
         except requests.RequestException as error:
+            self._retry_after = None
             reason = f"could not reach RudderStack ({type(error).__name__})"
             self._retry_later(owner, events, reason, outcome, time.perf_counter() - started)
             return
@@ -263,6 +317,9 @@ class Sender:
             self._signal(signals.forward_failed, events, reason=reason, retry=False, duration=duration)
             return
         reason = describe(response)
+        self._retry_after = retry_after(response, self.clock())
+        if self._retry_after is not None:
+            reason = f"{reason}; it asked to wait {self._retry_after:.0f} s (Retry-After)"
         if status in _CONFIGURATION_ERRORS:
             reason = f"{reason}; {_CONFIGURATION_ERRORS[status]}"
             if not self._reported_configuration_error:

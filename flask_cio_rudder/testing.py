@@ -74,7 +74,8 @@ class FakeDataPlane:
     RudderStack's gateway does (HTTP Basic write key, gzip bodies, 400 for a batch
     holding an event without ``userId`` or ``anonymousId``, 413 above 4,000 KB) and
     records every stored event. It can be told to misbehave for the next requests:
-    ``fail_next(500, times=3)``, ``hang_next(seconds)``, ``reset_next()``.
+    ``fail_next(500, times=3)``, ``fail_next(429, retry_after="30")``, ``hang_next(seconds)``,
+    ``reset_next()``.
 
     >>> with FakeDataPlane() as plane:
     ...     app.config["CIO_RUDDER_DATA_PLANE_URL"] = plane.url
@@ -87,7 +88,7 @@ class FakeDataPlane:
         self.write_key = write_key
         self.batches: list[list[dict[str, Any]]] = []
         self.requests = 0
-        self._plan: deque[tuple[str, float]] = deque()
+        self._plan: deque[tuple[str, float, str | None]] = deque()
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._server = _QuietServer(("127.0.0.1", port), _handler_for(self))
@@ -106,20 +107,23 @@ class FakeDataPlane:
         with self._lock:
             return [event for batch in self.batches for event in batch]
 
-    def fail_next(self, status: int, times: int = 1) -> None:
-        """Answer the next ``times`` requests with ``status`` (and store nothing)."""
+    def fail_next(self, status: int, times: int = 1, retry_after: str | None = None) -> None:
+        """Answer the next ``times`` requests with ``status`` (and store nothing).
+
+        ``retry_after`` is sent as the ``Retry-After`` header: seconds (``"30"``) or an HTTP date.
+        """
         with self._lock:
-            self._plan.extend([("status", float(status))] * times)
+            self._plan.extend([("status", float(status), retry_after)] * times)
 
     def hang_next(self, seconds: float, times: int = 1) -> None:
         """Wait ``seconds`` before answering the next ``times`` requests (past a client's timeout)."""
         with self._lock:
-            self._plan.extend([("hang", seconds)] * times)
+            self._plan.extend([("hang", seconds, None)] * times)
 
     def reset_next(self, times: int = 1) -> None:
         """Close the connection without an answer for the next ``times`` requests."""
         with self._lock:
-            self._plan.extend([("reset", 0.0)] * times)
+            self._plan.extend([("reset", 0.0, None)] * times)
 
     def start(self) -> FakeDataPlane:
         self._thread.start()
@@ -137,7 +141,7 @@ class FakeDataPlane:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    def _next_misbehaviour(self) -> tuple[str, float] | None:
+    def _next_misbehaviour(self) -> tuple[str, float, str | None] | None:
         with self._lock:
             self.requests += 1
             return self._plan.popleft() if self._plan else None
@@ -171,7 +175,7 @@ def _handler_for(plane: FakeDataPlane) -> type[BaseHTTPRequestHandler]:
             raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
             misbehaviour = plane._next_misbehaviour()
             if misbehaviour is not None:
-                kind, value = misbehaviour
+                kind, value, retry_after = misbehaviour
                 if kind == "reset":
                     self.connection.shutdown(socket.SHUT_RDWR)
                     self.close_connection = True
@@ -179,7 +183,7 @@ def _handler_for(plane: FakeDataPlane) -> type[BaseHTTPRequestHandler]:
                 if kind == "hang":
                     plane._stopping.wait(value)
                 else:
-                    return self._answer(int(value), "simulated failure")
+                    return self._answer(int(value), "simulated failure", retry_after)
             status, text = self._check(raw)
             self._answer(status, text)
 
@@ -206,9 +210,11 @@ def _handler_for(plane: FakeDataPlane) -> type[BaseHTTPRequestHandler]:
             plane._store(batch)
             return 200, "OK"
 
-        def _answer(self, status: int, text: str) -> None:
+        def _answer(self, status: int, text: str, retry_after: str | None = None) -> None:
             body = text.encode()
             self.send_response(status)
+            if retry_after is not None:
+                self.send_header("Retry-After", retry_after)
             self.send_header("Content-Type", "text/plain; charset=utf-8")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -105,6 +105,17 @@ def event_name(object_type: object, metric: object) -> str:
     return _EVENT_NAMES.get(object_type.lower(), {}).get(metric, UNKNOWN_EVENT)
 
 
+def describe_body(body: object) -> tuple[str | None, str | None]:
+    """The RudderStack event name and the email address of a decoded body, even one that was rejected.
+
+    For operators' searches: ``(None, None)`` for anything but an object, an email only when it is text.
+    """
+    if not isinstance(body, dict):
+        return None, None
+    email = EMAIL.get_value(body, "email")
+    return event_name(body.get("object_type"), body.get("metric")), email if isinstance(email, str) else None
+
+
 def message_id(event_id: str) -> str:
     """The deterministic RudderStack ``messageId`` of an event: ``str(uuid5(namespace, event_id))``.
 

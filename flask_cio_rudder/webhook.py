@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
@@ -34,9 +35,11 @@ __all__ = [
     "BodyTooLarge",
     "InvalidSignature",
     "MalformedBody",
+    "Outcome",
     "RetryLater",
     "WebhookError",
     "create_blueprint",
+    "process",
 ]
 
 logger = logging.getLogger("flask_cio_rudder")
@@ -116,24 +119,51 @@ def receive() -> Response:
             signals.webhook_answered.send(app, outcome=outcome, duration=time.perf_counter() - started)
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one authentic JSON body: ``accepted``, ``duplicate`` or ``rejected`` (and why)."""
+
+    status: str
+    event_id: str | None
+    reason: str | None = None
+    errors: Mapping[str, Any] = field(default_factory=dict)
+
+
 def handle(app: Flask, state: State) -> tuple[Response, str]:
     """The response to the current request and its outcome; raises :class:`WebhookError` for non-2xx."""
     body = read_body(state.max_body_bytes)
     if state.verify_signature:
         check_signature(body, state.signing_keys, state.max_timestamp_age)
-    decoded = parse_json(body)
+    outcome = process(app, state, body, parse_json(body))
+    if outcome.status == "rejected":
+        answer = jsonify(
+            status="rejected", event_id=outcome.event_id, reason=outcome.reason, errors=outcome.errors
+        )
+        return answer, "rejected"
+    return _answer(outcome.status, outcome.event_id or ""), outcome.status
+
+
+def process(
+    app: Flask, state: State, body: bytes, decoded: dict[str, Any], *, announce: bool = True
+) -> Outcome:
+    """Validate, deduplicate, signal and keep one decoded body: the webhook's stages after parsing.
+
+    ``flask cio-rudder replay`` runs bodies from a file through here too, with ``announce=False``
+    unless asked for signals. Raises :class:`RetryLater` when the outbox cannot be written.
+    """
     try:
         event = state.validation(decoded)
     except InvalidEvent as error:
-        return reject(app, state.forwarder, body, decoded, error), "rejected"
+        return reject(app, state.forwarder, body, decoded, error, announce=announce)
     try:
         if state.forwarder.is_duplicate(event.event_id):
-            return _answer("duplicate", event.event_id), "duplicate"
-        send_signals(app, event)
+            return Outcome("duplicate", event.event_id)
+        if announce:
+            send_signals(app, event)
         state.forwarder.accept(event)
     except ForwardError as error:
         raise RetryLater(f"the event was not kept ({error.reason}); send it again later") from None
-    return _answer("accepted", event.event_id), "accepted"
+    return Outcome("accepted", event.event_id)
 
 
 def read_body(limit: int) -> bytes:
@@ -213,9 +243,15 @@ def send_signals(app: Flask, event: CioEvent) -> None:
 
 
 def reject(
-    app: Flask, forwarder: Forwarder, raw: bytes, body: dict[str, Any], error: InvalidEvent
-) -> Response:
-    """Answer 2xx for an authentic body that cannot be accepted, and keep it as a dead letter.
+    app: Flask,
+    forwarder: Forwarder,
+    raw: bytes,
+    body: dict[str, Any],
+    error: InvalidEvent,
+    *,
+    announce: bool = True,
+) -> Outcome:
+    """Keep an authentic body that cannot be accepted as a dead letter (the answer is still 2xx).
 
     A non-2xx answer would make Customer.io hold back every later event for days.
     """
@@ -226,8 +262,9 @@ def reject(
         forwarder.reject(raw, event_id, error.reason, error.errors)
     except ForwardError as failure:
         raise RetryLater(f"the rejected event was not kept ({failure.reason}); send it again later") from None
-    signals.event_rejected.send(app, reason=error.reason, errors=error.errors, body=body)
-    return jsonify(status="rejected", event_id=event_id, reason=error.reason, errors=error.errors)
+    if announce:
+        signals.event_rejected.send(app, reason=error.reason, errors=error.errors, body=body)
+    return Outcome("rejected", event_id, error.reason, error.errors)
 
 
 def _answer(status: str, event_id: str) -> Response:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable
@@ -13,12 +12,12 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import CioRudder
+from flask_cio_rudder.samples import EMAIL_METRICS, email_sample
 from flask_cio_rudder.testing import FakeDataPlane, encode, signature_headers
 
 SIGNING_KEY = "test-signing-key"
 WEBHOOK = "/webhooks/customerio"
-SAMPLES = Path(__file__).parent / "samples"
-EMAIL_EVENTS = ["delivered", "opened", "clicked", "bounced", "spammed", "unsubscribed"]
+EMAIL_EVENTS = list(EMAIL_METRICS)
 CONFORMANCE = (
     Path(__file__).parent / "data" / "upstream_cases.json"
 )  # RudderStack's own cases; see data/README.md
@@ -26,8 +25,7 @@ CONFORMANCE = (
 
 def sample(metric: str) -> dict[str, Any]:
     """A fresh copy of the sample body of one of the six email events."""
-    body: dict[str, Any] = json.loads((SAMPLES / f"email_{metric}.json").read_text())
-    return body
+    return email_sample(metric)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""Helpers shared by the test modules: waiting, ports, a hand-moved clock, signal recorders."""
+"""Helpers shared by the test modules: waiting, ports, a hand-moved clock, signal recorders, dead letters."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from collections.abc import Iterator
@@ -11,6 +12,9 @@ from typing import Any, Callable
 import pytest
 from blinker import Signal
 from flask import Flask
+
+from flask_cio_rudder import get_outbox, transform
+from flask_cio_rudder.testing import FakeDataPlane
 
 POLL = 0.02  # seconds between two looks at a condition
 
@@ -63,3 +67,12 @@ def record_signals(app: Flask, *signals: Signal) -> Iterator[list[tuple[str, dic
         for signal in signals:
             stack.enter_context(signal.connected_to(recorder(signal.name), sender=app))
         yield calls
+
+
+def refuse(app: Flask, data_plane: FakeDataPlane, *bodies: dict[str, Any]) -> None:
+    """Accept ``bodies`` into ``app``'s outbox, then have RudderStack refuse each: dead letters to requeue."""
+    for body in bodies:
+        get_outbox(app).store.add(body["event_id"], json.dumps(transform(body)))
+    data_plane.fail_next(400, times=2 * len(bodies) - 1)  # the batch is bisected down to single events
+    get_outbox(app).flush()
+    assert get_outbox(app).count_dead_letters() == len(bodies)

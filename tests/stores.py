@@ -26,17 +26,18 @@ def postgres_url() -> str:
     try:
         import psycopg
     except ImportError:
-        _unavailable('psycopg is not installed: pip install -e ".[postgres,test]"')
+        unavailable('psycopg is not installed: pip install -e ".[postgres,test]"')
     try:
         psycopg.connect(POSTGRES_URL, connect_timeout=3).close()
     except psycopg.Error as error:
-        _unavailable(f"PostgreSQL at {POSTGRES_URL} is not reachable: {str(error).strip()}")
+        unavailable(f"PostgreSQL at {POSTGRES_URL} is not reachable: {str(error).strip()}")
     return POSTGRES_URL
 
 
-def _unavailable(reason: str) -> Any:
+def unavailable(reason: str, what: str = "PostgreSQL") -> Any:
+    """Skip the test saying why, or fail it in CI (``CIO_RUDDER_REQUIRE_SERVICES=1``)."""
     if REQUIRED:
-        pytest.fail(f"{reason} (CIO_RUDDER_REQUIRE_SERVICES=1 makes PostgreSQL required)")
+        pytest.fail(f"{reason} (CIO_RUDDER_REQUIRE_SERVICES=1 makes {what} required)")
     pytest.skip(reason)
 
 

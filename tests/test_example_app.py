@@ -38,23 +38,25 @@ def database(tmp_path: Path) -> Path:
     return tmp_path / "suppressions.sqlite3"
 
 
+def settings(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> dict[str, Any]:
+    """The example app's settings for a test: the outbox in ``tmp_path``, a fake data plane, no sender."""
+    return {
+        "CIO_RUDDER_SIGNING_KEY": KEY,
+        "CIO_RUDDER_WRITE_KEY": data_plane.write_key,
+        "CIO_RUDDER_DATA_PLANE_URL": data_plane.url,
+        "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        "CIO_RUDDER_OUTBOX_SENDER": False,
+        "SUPPRESSION_DATABASE": str(database),
+    }
+
+
 @pytest.fixture
 def example(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> Iterator[Flask]:
     """The example app as configured for real (the outbox), pointed at a fake data plane on loopback.
 
     The outbox's background sender is off: tests send with ``flush()`` to see what went out.
     """
-    example = create_app(
-        {
-            "TESTING": True,
-            "CIO_RUDDER_SIGNING_KEY": KEY,
-            "CIO_RUDDER_WRITE_KEY": data_plane.write_key,
-            "CIO_RUDDER_DATA_PLANE_URL": data_plane.url,
-            "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
-            "CIO_RUDDER_OUTBOX_SENDER": False,
-            "SUPPRESSION_DATABASE": str(database),
-        }
-    )
+    example = create_app({"TESTING": True, **settings(database, tmp_path, data_plane)})
     yield example
     example.extensions["cio_rudder"].forwarder.close()
 
@@ -289,3 +291,30 @@ def test_the_demo_runs_end_to_end(
     for metric, email in SUPPRESSED.items():
         assert any(line.split()[:2] == [email, metric] for line in output.splitlines())
     assert "FAILED" not in output
+
+
+def test_the_dashboard_is_mounted_behind_http_basic_auth(
+    database: Path, tmp_path: Path, data_plane: FakeDataPlane
+) -> None:
+    import base64
+
+    from example_app.admin import PREFIX, USER
+
+    def basic(user: str, password: str) -> dict[str, str]:
+        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+    closed = create_app({**settings(database, tmp_path, data_plane), "DASHBOARD_PASSWORD": None})
+    opened = create_app({**settings(database, tmp_path, data_plane), "DASHBOARD_PASSWORD": "demo-password"})
+    try:
+        assert closed.test_client().get(f"{PREFIX}/", headers=basic(USER, "")).status_code == 503
+        client = opened.test_client()
+        assert client.get(f"{PREFIX}/").status_code == 401
+        assert client.get(f"{PREFIX}/").headers["WWW-Authenticate"].startswith("Basic")
+        assert client.get(f"{PREFIX}/dead-letters", headers=basic(USER, "wrong")).status_code == 401
+        assert client.post(f"{PREFIX}/pause", headers=basic("root", "demo-password")).status_code == 401
+        assert client.get(f"{PREFIX}/", headers=basic(USER, "demo-password")).status_code == 200
+        assert post(client, sample("opened")).json["status"] == "accepted"  # the webhook needs no password
+        assert client.get("/suppressions").status_code == 200
+    finally:
+        for app in (closed, opened):
+            app.extensions["cio_rudder"].forwarder.close()

@@ -135,13 +135,23 @@ def test_the_outbox_state_is_read_when_scraped(metered: Flask, post: Post) -> No
     for metric in ["opened", "clicked"]:
         post(metered.test_client(), sample(metric))
     post(metered.test_client(), {"event_id": "01NOBODY", "data": {}})
-    with metered.app_context():
-        text = metrics_response().get_data(as_text=True)
-    lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
+
+    def scrape() -> dict[str, float]:
+        with metered.app_context():
+            text = metrics_response().get_data(as_text=True)
+        return {
+            name: float(number)
+            for name, number in (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")
+        }
+
     label = f'{{app="{metered.name}"}}'
-    assert float(lines[f"cio_rudder_pending_events{label}"]) == 2
-    assert float(lines[f"cio_rudder_dead_letters{label}"]) == 1
-    assert float(lines[f"cio_rudder_oldest_pending_age_seconds{label}"]) >= 0
+    lines = scrape()
+    assert lines[f"cio_rudder_pending_events{label}"] == 2
+    assert lines[f"cio_rudder_dead_letters{label}"] == 1
+    assert lines[f"cio_rudder_oldest_pending_age_seconds{label}"] >= 0
+    assert lines[f"cio_rudder_sending_paused{label}"] == 0
+    get_outbox(metered).pause()
+    assert scrape()[f"cio_rudder_sending_paused{label}"] == 1
 
 
 def test_metrics_without_prometheus_client_fail_fast_naming_the_extra(

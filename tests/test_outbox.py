@@ -21,12 +21,13 @@ from flask import Flask
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import ForwardError, Outbox, get_outbox, signals, transform
+from flask_cio_rudder.sender import Sender
 from flask_cio_rudder.spool import decode_records
 from flask_cio_rudder.store import Pending, StoreUnavailable, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, sample
-from .helpers import free_port, record_signals, wait_until
+from .helpers import Clock, free_port, record_signals, refuse, wait_until
 from .stores import Backend, backend_fixture, postgres_fixture  # noqa: F401  (fixtures)
 
 Post = Callable[..., TestResponse]
@@ -123,7 +124,7 @@ def test_a_rejected_body_is_kept_as_a_dead_letter(outbox_app: Flask, post: Post)
 def test_an_outbox_that_cannot_be_written_answers_503_and_a_rejection_still_answers(
     outbox_app: Flask, post: Post, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken(*args: Any) -> Any:
+    def broken(*args: Any, **options: Any) -> Any:
         raise StoreUnavailable("the SQLite outbox x cannot be used: disk I/O error")
 
     def disk_full(*args: Any) -> Any:
@@ -191,6 +192,80 @@ def test_transient_failures_keep_the_events_and_retry(
     assert outcomes[0][1]["retry"] is True
     get_outbox(outbox_app).flush()
     assert len(data_plane.events) == 5
+
+
+@pytest.mark.parametrize("status", [429, 503])
+@pytest.mark.parametrize(
+    ("header", "wait"),
+    [("30", 30.0), ("86400", Sender.RETRY_CAP), ("Tue, 14 Nov 2023 22:15:20 GMT", 120.0), ("soon", None)],
+)
+def test_retry_after_sets_the_wait_before_the_next_attempt_capped_by_the_backoff_cap(
+    outbox_app: Flask, data_plane: FakeDataPlane, status: int, header: str, wait: float | None
+) -> None:
+    sender = get_outbox(outbox_app).sender
+    sender.clock = Clock(1_700_000_000.0)  # 2023-11-14 22:13:20 GMT: the date above is 120 s later
+    accept(outbox_app, 2)
+    data_plane.fail_next(status, retry_after=header)
+    report = get_outbox(outbox_app).flush()
+    assert report.delivered == 0 and get_outbox(outbox_app).status().pending == 2
+    if wait is None:  # unreadable: the usual jittered backoff
+        assert "Retry-After" not in (report.error or "")
+        assert Sender.RETRY_BASE / 2 <= sender.retry_delay() <= Sender.RETRY_BASE
+    else:
+        assert "s (Retry-After)" in (report.error or "")
+        assert sender.retry_delay() == wait
+    assert get_outbox(outbox_app).flush().delivered == 2
+    assert sender.retry_delay() <= Sender.RETRY_BASE  # a success forgets what was asked
+
+
+def test_a_request_rate_cap_spaces_the_requests(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane
+) -> None:
+    app = make_app(**outbox_config, CIO_RUDDER_MAX_REQUESTS_PER_SECOND=2, CIO_RUDDER_OUTBOX_BATCH_SIZE=1)
+    sender = get_outbox(app).sender
+    clock = Clock(0.0)
+    sender.pacer.clock = clock
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the hand-moved clock stands in for waiting
+        waits.append(seconds)
+        clock.now += seconds
+
+    sender.sleep = sleep
+    accept(app, 5)
+    assert get_outbox(app).flush().delivered == 5
+    assert data_plane.requests == 5
+    assert clock.now == 2.0  # five requests at two a second: the last one 2 s after the first
+    assert waits == [0.5] * 4
+
+
+@pytest.mark.parametrize("rate", [0, -1, "fast", True])
+def test_a_bad_request_rate_cap_fails_at_init_naming_the_key(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], rate: Any
+) -> None:
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_MAX_REQUESTS_PER_SECOND"):
+        make_app(**outbox_config, CIO_RUDDER_MAX_REQUESTS_PER_SECOND=rate)
+
+
+def test_a_paused_outbox_keeps_accepting_and_sends_once_resumed(
+    outbox_app: Flask,
+    make_app: Callable[..., Flask],
+    outbox_config: dict[str, Any],
+    post: Post,
+    data_plane: FakeDataPlane,
+) -> None:
+    worker = make_app(**outbox_config)  # another process using the same outbox
+    get_outbox(outbox_app).pause()
+    assert post(outbox_app.test_client(), sample("bounced")).json["status"] == "accepted"
+    # Another process sees it once the accepting process's spool thread moved it (on SQLite, ~0.1 s).
+    wait_until(lambda: get_outbox(worker).status().pending == 1, what="the event is in the shared outbox")
+    report = get_outbox(worker).flush()
+    assert (report.delivered, data_plane.requests) == (0, 0)
+    assert report.status is not None and report.status.paused and not report.complete
+    assert report.explain() == ["1 not sent: sending is paused; `flask cio-rudder resume` starts it again"]
+    get_outbox(outbox_app).resume()
+    assert get_outbox(worker).flush().delivered == 1
+    assert [event["event"] for event in data_plane.events] == ["Email Bounced"]
 
 
 @pytest.mark.parametrize("misbehave", ["hang", "reset"])
@@ -443,15 +518,85 @@ def test_cli_status_flush_dead_letters_requeue_and_purge(
     assert "1 dead letters" in flushed.output
 
     letters = runner.invoke(args=["cio-rudder", "dead-letters"])
-    assert "01BAD  RudderStack answered 400" in letters.output
+    assert letters.output.startswith("01BAD  ") and "Email Opened" in letters.output
+    assert letters.output.rstrip().endswith("RudderStack answered 400: non-identifiable request")
 
     assert runner.invoke(args=["cio-rudder", "requeue"]).exit_code == 2
-    assert "requeued 1 events" in runner.invoke(args=["cio-rudder", "requeue", "01BAD"]).output
+    assert "requeued 1 events" in runner.invoke(args=["cio-rudder", "requeue", "01BAD", "--yes"]).output
     assert "requeued 0 events" in runner.invoke(args=["cio-rudder", "requeue", "--all"]).output
 
-    assert "purged 0" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "1d"]).output
-    assert "purged 3" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s"]).output
+    assert "purged 0" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "1d", "-y"]).output
+    assert "purged 3" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s", "-y"]).output
     assert runner.invoke(args=["cio-rudder", "purge", "--older-than", "soon"]).exit_code == 2
+
+
+def test_cli_pause_stops_sending_everywhere_and_status_shows_it(
+    outbox_app: Flask,
+    make_app: Callable[..., Flask],
+    outbox_config: dict[str, Any],
+    data_plane: FakeDataPlane,
+) -> None:
+    runner = outbox_app.test_cli_runner()
+    accept(outbox_app, 2)
+    assert "sending is paused" in runner.invoke(args=["cio-rudder", "pause"]).output
+    assert "sending:            PAUSED" in runner.invoke(args=["cio-rudder", "status"]).output
+    status = json.loads(runner.invoke(args=["cio-rudder", "status", "--json"]).output)
+    assert (status["paused"], status["pending"], status["dead"]) == (True, 2, 0)
+    worker = make_app(**outbox_config)  # the worker process: pausing was not done there
+    flushed = worker.test_cli_runner().invoke(args=["cio-rudder", "flush"])
+    assert flushed.exit_code == 1 and "sending is paused" in flushed.output and data_plane.requests == 0
+    assert "sending resumed" in runner.invoke(args=["cio-rudder", "resume"]).output
+    assert "sent 2 events" in worker.test_cli_runner().invoke(args=["cio-rudder", "flush"]).output
+    assert json.loads(runner.invoke(args=["cio-rudder", "status", "--json"]).output)["paused"] is False
+
+
+def test_cli_dead_letters_and_requeue_filter_and_requeue_asks_first(
+    outbox_app: Flask, data_plane: FakeDataPlane
+) -> None:
+    runner = outbox_app.test_cli_runner()
+    bounced, opened = sample("bounced"), sample("opened")
+    refuse(outbox_app, data_plane, bounced, opened)
+    invoke = lambda *args, **options: runner.invoke(args=["cio-rudder", *args], **options)  # noqa: E731
+    assert invoke("dead-letters", "--event", "email bounced").output.startswith(bounced["event_id"])
+    assert invoke("dead-letters", "--email", "BOB@example.com").output.count("\n") == 1
+    assert invoke("dead-letters", "--reason", "simulated").output.count("\n") == 2
+    assert invoke("dead-letters", "--since", "1h").output.count("\n") == 2
+    assert invoke("dead-letters", "--since", "2999-01-01").output == ""
+    assert invoke("dead-letters", "--since", "yesterday").exit_code == 2
+
+    dry = invoke("requeue", "--event", "bounced", "--dry-run")
+    assert "would requeue 1 events" in dry.output and get_outbox(outbox_app).count_dead_letters() == 2
+    declined = invoke("requeue", "--event", "bounced", input="n\n")
+    assert "Requeue 1 events" in declined.output and declined.exit_code == 1
+    assert get_outbox(outbox_app).count_dead_letters() == 2
+    assert invoke("requeue", "--all", "--event", "bounced").exit_code == 2  # one way of choosing at a time
+    accepted = invoke("requeue", "--event", "bounced", input="y\n")
+    assert "requeued 1 events" in accepted.output
+    assert get_outbox(outbox_app).flush().delivered == 1
+    assert [event["event"] for event in data_plane.events] == ["Email Bounced"]
+
+
+def test_cli_purge_dead_letters_by_filter_after_confirmation(
+    outbox_app: Flask, data_plane: FakeDataPlane, post: Post
+) -> None:
+    runner = outbox_app.test_cli_runner()
+    invoke = lambda *args, **options: runner.invoke(args=["cio-rudder", *args], **options)  # noqa: E731
+    refuse(outbox_app, data_plane, sample("opened"))
+    post(outbox_app.test_client(), {"event_id": "01NOBODY", "object_type": "email", "metric": "sent"})
+    assert invoke("purge", "--reason", "userId").exit_code == 2  # filters are for dead letters
+    assert (
+        "would purge 1 dead letters"
+        in invoke("purge", "--dead-letters", "--reason", "userid", "--dry-run").output
+    )
+    assert invoke("purge", "--dead-letters", "--reason", "userid").exit_code == 1  # nobody answered: aborted
+    assert get_outbox(outbox_app).count_dead_letters() == 2
+    assert (
+        "purged 1 dead letters" in invoke("purge", "--dead-letters", "--reason", "userid", input="y\n").output
+    )
+    assert [letter.reason for letter in get_outbox(outbox_app).dead_letters()] == [
+        "RudderStack answered 400: simulated failure"
+    ]
+    assert "purged 1 dead letters" in invoke("purge", "--dead-letters", "--yes").output
 
 
 def test_cli_flush_says_why_events_are_still_pending(outbox_app: Flask, data_plane: FakeDataPlane) -> None:

@@ -26,7 +26,7 @@ import requests
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .helpers import free_port, wait_until
-from .stores import Backend, _unavailable, postgres_fixture  # noqa: F401  (a fixture)
+from .stores import Backend, postgres_fixture, unavailable  # noqa: F401  (a fixture)
 from .test_processes import WRITE_KEY, Deployment, Server, make_bodies, post_event
 
 pytestmark = [pytest.mark.slow, pytest.mark.service]
@@ -40,7 +40,7 @@ class ThrowawayPostgres:
             filter(None, [shutil.which("initdb")])
         )
         if not binaries:
-            _unavailable("initdb is not installed (Debian: apt-get install postgresql)")
+            unavailable("initdb is not installed (Debian: apt-get install postgresql)")
         self.bin = Path(binaries[-1]).parent
         self.as_user: list[str] = []
         if os.geteuid() == 0:  # initdb refuses root

@@ -13,11 +13,13 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from flask_cio_rudder.store import Pending, StoreUnavailable, store_from_url
+from flask_cio_rudder.store import Match, OutboxStore, Pending, StoreUnavailable, store_from_url
 from flask_cio_rudder.transform import transform
 
 from .conftest import sample
@@ -152,6 +154,176 @@ def test_dead_letters_can_be_requeued_all_or_by_id(backend: Backend, clock: Cloc
     assert store.status().pending == 1
     assert store.requeue() == 2  # b and c; the rejected body has nothing to send
     assert store.status().dead == 1
+
+
+def event_of(metric: str, event_id: str, email: str) -> str:
+    """The RudderStack event of one of the six samples, for this event id and address."""
+    body = sample(metric) | {"event_id": event_id}
+    body["data"] = body["data"] | {"identifiers": {"id": "42", "email": email}}
+    return json.dumps(transform(body))
+
+
+def kill(store: OutboxStore, reason: str, *event_ids: str) -> None:
+    """Make these pending events dead letters, as a sender does when RudderStack refuses them."""
+    claim = store.claim(100, LEASE, MAX_AGE)
+    assert sorted(event.event_id for event in claim.events) == sorted(event_ids)
+    store.mark_dead(claim.owner, list(event_ids), reason)
+
+
+@pytest.fixture
+def letters(backend: Backend, clock: Clock) -> OutboxStore:
+    """Four dead letters a minute apart: three RudderStack refused, one body rejected at validation."""
+    store = backend.store(clock=clock)
+    for event_id, metric, email, reason in [
+        ("d1", "bounced", "Ann@Example.com", "RudderStack answered 400: bad userId"),
+        ("d2", "opened", "bob@example.com", "RudderStack answered 400: Invalid request body"),
+        ("d3", "bounced", "bob@example.com", "RudderStack answered 413: too big"),
+    ]:
+        store.add(event_id, event_of(metric, event_id, email))
+        kill(store, reason, event_id)
+        clock.now += 60
+    body = sample("clicked") | {"event_id": "r1"}
+    store.add_rejected(
+        "r1", json.dumps(body).encode(), "invalid fields: data.href", event_name="Email Link Clicked"
+    )
+    store.add("ok", event_of("opened", "ok", "bob@example.com"))  # pending, never a dead letter
+    return store
+
+
+def test_dead_letters_filter_by_time_reason_event_id_and_email_a_page_at_a_time(
+    letters: OutboxStore, clock: Clock
+) -> None:
+    def ids(match: Match | None = None, **page: Any) -> list[str]:
+        return [letter.event_id for letter in letters.dead_letters(match=match, **page)]
+
+    assert ids() == ["d1", "d2", "d3", "r1"]
+    assert ids(Match(since=clock.now - 60)) == ["d3", "r1"]
+    assert ids(Match(reason="ANSWERED 400")) == ["d1", "d2"]
+    assert ids(Match(event="bounced")) == ["d1", "d3"]
+    assert ids(Match(event="Email Bounced", reason="413")) == ["d3"]
+    assert ids(Match(event_id="d2")) == ["d2"]
+    assert ids(Match(email="ANN@example.com")) == ["d1"]
+    assert ids(Match(email="nobody@example.com")) == []
+    assert ids(limit=2) == ["d1", "d2"] and ids(limit=2, offset=2) == ["d3", "r1"]
+    assert ids(limit=1, newest_first=True) == ["r1"]
+    assert letters.count_dead_letters() == 4
+    assert letters.count_dead_letters(Match(email="bob@example.com")) == 2
+    assert ids(Match(sendable=False)) == ["r1"] and letters.count_dead_letters(Match(sendable=True)) == 3
+    (first,) = letters.dead_letters(limit=1)
+    assert (first.event_name, first.email) == ("Email Bounced", "ann@example.com")
+
+
+def test_requeue_and_purge_take_the_same_filter(letters: OutboxStore) -> None:
+    bob = Match(email="bob@example.com")
+    assert letters.requeue(match=Match(reason="413", event="opened")) == 0
+    assert letters.requeue(match=bob) == 2
+    assert letters.count_dead_letters() == 2
+    assert sorted(event.event_id for event in letters.claim(100, LEASE, MAX_AGE).events) == ["d2", "d3", "ok"]
+    assert letters.purge_dead(Match(event="clicked")) == 1  # the rejected body
+    assert [letter.event_id for letter in letters.dead_letters()] == ["d1"]
+    assert letters.purge_dead() == 1
+    assert letters.count_dead_letters() == 0
+    assert letters.add_rejected("r1", b"{}", "again") is None and letters.count_dead_letters() == 1
+
+
+def test_find_tells_what_became_of_an_event_id_or_an_address(backend: Backend, clock: Clock) -> None:
+    store = backend.store(clock=clock)
+    for event_id in ("sent", "failing", "refused"):
+        store.add(event_id, event_of("opened", event_id, "Carol@example.com"))
+    store.add_rejected("bad", b'{"event_id": "bad"}', "no userId or anonymousId", email="carol@example.com")
+    claim = store.claim(100, LEASE, MAX_AGE)
+    clock.now += 5
+    store.mark_delivered(claim.owner, ["sent"])
+    store.release(claim.owner, ["failing"], "RudderStack answered 503")
+    store.mark_dead(claim.owner, ["refused"], "RudderStack answered 400")
+
+    (sent,) = store.find(event_id="sent")
+    assert (sent.outcome, sent.accepted_at, sent.delivered_at) == ("delivered", clock.now - 5, clock.now)
+    assert (sent.event_name, sent.email, sent.attempts) == ("Email Opened", "carol@example.com", 1)
+    assert json.loads(sent.payload or "")["properties"]["eventId"] == "sent"
+    (failing,) = store.find(event_id="failing")
+    assert (failing.outcome, failing.reason) == ("pending", "RudderStack answered 503")
+    (refused,) = store.find(event_id="refused")
+    assert (refused.outcome, refused.reason) == ("dead", "RudderStack answered 400")
+    (bad,) = store.find(event_id="bad")
+    assert (bad.outcome, bad.reason, bad.body) == (
+        "rejected",
+        "no userId or anonymousId",
+        '{"event_id": "bad"}',
+    )
+    found = store.find(email="CAROL@example.com ")
+    assert sorted(record.event_id for record in found) == ["bad", "failing", "refused", "sent"]
+    assert store.find(event_id="unknown") == [] and store.find(email="dan@example.com") == []
+
+
+def test_activity_counts_events_per_minute_over_the_last_hour(backend: Backend, clock: Clock) -> None:
+    clock.now = 1_700_000_000.0 - 1_700_000_000.0 % 60 + 30  # half a minute into a minute
+    store = backend.store(clock=clock)
+    store.add("two-hours-ago", event_of("opened", "x", "a@example.com"))
+    clock.now += 2 * 3600
+    store.add_many([Pending("then", stored("then"), accepted_at=clock.now - 10 * 60)])
+    store.add("now-1", stored("now-1"))
+    store.add("now-2", stored("now-2"))
+    store.add_rejected("now-3", b"{}", "invalid")
+    claim = store.claim(2, LEASE, 100 * 3600)  # the oldest two: two-hours-ago and then
+    store.mark_delivered(claim.owner, [event.event_id for event in claim.events])
+    activity = store.activity(60)
+    assert len(activity.accepted) == len(activity.delivered) == 60
+    assert activity.start == clock.now - 30 - 59 * 60
+    assert activity.accepted[-1] == 3 and activity.accepted[-11] == 1 and sum(activity.accepted) == 4
+    assert activity.delivered[-1] == 2 and sum(activity.delivered) == 2
+
+
+def test_pausing_stops_every_claimer_but_not_accepting(backend: Backend, clock: Clock) -> None:
+    web, worker = backend.store(clock=clock), backend.store(clock=clock)
+    web.add("before", stored("before"))
+    web.set_paused(True)
+    web.set_paused(True)  # twice: still one pause
+    assert web.add("during", stored("during")) is True
+    clock.now += MAX_AGE + 1  # a long maintenance window kills nothing while paused
+    claim = worker.claim(100, LEASE, MAX_AGE)
+    assert (claim.events, claim.paused) == ([], True)
+    assert worker.status().paused and worker.status().pending == 2
+    worker.set_paused(False)
+    assert not web.status().paused
+    claim = worker.claim(100, LEASE, 10 * MAX_AGE)
+    assert (sorted(event.event_id for event in claim.events), claim.paused) == (["before", "during"], False)
+
+
+#: The events table as the release before ``event_name`` and ``email`` made it (both backends).
+OLD_TABLE = """CREATE TABLE {table} (event_id TEXT PRIMARY KEY, state TEXT NOT NULL, payload TEXT, body TEXT,
+    reason TEXT, accepted_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, lease_owner TEXT,
+    lease_holder TEXT, leased_at REAL, lease_until REAL, delivered_at REAL)"""
+
+
+def test_a_table_made_by_the_previous_release_is_migrated_in_place(backend: Backend) -> None:
+    rows = [
+        ("kept", "pending", event_of("bounced", "kept", "Eve@example.com"), None, None, 1.0),
+        ("refused", "dead", event_of("opened", "refused", "eve@example.com"), None, "400", 2.0),
+        ("rejected", "dead", None, "{}", "invalid", 3.0),
+    ]
+    insert = f"INSERT INTO {backend.table} (event_id, state, payload, body, reason, accepted_at) VALUES "
+    if backend.name == "sqlite":
+        import sqlite3
+
+        with closing(sqlite3.connect(backend.url.removeprefix("sqlite:///"))) as db, db:
+            db.execute(OLD_TABLE.format(table=backend.table))
+            db.executemany(insert + "(?, ?, ?, ?, ?, ?)", rows)
+    else:
+        import psycopg
+
+        with psycopg.connect(backend.url, autocommit=True) as conn:
+            conn.execute(OLD_TABLE.format(table=backend.table).encode())
+            conn.cursor().executemany(insert + "(%s, %s, %s, %s, %s, %s)", rows)
+    store = backend.store()
+    found = store.find(email="eve@example.com")
+    assert sorted((record.event_id, record.event_name) for record in found) == [
+        ("kept", "Email Bounced"),
+        ("refused", "Email Opened"),
+    ]
+    assert [letter.event_id for letter in store.dead_letters(match=Match(event="opened"))] == ["refused"]
+    assert store.add("new", stored("new")) and len(store.claim(100, LEASE, 1e12).events) == 2
+    assert "event_name" in store.schema_sql() and "email" in store.schema_sql()
 
 
 def test_purge_deletes_only_old_delivered_events(backend: Backend, clock: Clock) -> None:

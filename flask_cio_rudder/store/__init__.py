@@ -16,10 +16,13 @@ from urllib.parse import unquote, urlsplit
 
 from . import forkguard  # noqa: F401  (first: its fork hook must run before the senders' and spools')
 from .base import (
+    Activity,
     Claim,
     Claimed,
     Clock,
     DeadLetter,
+    EventRecord,
+    Match,
     OutboxStatus,
     OutboxStore,
     Pending,
@@ -29,9 +32,12 @@ from .base import (
 )
 
 __all__ = [
+    "Activity",
     "Claim",
     "Claimed",
     "DeadLetter",
+    "EventRecord",
+    "Match",
     "OutboxStatus",
     "OutboxStore",
     "Pending",

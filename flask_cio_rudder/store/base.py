@@ -16,6 +16,7 @@ needs to know which database is behind it.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from abc import ABC, abstractmethod
@@ -25,9 +26,12 @@ from typing import Callable, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
+    "Activity",
     "Claim",
     "Claimed",
     "DeadLetter",
+    "EventRecord",
+    "Match",
     "OutboxStatus",
     "OutboxStore",
     "Pending",
@@ -65,10 +69,14 @@ class Claimed:
 
 @dataclass(frozen=True)
 class Claim:
-    """One claimed batch: ``owner`` names this claim when the sender marks its events."""
+    """One claimed batch: ``owner`` names this claim when the sender marks its events.
+
+    ``paused`` says no events were claimed because an operator paused sending.
+    """
 
     owner: str
     events: list[Claimed]
+    paused: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,68 @@ class DeadLetter:
     attempts: int
     requeueable: bool  # False for bodies rejected at validation: there is nothing to send
     body: str | None  # for those, the body exactly as received
+    event_name: str | None = None  # the RudderStack event name, when known
+    email: str | None = None  # the person's address, lower case, when known
+
+
+@dataclass(frozen=True)
+class Match:
+    """Which dead letters an operator means; every field given must hold (``None``: any).
+
+    ``since``: accepted at or after this time (seconds since the epoch); ``reason``: the
+    reason contains this text; ``event``: the RudderStack event name contains it (both
+    ignore case); ``event_id`` and ``email``: exactly this one (the email ignoring case);
+    ``sendable``: ``True`` for those that can be requeued, ``False`` for rejected bodies.
+    """
+
+    since: float | None = None
+    reason: str | None = None
+    event: str | None = None
+    event_id: str | None = None
+    email: str | None = None
+    sendable: bool | None = None
+
+    @property
+    def everything(self) -> bool:
+        """Whether no field narrows the match."""
+        fields = (self.since, self.reason, self.event, self.event_id, self.email, self.sendable)
+        return all(value is None for value in fields)
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """What became of one event: the answer to "did RudderStack get this one, and if not, why?"."""
+
+    event_id: str
+    state: str  # "pending", "delivered" or "dead"
+    accepted_at: float  # when it was accepted (or rejected, or last requeued)
+    delivered_at: float | None
+    reason: str | None  # dead: why; pending: the last delivery error
+    attempts: int
+    rejected: bool  # refused at validation (a dead letter with its body and nothing to send)
+    event_name: str | None
+    email: str | None
+    payload: str | None  # the RudderStack event (JSON), unless rejected
+    body: str | None  # the body as received, for rejected ones
+
+    @property
+    def outcome(self) -> str:
+        """One word for people: ``delivered``, ``pending``, ``dead`` or ``rejected``."""
+        return "rejected" if self.rejected else self.state
+
+
+@dataclass(frozen=True)
+class Activity:
+    """Events per minute over a recent window, oldest minute first.
+
+    ``start`` is the first minute's start (seconds since the epoch); ``accepted[i]``
+    counts events accepted in minute ``i`` (rejected bodies included), ``delivered[i]``
+    those RudderStack stored in it.
+    """
+
+    start: float
+    accepted: list[int]
+    delivered: list[int]
 
 
 @dataclass(frozen=True)
@@ -106,6 +176,8 @@ class OutboxStatus:
     in_flight: int = 0
     #: Who holds them: process ids (SQLite) or sender names (PostgreSQL).
     holders: tuple[str, ...] = ()
+    #: Whether an operator paused sending (``flask cio-rudder pause``); events are still accepted.
+    paused: bool = False
 
 
 class OutboxStore(ABC):
@@ -133,10 +205,14 @@ class OutboxStore(ABC):
         """Whether this event was already accepted (rejected bodies do not count)."""
 
     @abstractmethod
-    def add(self, event_id: str, payload_json: str) -> bool:
+    def add(
+        self, event_id: str, payload_json: str, *, event_name: str | None = None, email: str | None = None
+    ) -> bool:
         """Keep an accepted event as pending; ``False`` if it was already there. Durable on return.
 
         A body that was rejected under the same id earlier is replaced by the event.
+        ``event_name`` and ``email`` are kept for operators' searches; when not given they
+        are read from ``payload_json``.
         """
 
     @abstractmethod
@@ -144,7 +220,15 @@ class OutboxStore(ABC):
         """Add pending events in large transactions (bulk loads, copies); returns how many were new."""
 
     @abstractmethod
-    def add_rejected(self, event_id: str | None, body: bytes, reason: str) -> None:
+    def add_rejected(
+        self,
+        event_id: str | None,
+        body: bytes,
+        reason: str,
+        *,
+        event_name: str | None = None,
+        email: str | None = None,
+    ) -> None:
         """Keep a body that could not be accepted (as received, any bytes) as a dead letter."""
 
     # -- the sender's side ---------------------------------------------------------------------
@@ -154,7 +238,8 @@ class OutboxStore(ABC):
         """Lease up to ``limit`` pending events, oldest first, for ``lease`` seconds.
 
         Events accepted more than ``max_age`` seconds ago become dead letters instead.
-        Events held by a sender that no longer lives are claimed as if free.
+        Events held by a sender that no longer lives are claimed as if free. While
+        sending is paused nothing is claimed (or expired): the claim is empty and ``paused``.
         """
 
     @abstractmethod
@@ -180,21 +265,53 @@ class OutboxStore(ABC):
 
     @abstractmethod
     def status(self) -> OutboxStatus:
-        """Counts of pending, delivered and dead events, what senders hold, the last error."""
+        """Counts of pending, delivered and dead events, what senders hold, the last error, paused."""
 
     @abstractmethod
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
-        """Dead letters, oldest first."""
+    def set_paused(self, paused: bool) -> None:
+        """Pause or resume sending for every process (and server) that uses this store.
+
+        While paused, :meth:`claim` takes nothing; events are still added. Batches
+        already claimed finish. Resuming wakes senders that listen (:meth:`watch`).
+        """
+
+    @abstractmethod
+    def dead_letters(
+        self, limit: int = 100, *, match: Match | None = None, offset: int = 0, newest_first: bool = False
+    ) -> list[DeadLetter]:
+        """Dead letters that ``match`` (all by default), oldest first: ``limit`` of them after ``offset``."""
+
+    @abstractmethod
+    def count_dead_letters(self, match: Match | None = None) -> int:
+        """How many dead letters ``match`` (all by default)."""
+
+    @abstractmethod
+    def find(
+        self, *, event_id: str | None = None, email: str | None = None, limit: int = 50
+    ) -> list[EventRecord]:
+        """What became of the event with this id, or of the events of this email address (newest first)."""
+
+    @abstractmethod
+    def activity(self, minutes: int = 60) -> Activity:
+        """Events accepted and delivered per minute in the last ``minutes`` minutes, the current one last."""
 
     @abstractmethod
     def pending(self, limit: int = 1000, after: str | None = None) -> list[Pending]:
         """Pending events in ``event_id`` order after ``after``: a page of them, to copy elsewhere."""
 
     @abstractmethod
-    def requeue(self, event_ids: Sequence[str] | None = None) -> int:
-        """Make dead letters pending again (all, or these ids); returns how many.
+    def requeue(self, event_ids: Sequence[str] | None = None, *, match: Match | None = None) -> int:
+        """Make dead letters pending again (all, these ids, or those that ``match``); returns how many.
 
-        Their age starts again now, so ``CIO_RUDDER_OUTBOX_MAX_AGE`` does not kill them at once.
+        Bodies rejected at validation are left: they have nothing to send. Their age starts
+        again now, so ``CIO_RUDDER_OUTBOX_MAX_AGE`` does not kill them at once.
+        """
+
+    @abstractmethod
+    def purge_dead(self, match: Match | None = None) -> int:
+        """Delete the dead letters that ``match`` (all by default); returns how many.
+
+        Their ids are forgotten too, so Customer.io sending one again would be accepted.
         """
 
     @abstractmethod
@@ -252,6 +369,84 @@ def rejected_key(event_id: str | None, body: bytes) -> str:
     if event_id is None:
         return "no-event-id:" + hashlib.sha256(body).hexdigest()[:32]
     return storage_key(event_id)
+
+
+def match_conditions(match: Match | None, placeholder: str, position: str) -> tuple[str, list[object]]:
+    """SQL that narrows dead letters to ``match`` (`` AND ...`` clauses, or ``""``) and its parameters.
+
+    ``placeholder`` is the driver's (``?`` or ``%s``); ``position`` the database's substring
+    function taking (haystack, needle) (``instr``, ``strpos``), so no LIKE pattern needs escaping.
+    """
+    if match is None:
+        return "", []
+    conditions: list[str] = []
+    params: list[object] = []
+    if match.since is not None:
+        conditions.append(f"accepted_at >= {placeholder}")
+        params.append(match.since)
+    for column, needle in (("reason", match.reason), ("event_name", match.event)):
+        if needle:
+            conditions.append(f"{position}(lower(COALESCE({column}, '')), {placeholder}) > 0")
+            params.append(clean_text(needle.lower()))
+    if match.event_id is not None:
+        conditions.append(f"event_id = {placeholder}")
+        params.append(storage_key(match.event_id))
+    if match.email is not None:
+        conditions.append(f"email = {placeholder}")
+        params.append(search_email(match.email) or "")
+    if match.sendable is not None:
+        conditions.append("payload IS NOT NULL" if match.sendable else "payload IS NULL")
+    return "".join(f" AND {condition}" for condition in conditions), params
+
+
+def minute_of(now: float) -> float:
+    """The start of the minute ``now`` is in (seconds since the epoch)."""
+    return float(int(now // 60) * 60)
+
+
+def per_minute(rows: Iterable[tuple[int, int]], minutes: int) -> list[int]:
+    """Counts by minute index (rows of ``(index, count)``) as a list of ``minutes`` counts."""
+    counts = [0] * minutes
+    for index, count in rows:
+        if 0 <= int(index) < minutes:
+            counts[int(index)] = int(count)
+    return counts
+
+
+def search_columns(
+    payload_json: str, event_name: str | None, email: str | None
+) -> tuple[str | None, str | None]:
+    """What ``add`` keeps in the ``event_name`` and ``email`` columns: the caller's, else the payload's."""
+    if event_name is None:
+        return payload_summary(payload_json)
+    return clean_text(event_name), search_email(email)
+
+
+def payload_summary(payload_json: str) -> tuple[str | None, str | None]:
+    """The RudderStack event name and the email address (lower case) in an event's JSON, if any."""
+    try:
+        payload = json.loads(payload_json)
+    except ValueError:
+        return None, None
+    if not isinstance(payload, dict):
+        return None, None
+    name = payload.get("event")
+    context = payload.get("context")
+    traits = context.get("traits") if isinstance(context, dict) else None
+    email = traits.get("email") if isinstance(traits, dict) else None
+    return (name if isinstance(name, str) else None), search_email(email)
+
+
+def search_email(email: object) -> str | None:
+    """An email address as the stores keep and search it: trimmed, lower case; ``None`` if not text."""
+    if not isinstance(email, str) or not email.strip():
+        return None
+    return clean_text(email.strip().lower())
+
+
+def clean_text(text: str) -> str:
+    """``text`` as any database keeps it: lone surrogates and NUL escaped."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8").replace("\x00", "\\x00")
 
 
 def body_text(body: bytes) -> str:

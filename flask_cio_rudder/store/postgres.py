@@ -37,18 +37,28 @@ import psycopg_pool
 from psycopg import Connection
 
 from .base import (
+    Activity,
     Claim,
     Claimed,
     Clock,
     DeadLetter,
+    EventRecord,
+    Match,
     OutboxStatus,
     OutboxStore,
     Pending,
     StoreUnavailable,
     body_text,
     check_table_name,
+    clean_text,
+    match_conditions,
+    minute_of,
+    payload_summary,
+    per_minute,
     redact_url,
     rejected_key,
+    search_columns,
+    search_email,
     storage_key,
 )
 
@@ -74,11 +84,17 @@ CREATE TABLE IF NOT EXISTS {events} (
     lease_holder text,              -- the sender process of that claim (see {senders})
     leased_at    double precision,
     lease_until  double precision,
-    delivered_at double precision
+    delivered_at double precision,
+    event_name   text,              -- the RudderStack event name, for operators' searches
+    email        text               -- the person's address, lower case, for operators' searches
 );
+-- Tables made by releases before event_name and email existed get them here.
+ALTER TABLE {events} ADD COLUMN IF NOT EXISTS event_name text;
+ALTER TABLE {events} ADD COLUMN IF NOT EXISTS email text;
 CREATE INDEX IF NOT EXISTS "{prefix}_pending" ON {events} (accepted_at) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS "{prefix}_dead" ON {events} (accepted_at) WHERE state = 'dead';
 CREATE INDEX IF NOT EXISTS "{prefix}_delivered" ON {events} (delivered_at) WHERE state = 'delivered';
+CREATE INDEX IF NOT EXISTS "{prefix}_email" ON {events} (email) WHERE email IS NOT NULL;
 CREATE TABLE IF NOT EXISTS {senders} (
     holder  text PRIMARY KEY,       -- host:pid:random, one per sending process
     beat_at double precision NOT NULL
@@ -216,11 +232,34 @@ class PostgresStore(OutboxStore):
             return work(conn)
 
     def _create(self, conn: Connection[Any]) -> None:
-        """Create the tables; an advisory lock keeps processes starting together from racing."""
+        """Create the tables (or add what an older release's lack); an advisory lock keeps processes
+        starting together from racing. Rows kept before ``event_name`` existed get it filled in once.
+        """
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
+            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._events,)).fetchone()
+            had_names = exists is not None and exists[0] and self._has_column(conn, "event_name")
             conn.execute(self._schema_sql.encode())
+            if exists is not None and exists[0] and not had_names:
+                try:
+                    with (
+                        conn.transaction()
+                    ):  # a savepoint: a payload PostgreSQL cannot read leaves all unfilled
+                        conn.execute(
+                            f"UPDATE {self._events} SET event_name = payload::json ->> 'event', "
+                            "email = lower(btrim(payload::json -> 'context' -> 'traits' ->> 'email')) "
+                            "WHERE payload IS NOT NULL"
+                        )
+                except psycopg.DataError as error:
+                    logger.warning("Old outbox rows stay unsearchable by email: %s", _first_line(error))
         self._ready = True
+
+    def _has_column(self, conn: Connection[Any], column: str) -> bool:
+        row = conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = %s::regclass AND attname = %s AND NOT attisdropped",
+            (self._events, column),
+        ).fetchone()
+        return row is not None
 
     def close(self) -> None:
         """Stop the heartbeat (freeing this process's batches at once) and close the pool."""
@@ -295,35 +334,45 @@ class PostgresStore(OutboxStore):
 
     def _upsert(self, source: str) -> str:
         return (
-            f"INSERT INTO {self._events} AS e (event_id, state, payload, accepted_at) {source} "
-            "ON CONFLICT (event_id) DO UPDATE SET state = 'pending', payload = excluded.payload, "
-            "body = NULL, reason = NULL, accepted_at = excluded.accepted_at WHERE e.payload IS NULL"
+            f"INSERT INTO {self._events} AS e (event_id, state, payload, accepted_at, event_name, email) "
+            f"{source} ON CONFLICT (event_id) DO UPDATE SET state = 'pending', payload = excluded.payload, "
+            "body = NULL, reason = NULL, accepted_at = excluded.accepted_at, "
+            "event_name = excluded.event_name, email = excluded.email WHERE e.payload IS NULL"
         )
 
-    def add(self, event_id: str, payload_json: str) -> bool:
-        added = self._upsert(f"VALUES (%(id)s, 'pending', %(payload)s, {_NOW})")
+    def add(
+        self, event_id: str, payload_json: str, *, event_name: str | None = None, email: str | None = None
+    ) -> bool:
+        event_name, email = search_columns(payload_json, event_name, email)
+        added = self._upsert(f"VALUES (%(id)s, 'pending', %(payload)s, {_NOW}, %(name)s, %(email)s)")
         query = f"WITH added AS ({added} RETURNING 1) SELECT pg_notify(%(channel)s, '') FROM added"
         params = {
             "id": storage_key(event_id),
             "payload": payload_json,
             "now": self._now(),
             "channel": self.channel,
+            "name": event_name,
+            "email": email,
         }
         return len(self._run(lambda conn: conn.execute(query, params).fetchall())) == 1
 
     def add_many(self, events: Iterable[Pending]) -> int:
         statement = self._upsert(
-            f"SELECT id, 'pending', payload, COALESCE(at, {_NOW}) "
-            "FROM unnest(%(ids)s::text[], %(payloads)s::text[], %(ats)s::float8[]) AS new (id, payload, at)"
+            f"SELECT id, 'pending', payload, COALESCE(at, {_NOW}), name, email "
+            "FROM unnest(%(ids)s::text[], %(payloads)s::text[], %(ats)s::float8[], %(names)s::text[], "
+            "%(emails)s::text[]) AS new (id, payload, at, name, email)"
         )
         batch: list[Pending] = []
         added = 0
 
         def flush(conn: Connection[Any]) -> int:
+            summaries = [payload_summary(event.payload_json) for event in batch]
             params = {
                 "ids": [storage_key(event.event_id) for event in batch],
                 "payloads": [event.payload_json for event in batch],
                 "ats": [event.accepted_at for event in batch],
+                "names": [name for name, _ in summaries],
+                "emails": [email for _, email in summaries],
                 "now": self._now(),
             }
             count = conn.execute(statement, params).rowcount
@@ -339,16 +388,27 @@ class PostgresStore(OutboxStore):
             added += self._run(flush)
         return added
 
-    def add_rejected(self, event_id: str | None, body: bytes, reason: str) -> None:
+    def add_rejected(
+        self,
+        event_id: str | None,
+        body: bytes,
+        reason: str,
+        *,
+        event_name: str | None = None,
+        email: str | None = None,
+    ) -> None:
         query = (
-            f"INSERT INTO {self._events} (event_id, state, body, reason, accepted_at) "
-            f"VALUES (%(id)s, 'dead', %(body)s, %(reason)s, {_NOW}) ON CONFLICT (event_id) DO NOTHING"
+            f"INSERT INTO {self._events} (event_id, state, body, reason, accepted_at, event_name, email) "
+            f"VALUES (%(id)s, 'dead', %(body)s, %(reason)s, {_NOW}, %(name)s, %(email)s) "
+            "ON CONFLICT (event_id) DO NOTHING"
         )
         params = {
             "id": rejected_key(event_id, body),
             "body": body_text(body),
-            "reason": reason.replace("\x00", "\\x00"),
+            "reason": clean_text(reason),
             "now": self._now(),
+            "name": None if event_name is None else clean_text(event_name),
+            "email": search_email(email),
         }
         self._run(lambda conn: conn.execute(query, params))
 
@@ -391,11 +451,16 @@ class PostgresStore(OutboxStore):
             "limit": limit,
         }
 
-        def claim(conn: Connection[Any]) -> list[Any]:
+        def claim(conn: Connection[Any]) -> list[Any] | None:
+            if conn.execute(f"SELECT 1 FROM {self._meta} WHERE key = 'paused'").fetchone():
+                return None
             conn.execute(expire, params)
             return conn.execute(take, params).fetchall()
 
-        rows = sorted(self._run(claim), key=lambda row: row[2])
+        claimed = self._run(claim)
+        if claimed is None:
+            return Claim(owner, [], paused=True)
+        rows = sorted(claimed, key=lambda row: row[2])
         self._has_held = self._has_held or bool(rows)
         return Claim(owner, [Claimed(event_id, payload) for event_id, payload, _ in rows])
 
@@ -473,15 +538,78 @@ class PostgresStore(OutboxStore):
             last_error_at=float(meta["last_error_at"]) if "last_error_at" in meta else None,
             in_flight=sum(count for _, count in held),
             holders=tuple(sorted(_describe_holder(holder) for holder, _ in held)),
+            paused="paused" in meta,
         )
 
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+    def set_paused(self, paused: bool) -> None:
+        if paused:
+            query = (
+                f"INSERT INTO {self._meta} (key, value) VALUES ('paused', ({_NOW})::text) "
+                "ON CONFLICT (key) DO NOTHING"
+            )
+            params: dict[str, Any] = {"now": self._now()}
+            self._run(lambda conn: conn.execute(query, params))
+            return
+        self._run(lambda conn: conn.execute(f"DELETE FROM {self._meta} WHERE key = 'paused'"))
+        self._run(lambda conn: conn.execute("SELECT pg_notify(%s, '')", (self.channel,)))
+
+    def dead_letters(
+        self, limit: int = 100, *, match: Match | None = None, offset: int = 0, newest_first: bool = False
+    ) -> list[DeadLetter]:
+        narrow, params = match_conditions(match, "%s", "strpos")
+        order = "DESC" if newest_first else "ASC"
         query = (
-            "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body "
-            f"FROM {self._events} WHERE state = 'dead' ORDER BY accepted_at LIMIT %s"
+            "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body, event_name, email "
+            f"FROM {self._events} WHERE state = 'dead'{narrow} "
+            f"ORDER BY accepted_at {order}, event_id {order} LIMIT %s OFFSET %s"
         )
-        rows = self._run(lambda conn: conn.execute(query, (limit,)).fetchall())
+        rows = self._run(lambda conn: conn.execute(query, (*params, limit, offset)).fetchall())
         return [DeadLetter(*row) for row in rows]
+
+    def count_dead_letters(self, match: Match | None = None) -> int:
+        narrow, params = match_conditions(match, "%s", "strpos")
+        query = f"SELECT count(*) FROM {self._events} WHERE state = 'dead'{narrow}"
+        row = self._run(lambda conn: conn.execute(query, params).fetchone())
+        return int(row[0])
+
+    def find(
+        self, *, event_id: str | None = None, email: str | None = None, limit: int = 50
+    ) -> list[EventRecord]:
+        if event_id is not None:
+            condition, value = "event_id = %s", storage_key(event_id)
+        elif email is not None:
+            condition, value = "email = %s", search_email(email) or ""
+        else:
+            return []
+        query = (
+            "SELECT event_id, state, accepted_at, delivered_at, reason, attempts, payload IS NULL, "
+            f"event_name, email, payload, body FROM {self._events} WHERE {condition} "
+            "ORDER BY accepted_at DESC LIMIT %s"
+        )
+        rows = self._run(lambda conn: conn.execute(query, (value, limit)).fetchall())
+        return [EventRecord(*row) for row in rows]
+
+    def activity(self, minutes: int = 60) -> Activity:
+        def read(conn: Connection[Any]) -> tuple[float, list[Any], list[Any]]:
+            row = conn.execute(f"SELECT {_NOW}", {"now": self._now()}).fetchone()
+            start = minute_of(row[0] if row else 0.0) - (minutes - 1) * 60
+            # One branch per state, so each uses its partial index (accepted_at <= delivered_at).
+            recent = f"SELECT accepted_at AS at FROM {self._events} WHERE accepted_at >= %(start)s AND state"
+            accepted = conn.execute(
+                f"SELECT floor((at - %(start)s) / 60)::int, count(*) FROM ({recent} = 'pending' UNION ALL "
+                f"{recent} = 'dead' UNION ALL {recent} = 'delivered' AND delivered_at >= %(start)s) AS r "
+                "GROUP BY 1",
+                {"start": start},
+            ).fetchall()
+            delivered = conn.execute(
+                f"SELECT floor((delivered_at - %(start)s) / 60)::int, count(*) FROM {self._events} "
+                "WHERE state = 'delivered' AND delivered_at >= %(start)s GROUP BY 1",
+                {"start": start},
+            ).fetchall()
+            return start, accepted, delivered
+
+        start, accepted, delivered = self._run(read)
+        return Activity(start, per_minute(accepted, minutes), per_minute(delivered, minutes))
 
     def pending(self, limit: int = 1000, after: str | None = None) -> list[Pending]:
         query = (
@@ -491,18 +619,27 @@ class PostgresStore(OutboxStore):
         rows = self._run(lambda conn: conn.execute(query, ("" if after is None else after, limit)).fetchall())
         return [Pending(*row) for row in rows]
 
-    def requeue(self, event_ids: Sequence[str] | None = None) -> int:
+    def requeue(self, event_ids: Sequence[str] | None = None, *, match: Match | None = None) -> int:
+        narrow, values = match_conditions(match, "%s", "strpos")
+        now = self._now()
         query = (
-            f"UPDATE {self._events} SET state = 'pending', reason = NULL, attempts = 0, accepted_at = {_NOW} "
-            "WHERE state = 'dead' AND payload IS NOT NULL"
+            f"UPDATE {self._events} SET state = 'pending', reason = NULL, attempts = 0, "
+            "accepted_at = COALESCE(%s::float8, extract(epoch FROM statement_timestamp())::float8) "
+            f"WHERE state = 'dead' AND payload IS NOT NULL{narrow}"
         )
-        params: dict[str, Any] = {"now": self._now()}
+        params: list[Any] = [now, *values]
         if event_ids is not None:
-            query += " AND event_id = ANY(%(ids)s)"
-            params["ids"] = [storage_key(event_id) for event_id in event_ids]
+            query += " AND event_id = ANY(%s)"
+            params.append([storage_key(event_id) for event_id in event_ids])
         count: int = self._run(lambda conn: conn.execute(query, params).rowcount)
         if count:
             self._run(lambda conn: conn.execute("SELECT pg_notify(%s, '')", (self.channel,)))
+        return count
+
+    def purge_dead(self, match: Match | None = None) -> int:
+        narrow, params = match_conditions(match, "%s", "strpos")
+        query = f"DELETE FROM {self._events} WHERE state = 'dead'{narrow}"
+        count: int = self._run(lambda conn: conn.execute(query, params).rowcount)
         return count
 
     def purge_delivered(self, older_than: float) -> int:

@@ -22,6 +22,7 @@ thread is inside SQLite) and closes every connection.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import stat
@@ -35,17 +36,27 @@ from contextlib import contextmanager
 from typing import Any
 
 from .base import (
+    Activity,
     Claim,
     Claimed,
     Clock,
     DeadLetter,
+    EventRecord,
+    Match,
     OutboxStatus,
     OutboxStore,
     Pending,
     StoreUnavailable,
     body_text,
     check_table_name,
+    clean_text,
+    match_conditions,
+    minute_of,
+    payload_summary,
+    per_minute,
     rejected_key,
+    search_columns,
+    search_email,
     storage_key,
 )
 from .forkguard import fork_guard as _fork_guard
@@ -180,7 +191,9 @@ CREATE TABLE IF NOT EXISTS {events} (
     lease_owner  TEXT,              -- the claim holding the row
     lease_until  REAL,
     delivered_at REAL,
-    lease_holder TEXT               -- the process of that claim, "<pid>:<start time>"
+    lease_holder TEXT,              -- the process of that claim, "<pid>:<start time>"
+    event_name   TEXT,              -- the RudderStack event name, for operators' searches
+    email        TEXT               -- the person's address, lower case, for operators' searches
 );
 CREATE TABLE IF NOT EXISTS {meta} (key TEXT PRIMARY KEY, value TEXT);
 """
@@ -188,7 +201,19 @@ CREATE TABLE IF NOT EXISTS {meta} (key TEXT PRIMARY KEY, value TEXT);
 _INDEXES = """
 CREATE INDEX IF NOT EXISTS {events}_by_state ON {events} (state, accepted_at);
 CREATE INDEX IF NOT EXISTS {events}_by_holder ON {events} (lease_holder) WHERE lease_holder IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {events}_by_email ON {events} (email) WHERE email IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {events}_delivered ON {events} (delivered_at) WHERE state = 'delivered';
 """
+
+#: Columns added after the first release, with their type: old files get them on first use.
+_ADDED_COLUMNS = {"lease_holder": "TEXT", "event_name": "TEXT", "email": "TEXT"}
+
+#: Fills the search columns of rows kept before they existed (SQLite's JSON functions).
+_BACKFILL = (
+    "UPDATE {events} SET event_name = json_extract(payload, '$.event'), "
+    "email = lower(trim(json_extract(payload, '$.context.traits.email'))) "
+    "WHERE payload IS NOT NULL AND event_name IS NULL AND json_valid(payload)"
+)
 
 
 class SQLiteStore(OutboxStore):
@@ -270,12 +295,17 @@ class SQLiteStore(OutboxStore):
         return db
 
     def _create(self, db: sqlite3.Connection) -> None:
-        """Create the tables (and add the holder column to an outbox made before it existed)."""
+        """Create the tables, and add the columns an outbox made by an older release lacks."""
         with _locked(self._local.lock_file):
             db.executescript(_TABLES.format(events=self.table, meta=self._meta))
             columns = {row[1] for row in db.execute(f"PRAGMA table_info({self.table})")}
-            if "lease_holder" not in columns:
-                db.execute(f"ALTER TABLE {self.table} ADD COLUMN lease_holder TEXT")
+            for column, kind in _ADDED_COLUMNS.items():
+                if column not in columns:
+                    db.execute(f"ALTER TABLE {self.table} ADD COLUMN {column} {kind}")
+            if "event_name" not in columns:
+                # An SQLite without JSON functions leaves old rows unsearchable by email.
+                with contextlib.suppress(sqlite3.OperationalError):
+                    db.execute(_BACKFILL.format(events=self.table))
             db.executescript(_INDEXES.format(events=self.table))
         self._ready = True
 
@@ -322,15 +352,21 @@ class SQLiteStore(OutboxStore):
             return db.execute(query, (storage_key(event_id),)).fetchone() is not None
 
     _ADD = (
-        "INSERT INTO {t} (event_id, state, payload, accepted_at) VALUES (?, 'pending', ?, ?) "
+        "INSERT INTO {t} (event_id, state, payload, accepted_at, event_name, email) "
+        "VALUES (?, 'pending', ?, ?, ?, ?) "
         "ON CONFLICT (event_id) DO UPDATE SET state = 'pending', payload = excluded.payload, "
-        "body = NULL, reason = NULL, accepted_at = excluded.accepted_at WHERE {t}.payload IS NULL"
+        "body = NULL, reason = NULL, accepted_at = excluded.accepted_at, "
+        "event_name = excluded.event_name, email = excluded.email WHERE {t}.payload IS NULL"
     )
 
-    def add(self, event_id: str, payload_json: str) -> bool:
+    def add(
+        self, event_id: str, payload_json: str, *, event_name: str | None = None, email: str | None = None
+    ) -> bool:
+        event_name, email = search_columns(payload_json, event_name, email)
         with self._writing() as db:
             cursor = db.execute(
-                self._ADD.format(t=self.table), (storage_key(event_id), payload_json, self.clock())
+                self._ADD.format(t=self.table),
+                (storage_key(event_id), payload_json, self.clock(), event_name, email),
             )
             return cursor.rowcount == 1
 
@@ -341,17 +377,33 @@ class SQLiteStore(OutboxStore):
         with self._transaction() as db:
             for event in events:
                 accepted_at = now if event.accepted_at is None else event.accepted_at
+                name, email = payload_summary(event.payload_json)
                 added += db.execute(
-                    statement, (storage_key(event.event_id), event.payload_json, accepted_at)
+                    statement, (storage_key(event.event_id), event.payload_json, accepted_at, name, email)
                 ).rowcount
         return added
 
-    def add_rejected(self, event_id: str | None, body: bytes, reason: str) -> None:
+    def add_rejected(
+        self,
+        event_id: str | None,
+        body: bytes,
+        reason: str,
+        *,
+        event_name: str | None = None,
+        email: str | None = None,
+    ) -> None:
         with self._writing() as db:
             db.execute(
-                f"INSERT INTO {self.table} (event_id, state, body, reason, accepted_at) "
-                "VALUES (?, 'dead', ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
-                (rejected_key(event_id, body), body_text(body), reason, self.clock()),
+                f"INSERT INTO {self.table} (event_id, state, body, reason, accepted_at, event_name, email) "
+                "VALUES (?, 'dead', ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
+                (
+                    rejected_key(event_id, body),
+                    body_text(body),
+                    reason,
+                    self.clock(),
+                    None if event_name is None else clean_text(event_name),
+                    search_email(email),
+                ),
             )
 
     # -- the sender's side ---------------------------------------------------------------------
@@ -361,6 +413,8 @@ class SQLiteStore(OutboxStore):
         owner = uuid.uuid4().hex
         t = self.table
         with self._transaction() as db:
+            if db.execute(f"SELECT 1 FROM {self._meta} WHERE key = 'paused'").fetchone():
+                return Claim(owner, [], paused=True)
             db.execute(
                 f"UPDATE {t} SET state = 'dead', lease_owner = NULL, lease_until = NULL, "
                 "lease_holder = NULL, "
@@ -454,19 +508,79 @@ class SQLiteStore(OutboxStore):
             last_error_at=float(meta["last_error_at"]) if "last_error_at" in meta else None,
             in_flight=sum(count for _, count in live),
             holders=tuple(sorted("pid " + holder.partition(":")[0] for holder, _ in live)),
+            paused="paused" in meta,
         )
 
-    def dead_letters(self, limit: int = 100) -> list[DeadLetter]:
+    def set_paused(self, paused: bool) -> None:
+        if paused:
+            self._set_meta({"paused": str(self.clock())})
+            return
+        with self._transaction() as db:
+            db.execute(f"DELETE FROM {self._meta} WHERE key = 'paused'")
+
+    def dead_letters(
+        self, limit: int = 100, *, match: Match | None = None, offset: int = 0, newest_first: bool = False
+    ) -> list[DeadLetter]:
+        narrow, params = match_conditions(match, "?", "instr")
+        order = "DESC" if newest_first else "ASC"
         with self._connected() as db:
             rows = db.execute(
-                "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body "
-                f"FROM {self.table} WHERE state = 'dead' ORDER BY accepted_at LIMIT ?",
-                (limit,),
+                "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body, event_name, "
+                f"email FROM {self.table} WHERE state = 'dead'{narrow} "
+                f"ORDER BY accepted_at {order}, event_id {order} LIMIT ? OFFSET ?",
+                (*params, limit, offset),
             ).fetchall()
         return [
-            DeadLetter(event_id, reason, accepted_at, attempts, bool(requeueable), body)
-            for event_id, reason, accepted_at, attempts, requeueable, body in rows
+            DeadLetter(event_id, reason, accepted_at, attempts, bool(requeueable), body, name, email)
+            for event_id, reason, accepted_at, attempts, requeueable, body, name, email in rows
         ]
+
+    def count_dead_letters(self, match: Match | None = None) -> int:
+        narrow, params = match_conditions(match, "?", "instr")
+        with self._connected() as db:
+            (count,) = db.execute(
+                f"SELECT COUNT(*) FROM {self.table} WHERE state = 'dead'{narrow}", params
+            ).fetchone()
+        return int(count)
+
+    def find(
+        self, *, event_id: str | None = None, email: str | None = None, limit: int = 50
+    ) -> list[EventRecord]:
+        if event_id is not None:
+            condition, value = "event_id = ?", storage_key(event_id)
+        elif email is not None:
+            condition, value = "email = ?", search_email(email) or ""
+        else:
+            return []
+        with self._connected() as db:
+            rows = db.execute(
+                "SELECT event_id, state, accepted_at, delivered_at, reason, attempts, payload IS NULL, "
+                f"event_name, email, payload, body FROM {self.table} WHERE {condition} "
+                "ORDER BY accepted_at DESC LIMIT ?",
+                (value, limit),
+            ).fetchall()
+        return [
+            EventRecord(
+                key, state, accepted, delivered, reason, attempts, bool(rejected), name, mail, payload, body
+            )
+            for key, state, accepted, delivered, reason, attempts, rejected, name, mail, payload, body in rows
+        ]
+
+    def activity(self, minutes: int = 60) -> Activity:
+        start = minute_of(self.clock()) - (minutes - 1) * 60
+        t = self.table
+        with self._connected() as db:
+            accepted = db.execute(
+                f"SELECT CAST((accepted_at - ?) / 60 AS INTEGER), COUNT(*) FROM {t} "
+                "WHERE state IN ('pending', 'delivered', 'dead') AND accepted_at >= ? GROUP BY 1",
+                (start, start),
+            ).fetchall()
+            delivered = db.execute(
+                f"SELECT CAST((delivered_at - ?) / 60 AS INTEGER), COUNT(*) FROM {t} "
+                "WHERE state = 'delivered' AND delivered_at >= ? GROUP BY 1",
+                (start, start),
+            ).fetchall()
+        return Activity(start, per_minute(accepted, minutes), per_minute(delivered, minutes))
 
     def pending(self, limit: int = 1000, after: str | None = None) -> list[Pending]:
         with self._connected() as db:
@@ -477,18 +591,26 @@ class SQLiteStore(OutboxStore):
             ).fetchall()
         return [Pending(event_id, payload, accepted_at) for event_id, payload, accepted_at in rows]
 
-    def requeue(self, event_ids: Sequence[str] | None = None) -> int:
+    def requeue(self, event_ids: Sequence[str] | None = None, *, match: Match | None = None) -> int:
+        narrow, params = match_conditions(match, "?", "instr")
         query = (
             f"UPDATE {self.table} SET state = 'pending', reason = NULL, attempts = 0, accepted_at = ? "
-            "WHERE state = 'dead' AND payload IS NOT NULL"
+            f"WHERE state = 'dead' AND payload IS NOT NULL{narrow}"
         )
         with self._transaction() as db:
             if event_ids is None:
-                return db.execute(query, (self.clock(),)).rowcount
+                return db.execute(query, (self.clock(), *params)).rowcount
             return sum(
-                db.execute(query + " AND event_id = ?", (self.clock(), storage_key(event_id))).rowcount
+                db.execute(
+                    query + " AND event_id = ?", (self.clock(), *params, storage_key(event_id))
+                ).rowcount
                 for event_id in event_ids
             )
+
+    def purge_dead(self, match: Match | None = None) -> int:
+        narrow, params = match_conditions(match, "?", "instr")
+        with self._transaction() as db:
+            return db.execute(f"DELETE FROM {self.table} WHERE state = 'dead'{narrow}", params).rowcount
 
     def purge_delivered(self, older_than: float) -> int:
         with self._transaction() as db:

@@ -1,0 +1,80 @@
+"""Replay: Customer.io webhook bodies from a file, through the webhook's own stages.
+
+For backfills and for re-driving events from logs. Each body goes through
+:func:`flask_cio_rudder.webhook.parse_json` and :func:`flask_cio_rudder.webhook.process`:
+the same validation, transform, deduplication and forwarder as a webhook request, minus
+the signature (the file is trusted) and, unless asked, the signals.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from flask import Flask
+
+from .state import state_of
+from .webhook import MalformedBody, parse_json, process
+
+__all__ = ["ReplaySummary", "read_bodies", "replay"]
+
+
+@dataclass
+class ReplaySummary:
+    """What a replay did with each body: counts by outcome, rejections by reason, unreadable ones."""
+
+    accepted: int = 0
+    duplicate: int = 0
+    rejected: Counter[str] = field(default_factory=Counter)
+    #: "line 3: the body is not valid JSON: ...": bodies that never reached the pipeline.
+    malformed: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.accepted + self.duplicate + sum(self.rejected.values()) + len(self.malformed)
+
+
+def read_bodies(text: str) -> list[tuple[str, bytes]]:
+    """The bodies in ``text`` as (where, raw bytes): one JSON array, or one JSON object per line.
+
+    Blank lines are skipped. Raises ``ValueError`` when text that starts with ``[`` is not a JSON array.
+    """
+    if text.lstrip().startswith("["):
+        items = json.loads(text)
+        if not isinstance(items, list):
+            raise ValueError("the file starts with [ but is not one JSON array")
+        return [
+            (f"item {number}", json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+            for number, item in enumerate(items, 1)
+        ]
+    return [
+        (f"line {number}", line.encode("utf-8", "surrogateescape"))
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip()
+    ]
+
+
+def replay(app: Flask, bodies: Iterable[tuple[str, bytes]], *, announce: bool = False) -> ReplaySummary:
+    """Run each body through the webhook's stages for ``app``; signals only when ``announce``.
+
+    Raises :class:`~flask_cio_rudder.webhook.RetryLater` when the outbox cannot be written:
+    what was done before stays done, and replaying the file again skips it as duplicates.
+    """
+    state = state_of(app)
+    summary = ReplaySummary()
+    for where, raw in bodies:
+        try:
+            decoded = parse_json(raw)
+        except MalformedBody as error:
+            summary.malformed.append(f"{where}: {error.description}")
+            continue
+        outcome = process(app, state, raw, decoded, announce=announce)
+        if outcome.status == "rejected":
+            summary.rejected[outcome.reason or "rejected"] += 1
+        elif outcome.status == "duplicate":
+            summary.duplicate += 1
+        else:
+            summary.accepted += 1
+    return summary

@@ -1,0 +1,237 @@
+"""The dashboard Blueprint through Flask's test client: pages, search, actions, CSRF, read-only, escaping.
+
+The same pages in a real browser, on the example app, are in ``test_dashboard_browser.py``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+from werkzeug.test import TestResponse
+
+from flask_cio_rudder import get_outbox
+from flask_cio_rudder.dashboard import dashboard
+from flask_cio_rudder.testing import FakeDataPlane
+
+from .conftest import sample
+from .helpers import refuse
+
+Post = Callable[..., TestResponse]
+PREFIX = "/admin/cio"
+HOSTILE = '<script>alert("x")</script>'
+
+
+@pytest.fixture
+def config(tmp_path: Path, data_plane: FakeDataPlane) -> dict[str, Any]:
+    return {
+        "SECRET_KEY": "test-secret",
+        "CIO_RUDDER_FORWARDER": "outbox",
+        "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        "CIO_RUDDER_OUTBOX_SENDER": False,
+        "CIO_RUDDER_WRITE_KEY": data_plane.write_key,
+        "CIO_RUDDER_DATA_PLANE_URL": data_plane.url,
+    }
+
+
+@pytest.fixture
+def admin(make_app: Callable[..., Flask], config: dict[str, Any]) -> Flask:
+    app = make_app(**config)
+    app.register_blueprint(dashboard, url_prefix=PREFIX)
+    return app
+
+
+def token(page: TestResponse | str) -> str:
+    """The CSRF token of the first form on ``page``."""
+    html = page if isinstance(page, str) else page.get_data(as_text=True)
+    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert found, "the page has no form with a CSRF token"
+    return found.group(1)
+
+
+def text(response: TestResponse) -> str:
+    assert response.status_code == 200, response.get_data(as_text=True)[:500]
+    return response.get_data(as_text=True)
+
+
+def test_the_dashboard_is_not_exposed_unless_the_host_registers_it(
+    make_app: Callable[..., Flask], config: dict[str, Any]
+) -> None:
+    app = make_app(**config)
+    assert not [rule for rule in app.url_map.iter_rules() if rule.endpoint.startswith("cio_rudder_dashboard")]
+    assert app.test_client().get(f"{PREFIX}/").status_code == 404
+
+
+def test_the_overview_shows_the_counters_and_a_chart_of_the_last_hour(admin: Flask, post: Post) -> None:
+    client = admin.test_client()
+    post(client, sample("opened"))
+    post(client, {"event_id": "01NOBODY", "data": {}})
+    page = text(client.get(f"{PREFIX}/"))
+    assert re.search(r'id="pending">1<', page) and re.search(r'id="dead"><a [^>]*>1<', page)
+    assert 'id="sending">on<' in page and "Pause sending" in page
+    assert page.count('<rect class="accepted"') == 60
+    assert "accepted: 2" in page  # the event and the rejected body, this minute
+
+
+def test_pause_and_resume_are_posts_with_the_sessions_csrf_token(admin: Flask) -> None:
+    client = admin.test_client()
+    outbox = get_outbox(admin)
+    assert client.post(f"{PREFIX}/pause").status_code == 400  # no token: refused
+    assert client.post(f"{PREFIX}/pause", data={"csrf_token": "guess"}).status_code == 400
+    assert not outbox.status().paused
+    assert client.get(f"{PREFIX}/pause").status_code == 405  # a link cannot pause
+    paused = client.post(
+        f"{PREFIX}/pause", data={"csrf_token": token(client.get(f"{PREFIX}/"))}, follow_redirects=True
+    )
+    assert outbox.status().paused and "Sending is paused" in text(paused) and "Resume sending" in text(paused)
+    assert 'id="sending">paused<' in text(paused)
+    client.post(f"{PREFIX}/resume", data={"csrf_token": token(paused)})
+    assert not outbox.status().paused
+    other = admin.test_client()  # another browser session: the first one's token is no good there
+    other.get(f"{PREFIX}/")
+    assert other.post(f"{PREFIX}/pause", data={"csrf_token": token(paused)}).status_code == 400
+
+
+def test_without_a_secret_key_the_dashboard_fails_naming_it(
+    make_app: Callable[..., Flask], config: dict[str, Any]
+) -> None:
+    app = make_app(**{**config, "SECRET_KEY": None})
+    app.register_blueprint(dashboard, url_prefix=PREFIX)
+    with pytest.raises(RuntimeError, match="SECRET_KEY"):
+        app.test_client().get(f"{PREFIX}/")
+
+
+def test_with_flask_wtf_its_csrf_token_protects_the_actions(
+    make_app: Callable[..., Flask], config: dict[str, Any]
+) -> None:
+    from flask_wtf.csrf import CSRFProtect
+
+    app = make_app(**{**config, "WTF_CSRF_CHECK_DEFAULT": False})  # even with its automatic check off
+    CSRFProtect(app)
+    app.register_blueprint(dashboard, url_prefix=PREFIX)
+    client = app.test_client()
+    assert client.post(f"{PREFIX}/pause").status_code == 400
+    assert (
+        client.post(f"{PREFIX}/pause", data={"csrf_token": token(client.get(f"{PREFIX}/"))}).status_code
+        == 302
+    )
+    assert get_outbox(app).status().paused
+
+
+def test_read_only_hides_and_refuses_every_action(
+    make_app: Callable[..., Flask], config: dict[str, Any], data_plane: FakeDataPlane
+) -> None:
+    app = make_app(**{**config, "CIO_RUDDER_DASHBOARD_READ_ONLY": True})
+    app.register_blueprint(dashboard, url_prefix=PREFIX)
+    refuse(app, data_plane, sample("bounced"))
+    client = app.test_client()
+    pages = [
+        text(client.get(f"{PREFIX}{path}"))
+        for path in ("/", "/dead-letters", f"/event?id={sample('bounced')['event_id']}")
+    ]
+    assert not any("<form" in page and 'method="post"' in page for page in pages)
+    assert "Requeue" not in pages[1] and "Purge" not in pages[1]
+    with client.session_transaction() as session:
+        session["_cio_rudder_csrf"] = "known"
+    for path in ("/pause", "/dead-letters/requeue", "/dead-letters/purge", "/dead-letters/requeue-one"):
+        refused = client.post(
+            f"{PREFIX}{path}", data={"csrf_token": "known", "event_id": sample("bounced")["event_id"]}
+        )
+        assert refused.status_code == 403 and b"CIO_RUDDER_DASHBOARD_READ_ONLY" in refused.data
+    assert get_outbox(app).count_dead_letters() == 1 and not get_outbox(app).status().paused
+
+
+def test_dead_letters_are_searched_shown_and_requeued_one_at_a_time(
+    admin: Flask, data_plane: FakeDataPlane
+) -> None:
+    bounced, opened = sample("bounced"), sample("opened")
+    refuse(admin, data_plane, bounced, opened)
+    client = admin.test_client()
+    listing = text(client.get(f"{PREFIX}/dead-letters"))
+    assert 'Dead letters <span class="muted">(2)' in listing and "bob@example.com" in listing
+    assert "Email Bounced" in listing and "RudderStack answered 400: simulated failure" in listing
+    by_email = text(client.get(f"{PREFIX}/dead-letters", query_string={"email": "BOB@example.com"}))
+    assert bounced["event_id"] in by_email and opened["event_id"] not in by_email
+    by_id = text(client.get(f"{PREFIX}/dead-letters", query_string={"event_id": opened["event_id"]}))
+    assert opened["event_id"] in by_id and bounced["event_id"] not in by_id
+    assert "No dead letters match" in text(
+        client.get(f"{PREFIX}/dead-letters", query_string={"reason": "timeout"})
+    )
+    assert client.get(f"{PREFIX}/dead-letters", query_string={"since": "soon"}).status_code == 400
+
+    body = text(client.get(f"{PREFIX}/event", query_string={"id": bounced["event_id"]}))
+    assert "550 5.1.1 The email account" in body and 'id="outcome">dead<' in body
+    answered = client.post(
+        f"{PREFIX}/dead-letters/requeue-one",
+        data={"csrf_token": token(listing), "event_id": bounced["event_id"]},
+        follow_redirects=True,
+    )
+    assert "Requeued" in text(answered) and 'id="outcome">pending<' in text(answered)
+    get_outbox(admin).flush()
+    delivered = text(client.get(f"{PREFIX}/events", query_string={"q": bounced["event_id"]}))
+    assert '<span class="pill delivered">delivered</span>' in delivered
+    assert [event["event"] for event in data_plane.events] == ["Email Bounced"]
+
+
+def test_requeue_all_and_purge_go_through_a_confirmation_page(
+    admin: Flask, data_plane: FakeDataPlane, post: Post
+) -> None:
+    refuse(admin, data_plane, sample("bounced"), sample("opened"))
+    client = admin.test_client()
+    post(client, {"event_id": "01NOBODY", "object_type": "email", "metric": "sent", "data": {}})
+    confirm = text(client.get(f"{PREFIX}/dead-letters/requeue", query_string={"reason": "simulated"}))
+    assert "Requeue 2 dead letters?" in confirm and "<code>simulated</code>" in confirm
+    assert get_outbox(admin).count_dead_letters() == 3  # asking changed nothing
+    done = client.post(
+        f"{PREFIX}/dead-letters/requeue",
+        data={"csrf_token": token(confirm), "reason": "simulated"},
+        follow_redirects=True,
+    )
+    assert "Requeued 2 events" in text(done)
+    assert get_outbox(admin).status().pending == 2
+    purge = text(client.get(f"{PREFIX}/dead-letters/purge"))
+    assert "Purge 1 dead letters?" in purge and "deleted for good" in purge
+    client.post(f"{PREFIX}/dead-letters/purge", data={"csrf_token": token(purge)})
+    assert get_outbox(admin).count_dead_letters() == 0 and get_outbox(admin).status().pending == 2
+
+
+def test_the_events_page_tells_what_became_of_an_address(
+    admin: Flask, post: Post, data_plane: FakeDataPlane
+) -> None:
+    client = admin.test_client()
+    post(client, sample("bounced"))
+    get_outbox(admin).flush()
+    post(
+        client,
+        sample("spammed")
+        | {"data": sample("spammed")["data"] | {"identifiers": {"id": "43", "email": "bob@example.com"}}},
+    )
+    page = text(client.get(f"{PREFIX}/events", query_string={"q": "Bob@Example.com"}))
+    assert page.count('class="pill delivered"') == 1 and page.count('class="pill pending"') == 1
+    assert "Nothing kept for" in text(
+        client.get(f"{PREFIX}/events", query_string={"q": "nobody@example.com"})
+    )
+
+
+def test_everything_from_a_body_is_escaped(admin: Flask, post: Post, data_plane: FakeDataPlane) -> None:
+    client = admin.test_client()
+    hostile = sample("bounced")
+    hostile["event_id"] = f'01"><{HOSTILE}'
+    hostile["data"] = {"identifiers": {"email": f"{HOSTILE}@example.com"}, "recipient": HOSTILE}
+    refuse(admin, data_plane, hostile)  # a dead letter whose every field is attacker-chosen
+    post(client, {"event_id": HOSTILE, "metric": HOSTILE, "data": {"subject": HOSTILE}})  # rejected: no one
+    assert get_outbox(admin).count_dead_letters() == 2
+    pages = [
+        text(client.get(f"{PREFIX}/dead-letters")),
+        text(client.get(f"{PREFIX}/event", query_string={"id": hostile["event_id"]})),
+        text(client.get(f"{PREFIX}/events", query_string={"q": f"{HOSTILE}@example.com"})),
+        text(client.get(f"{PREFIX}/events", query_string={"q": HOSTILE})),
+    ]
+    for page in pages:
+        assert "<script>" not in page and "&lt;script&gt;" in page
+    response = client.get(f"{PREFIX}/dead-letters")
+    assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+    assert response.headers["Cache-Control"] == "no-store"

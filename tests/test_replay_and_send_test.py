@@ -1,0 +1,109 @@
+"""``flask cio-rudder replay FILE`` and ``flask cio-rudder send-test URL``, as operators run them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+
+from example_app.demo import serve
+from flask_cio_rudder import get_outbox, signals
+from flask_cio_rudder.testing import FakeDataPlane, record_events
+
+from .conftest import EMAIL_EVENTS, SIGNING_KEY, sample
+from .helpers import free_port, record_signals
+
+NO_IDENTITY = {"event_id": "01NOBODY", "object_type": "email", "metric": "sent", "data": {}}
+
+
+@pytest.fixture
+def outbox_app(make_app: Callable[..., Flask], tmp_path: Path, data_plane: FakeDataPlane) -> Flask:
+    return make_app(
+        CIO_RUDDER_FORWARDER="outbox",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        CIO_RUDDER_WRITE_KEY=data_plane.write_key,
+        CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
+    )
+
+
+def write_lines(path: Path, *lines: Any) -> Path:
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    return path
+
+
+def test_replay_runs_each_line_through_the_webhook_stages_without_signals(
+    outbox_app: Flask, tmp_path: Path, data_plane: FakeDataPlane
+) -> None:
+    bounced, opened = sample("bounced"), sample("opened")
+    log = write_lines(tmp_path / "bodies.jsonl", bounced, "", opened, bounced, NO_IDENTITY, "[1, 2]", "{oops")
+    with record_signals(outbox_app, signals.event_received, signals.event_rejected) as fired:
+        result = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "replay", str(log)])
+    assert result.exit_code == 0, result.output
+    assert "6 bodies from" in result.output
+    assert "2 accepted, 1 duplicate, 1 rejected, 2 not JSON objects (no signals sent" in result.output
+    assert "1  no userId or anonymousId" in result.output
+    assert (
+        "line 6: the body must be a JSON object" in result.output
+        and "line 7: the body is not valid JSON" in result.output
+    )
+    assert fired == []
+    outbox = get_outbox(outbox_app)
+    assert (outbox.status().pending, outbox.status().dead) == (2, 1)
+    assert outbox.flush().delivered == 2
+    assert sorted(event["event"] for event in data_plane.events) == ["Email Bounced", "Email Opened"]
+
+
+def test_replay_of_a_json_array_with_signals_announces_what_it_accepts(
+    outbox_app: Flask, tmp_path: Path
+) -> None:
+    path = tmp_path / "bodies.json"
+    path.write_text(json.dumps([sample("clicked"), NO_IDENTITY]))
+    with record_signals(outbox_app, signals.email_clicked, signals.event_rejected) as fired:
+        result = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "replay", str(path), "--signals"])
+    assert "1 accepted, 0 duplicate, 1 rejected, 0 not JSON objects\n" in result.output
+    assert [name for name, _ in fired] == ["email-clicked", "event-rejected"]
+    again = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "replay", str(path)])
+    assert "0 accepted, 1 duplicate, 1 rejected" in again.output  # safe to run twice
+
+
+def test_replay_validates_as_the_app_does(make_app: Callable[..., Flask], tmp_path: Path) -> None:
+    strict = make_app(CIO_RUDDER_VALIDATION="strict")
+    body = sample("bounced")
+    del body["data"]["failure_message"]  # breaks Customer.io's schema; only "strict" rejects it
+    log = write_lines(tmp_path / "bodies.jsonl", body)
+    result = strict.test_cli_runner().invoke(args=["cio-rudder", "replay", str(log)])
+    assert "0 accepted, 0 duplicate, 1 rejected" in result.output
+    assert "invalid fields: data.failure_message" in result.output
+
+
+def test_send_test_posts_six_signed_samples_with_fresh_ids_and_reports_each_answer(
+    make_app: Callable[..., Flask],
+) -> None:
+    deployed = make_app()
+    local = make_app(CIO_RUDDER_SIGNING_KEY=["other-key", SIGNING_KEY])  # rotated: the first key signs
+    with serve(deployed) as base_url, record_events(deployed) as received:
+        url = base_url + "/webhooks/customerio"
+        wrong_key = local.test_cli_runner().invoke(args=["cio-rudder", "send-test", url])
+        fine = make_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY).test_cli_runner()
+        first = fine.invoke(args=["cio-rudder", "send-test", url])
+        second = fine.invoke(args=["cio-rudder", "send-test", url])
+    assert wrong_key.exit_code == 1 and "0 of 6 accepted" in wrong_key.output
+    assert "the first key of the list" in wrong_key.output and "refused the signature" in wrong_key.output
+    for result in (first, second):
+        assert result.exit_code == 0, result.output
+        assert result.output.count(" 200  accepted  (") == 6 and "OK: 6 of 6 accepted" in result.output
+    assert "fresh event_id" in first.output
+    assert sorted(event.metric for event in received) == sorted(2 * EMAIL_EVENTS)
+    assert len({event.event_id for event in received}) == 12
+
+
+def test_send_test_says_when_nothing_answers(app: Flask) -> None:
+    result = app.test_cli_runner().invoke(
+        args=["cio-rudder", "send-test", f"http://127.0.0.1:{free_port()}/hook", "--timeout", "2"]
+    )
+    assert result.exit_code == 1
+    assert "no answer (ConnectionError)" in result.output and "0 of 6 accepted" in result.output
