@@ -53,7 +53,7 @@ class CioEvent:
     data: dict[str, Any]
     raw: dict[str, Any]
     payload: dict[str, Any]
-    #: ``payload`` as compact ASCII JSON: the exact text sent to RudderStack.
+    #: ``payload`` as compact JSON: the exact text sent to RudderStack (UTF-8 on the wire).
     payload_json: str
     #: What the body breaks of Customer.io's schema, field path to message (``{}`` when nothing).
     #: Only information: in the default ``"compatible"`` validation such events are accepted.

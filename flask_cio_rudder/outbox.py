@@ -2,7 +2,8 @@
 
 :class:`OutboxForwarder` is the ``"outbox"`` forwarder: the webhook writes each
 accepted event to the store (SQLite by default, PostgreSQL by URL) before it
-answers, and a :class:`~flask_cio_rudder.sender.Sender` delivers the store, from a
+answers (on SQLite, by way of a per-process spool file: see :mod:`flask_cio_rudder.spool`),
+and a :class:`~flask_cio_rudder.sender.Sender` delivers the store, from a
 thread of each web process or from ``flask cio-rudder worker``. :class:`Outbox` is
 what operators steer (``get_outbox(app)``, ``flask cio-rudder ...``).
 """
@@ -24,6 +25,7 @@ from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
 from .rudderstack import DataPlane, check_url, data_plane_from_config
 from .sender import Delivery, Sender
+from .spool import Spool, spool_for
 from .store import (
     Activity,
     DeadLetter,
@@ -94,9 +96,16 @@ class Outbox:
     ``get_outbox(app)`` returns it; ``flask cio-rudder ...`` calls it.
     """
 
-    def __init__(self, store: OutboxStore, sender: Sender) -> None:
+    def __init__(self, store: OutboxStore, sender: Sender, spool: Spool | None = None) -> None:
         self.store = store
         self.sender = sender
+        #: Where this process appends accepted events before they are moved into ``store`` (SQLite only).
+        self.spool = spool
+
+    def _move_spooled(self) -> None:
+        """Move what this process spooled, and what dead processes left, into the store."""
+        if self.spool is not None:
+            self.spool.move()
 
     @property
     def url(self) -> str:
@@ -121,11 +130,13 @@ class Outbox:
 
     def status(self) -> OutboxStatus:
         """Counts of pending, delivered and dead events, what senders hold, the last error."""
+        self._move_spooled()
         return self.store.status()
 
     def flush(self, timeout: float = 30.0) -> FlushReport:
         """Send what is due now, from this thread, for at most ``timeout`` seconds; says what is left."""
         try:
+            self._move_spooled()
             outcome = self.sender.flush(timeout)
         except StoreError as error:
             outcome = Delivery(error=str(error))
@@ -167,6 +178,7 @@ class Outbox:
     def find(self, query: str, limit: int = 50) -> list[EventRecord]:
         """What became of an event id, or (for a query with ``@``) of an email address's events."""
         query = query.strip()
+        self._move_spooled()  # an event accepted a moment ago is found too
         if "@" in query:
             return self.store.find(email=query, limit=limit)
         return self.store.find(event_id=query, limit=limit) if query else []
@@ -200,13 +212,19 @@ class Outbox:
         """Run this process's sender until ``stopping`` is set, then stop within the shutdown timeout."""
         if not self.store.notifies:
             self.sender.idle_wait = min(self.sender.idle_wait, _WORKER_POLL)
+        if self.spool is not None:  # takes over the spools of web processes that died
+            self.spool.ensure_running()
         self.sender.ensure_running()
         while not stopping.wait(1.0):  # a timeout, so that signal handlers run promptly
             pass
+        if self.spool is not None:
+            self.spool.stop(self.sender.shutdown_timeout)
         self.sender.stop()
 
     def close(self) -> None:
-        """Stop the sender (sending what it can within the shutdown timeout) and close the store."""
+        """Move what is spooled, stop the sender (sending what it can within the shutdown timeout), close."""
+        if self.spool is not None:
+            self.spool.stop(self.sender.shutdown_timeout)
         self.sender.stop()
         self.store.close()
 
@@ -215,8 +233,11 @@ class OutboxForwarder(Forwarder):
     """Keeps every accepted event in the outbox store before the webhook answers.
 
     Nothing about RudderStack is awaited in the request: a sender delivers the
-    outbox (see :mod:`flask_cio_rudder.sender`). Duplicates are found in the store,
-    so they collapse across processes, restarts and (on PostgreSQL) servers.
+    outbox (see :mod:`flask_cio_rudder.sender`). On SQLite an accepted event is
+    appended to this process's spool, which a thread moves into the store in batches
+    (see :mod:`flask_cio_rudder.spool`); on PostgreSQL it is written to the store.
+    Duplicates are found in the store (and in this process's spool), so they collapse
+    across processes, restarts and (on PostgreSQL) servers.
     """
 
     def __init__(self, app: Flask) -> None:
@@ -246,18 +267,30 @@ class OutboxForwarder(Forwarder):
             shutdown_timeout=config["CIO_RUDDER_SHUTDOWN_TIMEOUT"],
             max_requests_per_second=config["CIO_RUDDER_MAX_REQUESTS_PER_SECOND"],
         )
-        self.outbox = Outbox(store, sender)
+        self.spool = spool_for(store, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"], on_moved=sender.wake)
+        self.outbox = Outbox(store, sender, self.spool)
         self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
         if self.background:
             sender.ensure_running()
+            if self.spool is not None:  # at once: a restart takes over what its predecessor left
+                self.spool.ensure_running()
 
     def is_duplicate(self, event_id: str) -> bool:
+        if self.spool is not None and self.spool.holds(event_id):
+            return True
         try:
             return self.outbox.store.is_known(event_id)
         except StoreError as error:
             raise ForwardError(f"could not read the outbox: {error}") from error
 
     def accept(self, event: CioEvent) -> None:
+        if self.spool is not None:
+            try:
+                self.spool.append(event.event_id, event.payload_json)
+            except OSError as error:
+                raise ForwardError(f"could not write the outbox's spool: {error}") from error
+            self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store
+            return
         try:
             self.outbox.store.add(
                 event.event_id, event.payload_json, event_name=event.name, email=event.email

@@ -56,10 +56,10 @@ class Validation:
                 "no userId or anonymousId: the body has no data.customer_id, data.identifiers.id "
                 "or email, and RudderStack refuses events without one"
             )
-        if len(payload_json) > MAX_EVENT_BYTES:  # ASCII, so characters are bytes
+        size = len(payload_json.encode("utf-8"))  # the bytes sent to RudderStack
+        if size > MAX_EVENT_BYTES:
             raise InvalidEvent(
-                f"the RudderStack event is {len(payload_json)} bytes; RudderStack accepts at most "
-                f"{MAX_EVENT_BYTES}"
+                f"the RudderStack event is {size} bytes; RudderStack accepts at most {MAX_EVENT_BYTES}"
             )
         if problems:
             self._report(payload["event"], problems)

@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 import requests
 
+from flask_cio_rudder.spool import spool_for
 from flask_cio_rudder.store import OutboxStatus, Pending, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane, encode, signature_headers
 from flask_cio_rudder.transform import message_id, transform
@@ -88,8 +89,12 @@ def assert_delivered_exactly_once(stored: list[dict[str, Any]], event_ids: Colle
 
 
 def outbox_status(url: str, table: str | None = None) -> OutboxStatus:
+    """The outbox as an operator sees it: what dead processes left in their spools is moved in first."""
     store = store_from_url(url, table=table)
     try:
+        spool = spool_for(store, durability="process-crash")
+        if spool is not None:
+            spool.move()
         return store.status()
     finally:
         store.close()
@@ -262,6 +267,14 @@ def test_events_accepted_before_a_sigkill_are_delivered_once_after_the_restart(
     first.kill()
     assert first.process.returncode == -signal.SIGKILL
     assert deployment.forwarded() == []
+    # The worker dies with its master's group but is reaped by it a moment later; its spool is
+    # adopted once its lock is gone. Nothing of the 50 is lost meanwhile: they are only counted.
+    wait_until(
+        lambda: deployment.status().pending == 50,
+        10,
+        "the 50 accepted events are in the outbox",
+        lambda: str(deployment.status()),
+    )
     status = deployment.status()
     assert (status.pending, status.delivered, status.dead) == (50, 0, 0)
 
@@ -325,6 +338,31 @@ def test_preloaded_workers_send_after_the_fork_and_nothing_is_forwarded_twice(de
             f"only {senders} forwarded (master: {server.pid}, workers: {workers}): "
             "no worker's sender ran after the fork"
         )
+
+
+def test_retries_sent_to_both_workers_at_once_are_forwarded_once(deployment: Deployment) -> None:
+    """Each event posted twice at the same moment: either worker may accept it; it is forwarded once.
+
+    A copy that reaches the other worker before the first copy left that worker's spool is
+    accepted again (its receivers run again, as documented); the store keeps one.
+    """
+    with FakeDataPlane(write_key=WRITE_KEY) as plane:
+        server = deployment.start(plane.url, workers=2)
+        bodies = make_bodies("retry", 60)
+
+        def post_twice(body: dict[str, Any]) -> list[str]:
+            with ThreadPoolExecutor(max_workers=2) as pair:
+                answers = list(pair.map(lambda _: post_event(server.url, body), range(2)))
+            assert all(answer.status_code == 200 for answer in answers), [a.text for a in answers]
+            return [answer.json()["status"] for answer in answers]
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            statuses = [status for pair in pool.map(post_twice, bodies) for status in pair]
+        assert set(statuses) <= {"accepted", "duplicate"} and statuses.count("accepted") >= len(bodies)
+        deployment.wait_forwarded(len(bodies), plane, server)
+        assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
+        status = deployment.status()
+        assert (status.pending, status.delivered) == (0, len(bodies))
 
 
 # -- 3. SIGTERM while the data plane hangs -------------------------------------------------------

@@ -149,3 +149,43 @@ def test_a_fork_waits_for_an_open_transaction_and_the_child_can_write(tmp_path: 
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.is_known("second") and store.is_known("from-child")
     store.close()
+
+
+def test_a_read_is_not_held_up_by_another_threads_open_transaction(tmp_path: Path) -> None:
+    """The web request's duplicate lookup must not wait for the spool mover's or the sender's commit."""
+    store = store_from_url(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    store.add("old", "{}")
+    inside, go = threading.Event(), threading.Event()
+
+    def slow_events() -> object:
+        yield Pending("first", "{}")
+        inside.set()
+        go.wait(30)  # the transaction stays open meanwhile
+        yield Pending("second", "{}")
+
+    seen: list[bool] = []
+    look = threading.Event()
+
+    def reader() -> None:  # a web worker's request thread: its connection is open before the transaction
+        seen.append(store.is_known("old"))
+        look.wait(30)
+        seen.append(store.is_known("old"))
+        seen.append(store.is_known("first"))
+
+    request_thread = threading.Thread(target=reader)
+    request_thread.start()
+    wait_until(lambda: seen == [True], 10, "the request thread has its connection")
+    adder = threading.Thread(target=lambda: store.add_many(slow_events()))
+    adder.start()
+    try:
+        assert inside.wait(10)
+        look.set()
+        wait_until(
+            lambda: not request_thread.is_alive(), 10, "the lookups answer while the transaction is open"
+        )
+        assert seen == [True, True, False]  # "first" is not committed yet: the last commit is what is seen
+    finally:
+        go.set()
+        adder.join(10)
+    assert store.is_known("second")
+    store.close()

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flask_cio_rudder import InvalidEvent, transform
-from flask_cio_rudder.transform import RudderStackTrack, dump
+from flask_cio_rudder.transform import MESSAGE_ID_NAMESPACE, RudderStackTrack, dump, is_text, message_id
 
 from .conftest import CONFORMANCE
 
@@ -230,6 +230,12 @@ def test_message_ids_are_equal_exactly_when_event_ids_are(first: str, second: st
     one = transform(body(event_id=first))["messageId"]
     assert one == transform(body(event_id=first))["messageId"]
     assert (one == transform(body(event_id=second))["messageId"]) == (first == second)
+
+
+@REPRODUCIBLE
+@given(st.text(min_size=1).filter(is_text))
+def test_the_message_id_is_uuid5_of_the_event_id(event_id: str) -> None:
+    assert message_id(event_id) == str(uuid.uuid5(MESSAGE_ID_NAMESPACE, event_id))
 
 
 # -- event names ----------------------------------------------------------------------------

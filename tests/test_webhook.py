@@ -139,6 +139,17 @@ def test_a_chunked_body_over_the_limit_is_413(make_app: Callable[..., Flask]) ->
     assert response.status_code == 413
 
 
+def test_flasks_own_max_content_length_still_answers_413(make_app: Callable[..., Flask], post: Post) -> None:
+    """The body is read from the WSGI input directly, except where Flask's own limit must speak."""
+    app = make_app(MAX_CONTENT_LENGTH=100)
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
+        response = post(app.test_client(), sample("opened"))
+    assert response.status_code == 413
+    assert recorder == []
+    roomy = make_app(MAX_CONTENT_LENGTH=100_000)
+    assert post(roomy.test_client(), sample("opened")).json["status"] == "accepted"
+
+
 @pytest.mark.parametrize(
     ("raw", "problem"),
     [

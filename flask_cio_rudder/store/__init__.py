@@ -14,6 +14,7 @@ import os
 import time
 from urllib.parse import unquote, urlsplit
 
+from . import forkguard  # noqa: F401  (first: its fork hook must run before the senders' and spools')
 from .base import (
     Activity,
     Claim,

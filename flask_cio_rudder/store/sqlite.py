@@ -16,7 +16,8 @@ The lock file must stay while the app runs: it is the lock, not a marker.
 An SQLite connection must never cross a ``fork()`` (gunicorn ``--preload`` forks
 workers from a process whose sender thread may be inside a transaction; the child
 would then wait forever for a lock nobody holds). So every use of a connection
-holds ``_fork_lock``, and a fork first takes that lock and closes every connection.
+is a shared use of ``_fork_guard``, and a fork first takes it exclusively (waiting until no
+thread is inside SQLite) and closes every connection.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from .base import (
     search_email,
     storage_key,
 )
+from .forkguard import fork_guard as _fork_guard
 
 if sys.platform != "win32":
     import fcntl
@@ -73,25 +75,23 @@ DURABILITY = {"process-crash": "NORMAL", "power-loss": "FULL"}
 #: The table of outboxes made before the table name could be chosen; its side table is ``meta``.
 DEFAULT_TABLE = "events"
 
-_fork_lock = threading.RLock()
 _live_stores: weakref.WeakSet[SQLiteStore] = weakref.WeakSet()
 
 
 def _close_all_before_fork() -> None:
-    _fork_lock.acquire()  # waits until no thread of this process is inside SQLite
+    _fork_guard.acquire()  # waits until no thread of this process is inside SQLite
     for store in list(_live_stores):
         store.close()
 
 
 def _release_after_fork() -> None:
-    _fork_lock.release()
+    _fork_guard.release()
 
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(
         before=_close_all_before_fork,
         after_in_parent=_release_after_fork,
-        after_in_child=_release_after_fork,
     )
 
 
@@ -263,7 +263,7 @@ class SQLiteStore(OutboxStore):
         SQLite's errors (and the lock file's) leave as :class:`StoreUnavailable`.
         """
         try:
-            with _fork_lock:
+            with _fork_guard.shared():
                 db = self._db()
                 if not self._ready:
                     self._create(db)
@@ -332,7 +332,7 @@ class SQLiteStore(OutboxStore):
 
     def close(self) -> None:
         """Close every connection of this process; each thread reopens its own on next use."""
-        with _fork_lock:
+        with _fork_guard.exclusive():
             opened, self._opened = self._opened, []
             self._local = threading.local()
             for db, lock_file in opened:

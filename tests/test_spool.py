@@ -1,0 +1,302 @@
+"""The spool's promises: what a process accepted survives its SIGKILL at any moment, once.
+
+Each process appends accepted events to a spool file of its own and moves them into the
+SQLite outbox in batches (``flask_cio_rudder/spool.py``). The processes killed here are
+real: a child Python process appends, or moves, and stops at a chosen point (it says so
+on stdout, then waits on stdin); the test SIGKILLs it there and adopts what it left, as
+any mover, ``status`` or ``flush`` of a live process does. Nothing waits a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+from flask import Flask
+from hypothesis import given
+from hypothesis import strategies as st
+from werkzeug.test import TestResponse
+
+from flask_cio_rudder import get_outbox
+from flask_cio_rudder.spool import Spool, decode_records, encode_record, spool_for
+from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
+from flask_cio_rudder.testing import FakeDataPlane
+
+from .conftest import sample
+from .helpers import wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# -- records -------------------------------------------------------------------------------------
+
+ids = st.text(min_size=1, max_size=40)  # any str, lone surrogates and NUL included
+payloads = st.text(max_size=200).map(lambda text: json.dumps({"event": text}))
+records = st.lists(st.tuples(ids, payloads, st.floats(0, 2e9)), max_size=8)
+
+
+@given(records)
+def test_records_read_back_as_written(written: list[tuple[str, str, float]]) -> None:
+    data = b"".join(encode_record(*record) for record in written)
+    assert decode_records(data) == ([Pending(*record) for record in written], 0)
+
+
+@given(records.filter(bool), st.data())
+def test_a_record_cut_short_by_a_crash_is_skipped_and_what_came_before_is_kept(
+    written: list[tuple[str, str, float]], data: st.DataObject
+) -> None:
+    encoded = [encode_record(*record) for record in written]
+    whole = b"".join(encoded[:-1])
+    cut = data.draw(st.integers(0, len(encoded[-1]) - 1), label="bytes of the last record written")
+    decoded, torn = decode_records(whole + encoded[-1][:cut])
+    assert decoded == [Pending(*record) for record in written[:-1]]
+    assert torn == cut
+
+
+@given(records.filter(bool), st.data())
+def test_a_garbled_record_is_never_read_as_an_event(
+    written: list[tuple[str, str, float]], data: st.DataObject
+) -> None:
+    """Any byte of the last record changed (a power loss in "process-crash" mode): it is dropped."""
+    encoded = [encode_record(*record) for record in written]
+    last = bytearray(encoded[-1])
+    where = data.draw(st.integers(0, len(last) - 1), label="byte changed")
+    last[where] ^= data.draw(st.integers(1, 255), label="xor")
+    decoded, torn = decode_records(b"".join(encoded[:-1]) + bytes(last))
+    assert decoded == [Pending(*record) for record in written[:-1]]
+    assert torn == len(last)
+
+
+# -- one process ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[OutboxStore]:
+    made = store_from_url(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def make_spool(store: OutboxStore, **options: Any) -> Spool:
+    spool = spool_for(store, durability="process-crash", **options)
+    assert spool is not None
+    return spool
+
+
+def pending_ids(store: OutboxStore) -> list[str]:
+    return [event.event_id for event in store.pending(10_000)]
+
+
+def test_moved_events_are_pending_in_the_store_and_the_file_is_emptied(store: OutboxStore) -> None:
+    spool = make_spool(store)
+    for number in range(3):
+        spool.append(f"e{number}", json.dumps({"n": number}))
+    assert spool.holds("e1") and not store.is_known("e1")
+    assert spool.move() == 3
+    assert pending_ids(store) == ["e0", "e1", "e2"] and not spool.holds("e1")
+    (name,) = os.listdir(spool.directory)
+    assert os.path.getsize(os.path.join(spool.directory, name)) == 0
+    spool.stop()
+    assert os.listdir(spool.directory) == []  # a clean exit leaves nothing to adopt
+
+
+def test_appends_while_moving_are_each_moved_once_across_new_files(store: OutboxStore) -> None:
+    """A file that grew large is replaced and deleted once moved; appends go on meanwhile."""
+    spool = make_spool(store)
+    spool.ROTATE_BYTES = 2_000  # a few records per file
+    appended = [f"e{number:04d}" for number in range(400)]
+
+    def append_all() -> None:
+        for event_id in appended:
+            spool.append(event_id, json.dumps({"id": event_id}))
+
+    writer = threading.Thread(target=append_all)
+    writer.start()
+    moved = 0
+    while writer.is_alive():
+        moved += spool.move()
+    writer.join()
+    moved += spool.move()
+    assert moved == len(appended)
+    assert pending_ids(store) == appended
+    assert len(os.listdir(spool.directory)) <= 1  # the moved, retired files are gone
+    spool.stop()
+
+
+def test_a_retry_accepted_by_two_processes_before_the_move_is_kept_once(store: OutboxStore) -> None:
+    """Two spools (two files, two locks) stand for two web processes that each accepted the retry."""
+    first, second = make_spool(store), make_spool(store)
+    first.append("retried", json.dumps({"copy": 1}))
+    second.append("retried", json.dumps({"copy": 2}))
+    first.move()
+    second.move()
+    claim = store.claim(10, 60, 7 * 24 * 3600)
+    assert [(event.event_id, json.loads(event.payload_json)) for event in claim.events] == [
+        ("retried", {"copy": 1})
+    ]
+    store.mark_delivered(claim.owner, ["retried"])
+    third = make_spool(store)
+    third.append("retried", json.dumps({"copy": 3}))  # a late replay, after the delivery
+    third.move()
+    assert store.status().delivered == 1 and store.status().pending == 0
+    for spool in (first, second, third):
+        spool.stop()
+
+
+def test_power_loss_durability_fsyncs_each_append_before_the_webhook_answers(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    make_app: Callable[..., Flask],
+    data_plane: FakeDataPlane,
+    post: Callable[..., TestResponse],
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        real_fsync(fd)
+        synced.append(os.fstat(fd).st_ino)
+
+    app = make_app(
+        CIO_RUDDER_FORWARDER="outbox",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        CIO_RUDDER_WRITE_KEY=data_plane.write_key,
+        CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        CIO_RUDDER_OUTBOX_DURABILITY="power-loss",
+    )
+    spool = get_outbox(app).spool
+    assert spool is not None and spool.fsync
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    for number, metric in enumerate(("opened", "clicked")):
+        synced.clear()
+        body = sample(metric) | {"event_id": f"durable-{number}"}
+        assert post(app.test_client(), body).json["status"] == "accepted"
+        spooled = {
+            os.stat(os.path.join(spool.directory, name)).st_ino for name in os.listdir(spool.directory)
+        }
+        assert spooled & set(synced), "the spool file was not fsync'ed before the answer"
+
+
+# -- processes killed at chosen points -----------------------------------------------------------
+
+CHILD = """
+import json, sys
+from flask_cio_rudder.spool import Spool, spool_for
+from flask_cio_rudder.store import store_from_url
+
+url, count, stop_at = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+store = store_from_url(url)
+
+
+class Stopping(Spool):
+    def _add(self, records):
+        if stop_at == "inside the move":
+            def stopping():  # add_many reads this inside its transaction
+                for number, record in enumerate(records):
+                    if number == len(records) // 2:
+                        print(stop_at, flush=True)
+                        sys.stdin.read()
+                    yield record
+            self.store.add_many(stopping())
+        else:
+            self.store.add_many(records)
+            print(stop_at, flush=True)  # "after the move": committed, not yet forgotten
+            sys.stdin.read()
+
+
+spool = Stopping(spool_for(store, durability="process-crash").directory, store)
+for number in range(count):
+    spool.append(f"killed-{number:03d}", json.dumps({"number": number}))
+if stop_at == "after the answer":
+    print(stop_at, flush=True)  # appended (the webhook would have answered), nothing moved
+    sys.stdin.read()
+spool.move(adopt=False)
+"""
+
+
+def run_until_killed(url: str, count: int, stop_at: str) -> None:
+    """Run the child until it reaches ``stop_at``, then SIGKILL it there."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, url, str(count), stop_at],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout is not None
+        said = child.stdout.readline().strip()
+        assert said == stop_at, child.communicate(timeout=30)[1]
+    finally:
+        child.kill()
+        child.communicate(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop_at", ["after the answer", "inside the move", "after the move"])
+def test_events_of_a_process_killed_at_any_point_are_adopted_once(store: OutboxStore, stop_at: str) -> None:
+    """SIGKILL between the answer and the move, inside the move's transaction, or after its commit."""
+    survivor = make_spool(store)
+    run_until_killed(store.url, 20, stop_at)
+    assert survivor.move() == 20  # the dead process's file, whatever it had moved before
+    assert pending_ids(store) == [f"killed-{number:03d}" for number in range(20)]
+    assert store.status().pending == 20
+    assert os.listdir(survivor.directory) == []  # adopted files are deleted
+    assert survivor.move() == 0
+
+
+@pytest.mark.slow
+def test_a_live_process_keeps_its_file_until_it_dies(store: OutboxStore) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, store.url, "5", "after the answer"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    survivor = make_spool(store)
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "after the answer", child.stderr
+        assert survivor.move() == 0  # locked by a live process: it moves its own
+        assert len(os.listdir(survivor.directory)) == 1
+    finally:
+        child.kill()
+        child.communicate(timeout=30)
+    wait_until(lambda: survivor.move() == 5, what="the dead child's five events are adopted")
+    assert store.status().pending == 5
+
+
+@pytest.mark.slow
+def test_a_forked_child_writes_its_own_file_and_the_parent_adopts_it_when_the_child_dies(
+    store: OutboxStore,
+) -> None:
+    """After ``fork()`` (gunicorn ``--preload``) the child never appends to its parent's file."""
+    spool = make_spool(store)
+    spool.append("parent-0", json.dumps({}))
+    pid = os.fork()
+    if pid == 0:  # the child: append, then die without moving anything
+        try:
+            spool.append("child-0", json.dumps({}))
+            spool.append("child-1", json.dumps({}))
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert len(os.listdir(spool.directory)) == 2  # the parent's file and the child's
+    assert spool.move() == 3
+    assert pending_ids(store) == ["child-0", "child-1", "parent-0"]
+    spool.stop()
