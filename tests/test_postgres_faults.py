@@ -36,6 +36,10 @@ class ThrowawayPostgres:
     """A PostgreSQL server of the test's own, on a free loopback port, that it may kill and restart."""
 
     def __init__(self) -> None:
+        try:
+            import psycopg  # noqa: F401  (the app under test needs it to reach this server)
+        except ImportError:
+            unavailable('psycopg is not installed: pip install -e ".[postgres,test]"')
         binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or list(
             filter(None, [shutil.which("initdb")])
         )
