@@ -7,11 +7,12 @@ import stat
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from flask_cio_rudder.store import Pending, store_from_url
+from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
 from flask_cio_rudder.store.sqlite import SQLiteStore, holder_alive, this_process
 
 from .helpers import wait_until
@@ -102,6 +103,28 @@ def test_the_lock_file_gets_the_database_files_permissions(tmp_path: Path) -> No
     assert stat.S_IMODE((tmp_path / "outbox.sqlite3.lock").stat().st_mode) == 0o660 & ~mask
 
 
+class TransactionHeldOpen:
+    """Another thread's bulk add, held open mid-transaction (one event in, one to come) until released."""
+
+    def __init__(self, store: OutboxStore) -> None:
+        inside, self._go = threading.Event(), threading.Event()
+
+        def slow_events() -> Iterator[Pending]:
+            yield Pending("first", "{}")
+            inside.set()
+            self._go.wait(30)  # the transaction stays open meanwhile
+            yield Pending("second", "{}")
+
+        self._adder = threading.Thread(target=lambda: store.add_many(slow_events()))
+        self._adder.start()
+        assert inside.wait(10)
+
+    def release(self) -> None:
+        """Let the transaction commit, with both events."""
+        self._go.set()
+        self._adder.join(10)
+
+
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
 @pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
 def test_a_fork_waits_for_an_open_transaction_and_the_child_can_write(tmp_path: Path) -> None:
@@ -113,17 +136,7 @@ def test_a_fork_waits_for_an_open_transaction_and_the_child_can_write(tmp_path: 
     child must write.
     """
     store = store_from_url(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
-    inside, go = threading.Event(), threading.Event()
-
-    def slow_events() -> object:
-        yield Pending("first", "{}")
-        inside.set()
-        go.wait(30)  # the transaction stays open meanwhile
-        yield Pending("second", "{}")
-
-    adder = threading.Thread(target=lambda: store.add_many(slow_events()))
-    adder.start()
-    assert inside.wait(10)
+    held = TransactionHeldOpen(store)
     child: list[int] = []
 
     def fork() -> None:
@@ -142,8 +155,7 @@ def test_a_fork_waits_for_an_open_transaction_and_the_child_can_write(tmp_path: 
         lambda: in_function(forker, "_close_all_before_fork"), 10, "the fork waits for the transaction"
     )
     assert child == []
-    go.set()
-    adder.join(10)
+    held.release()
     forker.join(10)
     _, status = os.waitpid(child[0], 0)
     assert os.waitstatus_to_exitcode(status) == 0
@@ -155,14 +167,6 @@ def test_a_read_is_not_held_up_by_another_threads_open_transaction(tmp_path: Pat
     """The web request's duplicate lookup must not wait for the spool mover's or the sender's commit."""
     store = store_from_url(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
     store.add("old", "{}")
-    inside, go = threading.Event(), threading.Event()
-
-    def slow_events() -> object:
-        yield Pending("first", "{}")
-        inside.set()
-        go.wait(30)  # the transaction stays open meanwhile
-        yield Pending("second", "{}")
-
     seen: list[bool] = []
     look = threading.Event()
 
@@ -175,17 +179,14 @@ def test_a_read_is_not_held_up_by_another_threads_open_transaction(tmp_path: Pat
     request_thread = threading.Thread(target=reader)
     request_thread.start()
     wait_until(lambda: seen == [True], 10, "the request thread has its connection")
-    adder = threading.Thread(target=lambda: store.add_many(slow_events()))
-    adder.start()
+    held = TransactionHeldOpen(store)
     try:
-        assert inside.wait(10)
         look.set()
         wait_until(
             lambda: not request_thread.is_alive(), 10, "the lookups answer while the transaction is open"
         )
         assert seen == [True, True, False]  # "first" is not committed yet: the last commit is what is seen
     finally:
-        go.set()
-        adder.join(10)
+        held.release()
     assert store.is_known("second")
     store.close()
