@@ -38,16 +38,29 @@ values = st.recursive(
 
 
 def same(first: Any, second: Any) -> bool:
-    """Equal, with the same types all the way down (1 is not 1.0), NaN equal to NaN."""
-    if type(first) is not type(second):
-        return False
-    if isinstance(first, dict):
-        return list(first) == list(second) and all(same(first[key], second[key]) for key in first)
-    if isinstance(first, list):
-        return len(first) == len(second) and all(map(same, first, second))
-    if isinstance(first, float) and math.isnan(first):
-        return math.isnan(second)
-    return bool(first == second)
+    """Equal, with the same types all the way down (1 is not 1.0), NaN equal to NaN.
+
+    A loop, not recursion: Python 3.12+ decodes arrays nested far deeper than the recursion limit.
+    """
+    pairs = [(first, second)]
+    while pairs:
+        one, other = pairs.pop()
+        if type(one) is not type(other):
+            return False
+        if isinstance(one, dict):
+            if list(one) != list(other):
+                return False
+            pairs.extend((one[key], other[key]) for key in one)
+        elif isinstance(one, list):
+            if len(one) != len(other):
+                return False
+            pairs.extend(zip(one, other))
+        elif isinstance(one, float) and math.isnan(one):
+            if not math.isnan(other):
+                return False
+        elif one != other:
+            return False
+    return True
 
 
 def outcome(function: Any, argument: Any) -> tuple[str, Any]:
