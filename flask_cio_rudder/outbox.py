@@ -267,7 +267,7 @@ class OutboxForwarder(Forwarder):
             shutdown_timeout=config["CIO_RUDDER_SHUTDOWN_TIMEOUT"],
             max_requests_per_second=config["CIO_RUDDER_MAX_REQUESTS_PER_SECOND"],
         )
-        self.spool = spool_for(store, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"], on_moved=sender.wake)
+        self.spool = spool_for(store, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"], sender=sender)
         self.outbox = Outbox(store, sender, self.spool)
         self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
         if self.background:

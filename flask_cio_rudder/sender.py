@@ -24,6 +24,7 @@ import random
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -33,7 +34,7 @@ from flask import Flask
 
 from . import signals
 from .rudderstack import DataPlane, describe, retry_after
-from .store import Claimed, OutboxStore, StoreError
+from .store import Claim, Claimed, OutboxStore, StoreError
 
 __all__ = ["Delivery", "Pacer", "Sender"]
 
@@ -47,6 +48,8 @@ _CONFIGURATION_ERRORS = {
 
 #: Seconds of a lease kept back from a request's timeout, for marking the batch afterwards.
 _LEASE_MARGIN = 2.0
+#: The shortest time a request to RudderStack is given (seconds).
+_SHORTEST_REQUEST = 0.1
 
 
 @dataclass
@@ -143,6 +146,8 @@ class Sender:
         self._start_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        #: Claims the spool's mover made for this sender, with when their leases end (monotonic).
+        self._offers: deque[tuple[float, Claim]] = deque()
         self._failures = 0
         self._retry_after: float | None = None  # seconds RudderStack last asked us to wait
         #: How the sender waits (between paced requests, after failures); returns early when stopping.
@@ -181,6 +186,22 @@ class Sender:
         """Tell the sender there is something new to send."""
         self._wake.set()
 
+    @property
+    def takes_offers(self) -> bool:
+        """Whether the spool's mover should lease what it moves to this sender: it runs and sends well."""
+        return self.running and not self._stopping.is_set() and self._failures == 0
+
+    def offer(self, claim: Claim) -> None:
+        """Send ``claim`` next, in batches: events the spool's mover leased to this process as it moved them.
+
+        It saves a claim that would rewrite every row just written. An offer whose lease
+        runs out before it is sent is dropped: its events are claimed again from the store.
+        """
+        deadline = time.monotonic() + self.lease - _LEASE_MARGIN
+        for start in range(0, len(claim.events), self.batch_size):
+            self._offers.append((deadline, Claim(claim.owner, claim.events[start : start + self.batch_size])))
+        self.wake()
+
     def stop(self, *, flush: bool = True) -> None:
         """Flush what can be sent within ``shutdown_timeout`` seconds (unless told not to), then stop.
 
@@ -217,7 +238,7 @@ class Sender:
             elif outcome.paused:
                 self._wake.wait(self.idle_wait)  # resuming wakes senders that listen; the others poll
                 self._wake.clear()
-            elif outcome.claimed < self.batch_size:
+            elif outcome.claimed < self.batch_size and not self._offers:
                 if self._wake.wait(self.idle_wait):
                     self._stopping.wait(self.LINGER)
                 self._wake.clear()
@@ -258,11 +279,11 @@ class Sender:
 
     def send_batch(self, timeout: float | None = None) -> Delivery:
         """Claim one batch and deliver it; says how many were claimed, delivered, dead, and the error."""
-        claim = self.store.claim(self.batch_size, self.lease, self.max_age)
+        claim, lease_left = self._next_claim()
         if not claim.events:
             return Delivery(paused=claim.paused)
         # No request may outlast the lease: after it, another sender may take the batch.
-        lease_left = max(0.1, self.lease - _LEASE_MARGIN)
+        lease_left = max(_SHORTEST_REQUEST, lease_left)
         outcome = Delivery(claimed=len(claim.events))
         self._deliver(claim.owner, claim.events, min(lease_left, timeout or lease_left), outcome)
         if outcome.error is None:
@@ -275,6 +296,17 @@ class Sender:
         if outcome.delivered:
             logger.info("Delivered %d Customer.io events to RudderStack", outcome.delivered)
         return outcome
+
+    def _next_claim(self) -> tuple[Claim, float]:
+        """The next offer with time left on its lease, else a claim from the store; and that time."""
+        while True:
+            try:
+                deadline, claim = self._offers.popleft()
+            except IndexError:
+                break
+            if deadline - time.monotonic() > _SHORTEST_REQUEST:
+                return claim, deadline - time.monotonic()
+        return self.store.claim(self.batch_size, self.lease, self.max_age), self.lease - _LEASE_MARGIN
 
     def _deliver(self, owner: str, events: Sequence[Claimed], timeout: float, outcome: Delivery) -> None:
         """Post ``events``; each ends delivered, dead, or released with ``outcome.error`` set."""

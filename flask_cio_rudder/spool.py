@@ -51,11 +51,13 @@ import time
 import uuid
 import weakref
 import zlib
-from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from .store import OutboxStore, Pending, StoreError
+
+if TYPE_CHECKING:
+    from .sender import Sender
 
 if sys.platform != "win32":
     import fcntl
@@ -147,14 +149,15 @@ class Spool:
         store: OutboxStore,
         *,
         fsync: bool = False,
-        on_moved: Callable[[], None] | None = None,
+        sender: Sender | None = None,
         clock: Callable[[], float] = time.time,
         file_mode: int = 0o600,
     ) -> None:
         self.directory = directory
         self.store = store
         self.fsync = fsync
-        self.on_moved = on_moved
+        #: This process's sender: woken after each move, and handed what it can send at once.
+        self.sender = sender
         self.clock = clock
         self.file_mode = file_mode
         self._fresh_process_state()
@@ -251,8 +254,8 @@ class Spool:
             moved = self._move_own()
             if adopt:
                 moved += self._adopt()
-        if moved and self.on_moved is not None:
-            self.on_moved()
+        if moved and self.sender is not None:
+            self.sender.wake()
         return moved
 
     def _move_own(self) -> int:
@@ -267,7 +270,7 @@ class Spool:
                 records, torn = decode_records(os.pread(file.fd, end - start, start))
                 if torn:  # appends are whole or cut back, so this is a bug: say so, and skip them
                     logger.error("The spool file %s holds %d bytes that are no record", file.path, torn)
-                self._add(records)
+                self._add(records, own=True)
                 moved += len(records)
             with self._lock:
                 file.moved = end
@@ -320,7 +323,7 @@ class Spool:
                             torn,
                             name,
                         )
-                    self._add(records)
+                    self._add(records, own=False)
                     moved += len(records)
                 os.unlink(path)
             finally:
@@ -329,9 +332,17 @@ class Spool:
             logger.info("Moved %d accepted events left by processes that are gone into the outbox", moved)
         return moved
 
-    def _add(self, records: Iterable[Pending]) -> None:
-        """Put records into the store in one transaction; those already there are left as they are."""
-        self.store.add_many(records)
+    def _add(self, records: list[Pending], *, own: bool) -> None:
+        """Put records into the store in one transaction; those already there are left as they are.
+
+        While this process's sender is sending, its ``own`` records go in leased to it, and it
+        sends them next without claiming them (which would rewrite each row once more).
+        """
+        sender = self.sender
+        if own and sender is not None and sender.takes_offers:
+            sender.offer(self.store.add_claimed(records, sender.lease, sender.max_age))
+        else:
+            self.store.add_many(records)
 
     # -- the mover thread ----------------------------------------------------------------------
 
@@ -407,9 +418,7 @@ class Spool:
             self.ensure_running()
 
 
-def spool_for(
-    store: OutboxStore, *, durability: str, on_moved: Callable[[], None] | None = None
-) -> Spool | None:
+def spool_for(store: OutboxStore, *, durability: str, sender: Sender | None = None) -> Spool | None:
     """The spool of an SQLite outbox (beside its file, one folder per table), or ``None`` if it has none.
 
     A PostgreSQL outbox has none: see this module's docstring. Nor has any outbox on Windows (no ``flock``).
@@ -422,7 +431,7 @@ def spool_for(
     except OSError:
         mode = 0o600
     directory = f"{path}.{store.table}.spool"
-    return Spool(directory, store, fsync=durability == "power-loss", on_moved=on_moved, file_mode=mode)
+    return Spool(directory, store, fsync=durability == "power-loss", sender=sender, file_mode=mode)
 
 
 def _write_all(fd: int, data: bytes) -> None:

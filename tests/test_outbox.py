@@ -177,6 +177,29 @@ def test_batches_hold_at_most_100_events(
     assert get_outbox(outbox_app).status().delivered == 250
 
 
+def test_a_batch_handed_over_by_the_mover_is_sent_once_and_never_after_its_lease_ran_out(
+    outbox_app: Flask, data_plane: FakeDataPlane, backend: Backend
+) -> None:
+    """The spool's mover leases what it moves to this process's sender and hands it over (SQLite)."""
+    if backend.name != "sqlite":
+        pytest.skip("only the SQLite outbox has a spool")
+    outbox = get_outbox(outbox_app)
+    store, sender, week = outbox.store, outbox.sender, 7 * 24 * 3600.0
+    handed = store.add_claimed([Pending(f"handed-{n}", stored(f"handed-{n}")) for n in range(3)], 60.0, week)
+    assert len(handed.events) == 3 and store.claim(100, 60.0, week).events == []  # held for the sender
+    sender.offer(handed)
+    assert outbox.flush().delivered == 3
+    late = store.add_claimed([Pending(f"late-{n}", stored(f"late-{n}")) for n in range(2)], -1.0, week)
+    taken = backend.store().claim(100, 60.0, week)  # the lease ran out: another sender took them
+    assert sorted(event.event_id for event in taken.events) == ["late-0", "late-1"]
+    sender.lease = 2.0  # all of it the margin kept for marking: no time left to send the offer
+    sender.offer(late)
+    assert outbox.flush().delivered == 0  # dropped, not sent a second time
+    assert sorted(event["properties"]["eventId"] for event in data_plane.events) == [
+        f"handed-{n}" for n in range(3)
+    ]
+
+
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
 def test_transient_failures_keep_the_events_and_retry(
     outbox_app: Flask, data_plane: FakeDataPlane, outcomes: list[tuple[str, dict[str, Any]]], status: int

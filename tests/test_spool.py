@@ -199,7 +199,7 @@ store = store_from_url(url)
 
 
 class Stopping(Spool):
-    def _add(self, records):
+    def _add(self, records, *, own):
         if stop_at == "inside the move":
             def stopping():  # add_many reads this inside its transaction
                 for number, record in enumerate(records):
@@ -208,6 +208,10 @@ class Stopping(Spool):
                         sys.stdin.read()
                     yield record
             self.store.add_many(stopping())
+        elif stop_at == "after the hand-off":  # leased to this process's sender, not sent
+            self.store.add_claimed(records, 600.0, 7 * 24 * 3600)
+            print(stop_at, flush=True)
+            sys.stdin.read()
         else:
             self.store.add_many(records)
             print(stop_at, flush=True)  # "after the move": committed, not yet forgotten
@@ -245,9 +249,12 @@ def run_until_killed(url: str, count: int, stop_at: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stop_at", ["after the answer", "inside the move", "after the move"])
+@pytest.mark.parametrize(
+    "stop_at", ["after the answer", "inside the move", "after the move", "after the hand-off"]
+)
 def test_events_of_a_process_killed_at_any_point_are_adopted_once(store: OutboxStore, stop_at: str) -> None:
-    """SIGKILL between the answer and the move, inside the move's transaction, or after its commit."""
+    """SIGKILL between the answer and the move, inside the move's transaction, or after its commit
+    (with the events leased to the dead process's sender, in the hand-off: free at once)."""
     survivor = make_spool(store)
     run_until_killed(store.url, 20, stop_at)
     assert survivor.move() == 20  # the dead process's file, whatever it had moved before
@@ -255,6 +262,8 @@ def test_events_of_a_process_killed_at_any_point_are_adopted_once(store: OutboxS
     assert store.status().pending == 20
     assert os.listdir(survivor.directory) == []  # adopted files are deleted
     assert survivor.move() == 0
+    claim = store.claim(100, 60.0, 7 * 24 * 3600)
+    assert sorted(event.event_id for event in claim.events) == pending_ids(store)
 
 
 @pytest.mark.slow

@@ -290,6 +290,34 @@ def test_pausing_stops_every_claimer_but_not_accepting(backend: Backend, clock: 
     assert (sorted(event.event_id for event in claim.events), claim.paused) == (["before", "during"], False)
 
 
+def test_events_added_claimed_are_held_like_a_claim_unless_paused_or_too_old(
+    backend: Backend, clock: Clock
+) -> None:
+    """The spool's hand-off: what the mover adds, leased to its sender, is sent by nobody else."""
+    store = backend.store(clock=clock)
+    store.add("known", stored("known"))
+    old = Pending("old", stored("old"), accepted_at=clock.now - MAX_AGE - 1)
+    claim = store.add_claimed(
+        [Pending("known", stored("x")), Pending("new", stored("new")), old], LEASE, MAX_AGE
+    )
+    leased = [event.event_id for event in claim.events]
+    assert leased in (["new"], [])  # a backend may lease none (the default): the sender claims them
+    assert store.status().pending == 3
+    others = backend.store(clock=clock).claim(100, LEASE, MAX_AGE)
+    assert sorted(event.event_id for event in others.events) == sorted({"known", "new"} - set(leased))
+    assert store.status().dead == 1  # too old to send: a claim makes it a dead letter, as ever
+    store.mark_delivered(claim.owner, leased)
+    assert [
+        (record.state, json.loads(record.payload or "")["event"]) for record in store.find(event_id="new")
+    ] == [("delivered" if leased else "pending", "Email Opened")]
+    store.set_paused(True)
+    assert store.add_claimed([Pending("paused", stored("paused"))], LEASE, MAX_AGE).events == []
+    store.set_paused(False)
+    assert [event.event_id for event in backend.store(clock=clock).claim(100, LEASE, MAX_AGE).events] == [
+        "paused"
+    ]
+
+
 #: The events table as the release before ``event_name`` and ``email`` made it (both backends).
 OLD_TABLE = """CREATE TABLE {table} (event_id TEXT PRIMARY KEY, state TEXT NOT NULL, payload TEXT, body TEXT,
     reason TEXT, accepted_at REAL NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, lease_owner TEXT,

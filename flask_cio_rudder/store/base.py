@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from typing import Callable, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
+import orjson
+
 __all__ = [
     "Activity",
     "Claim",
@@ -218,6 +220,17 @@ class OutboxStore(ABC):
     @abstractmethod
     def add_many(self, events: Iterable[Pending]) -> int:
         """Add pending events in large transactions (bulk loads, copies); returns how many were new."""
+
+    def add_claimed(self, events: Sequence[Pending], lease: float, max_age: float) -> Claim:
+        """:meth:`add_many` in one transaction, leasing the events it adds to the caller (as claims do).
+
+        For a sender about to send what it has just written (the spool's mover hands its
+        batch over): it saves a claim that rewrites every row. Nothing is leased while
+        sending is paused, nor an event older than ``max_age`` (a claim makes it a dead
+        letter). This default adds and leases nothing; the sender then claims as usual.
+        """
+        self.add_many(events)
+        return Claim("", [])
 
     @abstractmethod
     def add_rejected(
@@ -424,10 +437,13 @@ def search_columns(
 
 def payload_summary(payload_json: str) -> tuple[str | None, str | None]:
     """The RudderStack event name and the email address (lower case) in an event's JSON, if any."""
-    try:
-        payload = json.loads(payload_json)
-    except ValueError:
-        return None, None
+    try:  # orjson: only two strings are read, so its reading of huge integers as floats does not matter
+        payload = orjson.loads(payload_json)
+    except orjson.JSONDecodeError:  # a lone surrogate, say
+        try:
+            payload = json.loads(payload_json)
+        except ValueError:
+            return None, None
     if not isinstance(payload, dict):
         return None, None
     name = payload.get("event")

@@ -33,7 +33,7 @@ import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 from .base import (
     Activity,
@@ -177,6 +177,15 @@ def _close(db: sqlite3.Connection | None, lock_file: int | None) -> None:
             db.close()
     if lock_file is not None:
         os.close(lock_file)
+
+
+class _Lease(NamedTuple):
+    """A lease given as events are added (claim, end, process); events accepted before ``oldest`` get none."""
+
+    owner: str
+    until: float
+    holder: str
+    oldest: float
 
 
 _TABLES = """
@@ -352,11 +361,12 @@ class SQLiteStore(OutboxStore):
             return db.execute(query, (storage_key(event_id),)).fetchone() is not None
 
     _ADD = (
-        "INSERT INTO {t} (event_id, state, payload, accepted_at, event_name, email) "
-        "VALUES (?, 'pending', ?, ?, ?, ?) "
+        "INSERT INTO {t} (event_id, state, payload, accepted_at, event_name, email, "
+        "lease_owner, lease_until, lease_holder) VALUES (?, 'pending', ?, ?, ?, ?, ?, ?, ?) "
         "ON CONFLICT (event_id) DO UPDATE SET state = 'pending', payload = excluded.payload, "
         "body = NULL, reason = NULL, accepted_at = excluded.accepted_at, "
-        "event_name = excluded.event_name, email = excluded.email WHERE {t}.payload IS NULL"
+        "event_name = excluded.event_name, email = excluded.email, lease_owner = excluded.lease_owner, "
+        "lease_until = excluded.lease_until, lease_holder = excluded.lease_holder WHERE {t}.payload IS NULL"
     )
 
     def add(
@@ -366,21 +376,39 @@ class SQLiteStore(OutboxStore):
         with self._writing() as db:
             cursor = db.execute(
                 self._ADD.format(t=self.table),
-                (storage_key(event_id), payload_json, self.clock(), event_name, email),
+                (storage_key(event_id), payload_json, self.clock(), event_name, email, None, None, None),
             )
             return cursor.rowcount == 1
 
     def add_many(self, events: Iterable[Pending]) -> int:
+        with self._transaction() as db:
+            return len(self._add_all(db, events, None))
+
+    def add_claimed(self, events: Sequence[Pending], lease: float, max_age: float) -> Claim:
+        owner = uuid.uuid4().hex
+        with self._transaction() as db:
+            now = self.clock()
+            paused = db.execute(f"SELECT 1 FROM {self._meta} WHERE key = 'paused'").fetchone()
+            terms = None if paused else _Lease(owner, now + lease, this_process(), now - max_age)
+            added = self._add_all(db, events, terms)
+        return Claim(owner, [Claimed(key, payload_json) for key, payload_json, leased in added if leased])
+
+    def _add_all(
+        self, db: sqlite3.Connection, events: Iterable[Pending], lease: _Lease | None
+    ) -> list[tuple[str, str, bool]]:
+        """Insert ``events`` (those already accepted stay as they are); the new ones, each leased or not."""
         now = self.clock()
         statement = self._ADD.format(t=self.table)
-        added = 0
-        with self._transaction() as db:
-            for event in events:
-                accepted_at = now if event.accepted_at is None else event.accepted_at
-                name, email = payload_summary(event.payload_json)
-                added += db.execute(
-                    statement, (storage_key(event.event_id), event.payload_json, accepted_at, name, email)
-                ).rowcount
+        unleased = (None, None, None)
+        added = []
+        for event in events:
+            accepted_at = now if event.accepted_at is None else event.accepted_at
+            name, email = payload_summary(event.payload_json)
+            key = storage_key(event.event_id)
+            leased = lease is not None and accepted_at >= lease.oldest
+            holder = (lease.owner, lease.until, lease.holder) if leased and lease else unleased
+            if db.execute(statement, (key, event.payload_json, accepted_at, name, email, *holder)).rowcount:
+                added.append((key, event.payload_json, leased))
         return added
 
     def add_rejected(
