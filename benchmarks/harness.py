@@ -3,8 +3,9 @@
 - **Apps** served by gunicorn, configured by ``CIO_RUDDER_*`` environment variables:
   ``bare_app()`` (parse the JSON, answer), ``ext_app()`` (Flask-CIO-Rudder with its
   defaults and one trivial receiver per email signal), ``sdk_app()`` (the route a user
-  writes instead: map the body by hand, ``rudder-sdk-python``'s ``track()``) and
-  ``floor_app()`` (bare Flask plus one SQLite commit per request).
+  writes instead: map the body by hand, ``rudder-sdk-python``'s ``track()``),
+  ``floor_app()`` (bare Flask plus one SQLite commit per request) and ``bound_app()`` (only
+  the work the extension's guarantees need, with its own spool and sender: its floor).
 - **The outbox** chosen by URL, fresh for each run (a new SQLite file, or a new table in a
   PostgreSQL database): :func:`outbox_env`, :func:`open_store`, :func:`drop_outbox`;
   filled in bulk through the store's public ``add_many`` (:func:`add_events`).
@@ -20,6 +21,7 @@ stopped by the script that started it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import json
@@ -200,6 +202,53 @@ def sdk_app() -> Flask:
             message_id=body["event_id"],
         )
         return jsonify(status="accepted")
+
+    return app
+
+
+def bound_app() -> Flask:
+    """The floor of this design: only the work every guarantee needs, with the extension's own parts.
+
+    Verify the signature, decode the body, make the RudderStack event (``transform.build``),
+    look its ``event_id`` up in the outbox (duplicates), append it to this process's spool
+    and answer; the extension's spool mover and sender, in each worker, move and deliver it.
+    No schema check, no ``CioEvent``, no signals, no blueprint: what the extension adds on
+    top of this is the gap between the two. Outbox: ``CIO_RUDDER_OUTBOX_URL`` (SQLite).
+    """
+    from flask import Response, abort, request
+
+    from flask_cio_rudder.rudderstack import DataPlane
+    from flask_cio_rudder.sender import Sender
+    from flask_cio_rudder.signature import SignatureError, verify
+    from flask_cio_rudder.spool import spool_for
+    from flask_cio_rudder.transform import build
+    from flask_cio_rudder.webhook import parse_json
+
+    app = _configured("bound")
+    config = app.config
+    store = store_from_url(config["CIO_RUDDER_OUTBOX_URL"], instance_path=app.instance_path)
+    url, key = config["CIO_RUDDER_DATA_PLANE_URL"], config["CIO_RUDDER_WRITE_KEY"]
+    sender = Sender(app, store, lambda: DataPlane(url, key, (3.0, 10.0)))
+    spool = spool_for(store, durability="process-crash", sender=sender)
+    assert spool is not None
+    sender.ensure_running()
+    spool.ensure_running()
+    atexit.register(sender.stop)  # as the extension closes its outbox: the spool first
+    atexit.register(spool.stop)  # (atexit runs the last registered first)
+    keys = (config["CIO_RUDDER_SIGNING_KEY"],)
+
+    @app.post(WEBHOOK_PATH)
+    def receive() -> Any:
+        raw = request.get_data()
+        try:
+            verify(raw, request.headers.get("X-CIO-Timestamp"), request.headers.get("X-CIO-Signature"), keys)
+        except SignatureError:
+            abort(401)
+        body = parse_json(raw)
+        event_id, (_, payload_json) = body["event_id"], build(body)
+        if not (spool.holds(event_id) or store.is_known(event_id)):
+            spool.append(event_id, payload_json)
+        return Response(b'{"status":"accepted"}', content_type="application/json")
 
     return app
 

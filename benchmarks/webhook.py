@@ -4,6 +4,7 @@
     python benchmarks/webhook.py --quick          # a smoke run: about a minute
     python benchmarks/webhook.py --scenario down --scenario floor
     python benchmarks/webhook.py --scenario postgres --scenario worker
+    python benchmarks/webhook.py --scenario bound --scenario bound-paced   # the design's floor
     python benchmarks/webhook.py --outbox-url postgresql://127.0.0.1/test   # another outbox, same runs
 
 Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
@@ -14,6 +15,10 @@ Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
   per email signal, the SQLite outbox, a sender in each worker), at full load: wrk -t2 -c8.
 - ``paced``: the same three at a moderate load: each connection pauses ``--pace-ms`` before
   each request, so latency is mostly the request's own, not the queue's.
+- ``bound`` and ``bound-paced``: the same three and the floor of the extension's design
+  (``harness.bound_app``): only the work its guarantees need (signature, decode, the event,
+  the duplicate lookup, the spool append, moving and sending in the worker), with the
+  extension's own parts, and no schema check, signals or blueprint. Full load, and paced.
 - ``down``: the extension with the data plane up, and down (a closed port): the outbox grows.
 - ``floor``: bare Flask, bare Flask + one SQLite commit per request, the extension.
 - ``postgres``: bare Flask, the extension on SQLite, and on PostgreSQL (``--postgres-url``), with
@@ -46,7 +51,10 @@ import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
 BARE, SDK, EXT, DOWN, FLOOR = "bare Flask", "SDK route", "Flask-CIO-Rudder", "ext, data plane down", "floor"
 WORKER, PG, PG_WORKER = "ext, sender in worker", "ext, PostgreSQL", "ext, PostgreSQL, worker"
-FACTORIES = {BARE: "bare_app()", SDK: "sdk_app()", FLOOR: "floor_app()"}  # the others: ext_app()
+BOUND = "guarantees only"
+#: The apps' gunicorn factories in harness.py; any other label is ext_app().
+FACTORIES = {BARE: "bare_app()", SDK: "sdk_app()", FLOOR: "floor_app()", BOUND: "bound_app()"}
+NO_OUTBOX = (BARE, SDK, FLOOR)
 #: scenario -> (apps, paced, [(figure, candidate, baseline, target)])
 SCENARIOS = {
     "peer": (
@@ -71,6 +79,19 @@ SCENARIOS = {
             *[("req/s", PG, EXT, ""), ("req/s", PG, BARE, ""), ("req/s", EXT, BARE, "")],
             *[("req/s", PG_WORKER, PG, ""), ("p99", PG, EXT, ""), ("p99", PG_WORKER, PG, "")],
         ],
+    ),
+    "bound": (
+        (BARE, SDK, BOUND, EXT),
+        False,
+        [
+            *[("req/s", BOUND, SDK, ""), ("req/s", EXT, SDK, ">= 1.0"), ("req/s", EXT, BOUND, "")],
+            *[("req/s", BOUND, BARE, ""), ("req/s", EXT, BARE, "0.75 wanted")],
+        ],
+    ),
+    "bound-paced": (
+        (BARE, SDK, BOUND, EXT),
+        True,
+        [("p99", BOUND, BARE, ""), ("p99", EXT, BARE, "<= 1.5"), ("p99", SDK, BARE, "")],
     ),
     "worker": (
         (BARE, SDK, EXT, WORKER),
@@ -113,7 +134,7 @@ class Bench:
         args, self.runs = self.args, self.runs + 1
         env = {"CIO_RUDDER_DATA_PLANE_URL": self.closed_url if label == DOWN else self.plane.url}
         outbox: dict[str, str] = {}
-        if label not in FACTORIES:
+        if label not in NO_OUTBOX:
             url = args.postgres_url if label in (PG, PG_WORKER) else args.outbox_url
             outbox = h.outbox_env(url, self.workdir, str(self.runs))
             env |= {**outbox, "CIO_RUDDER_SHUTDOWN_TIMEOUT": "2"}
