@@ -25,7 +25,7 @@ Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
   its senders in the web workers and with one ``flask cio-rudder worker`` process, at full load.
 - ``worker``: bare Flask, the SDK route, the extension's default set-up (a sender in each web
   worker) and the other one: web workers only writing (``CIO_RUDDER_OUTBOX_SENDER = False``),
-  one ``flask cio-rudder worker`` process sending, at full load.
+  one ``flask cio-rudder worker`` process sending, at full load; ``worker-paced``: the same, paced.
 
 Each run: a fresh gunicorn (``-w 2``, sync workers) and a fresh outbox (a new SQLite file, or a
 new table dropped after the run), a warm-up wrk run, then the measured one. "app CPU" counts the
@@ -100,6 +100,11 @@ SCENARIOS = {
             *[("req/s", WORKER, SDK, ">= 1.0"), ("req/s", EXT, SDK, ">= 1.0"), ("req/s", WORKER, EXT, "")],
             *[("req/s", WORKER, BARE, "0.75 wanted"), ("p99", WORKER, EXT, ""), ("p99", WORKER, SDK, "")],
         ],
+    ),
+    "worker-paced": (
+        (BARE, SDK, EXT, WORKER),
+        True,
+        [("p99", EXT, BARE, "<= 1.5"), ("p99", WORKER, BARE, ""), ("p99", SDK, BARE, "")],
     ),
 }
 

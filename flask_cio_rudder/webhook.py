@@ -236,9 +236,10 @@ def parse_json(body: bytes) -> dict[str, Any]:
 
 def send_signals(app: Flask, event: CioEvent) -> None:
     """Announce the event; a receiver that raises makes the request fail."""
-    signals.event_received.send(app, event=event)
+    if signals.event_received.receivers:
+        signals.event_received.send(app, event=event)
     email_signal = _EMAIL_SIGNALS.get(event.name)
-    if email_signal is not None:
+    if email_signal is not None and email_signal.receivers:
         email_signal.send(app, event=event)
 
 
