@@ -26,7 +26,9 @@ import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
 from flask_cio_rudder import CioEvent, get_outbox
 from flask_cio_rudder.signature import verify
+from flask_cio_rudder.state import state_of
 from flask_cio_rudder.validation import Validation
+from flask_cio_rudder.webhook import parse_json
 
 load_event = Validation()  # the webhook's validation + transform of one decoded body
 
@@ -82,11 +84,11 @@ def main() -> int:
 
         try:
             with app(1, CIO_RUDDER_FORWARDER="none") as none, app(2) as ext, app(3) as steps:
-                store = get_outbox(steps).store
+                forwarder = state_of(steps).forwarder
 
-                def keep(event: CioEvent) -> None:  # what the outbox forwarder does with an event
-                    if not store.is_known(event.event_id):
-                        store.add(event.event_id, event.payload_json)
+                def keep(event: CioEvent) -> None:  # what the webhook asks of the outbox forwarder
+                    if not forwarder.is_duplicate(event.event_id):
+                        forwarder.accept(event)  # an append to this process's spool
 
                 rows = [
                     ("bare Flask: one request", per_request_us(h.bare_app(), lines[:count])),
@@ -97,11 +99,14 @@ def main() -> int:
                     ("extension, outbox, sender off: one request", per_request_us(ext, lines[2 * count :])),
                     ("  step: verify the signature", cpu_us(verified, parts)),
                     (
-                        "  step: parse the JSON (bare Flask does too)",
-                        cpu_us(json.loads, [p[2] for p in parts]),
+                        "  step: parse the JSON (the webhook's parse_json)",
+                        cpu_us(parse_json, [p[2] for p in parts]),
                     ),
                     ("  step: validate and transform (Validation())", cpu_us(load_event, decoded)),
-                    ("  step: duplicate lookup + outbox add", cpu_us(keep, [load_event(b) for b in decoded])),
+                    (
+                        "  step: duplicate lookup + spool append",
+                        cpu_us(keep, [load_event(b) for b in decoded]),
+                    ),
                 ]
             with app(4, CIO_RUDDER_DATA_PLANE_URL=plane.url) as sender:
                 events = ((e.event_id, e.payload_json) for e in map(load_event, decoded))
