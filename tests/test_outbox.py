@@ -13,6 +13,7 @@ import os
 import sys
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -178,11 +179,11 @@ def test_batches_hold_at_most_100_events(
 
 
 def test_a_batch_handed_over_by_the_mover_is_sent_once_and_never_after_its_lease_ran_out(
-    outbox_app: Flask, data_plane: FakeDataPlane, backend: Backend
+    make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path
 ) -> None:
-    """The spool's mover leases what it moves to this process's sender and hands it over (SQLite)."""
-    if backend.name != "sqlite":
-        pytest.skip("only the SQLite outbox has a spool")
+    """The spool's mover leases what it moves to this process's sender and hands it over (SQLite only)."""
+    url = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    outbox_app = make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=url))
     outbox = get_outbox(outbox_app)
     store, sender, week = outbox.store, outbox.sender, 7 * 24 * 3600.0
     handed = store.add_claimed([Pending(f"handed-{n}", stored(f"handed-{n}")) for n in range(3)], 60.0, week)
@@ -190,7 +191,8 @@ def test_a_batch_handed_over_by_the_mover_is_sent_once_and_never_after_its_lease
     sender.offer(handed)
     assert outbox.flush().delivered == 3
     late = store.add_claimed([Pending(f"late-{n}", stored(f"late-{n}")) for n in range(2)], -1.0, week)
-    taken = backend.store().claim(100, 60.0, week)  # the lease ran out: another sender took them
+    with closing(store_from_url(url)) as other:  # the lease ran out: another sender took them
+        taken = other.claim(100, 60.0, week)
     assert sorted(event.event_id for event in taken.events) == ["late-0", "late-1"]
     sender.lease = 2.0  # all of it the margin kept for marking: no time left to send the offer
     sender.offer(late)
