@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import harness as h  # the scripts run from benchmarks/ or with it on sys.path
-from rudderstack.analytics import Client
+from rudderstack.analytics import Client  # type: ignore[import-untyped]  # no type hints
 
 from flask_cio_rudder import CioEvent, Outbox, get_outbox
 

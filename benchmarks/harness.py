@@ -174,7 +174,7 @@ def sdk_app() -> Flask:
     import hmac
 
     from flask import abort, jsonify, request
-    from rudderstack.analytics import Client
+    from rudderstack.analytics import Client  # type: ignore[import-untyped]  # no type hints
 
     app = _configured("sdk")
     key = app.config["CIO_RUDDER_SIGNING_KEY"].encode()
@@ -447,7 +447,7 @@ class Gunicorn:
     """``gunicorn -w N`` (sync workers) serving ``factory`` on a loopback port; restartable on that port."""
 
     def __init__(self, factory: str, env: Mapping[str, str], log: Path, workers: int = 2) -> None:
-        from gunicorn.config import Config
+        from gunicorn.config import Config  # type: ignore[import-untyped]  # no type hints
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}{WEBHOOK_PATH}"
@@ -633,16 +633,22 @@ class _CountingPlane(FakeDataPlane):
         super().__init__(write_key=WRITE_KEY, port=port)
         self.counts = counts
 
-    def _next_misbehaviour(self) -> tuple[str, float] | None:
+    def _next_misbehaviour(self) -> tuple[str, float, str | None] | None:
+        """As ``FakeDataPlane``'s: (kind, status or seconds, ``Retry-After``), drawn at random."""
         counts = self.counts
         with counts.cond:
             counts.requests += 1
             if counts.down:  # a connection kept alive across the outage
                 counts.outcomes["reset (outage)"] += 1
-                return ("reset", 0.0)
+                return ("reset", 0.0, None)
             draw = counts.rng.random()
-            answers = {"500": ("status", 500.0), "429": ("status", 429.0), "hang": ("hang", counts.hang)}
-            for kind, answer in (*answers.items(), ("reset", ("reset", 0.0))):
+            answers = {
+                "500": ("status", 500.0, None),
+                "429": ("status", 429.0, None),
+                "hang": ("hang", counts.hang, None),
+                "reset": ("reset", 0.0, None),
+            }
+            for kind, answer in answers.items():
                 draw -= counts.faults.get(kind, 0.0)
                 if draw < 0:
                     counts.outcomes[kind] += 1
