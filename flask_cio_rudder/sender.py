@@ -304,8 +304,9 @@ class Sender:
                 deadline, claim = self._offers.popleft()
             except IndexError:
                 break
-            if deadline - time.monotonic() > _SHORTEST_REQUEST:
-                return claim, deadline - time.monotonic()
+            left = deadline - time.monotonic()
+            if left > _SHORTEST_REQUEST:
+                return claim, left
         return self.store.claim(self.batch_size, self.lease, self.max_age), self.lease - _LEASE_MARGIN
 
     def _deliver(self, owner: str, events: Sequence[Claimed], timeout: float, outcome: Delivery) -> None:

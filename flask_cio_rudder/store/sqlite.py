@@ -400,13 +400,15 @@ class SQLiteStore(OutboxStore):
         now = self.clock()
         statement = self._ADD.format(t=self.table)
         unleased = (None, None, None)
+        held = unleased if lease is None else (lease.owner, lease.until, lease.holder)
+        oldest = float("inf") if lease is None else lease.oldest
         added = []
         for event in events:
             accepted_at = now if event.accepted_at is None else event.accepted_at
             name, email = payload_summary(event.payload_json)
             key = storage_key(event.event_id)
-            leased = lease is not None and accepted_at >= lease.oldest
-            holder = (lease.owner, lease.until, lease.holder) if leased and lease else unleased
+            leased = accepted_at >= oldest
+            holder = held if leased else unleased
             if db.execute(statement, (key, event.payload_json, accepted_at, name, email, *holder)).rowcount:
                 added.append((key, event.payload_json, leased))
         return added
