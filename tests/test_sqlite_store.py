@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
+from flask_cio_rudder.store.forkguard import ForkGuard
 from flask_cio_rudder.store.sqlite import SQLiteStore, holder_alive, this_process
 
 from .helpers import wait_until
@@ -161,6 +162,32 @@ def test_a_fork_waits_for_an_open_transaction_and_the_child_can_write(tmp_path: 
     assert os.waitstatus_to_exitcode(status) == 0
     assert store.is_known("second") and store.is_known("from-child")
     store.close()
+
+
+def test_the_fork_guard_waits_for_every_use_to_end_however_they_nest() -> None:
+    """A fork must wait for a use nested in another (a lookup inside a transaction) to end too.
+
+    And the thread that holds the guard exclusively (the fork) may use SQLite meanwhile
+    without waiting for itself or being counted as a user afterwards.
+    """
+    guard = ForkGuard()
+    forked = threading.Event()
+
+    def fork() -> None:
+        with guard.exclusive(), guard.shared():  # the forking thread's own use: no wait for itself
+            forked.set()
+
+    forker = threading.Thread(target=fork)
+    with guard.shared():
+        with guard.shared():
+            pass
+        forker.start()  # the outer use is still open after the inner one ended
+        wait_until(lambda: in_function(forker, "acquire"), 10, "the fork waits for the outer use")
+        assert not forked.is_set()
+    forker.join(10)
+    assert forked.is_set()
+    with guard.exclusive():  # nothing left counted as in use: taken at once
+        pass
 
 
 def test_a_read_is_not_held_up_by_another_threads_open_transaction(tmp_path: Path) -> None:

@@ -21,8 +21,10 @@ __all__ = ["ForkGuard", "fork_guard"]
 class ForkGuard:
     """Shared use by any number of threads; exclusive use (re-entrant) by one thread when none uses it.
 
-    A thread already inside a shared use may nest another without waiting. A thread
-    must not ask for exclusive use while it holds a shared one (it would wait for itself).
+    ``with guard.shared():`` is a shared use. A thread already inside one may nest another
+    without waiting. A thread must not ask for exclusive use while it holds a shared one
+    (it would wait for itself). The shared side is a plain class, not a generator: every
+    SQLite call of a web request passes through it.
     """
 
     def __init__(self) -> None:
@@ -30,54 +32,63 @@ class ForkGuard:
 
     def reset(self) -> None:
         """Forget every holder: in a forked child, where the threads that held it do not exist."""
-        self._condition = threading.Condition(threading.Lock())
-        self._users = 0
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # the users or the owner changed
+        self._users = 0  # threads inside a shared use
+        self._waiting = 0  # threads waiting for exclusive use
         self._owner: int | None = None  # the thread that holds it exclusively
         self._depth = 0  # how often that thread took it
-        self._local = threading.local()  # each thread's depth of shared use
+        self._local = threading.local()  # each thread's nesting of shared uses, and whether it counts
 
-    @contextmanager
-    def shared(self) -> Iterator[None]:
-        """Use SQLite; waits only while a fork (or a close of every connection) is under way."""
-        depth: int = getattr(self._local, "depth", 0)
+    def shared(self) -> ForkGuard:
+        """Use SQLite (``with``); waits only while a fork (or a close of every connection) is under way."""
+        return self
+
+    def __enter__(self) -> None:
+        local = self._local
+        depth: int = getattr(local, "depth", 0)
         if depth or self._owner == threading.get_ident():
-            self._local.depth = depth + 1  # nested: the outer use already counts
-            try:
-                yield
-            finally:
-                self._local.depth = depth
+            if not depth:
+                local.counted = False  # inside this thread's own exclusive use
+            local.depth = depth + 1
             return
-        with self._condition:
+        with self._lock:
             while self._owner is not None:
-                self._condition.wait()
+                self._changed.wait()
             self._users += 1
-        self._local.depth = 1
-        try:
-            yield
-        finally:
-            self._local.depth = 0
-            with self._condition:
-                self._users -= 1
-                if not self._users:
-                    self._condition.notify_all()
+        local.depth, local.counted = 1, True
+
+    def __exit__(self, *exc_info: object) -> None:
+        local = self._local
+        local.depth -= 1
+        if local.depth or not local.counted:
+            return
+        with self._lock:
+            self._users -= 1
+            if not self._users and self._waiting:
+                self._changed.notify_all()
 
     def acquire(self) -> None:
         """Take it exclusively, once no other thread uses SQLite."""
         me = threading.get_ident()
-        with self._condition:
+        with self._lock:
             if self._owner == me:
                 self._depth += 1
                 return
-            while self._owner is not None or self._users:
-                self._condition.wait()
+            self._waiting += 1
+            try:
+                while self._owner is not None or self._users:
+                    self._changed.wait()
+            finally:
+                self._waiting -= 1
             self._owner, self._depth = me, 1
 
     def release(self) -> None:
-        with self._condition:
+        with self._lock:
             self._depth -= 1
             if not self._depth:
                 self._owner = None
-                self._condition.notify_all()
+                self._changed.notify_all()
 
     @contextmanager
     def exclusive(self) -> Iterator[None]:

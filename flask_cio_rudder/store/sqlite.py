@@ -250,6 +250,7 @@ class SQLiteStore(OutboxStore):
         self.table = check_table_name(table, schemas=False)
         # The side table of the first outboxes was plain "meta"; keep finding it there.
         self._meta = "meta" if table == DEFAULT_TABLE else f"{table}_meta"
+        self._is_known_sql = f"SELECT 1 FROM {self.table} WHERE event_id = ? AND payload IS NOT NULL"
         self.clock = clock
         self._synchronous = DURABILITY[durability]
         self._local = threading.local()
@@ -357,8 +358,7 @@ class SQLiteStore(OutboxStore):
 
     def is_known(self, event_id: str) -> bool:
         with self._connected() as db:
-            query = f"SELECT 1 FROM {self.table} WHERE event_id = ? AND payload IS NOT NULL"
-            return db.execute(query, (storage_key(event_id),)).fetchone() is not None
+            return db.execute(self._is_known_sql, (storage_key(event_id),)).fetchone() is not None
 
     _ADD = (
         "INSERT INTO {t} (event_id, state, payload, accepted_at, event_name, email, "
