@@ -20,8 +20,6 @@ from marshmallow import RAISE, Schema, ValidationError, fields
 
 __all__ = ["Shortcut"]
 
-_ABSENT = object()
-
 # The marshmallow field classes the shortcut understands, and the one JSON type each
 # accepts for sure. (marshmallow may accept more, such as "true" for a Boolean: those
 # bodies simply take marshmallow's path.) Integer is only understood when ``strict``.
@@ -29,11 +27,12 @@ _EXACT_TYPES: dict[type, type] = {fields.String: str, fields.Integer: int, field
 
 
 class _Rule(NamedTuple):
-    key: str
-    required: bool
+    """What one declared field certainly loads, besides ``null`` where ``allow_none``."""
+
     allow_none: bool
-    accepts: Callable[[Any], bool]
-    validators: list[Callable[[Any], Any]]
+    exact: type | None  # values of exactly this type (a fast test), or else
+    accepts: Callable[[Any], bool] | None  # those this test passes
+    validators: tuple[Callable[[Any], Any], ...]
 
 
 class Shortcut:
@@ -43,31 +42,45 @@ class Shortcut:
     such as ``@validates_schema``) makes it answer ``False`` always: the schema stays
     correct whatever it grows, only slower. Under ``unknown = RAISE`` (marshmallow's
     default, set on the schema or on a ``Nested`` field) a key not declared means "not sure".
+    It walks the keys the body has, not every field declared: bodies carry few of them.
     """
 
     def __init__(self, schema: Schema, unknown: str | None = None) -> None:
-        self.rules: list[_Rule] | None = _rules_for(schema)
-        raising = (unknown or schema.unknown) == RAISE
-        self.declared: frozenset[str] | None = (
-            frozenset(rule.key for rule in self.rules) if raising and self.rules is not None else None
-        )
+        #: The rule of each key (a field's ``data_key`` or name); ``None`` if it cannot be sure.
+        self.rules: dict[str, _Rule] | None = None
+        self.required: frozenset[str] = frozenset()
+        self.raising = (unknown or schema.unknown) == RAISE
+        if _has_hooks(schema):
+            return
+        rules, required = {}, set()
+        for name, field in schema.load_fields.items():
+            rule = _rule_for(field)
+            if rule is None:
+                return
+            key = field.data_key or name
+            rules[key] = rule
+            if field.required:
+                required.add(key)
+        self.rules, self.required = rules, frozenset(required)
 
     def __call__(self, data: Any) -> bool:
-        if self.rules is None or not isinstance(data, Mapping):
+        rules = self.rules
+        if rules is None or not isinstance(data, Mapping) or not self.required.issubset(data):
             return False
-        if self.declared is not None and not self.declared.issuperset(data):
-            return False
-        for rule in self.rules:
-            value = data.get(rule.key, _ABSENT)
-            if value is _ABSENT:
-                if rule.required:
+        for key, value in data.items():
+            rule = rules.get(key)
+            if rule is None:
+                if self.raising:
                     return False
                 continue
             if value is None:
                 if not rule.allow_none:
                     return False
                 continue
-            if not rule.accepts(value):
+            if rule.exact is not None:
+                if type(value) is not rule.exact:
+                    return False
+            elif rule.accepts is None or not rule.accepts(value):
                 return False
             for validator in rule.validators:
                 try:
@@ -78,18 +91,15 @@ class Shortcut:
         return True
 
 
-def _rules_for(schema: Schema) -> list[_Rule] | None:
-    """One rule per field of ``schema``, or ``None`` where it cannot be sure of marshmallow's answer."""
-    if _has_hooks(schema):
+def _rule_for(field: fields.Field) -> _Rule | None:  # type: ignore[type-arg]
+    """The rule of one field, or ``None`` where it cannot be sure of marshmallow's answer."""
+    exact = _EXACT_TYPES.get(type(field))
+    if exact is int and not getattr(field, "strict", False):
+        exact = None
+    accepts = None if exact is not None else _accepts(field)
+    if exact is None and accepts is None:
         return None
-    rules = []
-    for name, field in schema.load_fields.items():
-        accepts = _accepts(field)
-        if accepts is None:
-            return None
-        key = field.data_key or name
-        rules.append(_Rule(key, field.required, field.allow_none, accepts, list(field.validators)))
-    return rules
+    return _Rule(field.allow_none, exact, accepts, tuple(field.validators))
 
 
 def _has_hooks(schema: Schema) -> bool:
@@ -101,16 +111,10 @@ def _has_hooks(schema: Schema) -> bool:
 
 
 def _accepts(field: fields.Field) -> Callable[[Any], bool] | None:  # type: ignore[type-arg]
-    """A test for the non-null values ``field`` certainly loads, or ``None`` if unknown."""
+    """A test for the non-null values of a field that is no plain string, integer or boolean."""
     if isinstance(field, fields.Nested):
         if field.many:
             return None
         inner = Shortcut(field.schema, getattr(field, "unknown", None))
         return inner if inner.rules is not None else None
-    quick = getattr(field, "quick_accepts", None)  # a custom field may offer its own test
-    if quick is not None:
-        return quick  # type: ignore[no-any-return]
-    exact = _EXACT_TYPES.get(type(field))
-    if exact is None or (exact is int and not getattr(field, "strict", False)):
-        return None
-    return lambda value: type(value) is exact
+    return getattr(field, "quick_accepts", None)  # a custom field may offer its own test
