@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import logging
 import weakref
 from typing import Any
@@ -158,5 +159,5 @@ def _exempt_from_csrf(app: Flask) -> None:
 
     if "csrf" in app.extensions:
         exempt()
-    else:
+    elif importlib.util.find_spec("flask_wtf") is not None:  # else no CSRFProtect can come: no hook
         app.before_request(exempt)

@@ -10,6 +10,7 @@ must never count as a problem. The RudderStack event is built from the untouched
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from datetime import datetime, timezone
@@ -53,7 +54,12 @@ def unix_seconds(value: object) -> int | float | None:
 def to_datetime(value: object) -> datetime | None:
     """Customer.io's ``timestamp`` as an aware UTC datetime, ``None`` where RudderStack ignores it."""
     seconds = unix_seconds(value)
-    return None if seconds is None else datetime.fromtimestamp(seconds, tz=timezone.utc)
+    return None if seconds is None else _utc(seconds)
+
+
+@functools.lru_cache(maxsize=1024)  # events of the same second, which a busy stream is full of
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
 class UnixTimestamp(fields.Field):  # type: ignore[type-arg]

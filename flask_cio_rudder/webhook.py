@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 from werkzeug.exceptions import (
     BadRequest,
@@ -269,6 +270,8 @@ def reject(
 
 
 def _answer(status: str, event_id: str) -> Response:
-    """The 2xx answer of an accepted or duplicate event (built directly: this is the hot path)."""
-    text = jsoncodec.dumps({"status": status, "event_id": event_id}, json.dumps)
-    return Response(text, mimetype="application/json")
+    """The 2xx answer of an accepted or duplicate event (built directly: this is the hot path).
+
+    orjson writes it as ``json`` would: two strings, and ``event_id`` is real text (``build`` checked).
+    """
+    return Response(orjson.dumps({"status": status, "event_id": event_id}), content_type="application/json")
