@@ -65,7 +65,9 @@ class Shortcut:
 
     def __call__(self, data: Any) -> bool:
         rules = self.rules
-        if rules is None or not isinstance(data, Mapping) or not self.required.issubset(data):
+        if rules is None or not (type(data) is dict or isinstance(data, Mapping)):  # dict: no ABC check
+            return False
+        if not self.required.issubset(data):
             return False
         for key, value in data.items():
             rule = rules.get(key)

@@ -199,7 +199,8 @@ class Spool:
                 raise
             file.end += len(record)
             self._unmoved.add(event_id)
-        self._wake.set()
+        if not self._wake.is_set():  # set already while the mover lingers: setting it again costs a notify
+            self._wake.set()
 
     def holds(self, event_id: str) -> bool:
         """Whether this process accepted ``event_id`` and has not moved it into the store yet."""
