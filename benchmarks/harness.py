@@ -164,11 +164,12 @@ def ext_app() -> Flask:
     return app
 
 
-def sdk_app() -> Flask:
+def sdk_app(send: bool = True) -> Flask:
     """The route a user writes instead: verify, map the body by hand, ``track()`` (memory only).
 
     The SDK's consumer thread posts to ``CIO_RUDDER_DATA_PLANE_URL``; its queue holds 10^6
     events so that nothing is dropped. Built in each gunicorn worker (no ``--preload``).
+    ``send=False`` is the SDK's own switch: no consumer thread, nothing queued (instructions.py).
     """
     import hashlib
     import hmac
@@ -179,7 +180,10 @@ def sdk_app() -> Flask:
     app = _configured("sdk")
     key = app.config["CIO_RUDDER_SIGNING_KEY"].encode()
     client = Client(
-        app.config["CIO_RUDDER_WRITE_KEY"], host=app.config["CIO_RUDDER_DATA_PLANE_URL"], max_queue_size=10**6
+        app.config["CIO_RUDDER_WRITE_KEY"],
+        host=app.config["CIO_RUDDER_DATA_PLANE_URL"],
+        max_queue_size=10**6,
+        send=send,
     )
     names = {metric: f"Email {metric.title()}" for metric in METRICS} | {"clicked": "Email Link Clicked"}
 
