@@ -7,7 +7,7 @@ Each app's WSGI callable is called in one process with webhook.py's bodies (fixe
 timestamp, ``PYTHONHASHSEED=0``), as gunicorn calls it (``wsgi.input_terminated`` set), under
 ``valgrind --tool=callgrind``. A run serves ``--warmup`` requests and then ``--requests`` more;
 a second run serves only the warm-up; the difference divided by ``--requests`` is one
-request's instructions, the same to a few instructions from run to run. Only the request's
+request's instructions, the same to within half a percent from run to run. Only the request's
 own path is counted: the extension's spool mover and sender and the SDK's consumer thread
 are off (``webhook.py`` measures them, in seconds). Instructions are not time: cache misses
 and system calls cost more than their count, and valgrind's CPU has no SHA extensions, so
