@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 
@@ -187,3 +188,18 @@ def test_the_webhook_works_in_apps_with_csrf_protection(post: Post, csrf_first: 
     client = app.test_client()
     assert client.post("/form").status_code == 400  # CSRF still guards the app's own forms
     assert post(client, sample("opened")).json["status"] == "accepted"
+
+
+def test_without_flask_wtf_installed_the_host_apps_requests_run_no_hook_of_ours(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The CSRF exemption hook runs before every request of the app; with no Flask-WTF it is not needed."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, *args: Any) -> Any:
+        return None if name == "flask_wtf" else real_find_spec(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER="none")
+    CioRudder(app)
+    assert not any(app.before_request_funcs.values())
