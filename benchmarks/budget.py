@@ -13,9 +13,7 @@ included, must fit in ``bare * (1/r - 1)`` µs per event.
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -47,13 +45,7 @@ def cpu_us(step: Callable[[Any], object], items: Sequence[Any]) -> float:
 def per_request_us(app: Any, lines: Sequence[bytes]) -> float:
     def environ(line: bytes) -> dict[str, Any]:
         timestamp, signature, raw = line.split(b"\t", 2)
-        return {
-            "REQUEST_METHOD": "POST", "PATH_INFO": h.WEBHOOK_PATH, "SERVER_NAME": "127.0.0.1",
-            "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1", "wsgi.url_scheme": "http",
-            "wsgi.input": io.BytesIO(raw), "wsgi.errors": sys.stderr, "CONTENT_TYPE": "application/json",
-            "CONTENT_LENGTH": str(len(raw)), "HTTP_X_CIO_TIMESTAMP": timestamp.decode(),
-            "HTTP_X_CIO_SIGNATURE": signature.decode(),
-        }  # fmt: skip
+        return h.webhook_environ(raw, timestamp.decode(), signature.decode())
 
     def start_response(status: str, headers: Any, exc_info: Any = None) -> None:
         assert status.startswith("200"), status

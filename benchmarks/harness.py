@@ -24,6 +24,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import io
 import json
 import os
 import random
@@ -118,6 +119,26 @@ def write_signed_bodies(path: Path, count: int) -> None:
         for body in bodies(count, new_tag()):
             raw = encode(body)  # compact JSON: no newline or tab inside
             out.write(f"{timestamp}\t{sign(raw, timestamp, SIGNING_KEY)}\t".encode() + raw + b"\n")
+
+
+def webhook_environ(raw: bytes, timestamp: str, signature: str) -> dict[str, Any]:
+    """The WSGI environ of one signed webhook POST, as gunicorn passes it (``wsgi.input_terminated``)."""
+    return {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": WEBHOOK_PATH,
+        "SERVER_NAME": "127.0.0.1",
+        "SERVER_PORT": "80",
+        "SERVER_PROTOCOL": "HTTP/1.1",
+        "REMOTE_ADDR": "127.0.0.1",
+        "wsgi.url_scheme": "http",
+        "wsgi.input": io.BytesIO(raw),
+        "wsgi.input_terminated": True,
+        "wsgi.errors": sys.stderr,
+        "CONTENT_TYPE": "application/json",
+        "CONTENT_LENGTH": str(len(raw)),
+        "HTTP_X_CIO_TIMESTAMP": timestamp,
+        "HTTP_X_CIO_SIGNATURE": signature,
+    }
 
 
 # -- the apps (gunicorn factories: ``harness:ext_app()``) ---------------------------------------

@@ -7,7 +7,7 @@ Each app's WSGI callable is called in one process with webhook.py's bodies (fixe
 timestamp, ``PYTHONHASHSEED=0``), as gunicorn calls it (``wsgi.input_terminated`` set), under
 ``valgrind --tool=callgrind``. A run serves ``--warmup`` requests and then ``--requests`` more;
 a second run serves only the warm-up; the difference divided by ``--requests`` is one
-request's instructions, the same to within half a percent from run to run. Only the request's
+request's instructions, the same to within one percent from run to run. Only the request's
 own path is counted: the extension's spool mover and sender and the SDK's consumer thread
 are off (``webhook.py`` measures them, in seconds). Instructions are not time: cache misses
 and system calls cost more than their count, and valgrind's CPU has no SHA extensions, so
@@ -18,7 +18,6 @@ request path adds or removes; use ``webhook.py`` for throughput.
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import re
 import shutil
@@ -59,24 +58,7 @@ def serve(app_name: str, count: int, built: int) -> None:
     environs = []
     for body in h.bodies(built, TAG):
         raw = encode(body)
-        environs.append(
-            {
-                "REQUEST_METHOD": "POST",
-                "PATH_INFO": h.WEBHOOK_PATH,
-                "SERVER_NAME": "127.0.0.1",
-                "SERVER_PORT": "80",
-                "SERVER_PROTOCOL": "HTTP/1.1",
-                "REMOTE_ADDR": "127.0.0.1",
-                "wsgi.url_scheme": "http",
-                "wsgi.input": io.BytesIO(raw),
-                "wsgi.input_terminated": True,  # as gunicorn sets it
-                "wsgi.errors": sys.stderr,
-                "CONTENT_TYPE": "application/json",
-                "CONTENT_LENGTH": str(len(raw)),
-                "HTTP_X_CIO_TIMESTAMP": TIMESTAMP,
-                "HTTP_X_CIO_SIGNATURE": sign(raw, TIMESTAMP, h.SIGNING_KEY),
-            }
-        )
+        environs.append(h.webhook_environ(raw, TIMESTAMP, sign(raw, TIMESTAMP, h.SIGNING_KEY)))
 
     def start_response(
         status: str, headers: list[tuple[str, str]], exc_info: Any = None
