@@ -337,6 +337,8 @@ def _lookups(schema: Schema) -> list[tuple[str, _Lookup]]:
 def _first_of(paths: list[tuple[str, ...]]) -> _Lookup:
     # Each path as (starts at data?, the keys after that); the walk is FirstOf.get_value's.
     starts = [(True, keys[1:]) if keys[0] == "data" and len(keys) > 1 else (False, keys) for keys in paths]
+    if len(starts) == 1 and starts[0][0] and len(starts[0][1]) == 1:
+        return _data_key(starts[0][1][0])  # most fields: one key of the data object
 
     def first_of(body: dict[str, Any], data: dict[str, Any]) -> Any:
         for from_data, keys in starts:
@@ -348,6 +350,16 @@ def _first_of(paths: list[tuple[str, ...]]) -> _Lookup:
         return missing
 
     return first_of
+
+
+def _data_key(key: str) -> _Lookup:
+    """``first_of`` for the path ``data.<key>``, without its loops."""
+
+    def data_key(body: dict[str, Any], data: dict[str, Any]) -> Any:
+        value = data.get(key)
+        return missing if value is None else value
+
+    return data_key
 
 
 def _section(table: list[tuple[str, _Lookup]]) -> _Lookup:
