@@ -329,7 +329,9 @@ def _lookups(schema: Schema) -> list[tuple[str, _Lookup]]:
             table.append((name, _section(_lookups(field.section))))
         elif isinstance(field, Fixed) and not isinstance(field.value, dict):
             table.append((name, _constant(field.value)))
-        else:  # Computed, Fixed objects (copied per event) and any other field: as the field says
+        elif isinstance(field, Computed):
+            table.append((name, _computed(field.function)))
+        else:  # Fixed objects (copied per event) and any other field: as the field says
             table.append((name, _field_value(field, name)))
     return table
 
@@ -371,6 +373,10 @@ def _section(table: list[tuple[str, _Lookup]]) -> _Lookup:
 
 def _constant(value: Any) -> _Lookup:
     return lambda body, data: value
+
+
+def _computed(function: Callable[[dict[str, Any]], Any]) -> _Lookup:
+    return lambda body, data: function(body)
 
 
 def _field_value(field: fields.Field, name: str) -> _Lookup:  # type: ignore[type-arg]
