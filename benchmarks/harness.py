@@ -207,7 +207,6 @@ def sdk_app(send: bool = True) -> Flask:
     events so that nothing is dropped. Built in each gunicorn worker (no ``--preload``).
     ``send=False`` is the SDK's own switch: no consumer thread, nothing queued (instructions.py).
     """
-    import hashlib
     import hmac
 
     from flask import abort, jsonify, request
