@@ -11,6 +11,7 @@ from typing import Any
 from flask import Flask, current_app
 
 from .cli import cli
+from .fastpath import FastPath
 from .forwarders import Forwarder, create_forwarder
 from .outbox import DEFAULT_URL, Outbox, OutboxForwarder
 from .state import State, state_of
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "CIO_RUDDER_OUTBOX_LEASE": 60,
     "CIO_RUDDER_SHUTDOWN_TIMEOUT": 5.0,
     "CIO_RUDDER_DASHBOARD_READ_ONLY": False,
+    "CIO_RUDDER_FAST_PATH": False,
 }
 
 
@@ -107,6 +109,8 @@ class CioRudder:
 
             metrics.enable(app)
         app.register_blueprint(create_blueprint(config["CIO_RUDDER_WEBHOOK_PATH"]))
+        if config["CIO_RUDDER_FAST_PATH"]:
+            app.wsgi_app = FastPath(app, app.wsgi_app, config["CIO_RUDDER_WEBHOOK_PATH"])  # type: ignore[method-assign]
         app.cli.add_command(cli)
         _exempt_from_csrf(app)
 

@@ -274,8 +274,13 @@ def reject(
 
 
 def _answer(status: str, event_id: str) -> Response:
-    """The 2xx answer of an accepted or duplicate event (built directly: this is the hot path).
+    """The 2xx answer of an accepted or duplicate event (built directly: this is the hot path)."""
+    return Response(answer_body(status, event_id), content_type="application/json")
+
+
+def answer_body(status: str, event_id: str) -> bytes:
+    """The JSON body of an accepted or duplicate event's answer.
 
     orjson writes it as ``json`` would: two strings, and ``event_id`` is real text (``build`` checked).
     """
-    return Response(orjson.dumps({"status": status, "event_id": event_id}), content_type="application/json")
+    return orjson.dumps({"status": status, "event_id": event_id})

@@ -8,6 +8,7 @@ and timeouts:
 ``CIO_RUDDER_OUTBOX_URL``                 the outbox (required)
 ``CIO_RUDDER_OUTBOX_TABLE``               its table, optional
 ``CIO_RUDDER_OUTBOX_SENDER``              ``0`` for web workers that only write, optional
+``CIO_RUDDER_FAST_PATH``                  ``1`` for the fast path, optional
 ``CIO_RUDDER_DATA_PLANE_URL``             where the sender posts (required)
 ``CIO_RUDDER_WRITE_KEY``                  the data plane's write key (required)
 ``CIO_RUDDER_SIGNING_KEY``                Customer.io's signing key (required)
@@ -20,7 +21,8 @@ and timeouts:
                                           sender forwarded it (required)
 ========================================  ==============================================
 
-Every answer carries ``X-Worker-Pid``: the process that handled the request.
+Every answer carries ``X-Worker-Pid``: the process that handled the request (not the
+fast path's answers, which skip ``after_request``).
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ def create_app() -> Flask:
         app.config["CIO_RUDDER_OUTBOX_TABLE"] = os.environ["CIO_RUDDER_OUTBOX_TABLE"]
     if "CIO_RUDDER_OUTBOX_SENDER" in os.environ:
         app.config["CIO_RUDDER_OUTBOX_SENDER"] = os.environ["CIO_RUDDER_OUTBOX_SENDER"] != "0"
+    app.config["CIO_RUDDER_FAST_PATH"] = os.environ.get("CIO_RUDDER_FAST_PATH") == "1"
     forwarded_log = os.environ["PROCESS_APP_FORWARDED_LOG"]
 
     def record_forwarded(sender: Flask, payloads: list[dict[str, Any]], **extra: Any) -> None:

@@ -146,15 +146,21 @@ def build_webhook(**config: Any) -> Iterator[Webhook]:
         app.extensions["cio_rudder"].forwarder.close()
 
 
-@pytest.fixture(scope="module", params=["none", "outbox"], ids=lambda name: f"forwarder={name}")
+@pytest.fixture(
+    scope="module",
+    params=[("none", False), ("outbox", False), ("outbox", True)],
+    ids=["forwarder=none", "forwarder=outbox", "outbox, fast path"],
+)
 def webhook(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Webhook]:
-    with build_webhook(**forwarder_config(request.param, tmp_path_factory.mktemp("outbox"))) as webhook:
+    forwarder, fast_path = request.param
+    config = forwarder_config(forwarder, tmp_path_factory.mktemp("outbox"))
+    with build_webhook(**config, CIO_RUDDER_FAST_PATH=fast_path) as webhook:
         yield webhook
 
 
-@pytest.fixture(scope="module")
-def small_webhook() -> Iterator[Webhook]:
-    with build_webhook(CIO_RUDDER_MAX_BODY_BYTES=SMALL_LIMIT) as webhook:
+@pytest.fixture(scope="module", params=[False, True], ids=["route", "fast path"])
+def small_webhook(request: pytest.FixtureRequest) -> Iterator[Webhook]:
+    with build_webhook(CIO_RUDDER_MAX_BODY_BYTES=SMALL_LIMIT, CIO_RUDDER_FAST_PATH=request.param) as webhook:
         yield webhook
 
 

@@ -1,7 +1,12 @@
-"""The response policy of the README, row by row, through the real route."""
+"""The response policy of the README, row by row: through the real route, and with the fast path on.
+
+The opt-in fast path (``CIO_RUDDER_FAST_PATH``) must answer every request as the route does,
+so each test here runs twice. What the fast path skips of Flask is in test_fast_path.py.
+"""
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 from typing import Any, Callable
@@ -17,6 +22,12 @@ from .conftest import EMAIL_EVENTS, SIGNING_KEY, WEBHOOK, sample
 from .helpers import record_signals
 
 Post = Callable[..., TestResponse]
+
+
+@pytest.fixture(params=[False, True], ids=["route", "fast path"])
+def make_app(request: pytest.FixtureRequest, make_app: Callable[..., Flask]) -> Callable[..., Flask]:
+    """conftest's ``make_app``, once with the fast path off (the default) and once with it on."""
+    return functools.partial(make_app, CIO_RUDDER_FAST_PATH=request.param)
 
 
 # Every signal about what happened to a body (webhook_answered, sent for every request, is in test_metrics).

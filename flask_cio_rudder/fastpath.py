@@ -1,0 +1,98 @@
+"""The opt-in fast path (``CIO_RUDDER_FAST_PATH``): valid events answered before Flask's request machinery.
+
+A WSGI middleware in front of ``app.wsgi_app``. It serves one kind of request itself: an
+authentic webhook whose body is a valid event, new or already accepted. For those it runs
+the route's own stages (signature, decoding, validation, duplicate lookup, receivers,
+forwarder), the receivers and the forwarder in an app context, and answers 200 as the
+route does. Every other request goes to Flask untouched. So does one whose receiver raised
+or whose event could not be kept: Flask then serves it from the start, as the route would
+(its receivers run again there), with the host app's error handlers.
+
+For the requests it serves it skips ``before_request``, ``after_request`` and
+``teardown_request`` hooks, ``app.errorhandler``, and ``flask.request`` / ``session`` in
+receivers. ``current_app``, ``g`` and ``teardown_appcontext`` work as usual.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from . import signals
+from .signature import verify
+from .state import state_of
+from .webhook import answer_body, parse_json, send_signals
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from flask import Flask
+
+__all__ = ["FastPath"]
+
+logger = logging.getLogger("flask_cio_rudder")
+
+
+class FastPath:
+    """Serves the valid events posted to ``path`` for ``app``; hands every other request to ``wsgi_app``."""
+
+    def __init__(self, app: Flask, wsgi_app: WSGIApplication, path: str) -> None:
+        self.app = app
+        self.state = state_of(app)
+        self.wsgi_app = wsgi_app
+        self.path = path
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == self.path and environ.get("REQUEST_METHOD") == "POST":
+            body = self.read_body(environ)
+            if body is not None:
+                answer = self.serve(environ, body)
+                if answer is not None:
+                    headers = [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))]
+                    start_response("200 OK", headers)
+                    return [answer]
+                environ["wsgi.input"] = io.BytesIO(body)  # for Flask to read it again
+        return self.wsgi_app(environ, start_response)
+
+    def read_body(self, environ: WSGIEnvironment) -> bytes | None:
+        """The body if its ``Content-Length`` is within both limits; else None, and Flask reads it."""
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or "")
+        except ValueError:
+            return None  # no length (a chunked body) or a bad one
+        flask_limit = self.app.config["MAX_CONTENT_LENGTH"]
+        if not 0 <= length <= self.state.max_body_bytes or (flask_limit is not None and length > flask_limit):
+            return None
+        body: bytes = environ["wsgi.input"].read(length)
+        return body
+
+    def serve(self, environ: WSGIEnvironment, body: bytes) -> bytes | None:
+        """The answer to an authentic body of a valid event, or None if Flask must serve the request."""
+        started = time.perf_counter()
+        app, state = self.app, self.state
+        try:
+            if state.verify_signature:
+                verify(
+                    body,
+                    environ.get("HTTP_X_CIO_TIMESTAMP"),
+                    environ.get("HTTP_X_CIO_SIGNATURE"),
+                    state.signing_keys,
+                    max_age=state.max_timestamp_age,
+                )
+            event = state.validation(parse_json(body))
+            with app.app_context():  # the host app's code runs from here on: receivers, forwarder
+                if state.forwarder.is_duplicate(event.event_id):
+                    outcome = "duplicate"
+                else:
+                    send_signals(app, event)
+                    state.forwarder.accept(event)
+                    outcome = "accepted"
+                if signals.webhook_answered.receivers:
+                    duration = time.perf_counter() - started
+                    signals.webhook_answered.send(app, outcome=outcome, duration=duration)
+        except Exception:  # not authentic, not valid, a receiver raised, not kept: Flask's route answers
+            logger.debug("The fast path hands a webhook to Flask's route", exc_info=True)
+            return None
+        return answer_body(outcome, event.event_id)
