@@ -186,9 +186,10 @@ def bare_app() -> Flask:
     return app
 
 
-def ext_app() -> Flask:
-    """Flask-CIO-Rudder as configured by the environment, one trivial receiver per email signal."""
+def ext_app(**config: Any) -> Flask:
+    """Flask-CIO-Rudder set up from the environment and ``config``, one trivial receiver per email signal."""
     app = _configured("ext")
+    app.config.update(config)
     seen: Counter[str] = Counter()
 
     def receiver(sender: Flask, event: Any, **extra: Any) -> None:
@@ -198,6 +199,11 @@ def ext_app() -> Flask:
         getattr(signals, f"email_{metric}").connect(receiver, sender=app, weak=False)
     CioRudder(app)
     return app
+
+
+def fast_app() -> Flask:
+    """``ext_app`` with the opt-in fast path on (``CIO_RUDDER_FAST_PATH``)."""
+    return ext_app(CIO_RUDDER_FAST_PATH=True)
 
 
 def sdk_app(send: bool = True) -> Flask:

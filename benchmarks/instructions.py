@@ -1,6 +1,6 @@
 """Instructions per webhook request, counted by valgrind: a measure that a busy machine does not move.
 
-    python benchmarks/instructions.py                  # bare, SDK route, floor, extension: about 3 minutes
+    python benchmarks/instructions.py                  # bare, SDK route, floor, extension, fast path: ~4 min
     python benchmarks/instructions.py --app ext_app    # one app
 
 Each app's WSGI callable is called in one process with webhook.py's bodies (fixed ids and
@@ -33,12 +33,13 @@ import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 from flask_cio_rudder.signature import sign
 from flask_cio_rudder.testing import encode
 
-APPS = ("bare_app", "sdk_app", "bound_app", "ext_app")
+APPS = ("bare_app", "sdk_app", "bound_app", "ext_app", "fast_app")
 LABELS = {
     "bare_app": "bare Flask",
     "sdk_app": "SDK route",
     "bound_app": "guarantees only",
     "ext_app": "Flask-CIO-Rudder",
+    "fast_app": "ext, fast path",
 }
 TIMESTAMP = "1764990000"
 TAG = "FIXED0"
@@ -103,7 +104,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--app", action="append", choices=APPS, help="an app to count (default: all four)")
+    parser.add_argument("--app", action="append", choices=APPS, help="an app to count (default: all five)")
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--warmup", type=int, default=500)
     parser.add_argument("--serve", choices=APPS, help=argparse.SUPPRESS)  # the process valgrind runs

@@ -5,6 +5,7 @@
     python benchmarks/webhook.py --scenario down --scenario floor
     python benchmarks/webhook.py --scenario postgres --scenario worker
     python benchmarks/webhook.py --scenario bound --scenario bound-paced   # the design's floor
+    python benchmarks/webhook.py --scenario fast --scenario fast-paced     # the opt-in fast path
     python benchmarks/webhook.py --outbox-url postgresql://127.0.0.1/test   # another outbox, same runs
 
 Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
@@ -26,6 +27,10 @@ Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
 - ``worker``: bare Flask, the SDK route, the extension's default set-up (a sender in each web
   worker) and the other one: web workers only writing (``CIO_RUDDER_OUTBOX_SENDER = False``),
   one ``flask cio-rudder worker`` process sending, at full load; ``worker-paced``: the same, paced.
+- ``fast``: bare Flask, the SDK route, the extension, and the extension with its opt-in fast path
+  (``CIO_RUDDER_FAST_PATH``: valid events answered before Flask's request machinery), at full
+  load; ``fast-paced``: bare Flask, the SDK route, the fast path with a sender in each web worker
+  and with one ``flask cio-rudder worker`` process, paced.
 
 Each run: a fresh gunicorn (``-w 2``, sync workers) and a fresh outbox (a new SQLite file, or a
 new table dropped after the run), a warm-up wrk run, then the measured one. "app CPU" counts the
@@ -51,10 +56,14 @@ import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 
 BARE, SDK, EXT, DOWN, FLOOR = "bare Flask", "SDK route", "Flask-CIO-Rudder", "ext, data plane down", "floor"
 WORKER, PG, PG_WORKER = "ext, sender in worker", "ext, PostgreSQL", "ext, PostgreSQL, worker"
-BOUND = "guarantees only"
+BOUND, FAST, FAST_WORKER = "guarantees only", "ext, fast path", "fast path, sender in worker"
 #: The apps' gunicorn factories in harness.py; any other label is ext_app().
-FACTORIES = {BARE: "bare_app()", SDK: "sdk_app()", FLOOR: "floor_app()", BOUND: "bound_app()"}
+FACTORIES = {
+    **{BARE: "bare_app()", SDK: "sdk_app()", FLOOR: "floor_app()", BOUND: "bound_app()"},
+    **{FAST: "fast_app()", FAST_WORKER: "fast_app()"},
+}
 NO_OUTBOX = (BARE, SDK, FLOOR)
+WORKERS = (WORKER, PG_WORKER, FAST_WORKER)  # a `flask cio-rudder worker` process sends
 #: scenario -> (apps, paced, [(figure, candidate, baseline, target)])
 SCENARIOS = {
     "peer": (
@@ -101,6 +110,19 @@ SCENARIOS = {
             *[("req/s", WORKER, BARE, "0.75 wanted"), ("p99", WORKER, EXT, ""), ("p99", WORKER, SDK, "")],
         ],
     ),
+    "fast": (
+        (BARE, SDK, EXT, FAST),
+        False,
+        [
+            *[("req/s", FAST, SDK, ">= 1.0"), ("req/s", FAST, EXT, ""), ("req/s", FAST, BARE, "0.75 wanted")],
+            *[("req/s", EXT, BARE, ""), ("p99", FAST, EXT, "")],
+        ],
+    ),
+    "fast-paced": (
+        (BARE, SDK, FAST, FAST_WORKER),
+        True,
+        [("p99", FAST, BARE, "<= 1.5"), ("p99", FAST_WORKER, BARE, "<= 1.5"), ("p99", SDK, BARE, "")],
+    ),
     "worker-paced": (
         (BARE, SDK, EXT, WORKER),
         True,
@@ -143,14 +165,14 @@ class Bench:
             url = args.postgres_url if label in (PG, PG_WORKER) else args.outbox_url
             outbox = h.outbox_env(url, self.workdir, str(self.runs))
             env |= {**outbox, "CIO_RUDDER_SHUTDOWN_TIMEOUT": "2"}
-        if label in (WORKER, PG_WORKER):  # web workers only write; one process sends
+        if label in WORKERS:  # web workers only write; one process sends
             env["CIO_RUDDER_OUTBOX_SENDER"] = "false"
         if label == FLOOR:
             env["FLOOR_PATH"] = str(self.workdir / f"floor-{self.runs}.sqlite3")
         h.wait_until_quiet(args.quiet_wait)
         log = self.workdir / f"gunicorn-{self.runs}.log"
         server = h.Gunicorn(f"harness:{FACTORIES.get(label, 'ext_app()')}", env, log)
-        sender = h.start_worker(env, log.with_suffix(".worker.log")) if label in (WORKER, PG_WORKER) else None
+        sender = h.start_worker(env, log.with_suffix(".worker.log")) if label in WORKERS else None
         try:
             h.wrk(server.url, self.warm_bodies, args.warmup, args.connections)
             workers = server.worker_pids() + ([sender.pid] if sender else [])
