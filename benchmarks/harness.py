@@ -201,9 +201,29 @@ def ext_app(**config: Any) -> Flask:
     return app
 
 
-def fast_app() -> Flask:
-    """``ext_app`` with the opt-in fast path on (``CIO_RUDDER_FAST_PATH``)."""
+def fast_app(background: bool = True) -> Flask:
+    """``ext_app`` with the opt-in fast path on (``CIO_RUDDER_FAST_PATH``).
+
+    ``background=False``: no spool mover and no sender (``no_background``), the request path alone.
+    """
+    if not background:
+        no_background()
     return ext_app(CIO_RUDDER_FAST_PATH=True)
+
+
+def no_background() -> None:
+    """Start no spool mover and no sender in this process: accepted events stay in the spool.
+
+    A process that stops moves its spool into the outbox; the next start sends it.
+    """
+    from flask_cio_rudder.sender import Sender
+    from flask_cio_rudder.spool import Spool
+
+    def stay_idle(self: object) -> None:
+        """Started by nothing."""
+
+    Spool.ensure_running = stay_idle  # type: ignore[method-assign]
+    Sender.ensure_running = stay_idle  # type: ignore[method-assign]
 
 
 def sdk_app(send: bool = True) -> Flask:

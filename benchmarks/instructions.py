@@ -47,14 +47,7 @@ TAG = "FIXED0"
 
 def serve(app_name: str, count: int, built: int) -> None:
     """Build the app with nothing in the background and ``built`` requests, then serve the first ``count``."""
-    from flask_cio_rudder.sender import Sender
-    from flask_cio_rudder.spool import Spool
-
-    def stay_idle(self: object) -> None:
-        """No mover, no sender: what they do depends on timing, which valgrind's slowness changes."""
-
-    Spool.ensure_running = stay_idle  # type: ignore[method-assign]
-    Sender.ensure_running = stay_idle  # type: ignore[method-assign]
+    h.no_background()  # what a mover and a sender do depends on timing, which valgrind's slowness changes
     app = getattr(h, app_name)() if app_name != "sdk_app" else h.sdk_app(send=False)
     environs = []
     for body in h.bodies(built, TAG):

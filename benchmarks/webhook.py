@@ -30,7 +30,8 @@ Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
 - ``fast``: bare Flask, the SDK route, the extension, and the extension with its opt-in fast path
   (``CIO_RUDDER_FAST_PATH``: valid events answered before Flask's request machinery), at full
   load; ``fast-paced``: bare Flask, the SDK route, the fast path with a sender in each web worker
-  and with one ``flask cio-rudder worker`` process, paced.
+  and with one ``flask cio-rudder worker`` process, and the fast path with no background work at
+  all (no spool mover, no sender: ``harness.fast_app(background=False)``), paced.
 
 Each run: a fresh gunicorn (``-w 2``, sync workers) and a fresh outbox (a new SQLite file, or a
 new table dropped after the run), a warm-up wrk run, then the measured one. "app CPU" counts the
@@ -57,10 +58,11 @@ import harness as h  # the scripts run from benchmarks/ or with it on sys.path
 BARE, SDK, EXT, DOWN, FLOOR = "bare Flask", "SDK route", "Flask-CIO-Rudder", "ext, data plane down", "floor"
 WORKER, PG, PG_WORKER = "ext, sender in worker", "ext, PostgreSQL", "ext, PostgreSQL, worker"
 BOUND, FAST, FAST_WORKER = "guarantees only", "ext, fast path", "fast path, sender in worker"
+QUIET = "fast path, no mover or sender"
 #: The apps' gunicorn factories in harness.py; any other label is ext_app().
 FACTORIES = {
     **{BARE: "bare_app()", SDK: "sdk_app()", FLOOR: "floor_app()", BOUND: "bound_app()"},
-    **{FAST: "fast_app()", FAST_WORKER: "fast_app()"},
+    **{FAST: "fast_app()", FAST_WORKER: "fast_app()", QUIET: "fast_app(background=False)"},
 }
 NO_OUTBOX = (BARE, SDK, FLOOR)
 WORKERS = (WORKER, PG_WORKER, FAST_WORKER)  # a `flask cio-rudder worker` process sends
@@ -119,9 +121,12 @@ SCENARIOS = {
         ],
     ),
     "fast-paced": (
-        (BARE, SDK, FAST, FAST_WORKER),
+        (BARE, SDK, FAST, FAST_WORKER, QUIET),
         True,
-        [("p99", FAST, BARE, "<= 1.5"), ("p99", FAST_WORKER, BARE, "<= 1.5"), ("p99", SDK, BARE, "")],
+        [
+            *[("p99", FAST, BARE, "<= 1.5"), ("p99", FAST_WORKER, BARE, "<= 1.5"), ("p99", SDK, BARE, "")],
+            ("p99", QUIET, BARE, ""),
+        ],
     ),
     "worker-paced": (
         (BARE, SDK, EXT, WORKER),
