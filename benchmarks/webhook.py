@@ -61,8 +61,13 @@ BOUND, FAST, FAST_WORKER = "guarantees only", "ext, fast path", "fast path, send
 QUIET = "fast path, no mover or sender"
 #: The apps' gunicorn factories in harness.py; any other label is ext_app().
 FACTORIES = {
-    **{BARE: "bare_app()", SDK: "sdk_app()", FLOOR: "floor_app()", BOUND: "bound_app()"},
-    **{FAST: "fast_app()", FAST_WORKER: "fast_app()", QUIET: "fast_app(background=False)"},
+    BARE: "bare_app()",
+    SDK: "sdk_app()",
+    FLOOR: "floor_app()",
+    BOUND: "bound_app()",
+    FAST: "fast_app()",
+    FAST_WORKER: "fast_app()",
+    QUIET: "fast_app(background=False)",
 }
 NO_OUTBOX = (BARE, SDK, FLOOR)
 WORKERS = (WORKER, PG_WORKER, FAST_WORKER)  # a `flask cio-rudder worker` process sends
