@@ -21,6 +21,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
+from werkzeug.wsgi import get_content_length
+
 from . import signals
 from .signature import verify
 from .state import state_of
@@ -58,12 +60,11 @@ class FastPath:
 
     def read_body(self, environ: WSGIEnvironment) -> bytes | None:
         """The body if its ``Content-Length`` is within both limits; else None, and Flask reads it."""
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or "")
-        except ValueError:
-            return None  # no length (a chunked body) or a bad one
+        length = get_content_length(environ)  # None for a chunked body
+        if length is None or length > self.state.max_body_bytes:
+            return None
         flask_limit = self.app.config["MAX_CONTENT_LENGTH"]
-        if not 0 <= length <= self.state.max_body_bytes or (flask_limit is not None and length > flask_limit):
+        if flask_limit is not None and length > flask_limit:
             return None
         body: bytes = environ["wsgi.input"].read(length)
         return body
