@@ -26,7 +26,7 @@ from werkzeug.wsgi import get_content_length
 from . import signals
 from .signature import verify
 from .state import state_of
-from .webhook import answer_body, parse_json, send_signals
+from .webhook import answer_body, keep, parse_json
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -84,12 +84,7 @@ class FastPath:
                 )
             event = state.validation(parse_json(body))
             with app.app_context():  # the host app's code runs from here on: receivers, forwarder
-                if state.forwarder.is_duplicate(event.event_id):
-                    outcome = "duplicate"
-                else:
-                    send_signals(app, event)
-                    state.forwarder.accept(event)
-                    outcome = "accepted"
+                outcome = keep(app, state.forwarder, event)
                 if signals.webhook_answered.receivers:
                     duration = time.perf_counter() - started
                     signals.webhook_answered.send(app, outcome=outcome, duration=duration)

@@ -159,14 +159,23 @@ def process(
     except InvalidEvent as error:
         return reject(app, state.forwarder, body, decoded, error, announce=announce)
     try:
-        if state.forwarder.is_duplicate(event.event_id):
-            return Outcome("duplicate", event.event_id)
-        if announce:
-            send_signals(app, event)
-        state.forwarder.accept(event)
+        status = keep(app, state.forwarder, event, announce=announce)
     except ForwardError as error:
         raise RetryLater(f"the event was not kept ({error.reason}); send it again later") from None
-    return Outcome("accepted", event.event_id)
+    return Outcome(status, event.event_id)
+
+
+def keep(app: Flask, forwarder: Forwarder, event: CioEvent, *, announce: bool = True) -> str:
+    """``"duplicate"`` if the event was accepted before; else announce and keep it: ``"accepted"``.
+
+    Raises :class:`~flask_cio_rudder.forwarders.ForwardError` when the forwarder cannot keep it now.
+    """
+    if forwarder.is_duplicate(event.event_id):
+        return "duplicate"
+    if announce:
+        send_signals(app, event)
+    forwarder.accept(event)
+    return "accepted"
 
 
 def read_body(incoming: Request, limit: int) -> bytes:
