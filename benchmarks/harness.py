@@ -186,8 +186,13 @@ def bare_app() -> Flask:
     return app
 
 
-def ext_app(**config: Any) -> Flask:
-    """Flask-CIO-Rudder set up from the environment and ``config``, one trivial receiver per email signal."""
+def ext_app(background: bool = True, **config: Any) -> Flask:
+    """Flask-CIO-Rudder set up from the environment and ``config``, one trivial receiver per email signal.
+
+    ``background=False``: no spool mover and no sender (``no_background``), the request path alone.
+    """
+    if not background:
+        no_background()
     app = _configured("ext")
     app.config.update(config)
     seen: Counter[str] = Counter()
@@ -202,13 +207,8 @@ def ext_app(**config: Any) -> Flask:
 
 
 def fast_app(background: bool = True) -> Flask:
-    """``ext_app`` with the opt-in fast path on (``CIO_RUDDER_FAST_PATH``).
-
-    ``background=False``: no spool mover and no sender (``no_background``), the request path alone.
-    """
-    if not background:
-        no_background()
-    return ext_app(CIO_RUDDER_FAST_PATH=True)
+    """``ext_app`` with the opt-in fast path on (``CIO_RUDDER_FAST_PATH``)."""
+    return ext_app(background, CIO_RUDDER_FAST_PATH=True)
 
 
 def no_background() -> None:
@@ -271,7 +271,7 @@ def sdk_app(send: bool = True) -> Flask:
     return app
 
 
-def bound_app() -> Flask:
+def bound_app(background: bool = True) -> Flask:
     """The floor of this design: only the work every guarantee needs, with the extension's own parts.
 
     Verify the signature, decode the body, make the RudderStack event (``transform.build``),
@@ -279,6 +279,7 @@ def bound_app() -> Flask:
     and answer; the extension's spool mover and sender, in each worker, move and deliver it.
     No schema check, no ``CioEvent``, no signals, no blueprint: what the extension adds on
     top of this is the gap between the two. Outbox: ``CIO_RUDDER_OUTBOX_URL`` (SQLite).
+    ``background=False``: no spool mover and no sender (``no_background``), the request path alone.
     """
     from flask import Response, abort, request
 
@@ -289,6 +290,8 @@ def bound_app() -> Flask:
     from flask_cio_rudder.transform import build
     from flask_cio_rudder.webhook import parse_json
 
+    if not background:
+        no_background()
     app = _configured("bound")
     config = app.config
     store = store_from_url(config["CIO_RUDDER_OUTBOX_URL"], instance_path=app.instance_path)
@@ -821,10 +824,22 @@ def _busy_seconds() -> float:
 
 def cpu_seconds(pids: Sequence[int]) -> float:
     """User + system CPU seconds of these processes so far."""
+    return _stat_seconds([f"/proc/{pid}/stat" for pid in pids])
+
+
+def main_thread_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds of these processes' main threads: a sync gunicorn worker's request thread.
+
+    The rest of a worker's CPU is its other threads': the spool mover and the sender.
+    """
+    return _stat_seconds([f"/proc/{pid}/task/{pid}/stat" for pid in pids])
+
+
+def _stat_seconds(paths: Sequence[str]) -> float:
     total = 0
-    for pid in pids:
+    for path in paths:
         with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = Path(path).read_text().rsplit(")", 1)[1].split()
             total += int(fields[11]) + int(fields[12])
     return total / os.sysconf("SC_CLK_TCK")
 

@@ -32,10 +32,15 @@ Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
   load; ``fast-paced``: bare Flask, the SDK route, the fast path with a sender in each web worker
   and with one ``flask cio-rudder worker`` process, and the fast path with no background work at
   all (no spool mover, no sender: ``harness.fast_app(background=False)``), paced.
+- ``quiet-paced``: what the request path alone costs the paced tail. Bare Flask, the extension,
+  and with no spool mover and no sender (their events stay spooled): the extension on Flask's
+  route, the floor of its design (``bound_app``) and the fast path, paced.
 
 Each run: a fresh gunicorn (``-w 2``, sync workers) and a fresh outbox (a new SQLite file, or a
 new table dropped after the run), a warm-up wrk run, then the measured one. "app CPU" counts the
-gunicorn workers and the worker process, if any; "db CPU" PostgreSQL's server processes that
+gunicorn workers and the worker process, if any; "of it requests'" the workers' main threads,
+which serve the requests (the rest is the spool movers' and senders', or the SDK's consumer
+threads'); "db CPU" PostgreSQL's server processes that
 serve the run's connections (``application_name=cio-rudder-bench``), kept out of "others'".
 Each body is sent at most once in a run (distinct ``event_id``), so the extension keeps every
 request. The SDK route and the extension's senders post to the same data plane, in its own
@@ -59,6 +64,7 @@ BARE, SDK, EXT, DOWN, FLOOR = "bare Flask", "SDK route", "Flask-CIO-Rudder", "ex
 WORKER, PG, PG_WORKER = "ext, sender in worker", "ext, PostgreSQL", "ext, PostgreSQL, worker"
 BOUND, FAST, FAST_WORKER = "guarantees only", "ext, fast path", "fast path, sender in worker"
 QUIET = "fast path, no mover or sender"
+EXT_QUIET, BOUND_QUIET = "ext, no mover or sender", "guarantees only, no mover or sender"
 #: The apps' gunicorn factories in harness.py; any other label is ext_app().
 FACTORIES = {
     BARE: "bare_app()",
@@ -68,6 +74,8 @@ FACTORIES = {
     FAST: "fast_app()",
     FAST_WORKER: "fast_app()",
     QUIET: "fast_app(background=False)",
+    EXT_QUIET: "ext_app(background=False)",
+    BOUND_QUIET: "bound_app(background=False)",
 }
 NO_OUTBOX = (BARE, SDK, FLOOR)
 WORKERS = (WORKER, PG_WORKER, FAST_WORKER)  # a `flask cio-rudder worker` process sends
@@ -133,6 +141,11 @@ SCENARIOS = {
             ("p99", QUIET, BARE, ""),
         ],
     ),
+    "quiet-paced": (
+        (BARE, EXT, EXT_QUIET, BOUND_QUIET, QUIET),
+        True,
+        [("p99", EXT, BARE, "<= 1.5"), *[("p99", app, BARE, "") for app in (EXT_QUIET, BOUND_QUIET, QUIET)]],
+    ),
     "worker-paced": (
         (BARE, SDK, EXT, WORKER),
         True,
@@ -147,6 +160,7 @@ class Run:
     p50: float  # ms
     p99: float  # ms
     cpu_us: float  # the gunicorn workers' (and the worker process's) CPU per request answered
+    request_us: float  # of which the workers' request threads' (their main threads)
     db_us: float | None  # PostgreSQL's server processes' CPU per request answered (None: SQLite)
     others: float  # cores other processes used meanwhile
     forwarded: int  # events the data plane stored during the measured run
@@ -188,7 +202,7 @@ class Bench:
             workers = server.worker_pids() + ([sender.pid] if sender else [])
             assert server.process is not None
             db = h.CpuMeter(lambda: h.db_pids(outbox) if outbox else [])  # PostgreSQL's server processes
-            cpu = h.cpu_seconds(workers)
+            cpu, request_cpu = h.cpu_seconds(workers), h.main_thread_seconds(server.worker_pids())
             others = h.Others([*workers, server.process.pid, self.plane.process.pid, *db.start])
             self.plane.reset()
             pace = args.pace_ms if paced else 0
@@ -196,6 +210,7 @@ class Bench:
             db_cpu, db_pids = db.used()
             others.pids += [pid for pid in db_pids if pid not in db.start]
             cpu, cores, forwarded = h.cpu_seconds(workers) - cpu, others.cores(), self.plane.stats()["stored"]
+            request_cpu = h.main_thread_seconds(server.worker_pids()) - request_cpu
         finally:
             server.stop()
             if sender is not None:
@@ -213,6 +228,7 @@ class Bench:
             n["p50_us"] / 1e3,
             n["p99_us"] / 1e3,
             cpu / n["requests"] * 1e6,
+            request_cpu / n["requests"] * 1e6,
             db_cpu / n["requests"] * 1e6 if outbox and not h.sqlite_file(outbox) else None,
             cores,
             forwarded,
@@ -221,7 +237,8 @@ class Bench:
         )
         print(
             f"  {round_} {label:<23} {run.rps:7,.0f} req/s  p50 {run.p50:6.2f} ms  p99 {run.p99:6.2f} ms"
-            f"  cpu {run.cpu_us:4.0f} us/req  forwarded {forwarded:7,}  others {cores:.2f} cores  {trouble}",
+            f"  cpu {run.cpu_us:4.0f} us/req ({run.request_us:4.0f} requests)  forwarded {forwarded:7,}"
+            f"  others {cores:.2f} cores  {trouble}",
             flush=True,
         )
         return run
@@ -240,6 +257,7 @@ def report(name: str, runs: dict[str, list[Run]], comparisons: list[tuple[str, s
             "p99 ms",
             "each round",
             "app CPU µs/req",
+            "of it requests'",
             "db CPU µs/req",
             "forwarded",
             "pending after",
@@ -254,6 +272,7 @@ def report(name: str, runs: dict[str, list[Run]], comparisons: list[tuple[str, s
                 f"{h.median([r.p99 for r in rs]):.2f}",
                 each([r.p99 for r in rs], ".1f"),
                 f"{h.median([r.cpu_us for r in rs]):.0f}",
+                f"{h.median([r.request_us for r in rs]):.0f}",
                 "-" if rs[0].db_us is None else f"{h.median([r.db_us or 0 for r in rs]):.0f}",
                 f"{h.median([r.forwarded for r in rs]):,.0f}",
                 "-" if rs[0].pending is None else f"{h.median([r.pending or 0 for r in rs]):,.0f}",
