@@ -830,7 +830,7 @@ def cpu_seconds(pids: Sequence[int]) -> float:
 def main_thread_seconds(pids: Sequence[int]) -> float:
     """User + system CPU seconds of these processes' main threads: a sync gunicorn worker's request thread.
 
-    The rest of a worker's CPU is its other threads': the spool mover and the sender.
+    The rest of a worker's CPU is its other threads': the spool mover and the sender, or the SDK's consumer.
     """
     return _stat_seconds([f"/proc/{pid}/task/{pid}/stat" for pid in pids])
 

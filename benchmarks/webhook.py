@@ -6,6 +6,7 @@
     python benchmarks/webhook.py --scenario postgres --scenario worker
     python benchmarks/webhook.py --scenario bound --scenario bound-paced   # the design's floor
     python benchmarks/webhook.py --scenario fast --scenario fast-paced     # the opt-in fast path
+    python benchmarks/webhook.py --scenario quiet-paced   # the paced tail without moving and sending
     python benchmarks/webhook.py --outbox-url postgresql://127.0.0.1/test   # another outbox, same runs
 
 Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
