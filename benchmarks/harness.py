@@ -879,10 +879,15 @@ def wait_until_quiet(max_wait: float, threshold: float = 0.3) -> None:
 
 
 def interleave(labels: Sequence[str], rounds: int, measure: Callable[[str, int], R]) -> dict[str, list[R]]:
-    """``measure(label, round)`` for each label in turn (A, B, C, A, B, C...), ``rounds`` times."""
+    """``measure(label, round)`` for each label in turn, ``rounds`` times, starting one later each round.
+
+    A B C, B C A, C A B...: no app always runs first, or right after the same neighbour, so
+    a machine that drifts within a round favours none of them in the medians.
+    """
     results: dict[str, list[R]] = {label: [] for label in labels}
     for round_ in range(1, rounds + 1):
-        for label in labels:
+        start = (round_ - 1) % len(labels) if labels else 0
+        for label in [*labels[start:], *labels[:start]]:
             results[label].append(measure(label, round_))
     return results
 

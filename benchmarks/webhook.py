@@ -9,7 +9,8 @@
     python benchmarks/webhook.py --scenario quiet-paced   # the paced tail without moving and sending
     python benchmarks/webhook.py --outbox-url postgresql://127.0.0.1/test   # another outbox, same runs
 
-Scenarios (the apps alternate A, B, C, A, B, C...; tables report medians):
+Scenarios (the apps take turns, each round starting one later: A B C, B C A, C A B...; tables
+report medians):
 
 - ``peer``: bare Flask (parse the JSON, answer), the SDK route (verify the signature, map the
   body by hand, ``rudder-sdk-python``'s ``track()``, its consumer thread posting from memory)
