@@ -885,10 +885,11 @@ def interleave(labels: Sequence[str], rounds: int, measure: Callable[[str, int],
     a machine that drifts within a round favours none of them in the medians.
     """
     results: dict[str, list[R]] = {label: [] for label in labels}
+    order = list(labels)
     for round_ in range(1, rounds + 1):
-        start = (round_ - 1) % len(labels) if labels else 0
-        for label in [*labels[start:], *labels[:start]]:
+        for label in order:
             results[label].append(measure(label, round_))
+        order = order[1:] + order[:1]
     return results
 
 

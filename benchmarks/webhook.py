@@ -201,10 +201,11 @@ class Bench:
         sender = h.start_worker(env, log.with_suffix(".worker.log")) if label in WORKERS else None
         try:
             h.wrk(server.url, self.warm_bodies, args.warmup, args.connections)
-            workers = server.worker_pids() + ([sender.pid] if sender else [])
+            web = server.worker_pids()
+            workers = web + ([sender.pid] if sender else [])
             assert server.process is not None
             db = h.CpuMeter(lambda: h.db_pids(outbox) if outbox else [])  # PostgreSQL's server processes
-            cpu, request_cpu = h.cpu_seconds(workers), h.main_thread_seconds(server.worker_pids())
+            cpu, request_cpu = h.cpu_seconds(workers), h.main_thread_seconds(web)
             others = h.Others([*workers, server.process.pid, self.plane.process.pid, *db.start])
             self.plane.reset()
             pace = args.pace_ms if paced else 0
@@ -212,7 +213,7 @@ class Bench:
             db_cpu, db_pids = db.used()
             others.pids += [pid for pid in db_pids if pid not in db.start]
             cpu, cores, forwarded = h.cpu_seconds(workers) - cpu, others.cores(), self.plane.stats()["stored"]
-            request_cpu = h.main_thread_seconds(server.worker_pids()) - request_cpu
+            request_cpu = h.main_thread_seconds(web) - request_cpu
         finally:
             server.stop()
             if sender is not None:
