@@ -86,6 +86,25 @@ def test_any_string_is_an_event_id_a_store_can_keep(backend: Backend, event_id: 
     assert len(store.claim(100, LEASE, MAX_AGE).events) == 1
 
 
+def test_an_event_kept_under_a_hash_is_found_and_requeued_by_the_key_operators_see(
+    backend: Backend,
+) -> None:
+    store = backend.store()
+    long_id = "x" * 300
+    store.add(long_id, stored("long"))
+    claim = store.claim(100, LEASE, MAX_AGE)
+    store.mark_dead(claim.owner, [event.event_id for event in claim.events], "RudderStack answered 400")
+    (letter,) = store.dead_letters()
+    shown = letter.event_id
+    assert shown.startswith("sha256:") and shown != long_id
+    for name in (long_id, shown):
+        assert [record.event_id for record in store.find(event_id=name)] == [shown]
+        assert [dead.event_id for dead in store.dead_letters(match=Match(event_id=name))] == [shown]
+    assert store.requeue([shown]) == 1
+    assert store.status().pending == 1
+    assert not store.is_known(shown)  # the key is not an id Customer.io sent: it dedups nothing
+
+
 def test_a_claim_is_leased_until_the_lease_runs_out(backend: Backend, clock: Clock) -> None:
     store = backend.store(clock=clock)
     for n in range(3):

@@ -377,6 +377,21 @@ def storage_key(event_id: str) -> str:
     return _KEY_PREFIX + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
 
 
+_HASHED_KEY = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+def lookup_keys(event_id: str) -> list[str]:
+    """The stored keys an operator's id can name: the id's own key, and the id itself when it
+    is a hashed key as the dashboard and the CLI show it (so what they show can be passed back)."""
+    key = storage_key(event_id)
+    return [key, event_id] if key != event_id and _HASHED_KEY.fullmatch(event_id) else [key]
+
+
+def in_list(placeholder: str, values: Sequence[object]) -> str:
+    """``IN (?, ?)`` for these values, with the driver's placeholder."""
+    return f"IN ({', '.join([placeholder] * len(values))})"
+
+
 def rejected_key(event_id: str | None, body: bytes) -> str:
     """The key of a rejected body: its ``event_id``, or a hash of the body when it has none."""
     if event_id is None:
@@ -402,8 +417,9 @@ def match_conditions(match: Match | None, placeholder: str, position: str) -> tu
             conditions.append(f"{position}(lower(COALESCE({column}, '')), {placeholder}) > 0")
             params.append(clean_text(needle.lower()))
     if match.event_id is not None:
-        conditions.append(f"event_id = {placeholder}")
-        params.append(storage_key(match.event_id))
+        keys = lookup_keys(match.event_id)
+        conditions.append(f"event_id {in_list(placeholder, keys)}")
+        params.extend(keys)
     if match.email is not None:
         conditions.append(f"email = {placeholder}")
         params.append(search_email(match.email) or "")

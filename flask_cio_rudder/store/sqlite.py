@@ -50,6 +50,8 @@ from .base import (
     body_text,
     check_table_name,
     clean_text,
+    in_list,
+    lookup_keys,
     match_conditions,
     minute_of,
     payload_summary,
@@ -577,9 +579,10 @@ class SQLiteStore(OutboxStore):
         self, *, event_id: str | None = None, email: str | None = None, limit: int = 50
     ) -> list[EventRecord]:
         if event_id is not None:
-            condition, value = "event_id = ?", storage_key(event_id)
+            values = lookup_keys(event_id)
+            condition = f"event_id {in_list('?', values)}"
         elif email is not None:
-            condition, value = "email = ?", search_email(email) or ""
+            condition, values = "email = ?", [search_email(email) or ""]
         else:
             return []
         with self._connected() as db:
@@ -587,7 +590,7 @@ class SQLiteStore(OutboxStore):
                 "SELECT event_id, state, accepted_at, delivered_at, reason, attempts, payload IS NULL, "
                 f"event_name, email, payload, body FROM {self.table} WHERE {condition} "
                 "ORDER BY accepted_at DESC LIMIT ?",
-                (value, limit),
+                (*values, limit),
             ).fetchall()
         return [
             EventRecord(
@@ -630,11 +633,10 @@ class SQLiteStore(OutboxStore):
         with self._transaction() as db:
             if event_ids is None:
                 return db.execute(query, (self.clock(), *params)).rowcount
+            keys = [key for event_id in event_ids for key in lookup_keys(event_id)]
             return sum(
-                db.execute(
-                    query + " AND event_id = ?", (self.clock(), *params, storage_key(event_id))
-                ).rowcount
-                for event_id in event_ids
+                db.execute(query + " AND event_id = ?", (self.clock(), *params, key)).rowcount
+                for key in dict.fromkeys(keys)
             )
 
     def purge_dead(self, match: Match | None = None) -> int:
