@@ -86,9 +86,7 @@ def _check_request() -> None:
     if request.method != "POST":
         return
     if _read_only():
-        raise Forbidden(
-            "The dashboard is read-only (CIO_RUDDER_DASHBOARD_READ_ONLY): use the CLI to change things."
-        )
+        raise _read_only_refusal()
     if _uses_flask_wtf():
         current_app.extensions["csrf"].protect()  # also when the app turned its automatic check off
         return
@@ -96,6 +94,12 @@ def _check_request() -> None:
     expected = session.get(_CSRF_KEY)
     if not isinstance(expected, str) or not hmac.compare_digest(sent.encode(), expected.encode()):
         raise CSRFError()
+
+
+def _read_only_refusal() -> Forbidden:
+    return Forbidden(
+        "The dashboard is read-only (CIO_RUDDER_DASHBOARD_READ_ONLY): use the CLI to change things."
+    )
 
 
 @dashboard.after_request
@@ -136,7 +140,14 @@ dashboard.add_app_template_filter(format_age, "cio_age")
 
 @dashboard.context_processor
 def _page_helpers() -> dict[str, Any]:
-    return {"csrf_token": csrf_token, "read_only": _read_only()}
+    return {"csrf_token": csrf_token, "csrf_field": _csrf_field(), "read_only": _read_only()}
+
+
+def _csrf_field() -> str:
+    """The form field the token goes in: Flask-WTF's configured name if the app uses it."""
+    if _uses_flask_wtf():
+        return str(current_app.config.get("WTF_CSRF_FIELD_NAME", "csrf_token"))
+    return "csrf_token"
 
 
 def _outbox() -> Outbox:
@@ -223,15 +234,16 @@ def dead_letters() -> str:
     """Dead letters, newest first, searchable by event id, email, reason, event name and time."""
     outbox = _outbox()
     values, match = _filters(request.args)
-    page = max(1, request.args.get("page", 1, type=int) or 1)
-    letters = outbox.dead_letters(PAGE_SIZE, match=match, offset=(page - 1) * PAGE_SIZE, newest_first=True)
     total = outbox.count_dead_letters(match)
+    pages = max(1, -(-total // PAGE_SIZE))
+    page = min(max(1, request.args.get("page", 1, type=int) or 1), pages)
+    letters = outbox.dead_letters(PAGE_SIZE, match=match, offset=(page - 1) * PAGE_SIZE, newest_first=True)
     return render_template(
         "cio_rudder/dead_letters.html",
         letters=letters,
         total=total,
         page=page,
-        pages=max(1, -(-total // PAGE_SIZE)),
+        pages=pages,
         filters=values,
         filtered=not match.everything,
         query={name: value for name, value in values.items() if value},
@@ -241,6 +253,8 @@ def dead_letters() -> str:
 @dashboard.route("/dead-letters/<any(requeue, purge):action>", methods=["GET", "POST"])
 def bulk(action: str) -> Any:
     """Requeue or purge every dead letter that matches: a confirmation page (GET), then the act (POST)."""
+    if _read_only():  # not even the confirmation page, with its button
+        raise _read_only_refusal()
     outbox = _outbox()
     values, match = _filters(request.form if request.method == "POST" else request.args)
     query: dict[str, Any] = {name: value for name, value in values.items() if value}

@@ -44,10 +44,10 @@ def admin(make_app: Callable[..., Flask], config: dict[str, Any]) -> Flask:
     return app
 
 
-def token(page: TestResponse | str) -> str:
-    """The CSRF token of the first form on ``page``."""
+def token(page: TestResponse | str, field: str = "csrf_token") -> str:
+    """The CSRF token of the first form on ``page``, in the form field ``field``."""
     html = page if isinstance(page, str) else page.get_data(as_text=True)
-    found = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    found = re.search(rf'name="{field}" value="([^"]+)"', html)
     assert found, "the page has no form with a CSRF token"
     return found.group(1)
 
@@ -121,6 +121,20 @@ def test_with_flask_wtf_its_csrf_token_protects_the_actions(
     assert get_outbox(app).status().paused
 
 
+def test_with_flask_wtf_the_forms_use_its_configured_field_name(
+    make_app: Callable[..., Flask], config: dict[str, Any]
+) -> None:
+    from flask_wtf.csrf import CSRFProtect
+
+    app = make_app(**{**config, "WTF_CSRF_FIELD_NAME": "_csrf"})
+    CSRFProtect(app)
+    app.register_blueprint(dashboard, url_prefix=PREFIX)
+    client = app.test_client()
+    sent = token(client.get(f"{PREFIX}/"), field="_csrf")
+    assert client.post(f"{PREFIX}/pause", data={"_csrf": sent}).status_code == 302
+    assert get_outbox(app).status().paused
+
+
 def test_read_only_hides_and_refuses_every_action(
     make_app: Callable[..., Flask], config: dict[str, Any], data_plane: FakeDataPlane
 ) -> None:
@@ -134,6 +148,8 @@ def test_read_only_hides_and_refuses_every_action(
     ]
     assert not any("<form" in page and 'method="post"' in page for page in pages)
     assert "Requeue" not in pages[1] and "Purge" not in pages[1]
+    for action in ("requeue", "purge"):  # not even the confirmation page with its button
+        assert client.get(f"{PREFIX}/dead-letters/{action}").status_code == 403
     with client.session_transaction() as session:
         session["_cio_rudder_csrf"] = "known"
     for path in ("/pause", "/dead-letters/requeue", "/dead-letters/purge", "/dead-letters/requeue-one"):
@@ -161,6 +177,8 @@ def test_dead_letters_are_searched_shown_and_requeued_one_at_a_time(
         client.get(f"{PREFIX}/dead-letters", query_string={"reason": "timeout"})
     )
     assert client.get(f"{PREFIX}/dead-letters", query_string={"since": "soon"}).status_code == 400
+    beyond = text(client.get(f"{PREFIX}/dead-letters", query_string={"page": 10**20}))  # the last page
+    assert bounced["event_id"] in beyond and opened["event_id"] in beyond
 
     body = text(client.get(f"{PREFIX}/event", query_string={"id": bounced["event_id"]}))
     assert "550 5.1.1 The email account" in body and 'id="outcome">dead<' in body
