@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -25,8 +26,9 @@ from flask.cli import AppGroup
 from .outbox import Outbox, OutboxForwarder
 from .replay import read_bodies, replay
 from .sendtest import send_samples
+from .spool import spool_for
 from .state import state_of
-from .store import DeadLetter, Match, StoreError, store_from_url
+from .store import DeadLetter, Match, StoreError, sqlite_path, store_from_url
 from .webhook import RetryLater
 
 __all__ = ["cli", "format_age", "outbox_of_current_app", "parse_age", "parse_since"]
@@ -44,9 +46,14 @@ def parse_age(text: str) -> float:
     """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"`` or plain seconds, as seconds."""
     unit = _UNITS.get(text[-1:].lower())
     try:
-        return float(text[:-1]) * unit if unit else float(text)
+        seconds = float(text[:-1]) * unit if unit else float(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not an age; use a number with s, m, h or d, like 7d") from None
+        seconds = math.nan
+    if not (seconds >= 0 and math.isfinite(seconds)):
+        raise click.BadParameter(
+            f"{text!r} is not an age; use a number (0 or more) with s, m, h or d, like 7d"
+        )
+    return seconds
 
 
 def parse_since(text: str) -> float:
@@ -73,6 +80,13 @@ def match_options(command: F) -> F:
     def with_match(
         *args: Any, since: str | None, reason: str | None, event: str | None, email: str | None, **rest: Any
     ) -> Any:
+        given = {"--since": since, "--reason": reason, "--event": event, "--email": email}
+        for option, value in given.items():
+            if value is not None and not value.strip():
+                # An empty filter would match every dead letter (or none): never what a script meant.
+                raise click.BadParameter(
+                    "it is empty; give a value, or leave the option out", param_hint=option
+                )
         match = Match(
             since=None if since is None else parse_since(since), reason=reason, event=event, email=email
         )
@@ -273,10 +287,15 @@ def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: 
     outbox = outbox_of_current_app()
     if older_than is not None:
         age = parse_age(older_than)
-        if dry_run:
-            click.echo(f"would purge the events delivered more than {older_than} ago")
+        old = _store_call(outbox.count_delivered, age)
+        if dry_run or not old:
+            click.echo(
+                f"would purge {old} events delivered more than {older_than} ago"
+                if dry_run
+                else f"purged 0 delivered events: none was delivered more than {older_than} ago"
+            )
             return
-        _confirm(f"Delete the events delivered more than {older_than} ago?", yes)
+        _confirm(f"Delete the {old} events delivered more than {older_than} ago?", yes)
         count = _store_call(outbox.purge_delivered, age)
         click.echo(f"purged {count} delivered events")
         return
@@ -307,18 +326,29 @@ def create_table(print_sql: bool) -> None:
 def copy_pending(source_url: str, table: str | None) -> None:
     """Copy the pending events of another outbox (e.g. the old SQLite file) into this app's outbox.
 
-    Safe to run again: events already here are skipped. The source is only read.
+    Safe to run again: events already here are skipped. The source is only read, except that
+    an SQLite source first takes in what its stopped processes left in its spool.
     """
     outbox = outbox_of_current_app()
     try:
+        if source_url.lower().startswith("sqlite:"):
+            path = sqlite_path(source_url, current_app.instance_path)
+            if not os.path.isfile(path):
+                raise click.ClickException(f"SOURCE_URL names {path}, which does not exist: check the path")
         source = store_from_url(source_url, instance_path=current_app.instance_path, table=table)
     except RuntimeError as error:
         raise click.ClickException(str(error).replace("CIO_RUDDER_OUTBOX_URL", "SOURCE_URL")) from None
     try:
+        spool = spool_for(source, durability="process-crash")
+        spooled = 0 if spool is None else _store_call(spool.move)
         copied, seen = _store_call(outbox.copy_pending_from, source)
         left = _store_call(source.status)
     finally:
         source.close()
+    if spooled:
+        click.echo(
+            f"moved {spooled} events that stopped processes left in {source.url}'s spool into it first"
+        )
     click.echo(
         f"copied {copied} pending events from {source.url} to {outbox.url} ({seen} were already there)"
     )
@@ -385,7 +415,10 @@ def replay_command(file: Any, announce: bool) -> None:
         + ("" if announce else " (no signals sent; --signals sends them)")
     )
     if rejected:
-        click.echo("rejected (kept as dead letters):")
+        kept = isinstance(forwarder, OutboxForwarder)
+        click.echo(
+            "rejected (kept as dead letters):" if kept else "rejected (not kept: the app has no outbox):"
+        )
         for reason, count in summary.rejected.most_common():
             click.echo(f"  {count:>6}  {reason}")
     if summary.malformed:

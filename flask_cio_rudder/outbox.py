@@ -187,6 +187,10 @@ class Outbox:
         """Events accepted and delivered per minute over the last ``minutes`` minutes."""
         return self.store.activity(minutes)
 
+    def count_delivered(self, older_than: float) -> int:
+        """How many delivered events are older than ``older_than`` seconds: what a purge would delete."""
+        return self.store.count_delivered(older_than)
+
     def purge_delivered(self, older_than: float) -> int:
         """Delete delivered events older than ``older_than`` seconds."""
         return self.store.purge_delivered(older_than)

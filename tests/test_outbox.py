@@ -23,7 +23,7 @@ from werkzeug.test import TestResponse
 
 from flask_cio_rudder import ForwardError, Outbox, get_outbox, signals, transform
 from flask_cio_rudder.sender import Sender
-from flask_cio_rudder.spool import decode_records
+from flask_cio_rudder.spool import decode_records, encode_record, spool_for
 from flask_cio_rudder.store import Pending, StoreUnavailable, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane
 
@@ -551,8 +551,12 @@ def test_cli_status_flush_dead_letters_requeue_and_purge(
     assert "requeued 0 events" in runner.invoke(args=["cio-rudder", "requeue", "--all"]).output
 
     assert "purged 0" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "1d", "-y"]).output
+    dry = runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s", "--dry-run"])
+    assert "would purge 3 events delivered" in dry.output
     assert "purged 3" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s", "-y"]).output
-    assert runner.invoke(args=["cio-rudder", "purge", "--older-than", "soon"]).exit_code == 2
+    for age in ("soon", "-1d", "nan"):
+        refused = runner.invoke(args=["cio-rudder", "purge", "--older-than", age, "-y"])
+        assert refused.exit_code == 2 and "is not an age" in refused.output
 
 
 def test_cli_pause_stops_sending_everywhere_and_status_shows_it(
@@ -588,6 +592,10 @@ def test_cli_dead_letters_and_requeue_filter_and_requeue_asks_first(
     assert invoke("dead-letters", "--since", "1h").output.count("\n") == 2
     assert invoke("dead-letters", "--since", "2999-01-01").output == ""
     assert invoke("dead-letters", "--since", "yesterday").exit_code == 2
+    for option in ("--since", "--reason", "--event", "--email"):  # a script's empty variable matches nothing
+        empty = invoke("requeue", option, "", "--yes")
+        assert empty.exit_code == 2 and option in empty.output and "it is empty" in empty.output
+    assert get_outbox(outbox_app).count_dead_letters() == 2
 
     dry = invoke("requeue", "--event", "bounced", "--dry-run")
     assert "would requeue 1 events" in dry.output and get_outbox(outbox_app).count_dead_letters() == 2
@@ -659,6 +667,30 @@ def test_cli_explains_when_the_app_does_not_use_the_outbox(app: Flask) -> None:
     assert "CIO_RUDDER_FORWARDER = 'outbox'" in result.output
     with pytest.raises(RuntimeError, match="CIO_RUDDER_FORWARDER = 'outbox'"):
         get_outbox(app)
+
+
+def test_cli_copy_pending_refuses_a_missing_file_and_takes_in_what_the_sources_spool_holds(
+    outbox_app: Flask, tmp_path: Path
+) -> None:
+    runner = outbox_app.test_cli_runner()
+    missing = tmp_path / "typo" / "old.sqlite3"
+    refused = runner.invoke(args=["cio-rudder", "copy-pending", f"sqlite:///{missing}"])
+    assert refused.exit_code == 1 and "does not exist" in refused.output
+    assert not missing.parent.exists()  # nothing made where the mistyped path points
+
+    old_url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
+    old = store_from_url(old_url)
+    old.add("01INSTORE", stored("01INSTORE"))
+    spool = spool_for(old, durability="process-crash")
+    assert spool is not None
+    os.makedirs(spool.directory)
+    # What a SIGKILLed web worker of the old deployment leaves: an unlocked file of answered events.
+    Path(spool.directory, "killed.spool").write_bytes(encode_record("01SPOOLED", stored("01SPOOLED"), 1.0))
+    old.close()
+    copied = runner.invoke(args=["cio-rudder", "copy-pending", old_url])
+    assert copied.exit_code == 0, copied.output
+    assert "moved 1 events" in copied.output and "copied 2 pending events" in copied.output
+    assert get_outbox(outbox_app).status().pending == 2
 
 
 @pytest.mark.service

@@ -45,7 +45,9 @@ def test_replay_runs_each_line_through_the_webhook_stages_without_signals(
     assert result.exit_code == 0, result.output
     assert "6 bodies from" in result.output
     assert "2 accepted, 1 duplicate, 1 rejected, 2 not JSON objects (no signals sent" in result.output
-    assert "1  no userId or anonymousId" in result.output
+    assert (
+        "1  no userId or anonymousId" in result.output and "rejected (kept as dead letters)" in result.output
+    )
     assert (
         "line 6: the body must be a JSON object" in result.output
         and "line 7: the body is not valid JSON" in result.output
@@ -78,6 +80,7 @@ def test_replay_validates_as_the_app_does(make_app: Callable[..., Flask], tmp_pa
     result = strict.test_cli_runner().invoke(args=["cio-rudder", "replay", str(log)])
     assert "0 accepted, 0 duplicate, 1 rejected" in result.output
     assert "invalid fields: data.failure_message" in result.output
+    assert "not kept: the app has no outbox" in result.output  # no dead letter to look for later
 
 
 def test_send_test_posts_six_signed_samples_with_fresh_ids_and_reports_each_answer(

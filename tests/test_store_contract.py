@@ -380,6 +380,8 @@ def test_purge_deletes_only_old_delivered_events(backend: Backend, clock: Clock)
     store.mark_delivered(claim.owner, ["old"])
     clock.now += 86400
     store.add("pending", stored("pending"))
+    assert store.count_delivered(older_than=86401) == 0
+    assert store.count_delivered(older_than=3600) == 1
     assert store.purge_delivered(older_than=3600) == 1
     assert store.status().pending == 1
     assert store.purge_delivered(older_than=0) == 0

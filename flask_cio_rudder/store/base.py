@@ -328,6 +328,10 @@ class OutboxStore(ABC):
         """
 
     @abstractmethod
+    def count_delivered(self, older_than: float) -> int:
+        """How many rows were delivered more than ``older_than`` seconds ago: what a purge would delete."""
+
+    @abstractmethod
     def purge_delivered(self, older_than: float) -> int:
         """Delete rows delivered more than ``older_than`` seconds ago; returns how many.
 

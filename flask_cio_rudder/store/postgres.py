@@ -644,8 +644,15 @@ class PostgresStore(OutboxStore):
         count: int = self._run(lambda conn: conn.execute(query, params).rowcount)
         return count
 
+    _OLD_DELIVERED = f"WHERE state = 'delivered' AND delivered_at < {_NOW} - %(age)s"
+
+    def count_delivered(self, older_than: float) -> int:
+        query = f"SELECT count(*) FROM {self._events} {self._OLD_DELIVERED}"
+        params = {"now": self._now(), "age": older_than}
+        return int(self._run(lambda conn: conn.execute(query, params).fetchone())[0])
+
     def purge_delivered(self, older_than: float) -> int:
-        query = f"DELETE FROM {self._events} WHERE state = 'delivered' AND delivered_at < {_NOW} - %(age)s"
+        query = f"DELETE FROM {self._events} {self._OLD_DELIVERED}"
         params = {"now": self._now(), "age": older_than}
         count: int = self._run(lambda conn: conn.execute(query, params).rowcount)
         return count

@@ -644,6 +644,14 @@ class SQLiteStore(OutboxStore):
         with self._transaction() as db:
             return db.execute(f"DELETE FROM {self.table} WHERE state = 'dead'{narrow}", params).rowcount
 
+    def count_delivered(self, older_than: float) -> int:
+        with self._connected() as db:
+            (count,) = db.execute(
+                f"SELECT COUNT(*) FROM {self.table} WHERE state = 'delivered' AND delivered_at < ?",
+                (self.clock() - older_than,),
+            ).fetchone()
+        return int(count)
+
     def purge_delivered(self, older_than: float) -> int:
         with self._transaction() as db:
             return db.execute(
