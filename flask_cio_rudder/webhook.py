@@ -185,7 +185,8 @@ def read_body(incoming: Request, limit: int) -> bytes:
     do) it is read as the WSGI spec says, exactly ``Content-Length`` bytes, which skips
     werkzeug's stream wrapper (about 10 µs). Werkzeug's stream is used otherwise, and in
     apps that set Flask's ``MAX_CONTENT_LENGTH`` below the body's length, which then
-    answer 413 as Flask does.
+    answer 413 as Flask does. A body that comes up short was read first by a host app's
+    ``before_request`` hook: then it is the one ``request.get_data()`` kept.
     """
     environ = incoming.environ
     length = get_content_length(environ)
@@ -195,8 +196,14 @@ def read_body(incoming: Request, limit: int) -> bytes:
         flask_limit = incoming.max_content_length
         if flask_limit is None or length <= flask_limit:
             data: bytes = environ["wsgi.input"].read(length)
-            return data
-    body = incoming.stream.read(limit + 1)
+            return data if len(data) == length else _checked(incoming.get_data(cache=True), limit)
+    body = _checked(incoming.stream.read(limit + 1), limit)
+    if not body or (length is not None and len(body) < length):
+        return _checked(incoming.get_data(cache=True), limit)
+    return body
+
+
+def _checked(body: bytes, limit: int) -> bytes:
     if len(body) > limit:
         raise BodyTooLarge(f"the body is larger than CIO_RUDDER_MAX_BODY_BYTES ({limit} bytes)")
     return body

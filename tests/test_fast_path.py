@@ -16,8 +16,9 @@ from flask import Flask, Response, current_app, g, has_request_context, request
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import Forwarder, ForwardError, signals
+from flask_cio_rudder.testing import encode, signature_headers
 
-from .conftest import WEBHOOK, sample
+from .conftest import SIGNING_KEY, WEBHOOK, sample
 from .helpers import record_signals
 
 Post = Callable[..., TestResponse]
@@ -62,6 +63,34 @@ def test_by_default_the_webhook_runs_the_host_apps_hooks_and_receivers_see_the_r
         assert post(app.test_client(), sample("opened")).json["status"] == "accepted"
     assert seen == [(app.name, WEBHOOK)]
     assert calls == EVERY_HOOK
+
+
+def test_a_host_hook_that_reads_the_body_first_leaves_it_to_the_webhook(
+    make_app: Callable[..., Flask],
+) -> None:
+    """Audit logging and body-inspecting middleware call ``request.get_data()`` in ``before_request``."""
+    app = make_app()
+    seen: list[Any] = []
+
+    @app.before_request
+    def audit() -> None:
+        seen.append(request.get_json(silent=True) or request.get_data())
+
+    client = app.test_client()
+    for number, terminated in enumerate((False, True)):  # read by Content-Length, or from a server's stream
+        body = sample("opened") | {"event_id": f"01READFIRST{number}"}
+        raw = encode(body)
+        answer = client.post(
+            WEBHOOK,
+            data=raw,
+            headers=signature_headers(raw, SIGNING_KEY),
+            environ_overrides={"wsgi.input_terminated": terminated},
+        )
+        assert (answer.status_code, answer.json) == (
+            200,
+            {"status": "accepted", "event_id": body["event_id"]},
+        )
+        assert seen[-1] == body
 
 
 def test_the_fast_path_answers_valid_events_in_an_app_context_without_the_request_hooks(
