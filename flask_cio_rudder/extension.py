@@ -91,15 +91,23 @@ class CioRudder:
                 config["CIO_RUDDER_WEBHOOK_PATH"],
             )
         max_body_bytes = config["CIO_RUDDER_MAX_BODY_BYTES"]
-        if not isinstance(max_body_bytes, int) or max_body_bytes <= 0:
-            raise RuntimeError("CIO_RUDDER_MAX_BODY_BYTES must be a positive number of bytes.")
+        if not _positive_number(max_body_bytes, int):
+            raise RuntimeError(
+                f"CIO_RUDDER_MAX_BODY_BYTES must be a positive number of bytes, not {max_body_bytes!r}."
+            )
+        max_timestamp_age = config["CIO_RUDDER_MAX_TIMESTAMP_AGE"]
+        if max_timestamp_age is not None and not _positive_number(max_timestamp_age, (int, float)):
+            raise RuntimeError(  # a string from the environment would fail every request instead
+                "CIO_RUDDER_MAX_TIMESTAMP_AGE must be None (off) or a positive number of seconds, "
+                f"not {max_timestamp_age!r}."
+            )
         validation = Validation(config["CIO_RUDDER_VALIDATION"])
         forwarder = create_forwarder(app, config["CIO_RUDDER_FORWARDER"])
         _open_forwarders.add(forwarder)
         app.extensions["cio_rudder"] = State(
             signing_keys=keys,
             verify_signature=verify_signature,
-            max_timestamp_age=config["CIO_RUDDER_MAX_TIMESTAMP_AGE"],
+            max_timestamp_age=max_timestamp_age,
             max_body_bytes=max_body_bytes,
             validation=validation,
             forwarder=forwarder,
@@ -113,6 +121,10 @@ class CioRudder:
             app.wsgi_app = FastPath(app, app.wsgi_app, config["CIO_RUDDER_WEBHOOK_PATH"])  # type: ignore[method-assign]
         app.cli.add_command(cli)
         _exempt_from_csrf(app)
+
+
+def _positive_number(value: object, kinds: type | tuple[type, ...]) -> bool:
+    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0  # type: ignore[operator]
 
 
 # Every forwarder still in use, closed at interpreter exit (the outbox flushes then).

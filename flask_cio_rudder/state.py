@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from flask import Flask
 
@@ -14,9 +14,12 @@ __all__ = ["State", "state_of"]
 
 @dataclass(frozen=True)
 class State:
-    """What the webhook route needs for one app, read from its config once at ``init_app``."""
+    """What the webhook route needs for one app, read from its config once at ``init_app``.
 
-    signing_keys: tuple[str, ...]
+    Its repr leaves the signing keys out: error trackers record a failing frame's locals.
+    """
+
+    signing_keys: tuple[str, ...] = field(repr=False)
     verify_signature: bool
     max_timestamp_age: float | None
     max_body_bytes: int

@@ -98,6 +98,28 @@ def test_a_malformed_signing_key_fails_fast(value: Any) -> None:
         CioRudder(bare_app(CIO_RUDDER_FORWARDER="none", CIO_RUDDER_SIGNING_KEY=value))
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CIO_RUDDER_MAX_TIMESTAMP_AGE", "300"),  # as read from an environment variable
+        ("CIO_RUDDER_MAX_TIMESTAMP_AGE", 0),
+        ("CIO_RUDDER_MAX_BODY_BYTES", "5242880"),
+        ("CIO_RUDDER_MAX_BODY_BYTES", -1),
+    ],
+)
+def test_a_limit_that_is_not_a_positive_number_fails_at_init_naming_the_key(key: str, value: Any) -> None:
+    app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER="none", **{key: value})
+    with pytest.raises(RuntimeError, match=f"{key} must be"):
+        CioRudder(app)
+
+
+def test_the_state_kept_per_app_never_shows_the_signing_keys() -> None:
+    """Error trackers record the locals of a failing frame, and the webhook's frames hold the state."""
+    app = bare_app(CIO_RUDDER_SIGNING_KEY="whsec-top-secret", CIO_RUDDER_FORWARDER="none")
+    CioRudder(app)
+    assert "whsec-top-secret" not in repr(app.extensions["cio_rudder"])
+
+
 def test_the_sync_forwarder_needs_a_write_key() -> None:
     app = bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_DATA_PLANE_URL="https://dp.example.com")
     with pytest.raises(RuntimeError, match="CIO_RUDDER_WRITE_KEY is not set"):
