@@ -387,7 +387,16 @@ _COMPILED: weakref.WeakKeyDictionary[Schema, Callable[[dict[str, Any]], dict[str
     weakref.WeakKeyDictionary()
 )
 _TRACK = RudderStackTrack()
-_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=False)  # json.dumps would build one per call
+# json.dumps would build one encoder per call.
+_JSON_UTF8 = json.JSONEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+_JSON_ASCII = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def _json_text(payload: dict[str, Any]) -> str:
+    """json's text of ``payload``: UTF-8 as orjson writes it (RudderStack's 32 KB are counted in
+    what is sent), or ``\\u`` escapes only when a lone surrogate leaves no UTF-8 to write."""
+    text = _JSON_UTF8.encode(payload)
+    return text if is_text(text) else _JSON_ASCII.encode(payload)
 
 
 def build(body: object) -> tuple[dict[str, Any], str]:
@@ -415,7 +424,7 @@ def build(body: object) -> tuple[dict[str, Any], str]:
     except ValidationError as error:  # only the timestamp raises
         raise InvalidEvent(f"invalid timestamp: {error.messages[0]}", {"timestamp": error.messages}) from None
     try:
-        return payload, jsoncodec.dumps(payload, _JSON.encode)
+        return payload, jsoncodec.dumps(payload, _json_text)
     except RecursionError:
         raise InvalidEvent("the event is nested too deeply to be sent as JSON") from None
     except ValueError:  # 1e999 in a body decodes to infinity, which JSON cannot carry

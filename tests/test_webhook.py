@@ -257,6 +257,24 @@ def test_an_event_without_any_identity_is_rejected_not_forwarded(app: Flask, pos
     assert names(recorder) == ["event-rejected"]
 
 
+@pytest.mark.parametrize("platform", ["ios", None], ids=["no null", "a null"])
+def test_rudderstacks_32_kb_are_counted_in_the_utf8_that_is_sent(
+    app: Flask, post: Post, platform: str | None
+) -> None:
+    def push(event_id: str, characters: int) -> dict[str, Any]:
+        recipients = [{"device_id": "d1", "device_platform": platform}]  # carried to RudderStack as is
+        data = {"customer_id": "42", "content": "Ж" * characters, "recipients": recipients}
+        return {"event_id": event_id, "object_type": "push", "metric": "sent", "timestamp": 1, "data": data}
+
+    with record_events(app) as events:
+        fits = post(app.test_client(), push("01FITS", 13_000))  # 26 KB in UTF-8, 78 KB as \u escapes
+    assert fits.json["status"] == "accepted"
+    assert len(events[0].payload_json.encode()) < 32 * 1024
+    too_big = post(app.test_client(), push("01TOOBIG", 17_000))  # 34 KB in UTF-8
+    assert too_big.json["status"] == "rejected"
+    assert "RudderStack accepts at most 32768" in too_big.json["reason"]
+
+
 def test_an_already_seen_event_is_2xx_and_neither_signalled_nor_forwarded_again(
     app: Flask, post: Post
 ) -> None:
