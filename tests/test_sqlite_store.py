@@ -209,11 +209,27 @@ def test_a_read_is_not_held_up_by_another_threads_open_transaction(tmp_path: Pat
     held = TransactionHeldOpen(store)
     try:
         look.set()
-        wait_until(
-            lambda: not request_thread.is_alive(), 10, "the lookups answer while the transaction is open"
-        )
+        wait_until(lambda: len(seen) == 3, 10, "the lookups answer while the transaction is open")
         assert seen == [True, True, False]  # "first" is not committed yet: the last commit is what is seen
     finally:
         held.release()
     assert store.is_known("second")
+    store.close()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc/self/fd (Linux)")
+def test_a_thread_that_ends_closes_its_connection(tmp_path: Path) -> None:
+    """``flask run`` and werkzeug's threaded server start a thread per request, and each request's
+    duplicate lookup opens that thread's connection: kept forever, the files would run out."""
+    store = store_from_url(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    store.add("old", "{}")
+    before = len(os.listdir("/proc/self/fd"))
+    answers: list[bool] = []
+    for number in range(300):
+        request_thread = threading.Thread(target=lambda n=number: answers.append(store.is_known(f"id{n}")))
+        request_thread.start()
+        request_thread.join()
+    assert answers == [False] * 300
+    assert len(os.listdir("/proc/self/fd")) <= before + 3
+    assert store.is_known("old")  # this thread's own connection still works
     store.close()

@@ -181,6 +181,24 @@ def _close(db: sqlite3.Connection | None, lock_file: int | None) -> None:
         os.close(lock_file)
 
 
+def _close_in(pid: int, db: sqlite3.Connection, lock_file: int | None) -> None:
+    """Close a thread's connection, but only in the process that opened it: after a fork, the child
+    must leave the parent's alone (its lock file's ``flock`` is shared with the parent)."""
+    if os.getpid() == pid:
+        with _fork_guard.shared():  # SQLite is in use until closed: no fork meanwhile
+            _close(db, lock_file)
+
+
+class _ThreadConnection:
+    """One thread's connection and lock file, closed when the thread ends and its ``threading.local``
+    lets go of this: a server that starts a thread per request (``flask run``) opens one per request."""
+
+    def __init__(self, db: sqlite3.Connection, lock_file: int | None) -> None:
+        self.db, self.lock_file, self.pid = db, lock_file, os.getpid()
+        self.close = weakref.finalize(self, _close_in, self.pid, db, lock_file)
+        self.close.atexit = False  # at exit the forwarders close their stores
+
+
 class _Lease(NamedTuple):
     """A lease given as events are added (claim, end, process); events accepted before ``oldest`` get none."""
 
@@ -256,7 +274,7 @@ class SQLiteStore(OutboxStore):
         self.clock = clock
         self._synchronous = DURABILITY[durability]
         self._local = threading.local()
-        self._opened: list[tuple[sqlite3.Connection, int | None]] = []
+        self._opened: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
         self._opened_lock = threading.Lock()
         self._ready = False
         _live_stores.add(self)
@@ -301,9 +319,11 @@ class SQLiteStore(OutboxStore):
             except BaseException:
                 _close(db, lock_file)
                 raise
-            self._local.db, self._local.lock_file, self._local.pid = db, lock_file, os.getpid()
+            connection = _ThreadConnection(db, lock_file)
+            self._local.db, self._local.lock_file, self._local.pid = db, lock_file, connection.pid
+            self._local.connection = connection  # closes them when this thread ends
             with self._opened_lock:
-                self._opened.append((db, lock_file))
+                self._opened.add(connection)
         return db
 
     def _create(self, db: sqlite3.Connection) -> None:
@@ -345,15 +365,16 @@ class SQLiteStore(OutboxStore):
     def close(self) -> None:
         """Close every connection of this process; each thread reopens its own on next use."""
         with _fork_guard.exclusive():
-            opened, self._opened = self._opened, []
+            with self._opened_lock:
+                opened, self._opened = list(self._opened), weakref.WeakSet()
             self._local = threading.local()
-            for db, lock_file in opened:
-                _close(db, lock_file)
+            for connection in opened:
+                connection.close()
 
     def after_fork(self) -> None:
         """Drop the parent's connections unclosed (the fork hook closed them already where it ran)."""
         with self._opened_lock:
-            self._opened = []
+            self._opened = weakref.WeakSet()
         self._local = threading.local()
 
     # -- the web request's side ----------------------------------------------------------------
