@@ -285,7 +285,8 @@ class Sender:
         # No request may outlast the lease: after it, another sender may take the batch.
         lease_left = max(_SHORTEST_REQUEST, lease_left)
         outcome = Delivery(claimed=len(claim.events))
-        self._deliver(claim.owner, claim.events, min(lease_left, timeout or lease_left), outcome)
+        deadline = time.monotonic() + min(lease_left, timeout or lease_left)
+        self._deliver(claim.owner, claim.events, deadline, outcome)
         if outcome.error is None:
             self._failures = 0
             self._retry_after = None
@@ -309,16 +310,23 @@ class Sender:
                 return claim, left
         return self.store.claim(self.batch_size, self.lease, self.max_age), self.lease - _LEASE_MARGIN
 
-    def _deliver(self, owner: str, events: Sequence[Claimed], timeout: float, outcome: Delivery) -> None:
-        """Post ``events``; each ends delivered, dead, or released with ``outcome.error`` set."""
+    def _deliver(self, owner: str, events: Sequence[Claimed], deadline: float, outcome: Delivery) -> None:
+        """Post ``events`` before ``deadline`` (the lease's end, by ``time.monotonic()``); each ends
+        delivered, dead, or released with ``outcome.error`` set. A batch RudderStack refuses is split
+        and its halves posted in turn, all within that one deadline."""
         ids = [event.event_id for event in events]
         wait = self.pacer.reserve()
         if wait > 0:
             self.sleep(wait)
+        left = deadline - time.monotonic()
+        if left < _SHORTEST_REQUEST:  # past it, another sender may have claimed them
+            reason = "the claim's lease ran out before these events could be posted"
+            self._retry_later(owner, events, reason, outcome, 0.0)
+            return
         started = time.perf_counter()
         try:
             response = self.data_plane.post_batch(
-                [event.payload_json for event in events], timeout=_cut(self.data_plane.timeout, timeout)
+                [event.payload_json for event in events], timeout=_cut(self.data_plane.timeout, left)
             )
         except requests.RequestException as error:
             self._retry_after = None
@@ -334,11 +342,11 @@ class Sender:
             return
         if status in (400, 413) and len(events) > 1:
             half = len(events) // 2
-            self._deliver(owner, events[:half], timeout, outcome)
+            self._deliver(owner, events[:half], deadline, outcome)
             if outcome.error is not None:
                 self.store.release(owner, ids[half:], outcome.error)
                 return
-            self._deliver(owner, events[half:], timeout, outcome)
+            self._deliver(owner, events[half:], deadline, outcome)
             return
         if status in (400, 413):
             reason = describe(response)

@@ -346,6 +346,23 @@ def test_one_bad_event_in_a_batch_becomes_a_dead_letter_and_the_rest_are_sent(
     assert [kwargs["retry"] for name, kwargs in outcomes if name == "forward-failed"] == [False]
 
 
+def test_splitting_a_refused_batch_stops_where_the_claims_lease_ends(
+    outbox_app: Flask, data_plane: FakeDataPlane
+) -> None:
+    """Past its lease another sender may claim the batch: the halves must not be posted after it."""
+    bad = payload("01BAD")
+    del bad["userId"]
+    get_outbox(outbox_app).store.add("01BAD", json.dumps(bad))  # first of the batch: the first half
+    accept(outbox_app, 3)
+    sender = get_outbox(outbox_app).sender
+    sender.lease = 3.0  # one second for requests, once the margin kept for marking the batch is taken
+    data_plane.hang_next(0.6, times=2)  # the whole batch is refused after 0.6 s, then the half with "bad"
+    report = sender.send_batch()
+    assert (report.claimed, report.delivered, report.dead) == (4, 0, 0)
+    assert report.error is not None and data_plane.events == []
+    assert get_outbox(outbox_app).status().pending == 4  # given back, for the next claim
+
+
 @pytest.mark.parametrize(
     ("path", "setting"), [("", "CIO_RUDDER_WRITE_KEY"), ("/wrong", "CIO_RUDDER_DATA_PLANE_URL")]
 )
