@@ -362,6 +362,7 @@ class OutboxStore(ABC):
 
 
 _KEY_PREFIX = "sha256:"
+_HASHED_KEY = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def storage_key(event_id: str) -> str:
@@ -369,8 +370,12 @@ def storage_key(event_id: str) -> str:
 
     Ids with a lone surrogate (not encodable as UTF-8), a NUL character (PostgreSQL's text
     refuses it), or longer than ``MAX_KEY_LENGTH`` are stored under a hash of their code
-    points, so every ``str`` has a key and the same id always gets the same one.
+    points, so every ``str`` has a key and the same id always gets the same one. A key is
+    its own key: the one the dashboard and the CLI show finds its event, and copying
+    events from one outbox to another keeps them under the keys they had.
     """
+    if _HASHED_KEY.fullmatch(event_id):
+        return event_id
     if len(event_id) <= MAX_KEY_LENGTH and "\x00" not in event_id and not event_id.startswith(_KEY_PREFIX):
         try:
             event_id.encode("utf-8")
@@ -379,21 +384,6 @@ def storage_key(event_id: str) -> str:
         else:
             return event_id
     return _KEY_PREFIX + hashlib.sha256(event_id.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-_HASHED_KEY = re.compile(r"sha256:[0-9a-f]{64}")
-
-
-def lookup_keys(event_id: str) -> list[str]:
-    """The stored keys an operator's id can name: the id's own key, and the id itself when it
-    is a hashed key as the dashboard and the CLI show it (so what they show can be passed back)."""
-    key = storage_key(event_id)
-    return [key, event_id] if key != event_id and _HASHED_KEY.fullmatch(event_id) else [key]
-
-
-def in_list(placeholder: str, values: Sequence[object]) -> str:
-    """``IN (?, ?)`` for these values, with the driver's placeholder."""
-    return f"IN ({', '.join([placeholder] * len(values))})"
 
 
 def rejected_key(event_id: str | None, body: bytes) -> str:
@@ -421,9 +411,8 @@ def match_conditions(match: Match | None, placeholder: str, position: str) -> tu
             conditions.append(f"{position}(lower(COALESCE({column}, '')), {placeholder}) > 0")
             params.append(clean_text(needle.lower()))
     if match.event_id is not None:
-        keys = lookup_keys(match.event_id)
-        conditions.append(f"event_id {in_list(placeholder, keys)}")
-        params.extend(keys)
+        conditions.append(f"event_id = {placeholder}")
+        params.append(storage_key(match.event_id))
     if match.email is not None:
         conditions.append(f"email = {placeholder}")
         params.append(search_email(match.email) or "")

@@ -51,7 +51,6 @@ from .base import (
     body_text,
     check_table_name,
     clean_text,
-    lookup_keys,
     match_conditions,
     minute_of,
     payload_summary,
@@ -576,9 +575,8 @@ class PostgresStore(OutboxStore):
     def find(
         self, *, event_id: str | None = None, email: str | None = None, limit: int = 50
     ) -> list[EventRecord]:
-        value: str | list[str]
         if event_id is not None:
-            condition, value = "event_id = ANY(%s)", lookup_keys(event_id)
+            condition, value = "event_id = %s", storage_key(event_id)
         elif email is not None:
             condition, value = "email = %s", search_email(email) or ""
         else:
@@ -632,7 +630,7 @@ class PostgresStore(OutboxStore):
         params: list[Any] = [now, *values]
         if event_ids is not None:
             query += " AND event_id = ANY(%s)"
-            params.append([key for event_id in event_ids for key in lookup_keys(event_id)])
+            params.append([storage_key(event_id) for event_id in event_ids])
         count: int = self._run(lambda conn: conn.execute(query, params).rowcount)
         if count:
             self._run(lambda conn: conn.execute("SELECT pg_notify(%s, '')", (self.channel,)))

@@ -50,8 +50,6 @@ from .base import (
     body_text,
     check_table_name,
     clean_text,
-    in_list,
-    lookup_keys,
     match_conditions,
     minute_of,
     payload_summary,
@@ -600,10 +598,9 @@ class SQLiteStore(OutboxStore):
         self, *, event_id: str | None = None, email: str | None = None, limit: int = 50
     ) -> list[EventRecord]:
         if event_id is not None:
-            values = lookup_keys(event_id)
-            condition = f"event_id {in_list('?', values)}"
+            condition, value = "event_id = ?", storage_key(event_id)
         elif email is not None:
-            condition, values = "email = ?", [search_email(email) or ""]
+            condition, value = "email = ?", search_email(email) or ""
         else:
             return []
         with self._connected() as db:
@@ -611,7 +608,7 @@ class SQLiteStore(OutboxStore):
                 "SELECT event_id, state, accepted_at, delivered_at, reason, attempts, payload IS NULL, "
                 f"event_name, email, payload, body FROM {self.table} WHERE {condition} "
                 "ORDER BY accepted_at DESC LIMIT ?",
-                (*values, limit),
+                (value, limit),
             ).fetchall()
         return [
             EventRecord(
@@ -654,10 +651,11 @@ class SQLiteStore(OutboxStore):
         with self._transaction() as db:
             if event_ids is None:
                 return db.execute(query, (self.clock(), *params)).rowcount
-            keys = [key for event_id in event_ids for key in lookup_keys(event_id)]
             return sum(
-                db.execute(query + " AND event_id = ?", (self.clock(), *params, key)).rowcount
-                for key in dict.fromkeys(keys)
+                db.execute(
+                    query + " AND event_id = ?", (self.clock(), *params, storage_key(event_id))
+                ).rowcount
+                for event_id in event_ids
             )
 
     def purge_dead(self, match: Match | None = None) -> int:
