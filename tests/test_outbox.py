@@ -222,7 +222,13 @@ def test_transient_failures_keep_the_events_and_retry(
 @pytest.mark.parametrize("status", [429, 503])
 @pytest.mark.parametrize(
     ("header", "wait"),
-    [("30", 30.0), ("86400", Sender.RETRY_CAP), ("Tue, 14 Nov 2023 22:15:20 GMT", 120.0), ("soon", None)],
+    [
+        ("30", 30.0),
+        ("86400", Sender.RETRY_CAP),
+        ("Tue, 14 Nov 2023 22:15:20 GMT", 120.0),
+        ("soon", None),
+        ("²", None),
+    ],
 )
 def test_retry_after_sets_the_wait_before_the_next_attempt_capped_by_the_backoff_cap(
     outbox_app: Flask, data_plane: FakeDataPlane, status: int, header: str, wait: float | None
