@@ -225,6 +225,7 @@ class Sender:
                 outcome = self.send_batch()
             except StoreError as error:  # the database is down: back off as from RudderStack
                 self._failures += 1
+                self._retry_after = None  # what RudderStack once asked is not the database's wait
                 if not self._reported_store_error:
                     logger.warning("The outbox cannot be read, will retry: %s", error)
                     self._reported_store_error = True
@@ -251,10 +252,11 @@ class Sender:
     def retry_delay(self) -> float:
         """Seconds to wait after a failed attempt: what RudderStack asked for, else jittered backoff.
 
-        Both are capped at ``RETRY_CAP``.
+        Both are capped at ``RETRY_CAP``; what was asked for is at least ``RETRY_BASE``, so that
+        ``Retry-After: 0`` (or a date passed) on every answer does not make a busy loop.
         """
         if self._retry_after is not None:
-            return min(self.RETRY_CAP, self._retry_after)
+            return min(self.RETRY_CAP, max(self.RETRY_BASE, self._retry_after))
         ceiling = min(self.RETRY_CAP, self.RETRY_BASE * 2 ** min(max(self._failures, 1) - 1, 30))
         return random.uniform(ceiling / 2, ceiling)
 

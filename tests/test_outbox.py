@@ -228,6 +228,7 @@ def test_transient_failures_keep_the_events_and_retry(
         ("Tue, 14 Nov 2023 22:15:20 GMT", 120.0),
         ("soon", None),
         ("²", None),
+        ("0", Sender.RETRY_BASE),  # at once, on every answer, would be a busy loop
     ],
 )
 def test_retry_after_sets_the_wait_before_the_next_attempt_capped_by_the_backoff_cap(
