@@ -321,14 +321,15 @@ class Sender:
         if wait > 0:
             self.sleep(wait)
         left = deadline - time.monotonic()
-        if left < _SHORTEST_REQUEST:  # past it, another sender may have claimed them
+        if left <= 0:  # past it (and its margin), another sender may have claimed them
             reason = "the claim's lease ran out before these events could be posted"
             self._retry_later(owner, events, reason, outcome, 0.0)
             return
         started = time.perf_counter()
         try:
             response = self.data_plane.post_batch(
-                [event.payload_json for event in events], timeout=_cut(self.data_plane.timeout, left)
+                [event.payload_json for event in events],
+                timeout=_cut(self.data_plane.timeout, max(left, _SHORTEST_REQUEST)),
             )
         except requests.RequestException as error:
             self._retry_after = None
