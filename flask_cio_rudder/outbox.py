@@ -19,7 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import click
 from flask import Flask
+from flask.cli import FlaskGroup
 
 from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
@@ -233,6 +235,17 @@ class Outbox:
         self.store.close()
 
 
+def _loaded_by_a_flask_command() -> bool:
+    """Whether a ``flask`` command other than ``flask run`` is loading the app (``flask cio-rudder
+    status``, ``flask shell``, a migration): a short-lived process whose sender would race the app's
+    real ones, fire their signals here and spend the shutdown timeout sending at its exit.
+    ``flask cio-rudder worker`` starts its own."""
+    context = click.get_current_context(silent=True)
+    if context is None or context.info_name == "run":
+        return False
+    return isinstance(context.find_root().command, FlaskGroup)
+
+
 class OutboxForwarder(Forwarder):
     """Keeps every accepted event in the outbox store before the webhook answers.
 
@@ -274,7 +287,7 @@ class OutboxForwarder(Forwarder):
         self.spool = spool_for(store, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"], sender=sender)
         self.outbox = Outbox(store, sender, self.spool)
         self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
-        if self.background:
+        if self.background and not _loaded_by_a_flask_command():
             sender.ensure_running()
             if self.spool is not None:  # at once: a restart takes over what its predecessor left
                 self.spool.ensure_running()

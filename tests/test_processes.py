@@ -40,6 +40,7 @@ pytestmark = pytest.mark.slow  # real gunicorn and flask processes: seconds each
 ROOT = Path(__file__).resolve().parents[1]
 SIGNING_KEY = "process-test-signing-key"
 WRITE_KEY = "process-test-write-key"
+APP = "tests.process_app:create_app"  # as flask --app names it
 BOOT_TIMEOUT = 20.0  # gunicorn importing Flask and the app on a busy 2-core machine
 DELIVERY_TIMEOUT = 20.0
 MAX_AGE = 7 * 24 * 3600.0  # CIO_RUDDER_OUTBOX_MAX_AGE's default
@@ -160,7 +161,6 @@ class Deployment:
     ) -> Server:
         """Start gunicorn and wait until it answers HTTP; ``settings`` are ``CIO_RUDDER_*`` values."""
         port = free_port()
-        env = self.env(data_plane_url, **settings)
         command = [
             sys.executable,
             "-m",
@@ -177,7 +177,16 @@ class Deployment:
             *_NO_CONTROL_SOCKET,
             "tests.process_app:create_app()",
         ]
-        log = self.tmp_path / f"gunicorn-{len(self.servers) + 1}.log"
+        return self._serve("gunicorn", command, port, self.env(data_plane_url, **settings))
+
+    def start_flask_run(self, data_plane_url: str, **settings: object) -> Server:
+        """Start Flask's development server (``flask run``) and wait until it answers HTTP."""
+        port = free_port()
+        command = [sys.executable, "-m", "flask", "--app", APP, "run", "--port", str(port)]
+        return self._serve("flask-run", command, port, self.env(data_plane_url, **settings))
+
+    def _serve(self, name: str, command: list[str], port: int, env: dict[str, str]) -> Server:
+        log = self.tmp_path / f"{name}-{len(self.servers) + 1}.log"
         with open(log, "wb") as output:
             process = subprocess.Popen(
                 command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT, start_new_session=True
@@ -187,14 +196,14 @@ class Deployment:
 
         def answers() -> bool:
             if process.poll() is not None:
-                pytest.fail(f"gunicorn exited with {process.returncode} while starting\n{server.log_tail()}")
+                pytest.fail(f"{name} exited with {process.returncode} while starting\n{server.log_tail()}")
             try:
                 requests.get(server.url + "/", timeout=1, headers={"Connection": "close"})
             except (requests.ConnectionError, requests.Timeout):
                 return False
             return True
 
-        wait_until(answers, BOOT_TIMEOUT, "gunicorn answers HTTP", server.log_tail)
+        wait_until(answers, BOOT_TIMEOUT, f"{name} answers HTTP", server.log_tail)
         return server
 
     def forwarded(self) -> list[tuple[int, int]]:
@@ -430,7 +439,7 @@ def flask_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``flask --app tests.process_app:create_app cio-rudder ARGS`` as an operator would."""
     return subprocess.run(
-        [sys.executable, "-m", "flask", "--app", "tests.process_app:create_app", "cio-rudder", *args],
+        [sys.executable, "-m", "flask", "--app", APP, "cio-rudder", *args],
         cwd=ROOT,
         env=deployment.env(data_plane_url, outbox_sender=0),  # counts only what the command itself sends
         capture_output=True,
@@ -504,7 +513,7 @@ def test_the_worker_sends_what_web_workers_only_write_and_stops_cleanly_on_sigte
                     "-m",
                     "flask",
                     "--app",
-                    "tests.process_app:create_app",
+                    APP,
                     "cio-rudder",
                     "worker",
                 ],
@@ -546,3 +555,34 @@ def test_the_worker_sends_what_web_workers_only_write_and_stops_cleanly_on_sigte
                 os.killpg(worker.pid, signal.SIGKILL)
             worker.wait(timeout=10)
     assert deployment.status().pending == 2  # kept for the next sender
+
+
+def test_flask_run_sends_and_a_flask_command_sends_nothing(deployment: Deployment) -> None:
+    """Under the ``flask`` command only ``flask run`` (and ``cio-rudder worker``) start a sender: an
+    operator's command, a shell or a migration is a short-lived process that must not join sending."""
+    with FakeDataPlane(write_key=WRITE_KEY) as plane:
+        dev = deployment.start_flask_run(plane.url)
+        served = make_bodies("dev", 2)
+        for body in served:
+            assert_accepted(post_event(dev.url, body), body)
+        deployment.wait_forwarded(2, plane, dev)
+        dev.kill()
+
+        store = store_from_url(deployment.outbox)
+        try:
+            left = make_bodies("left", 3)
+            store.add_many(Pending(body["event_id"], json.dumps(transform(body))) for body in left)
+        finally:
+            store.close()
+        closed = f"http://127.0.0.1:{free_port()}{WEBHOOK}"  # nothing listens: every post fails at once
+        command = subprocess.run(
+            [sys.executable, "-m", "flask", "--app", APP, "cio-rudder", "send-test", closed],
+            cwd=ROOT,
+            env=deployment.env(plane.url),  # the sender setting as deployed: on
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert command.returncode == 1, command.stdout + command.stderr
+        assert_delivered_exactly_once(plane.events, [body["event_id"] for body in served])
+    assert deployment.status().pending == 3  # left for the app's own senders
