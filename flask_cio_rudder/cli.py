@@ -208,8 +208,11 @@ def _describe(letter: DeadLetter) -> str:
 def dead_letters(match: Match, limit: int, as_json: bool) -> None:
     """List dead letters (those that match the filters), oldest first, with their reasons."""
     outbox = outbox_of_current_app()
-    for letter in _store_call(lambda: outbox.dead_letters(limit, match=match)):
+    letters = _store_call(lambda: outbox.dead_letters(limit, match=match))
+    for letter in letters:
         click.echo(json.dumps(asdict(letter)) if as_json else _describe(letter))
+    if not letters and not as_json:  # JSON lines stay empty for scripts
+        click.echo("no dead letters" if match.everything else "no dead letters match")
 
 
 def _one_letter(outbox: Outbox, event_id: str) -> list[DeadLetter]:

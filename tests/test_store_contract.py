@@ -514,7 +514,7 @@ def test_an_unreachable_store_raises_store_unavailable_without_the_password(tmp_
 
 @pytest.mark.service
 def test_an_unreachable_postgresql_raises_store_unavailable_without_the_password() -> None:
-    pytest.importorskip("psycopg", reason='the postgres extra is not installed: pip install -e ".[postgres]"')
+    pytest.importorskip("psycopg", reason='psycopg is not installed: pip install -e ".[postgres,test]"')
     store = store_from_url(f"postgresql://app:s3cret-pw@127.0.0.1:{free_port()}/test")
     try:
         assert "s3cret-pw" not in store.url and "***" in store.url
