@@ -23,7 +23,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Callable, ClassVar
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 
@@ -480,15 +479,22 @@ def body_text(body: bytes) -> str:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with its password (if any) replaced by ``***``, so it can be logged."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` with its password (if any) replaced by ``***``, so it can be logged.
+
+    The credentials end at the first ``@`` before any ``/``, as libpq reads them: a password
+    may hold ``#`` or ``?``, which a URL parser would take for a fragment or a query. A
+    ``password=`` parameter is redacted too.
+    """
+    url = _PASSWORD_PARAMETER.sub(r"\1***", url)
+    scheme, separator, rest = url.partition("://")
+    credentials, at, after = rest.partition("@")
+    if not separator or not at or "/" in credentials:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    user, colon, _password = credentials.partition(":")
+    return f"{scheme}://{user}:***@{after}" if colon else url
+
+
+_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*")
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")

@@ -22,8 +22,10 @@ Every driver error leaves as :class:`StoreUnavailable`, with no password in it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
+import re
 import socket
 import threading
 import uuid
@@ -143,6 +145,11 @@ class PostgresStore(OutboxStore):
         self, url: str, *, table: str | None = None, clock: Clock | None = None, pool_size: int = 4
     ) -> None:
         rest = url.split("://", 1)[1]
+        if _BAD_PERCENT.search(rest):  # libpq's error would quote the text around it: the password
+            raise RuntimeError(
+                "CIO_RUDDER_OUTBOX_URL has a % not followed by two hex digits: percent-encode it "
+                "(a % in a password is written %25)."
+            )
         self.conninfo = "postgresql://" + rest
         self.url = redact_url(url)
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
@@ -155,7 +162,12 @@ class PostgresStore(OutboxStore):
         self._schema_sql = _SCHEMA.format(
             events=self._events, senders=self._senders, meta=self._meta, prefix=name
         )
-        self.channel = f"cio_rudder_{self.table.replace('.', '_')}"
+        schema = self.table.rpartition(".")[0]  # indexes live in their table's schema
+        self._relations = [self._events, self._senders, self._meta] + [
+            _quote(f"{schema}.{name}_{index}" if schema else f"{name}_{index}")
+            for index in ("pending", "dead", "delivered", "email")
+        ]
+        self.channel = _channel_name(self.table)
         self._lock_key = f"flask_cio_rudder:{self.table}"
         _live_stores.add(self)
         self._fresh_process_state()
@@ -234,7 +246,12 @@ class PostgresStore(OutboxStore):
     def _create(self, conn: Connection[Any]) -> None:
         """Create the tables (or add what an older release's lack); an advisory lock keeps processes
         starting together from racing. Rows kept before ``event_name`` existed get it filled in once.
+        Nothing runs when all is there already: DDL waits for every lock on the table, and a role
+        that may only read and write rows (tables a migrations team made) may not run it at all.
         """
+        if self._schema_is_current(conn):
+            self._ready = True
+            return
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
             exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._events,)).fetchone()
@@ -253,6 +270,16 @@ class PostgresStore(OutboxStore):
                 except psycopg.DataError as error:
                     logger.warning("Old outbox rows stay unsearchable by email: %s", _first_line(error))
         self._ready = True
+
+    def _schema_is_current(self, conn: Connection[Any]) -> bool:
+        """Whether every table, index and column the schema makes is there."""
+        row = conn.execute(
+            "SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest(%s::text[]) AS name",
+            (self._relations,),
+        ).fetchone()
+        if not (row and row[0]):
+            return False
+        return self._has_column(conn, "event_name") and self._has_column(conn, "email")
 
     def _has_column(self, conn: Connection[Any], column: str) -> bool:
         row = conn.execute(
@@ -668,6 +695,16 @@ class PostgresStore(OutboxStore):
 
         self._run(drop)
         self._ready = False
+
+
+def _channel_name(table: str) -> str:
+    """The LISTEN/NOTIFY channel of a table: PostgreSQL refuses names over 63 bytes, so a longer
+    one (a schema-qualified table of 53 characters or more) is made from a hash of the table's name."""
+    name = f"cio_rudder_{table.replace('.', '_')}"
+    return name if len(name) <= 63 else "cio_rudder_" + hashlib.sha256(table.encode()).hexdigest()[:40]
+
+
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 
 
 def _first_line(error: BaseException) -> str:
