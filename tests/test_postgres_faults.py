@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import requests
 
+from flask_cio_rudder.store import store_from_url
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .helpers import free_port, wait_until
@@ -72,6 +73,11 @@ class ThrowawayPostgres:
         """Stop at once, as a crash does (no checkpoint; the WAL replays at the next start)."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
+    def restart(self) -> None:
+        """A clean restart (a fast shutdown: every connection is told it is being terminated)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
+        self.start()
+
     def remove(self) -> None:
         with contextlib.suppress(AssertionError):
             self.kill()
@@ -97,6 +103,18 @@ def try_post(server: Server, body: dict[str, Any]) -> int | str:
     if response.status_code == 200:
         return str(response.json()["status"])
     return response.status_code
+
+
+def test_after_a_clean_restart_the_next_request_is_served(throwaway_postgres: ThrowawayPostgres) -> None:
+    """The pool's idle connection learns of the restart on its next use: that use is tried again."""
+    store = store_from_url(throwaway_postgres.url)
+    try:
+        assert store.add("e1", "{}") is True  # the pool holds an open connection now
+        throwaway_postgres.restart()
+        assert store.is_known("e1")
+        assert store.add("e2", "{}") is True
+    finally:
+        store.close()
 
 
 def test_postgresql_killed_and_restarted_mid_run_loses_nothing_and_sending_resumes_by_itself(

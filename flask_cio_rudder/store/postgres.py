@@ -231,7 +231,8 @@ class PostgresStore(OutboxStore):
         """Run ``work`` on a pooled connection; once more on a fresh one if the first was dead.
 
         After the server restarted, the pool's idle connections are broken: the first
-        use of each fails without anything having been done, so trying again is safe.
+        use of each fails without anything having been done, so trying again is safe,
+        once the pool has replaced every broken one it holds.
         """
         try:
             with self._connection() as conn:
@@ -240,6 +241,7 @@ class PostgresStore(OutboxStore):
             cause = error.__cause__
             if not isinstance(cause, psycopg.OperationalError) or not _was_broken(cause):
                 raise  # a statement that failed, or no connection at all (PoolTimeout): no second try
+        self._get_pool().check()
         with self._connection() as conn:
             return work(conn)
 
@@ -463,7 +465,10 @@ class PostgresStore(OutboxStore):
             f"WITH beat AS ({self._beat_sql()} RETURNING 1) "
             f"UPDATE {self._events} e SET lease_owner = %(owner)s, lease_holder = %(holder)s, "
             f"leased_at = {_NOW}, lease_until = {_NOW} + %(lease)s "
-            f"FROM (SELECT event_id FROM {self._events} c WHERE c.state = 'pending' AND {free} "
+            # Rows this very claim holds already are taken again: when the connection broke after
+            # its commit, the claim is run once more (see _run), and must not leave them held.
+            f"FROM (SELECT event_id FROM {self._events} c WHERE c.state = 'pending' "
+            f"AND ({free} OR c.lease_owner = %(owner)s) "
             "ORDER BY c.accepted_at LIMIT %(limit)s FOR UPDATE OF c SKIP LOCKED) picked "
             "WHERE e.event_id = picked.event_id AND EXISTS (SELECT 1 FROM beat) "
             "RETURNING e.event_id, e.payload, e.accepted_at"
@@ -714,9 +719,13 @@ def _first_line(error: BaseException) -> str:
 def _was_broken(error: psycopg.OperationalError) -> bool:
     """Whether the error is a connection that was already dead (server restarted), not a failed statement.
 
-    A pool timeout (no connection could be had at all) is not: trying again would double the wait.
+    Also the server's notice that it shut the connection down (class 57P: a fast restart or a
+    switchover), which aborts whatever the connection was doing. A pool timeout (no connection
+    could be had at all) is not: trying again would double the wait.
     """
-    return error.sqlstate is None and not isinstance(error, psycopg_pool.PoolTimeout)
+    if isinstance(error, psycopg_pool.PoolTimeout):
+        return False
+    return error.sqlstate is None or error.sqlstate.startswith("57P")
 
 
 def _describe_holder(holder: str) -> str:
