@@ -6,6 +6,7 @@ are in test_postgres_faults.py.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import uuid
 from collections.abc import Iterator
@@ -14,9 +15,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from flask_cio_rudder.store import StoreUnavailable, store_from_url
+from flask_cio_rudder.store import OutboxStore, StoreUnavailable, store_from_url
 
-from .helpers import free_port, wait_until
+from .helpers import Clock, free_port, wait_until
 from .stores import Backend, postgres_fixture, postgres_url  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.service
@@ -95,3 +96,41 @@ def test_no_password_reaches_an_error_or_the_url_shown(postgres: Backend) -> Non
     with pytest.raises(RuntimeError, match="percent-encode") as refused:  # libpq would quote it
         store_from_url("postgresql://app:50%off-pw@127.0.0.1/test")
     assert "50%off" not in str(refused.value) and "CIO_RUDDER_OUTBOX_URL" in str(refused.value)
+
+
+def test_a_holder_keeps_beating_while_its_web_requests_fill_the_pool(postgres: Backend) -> None:
+    """Requests queued behind a lock hold every pooled connection; the heartbeat must still go out,
+    or another server takes the live holder's batch and both send it at once."""
+    clock = Clock()
+    holder, other = postgres.store(clock=clock), postgres.store(clock=clock)
+    for n in range(3):
+        holder.add(f"e{n}", "{}")
+    assert len(holder.claim(100, 600.0, 3600.0).events) == 3
+    import psycopg
+
+    with psycopg.connect(postgres_url()) as blocker:
+        blocker.execute(f'LOCK TABLE "{postgres.table}" IN ACCESS EXCLUSIVE MODE')  # held until the end
+        requests = [threading.Thread(target=_known, args=(holder,), daemon=True) for _ in range(6)]
+        for request in requests:
+            request.start()
+        clock.now += 10  # well past the heartbeat timeout since the claim
+        senders = f'"{postgres.table}_senders"'
+
+        def beaten_since() -> bool:
+            with psycopg.connect(postgres_url(), autocommit=True) as conn:
+                row = conn.execute(
+                    f"SELECT beat_at FROM {senders} WHERE holder = %s", (holder.holder,)
+                ).fetchone()
+            return row is not None and row[0] >= clock.now
+
+        wait_until(beaten_since, 10, "the holder beats while its pool is taken")
+        blocker.rollback()
+    for request in requests:
+        request.join(10)
+    assert other.claim(100, 600.0, 3600.0).events == []  # the live holder keeps its batch
+
+
+def _known(store: OutboxStore) -> None:
+    """A web request's duplicate lookup; it fails once the pool gives up waiting, as a 503 would."""
+    with contextlib.suppress(StoreUnavailable):
+        store.is_known("e0")

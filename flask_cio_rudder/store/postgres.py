@@ -332,14 +332,26 @@ class PostgresStore(OutboxStore):
                     self._heartbeat.start()
 
     def _beat_forever(self) -> None:
+        """Beat every ``HEARTBEAT`` seconds on a connection of its own: web requests that take every
+        pooled connection (queued behind a lock, say) must not make a live holder look dead."""
         closing = self._closing
-        while not closing.wait(self.HEARTBEAT):
-            try:
-                self._run(
-                    lambda conn: conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
-                )
-            except StoreUnavailable as error:
-                logger.debug("Outbox heartbeat failed: %s", error)
+        conn: Connection[Any] | None = None
+        try:
+            while not closing.wait(self.HEARTBEAT):
+                try:
+                    if conn is None or conn.closed:
+                        conn = psycopg.connect(
+                            self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT
+                        )
+                    conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
+                except psycopg.Error as error:
+                    logger.debug("Outbox heartbeat failed: %s", _first_line(error))
+                    if conn is not None:
+                        conn.close()  # a fresh one next time: this one may be broken
+                        conn = None
+        finally:
+            if conn is not None:
+                conn.close()
 
     def _forget_holder(self) -> None:
         """Free this process's leases and drop its heartbeat: a clean exit leaves nothing held."""
