@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
@@ -82,6 +83,7 @@ def _close_all_before_fork() -> None:
     _fork_guard.acquire()  # waits until no thread of this process is inside SQLite
     for store in list(_live_stores):
         store.close()
+    _close_ended()  # also those of stores dropped meanwhile
 
 
 def _release_after_fork() -> None:
@@ -179,21 +181,32 @@ def _close(db: sqlite3.Connection | None, lock_file: int | None) -> None:
         os.close(lock_file)
 
 
-def _close_in(pid: int, db: sqlite3.Connection, lock_file: int | None) -> None:
-    """Close a thread's connection, but only in the process that opened it: after a fork, the child
-    must leave the parent's alone (its lock file's ``flock`` is shared with the parent)."""
-    if os.getpid() == pid:
-        with _fork_guard.shared():  # SQLite is in use until closed: no fork meanwhile
+# Connections of threads that ended, (pid, connection, lock file), until a thread that holds no
+# lock closes them: a thread's end, or a garbage collection on any thread, may come while that
+# thread holds the write lock, and is no place to wait for it.
+_ended: deque[tuple[int, sqlite3.Connection, int | None]] = deque()
+
+
+def _close_ended() -> None:
+    """Close what threads that ended left, if this process opened it (a forked child leaves the
+    parent's alone: its lock file's ``flock`` is shared with the parent)."""
+    while _ended:
+        try:
+            pid, db, lock_file = _ended.popleft()
+        except IndexError:  # another thread took the last one meanwhile
+            return
+        if pid == os.getpid():
             _close(db, lock_file)
 
 
 class _ThreadConnection:
-    """One thread's connection and lock file, closed when the thread ends and its ``threading.local``
-    lets go of this: a server that starts a thread per request (``flask run``) opens one per request."""
+    """One thread's connection and lock file. When the thread ends, its ``threading.local`` lets go
+    of this and they are queued for closing: a server that starts a thread per request (``flask
+    run``) opens one per request, and would otherwise run out of file descriptors."""
 
     def __init__(self, db: sqlite3.Connection, lock_file: int | None) -> None:
         self.db, self.lock_file, self.pid = db, lock_file, os.getpid()
-        self.close = weakref.finalize(self, _close_in, self.pid, db, lock_file)
+        self.close = weakref.finalize(self, _ended.append, (self.pid, db, lock_file))
         self.close.atexit = False  # at exit the forwarders close their stores
 
 
@@ -317,6 +330,7 @@ class SQLiteStore(OutboxStore):
             except BaseException:
                 _close(db, lock_file)
                 raise
+            _close_ended()  # a new thread: perhaps one that ended before it left its connection
             connection = _ThreadConnection(db, lock_file)
             self._local.db, self._local.lock_file, self._local.pid = db, lock_file, connection.pid
             self._local.connection = connection  # closes them when this thread ends
@@ -368,6 +382,7 @@ class SQLiteStore(OutboxStore):
             self._local = threading.local()
             for connection in opened:
                 connection.close()
+            _close_ended()
 
     def after_fork(self) -> None:
         """Drop the parent's connections unclosed (the fork hook closed them already where it ran)."""
