@@ -238,8 +238,9 @@ class Outbox:
 def _loaded_by_a_flask_command() -> bool:
     """Whether a ``flask`` command other than ``flask run`` is loading the app (``flask cio-rudder
     status``, ``flask shell``, a migration): a short-lived process whose sender would race the app's
-    real ones, fire their signals here and spend the shutdown timeout sending at its exit.
-    ``flask cio-rudder worker`` starts its own."""
+    real ones, fire their signals here and spend the shutdown timeout sending at its exit. There
+    the sender starts with the first event the process accepts (a command that serves the app),
+    and ``flask cio-rudder worker`` starts its own."""
     context = click.get_current_context(silent=True)
     if context is None or context.info_name == "run":
         return False
@@ -307,6 +308,8 @@ class OutboxForwarder(Forwarder):
             except OSError as error:
                 raise ForwardError(f"could not write the outbox's spool: {error}") from error
             self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store
+            if self.background:  # not started at init under a flask command: see below
+                self.outbox.sender.ensure_running()
             return
         try:
             self.outbox.store.add(

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+from click.testing import CliRunner
 from flask import Flask
+from flask.cli import FlaskGroup
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import ForwardError, Outbox, get_outbox, signals, transform
@@ -692,6 +694,29 @@ def test_cli_explains_when_the_app_does_not_use_the_outbox(app: Flask) -> None:
     assert "CIO_RUDDER_FORWARDER = 'outbox'" in result.output
     with pytest.raises(RuntimeError, match="CIO_RUDDER_FORWARDER = 'outbox'"):
         get_outbox(app)
+
+
+def test_under_a_flask_command_the_sender_starts_with_the_first_accepted_event(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane, post: Post
+) -> None:
+    """``flask cio-rudder status`` must not send; a custom command that serves the app must."""
+    running: list[bool] = []
+
+    def create_app() -> Flask:  # as flask --app loads it: inside the command line's click context
+        app = make_app(**{**outbox_config, "CIO_RUDDER_OUTBOX_SENDER": True})
+
+        @app.cli.command("serve")
+        def serve() -> None:
+            running.append(get_outbox(app).sender.running)
+            assert post(app.test_client(), sample("opened")).json["status"] == "accepted"
+            running.append(get_outbox(app).sender.running)
+            wait_until(lambda: len(data_plane.events) == 1, 10, "the command's sender delivers")
+
+        return app
+
+    result = CliRunner().invoke(FlaskGroup(create_app=create_app), ["serve"])
+    assert result.exit_code == 0, result.output
+    assert running == [False, True]
 
 
 def test_cli_copy_pending_refuses_a_missing_file_and_takes_in_what_the_sources_spool_holds(
