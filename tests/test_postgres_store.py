@@ -42,12 +42,15 @@ def schema() -> Iterator[str]:
         admin(f'DROP SCHEMA "{name}" CASCADE')
 
 
+@pytest.mark.parametrize("renamed_index", [False, True], ids=["as printed", "an index renamed"])
 def test_a_role_that_may_only_read_and_write_rows_uses_tables_a_migrations_team_made(
-    postgres: Backend,
+    postgres: Backend, renamed_index: bool, caplog: pytest.LogCaptureFixture
 ) -> None:
     """README: teams that run migrations create the tables (create-table --sql) and give the app a
     role without DDL rights; the outbox must then run no DDL of its own."""
     postgres.store().create_tables()  # the migrations team, as the tables' owner
+    if renamed_index:  # as a migrations tool's naming convention does
+        admin(f'ALTER INDEX "{postgres.table}_pending" RENAME TO "ix_{postgres.table}_pending"')
     role, password = f"cio_test_app_{uuid.uuid4().hex[:12]}", "app-pw"
     tables = ", ".join(f'"{postgres.table}{suffix}"' for suffix in ("", "_senders", "_meta"))
     admin(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
@@ -60,6 +63,7 @@ def test_a_role_that_may_only_read_and_write_rows_uses_tables_a_migrations_team_
             claim = app_store.claim(100, 60.0, 3600.0)
             app_store.mark_delivered(claim.owner, [event.event_id for event in claim.events])
             assert app_store.status().delivered == 1
+        assert ("not all of its indexes" in caplog.text) is renamed_index
     finally:
         admin(f"DROP OWNED BY {role}")
         admin(f"DROP ROLE {role}")

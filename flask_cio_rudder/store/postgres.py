@@ -163,7 +163,7 @@ class PostgresStore(OutboxStore):
             events=self._events, senders=self._senders, meta=self._meta, prefix=name
         )
         schema = self.table.rpartition(".")[0]  # indexes live in their table's schema
-        self._relations = [self._events, self._senders, self._meta] + [
+        self._indexes = [
             _quote(f"{schema}.{name}_{index}" if schema else f"{name}_{index}")
             for index in ("pending", "dead", "delivered", "email")
         ]
@@ -250,10 +250,25 @@ class PostgresStore(OutboxStore):
         starting together from racing. Rows kept before ``event_name`` existed get it filled in once.
         Nothing runs when all is there already: DDL waits for every lock on the table, and a role
         that may only read and write rows (tables a migrations team made) may not run it at all.
+        Such a role carries on, with a warning, where only indexes are missing (renamed, say).
         """
-        if self._schema_is_current(conn):
+        tables_are_current = self._tables_are_current(conn)
+        if tables_are_current and self._has_relations(conn, self._indexes):
             self._ready = True
             return
+        try:
+            self._run_schema(conn)
+        except psycopg.errors.InsufficientPrivilege as error:
+            if not tables_are_current:
+                raise
+            logger.warning(
+                "The outbox's tables are there but not all of its indexes, and this role may not create "
+                "them (%s): it works, more slowly on large tables. Create them from create-table --sql.",
+                _first_line(error),
+            )
+        self._ready = True
+
+    def _run_schema(self, conn: Connection[Any]) -> None:
         with conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self._lock_key,))
             exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._events,)).fetchone()
@@ -271,17 +286,17 @@ class PostgresStore(OutboxStore):
                         )
                 except psycopg.DataError as error:
                     logger.warning("Old outbox rows stay unsearchable by email: %s", _first_line(error))
-        self._ready = True
 
-    def _schema_is_current(self, conn: Connection[Any]) -> bool:
-        """Whether every table, index and column the schema makes is there."""
-        row = conn.execute(
-            "SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest(%s::text[]) AS name",
-            (self._relations,),
-        ).fetchone()
-        if not (row and row[0]):
+    def _tables_are_current(self, conn: Connection[Any]) -> bool:
+        """Whether every table and column the schema makes is there."""
+        if not self._has_relations(conn, [self._events, self._senders, self._meta]):
             return False
         return self._has_column(conn, "event_name") and self._has_column(conn, "email")
+
+    def _has_relations(self, conn: Connection[Any], names: Sequence[str]) -> bool:
+        query = "SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest(%s::text[]) AS name"
+        row = conn.execute(query, (list(names),)).fetchone()
+        return bool(row and row[0])
 
     def _has_column(self, conn: Connection[Any], column: str) -> bool:
         row = conn.execute(
