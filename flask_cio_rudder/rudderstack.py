@@ -43,18 +43,15 @@ class DataPlane:
 
 
 def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) -> DataPlane:
-    """The data plane the config names; fails naming ``CIO_RUDDER_WRITE_KEY`` or ``..._DATA_PLANE_URL``.
-
-    The key is read into a local only once nothing can fail: error trackers record a failing
-    frame's locals.
-    """
-    if not config.get("CIO_RUDDER_WRITE_KEY") or not isinstance(config.get("CIO_RUDDER_WRITE_KEY"), str):
+    """The data plane the config names; fails naming ``CIO_RUDDER_WRITE_KEY`` or ``..._DATA_PLANE_URL``."""
+    write_key = config.get("CIO_RUDDER_WRITE_KEY")
+    if not write_key or not isinstance(write_key, str):
         raise RuntimeError(
             "CIO_RUDDER_WRITE_KEY is not set: set it to the write key of a RudderStack "
             "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
         )
     url = check_url(config.get("CIO_RUDDER_DATA_PLANE_URL"), "CIO_RUDDER_DATA_PLANE_URL")
-    return DataPlane(url, config["CIO_RUDDER_WRITE_KEY"], config.get("CIO_RUDDER_TIMEOUT") or default_timeout)
+    return DataPlane(url, write_key, config.get("CIO_RUDDER_TIMEOUT") or default_timeout)
 
 
 def check_url(url: object, key: str) -> str:

@@ -252,11 +252,12 @@ class Sender:
     def retry_delay(self) -> float:
         """Seconds to wait after a failed attempt: what RudderStack asked for, else jittered backoff.
 
-        Both are capped at ``RETRY_CAP``; what was asked for is at least ``RETRY_BASE``, so that
-        ``Retry-After: 0`` (or a date passed) on every answer does not make a busy loop.
+        Both are capped at ``RETRY_CAP``. A wait asked for that is shorter than ``RETRY_BASE``
+        (``Retry-After: 0``, a date passed) gets the backoff instead: on every answer, it would
+        make the sender ask again and again at once.
         """
-        if self._retry_after is not None:
-            return min(self.RETRY_CAP, max(self.RETRY_BASE, self._retry_after))
+        if self._retry_after is not None and self._retry_after >= self.RETRY_BASE:
+            return min(self.RETRY_CAP, self._retry_after)
         ceiling = min(self.RETRY_CAP, self.RETRY_BASE * 2 ** min(max(self._failures, 1) - 1, 30))
         return random.uniform(ceiling / 2, ceiling)
 
@@ -281,13 +282,13 @@ class Sender:
 
     def send_batch(self, timeout: float | None = None) -> Delivery:
         """Claim one batch and deliver it; says how many were claimed, delivered, dead, and the error."""
-        claim, lease_left = self._next_claim()
+        claim, lease_end = self._next_claim()
         if not claim.events:
             return Delivery(paused=claim.paused)
         # No request may outlast the lease: after it, another sender may take the batch.
-        lease_left = max(_SHORTEST_REQUEST, lease_left)
+        now = time.monotonic()
+        deadline = max(now + _SHORTEST_REQUEST, min(lease_end, now + timeout if timeout else lease_end))
         outcome = Delivery(claimed=len(claim.events))
-        deadline = time.monotonic() + min(lease_left, timeout or lease_left)
         self._deliver(claim.owner, claim.events, deadline, outcome)
         if outcome.error is None:
             self._failures = 0
@@ -301,28 +302,32 @@ class Sender:
         return outcome
 
     def _next_claim(self) -> tuple[Claim, float]:
-        """The next offer with time left on its lease, else a claim from the store; and that time."""
+        """The next offer with time left on its lease, else a claim from the store; and when the
+        requests for it must be done (``time.monotonic()``: the lease's end less the margin)."""
         while True:
             try:
                 deadline, claim = self._offers.popleft()
             except IndexError:
                 break
-            left = deadline - time.monotonic()
-            if left > _SHORTEST_REQUEST:
-                return claim, left
-        return self.store.claim(self.batch_size, self.lease, self.max_age), self.lease - _LEASE_MARGIN
+            if deadline - time.monotonic() > _SHORTEST_REQUEST:
+                return claim, deadline
+        started = time.monotonic()  # the lease runs from the claim, however long the claim takes
+        return self.store.claim(
+            self.batch_size, self.lease, self.max_age
+        ), started + self.lease - _LEASE_MARGIN
 
     def _deliver(self, owner: str, events: Sequence[Claimed], deadline: float, outcome: Delivery) -> None:
-        """Post ``events`` before ``deadline`` (the lease's end, by ``time.monotonic()``); each ends
-        delivered, dead, or released with ``outcome.error`` set. A batch RudderStack refuses is split
-        and its halves posted in turn, all within that one deadline."""
+        """Post ``events`` before ``deadline`` (``time.monotonic()``: the lease's end less its margin,
+        or sooner for a flush with a timeout); each ends delivered, dead, or released with
+        ``outcome.error`` set. A batch RudderStack refuses is split and its halves posted in turn,
+        all within that one deadline."""
         ids = [event.event_id for event in events]
         wait = self.pacer.reserve()
         if wait > 0:
             self.sleep(wait)
         left = deadline - time.monotonic()
-        if left <= 0:  # past it (and its margin), another sender may have claimed them
-            reason = "the claim's lease ran out before these events could be posted"
+        if left <= 0:  # past the lease (less its margin), another sender may have claimed them
+            reason = "no time was left to post these events (the claim's lease, or the flush's timeout)"
             self._retry_later(owner, events, reason, outcome, 0.0)
             return
         started = time.perf_counter()

@@ -230,7 +230,6 @@ def test_transient_failures_keep_the_events_and_retry(
         ("Tue, 14 Nov 2023 22:15:20 GMT", 120.0),
         ("soon", None),
         ("²", None),
-        ("0", Sender.RETRY_BASE),  # at once, on every answer, would be a busy loop
     ],
 )
 def test_retry_after_sets_the_wait_before_the_next_attempt_capped_by_the_backoff_cap(
@@ -250,6 +249,18 @@ def test_retry_after_sets_the_wait_before_the_next_attempt_capped_by_the_backoff
         assert sender.retry_delay() == wait
     assert get_outbox(outbox_app).flush().delivered == 2
     assert sender.retry_delay() <= Sender.RETRY_BASE  # a success forgets what was asked
+
+
+def test_a_retry_after_of_zero_gets_the_backoff_not_a_busy_loop(
+    outbox_app: Flask, data_plane: FakeDataPlane
+) -> None:
+    sender = get_outbox(outbox_app).sender
+    accept(outbox_app, 2)
+    for failures in (1, 2, 3):  # "at once", on every answer: the wait still grows
+        data_plane.fail_next(429, retry_after="0")
+        assert get_outbox(outbox_app).flush().delivered == 0
+        ceiling = Sender.RETRY_BASE * 2 ** (failures - 1)
+        assert ceiling / 2 <= sender.retry_delay() <= ceiling
 
 
 def test_a_request_rate_cap_spaces_the_requests(

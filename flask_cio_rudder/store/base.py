@@ -369,9 +369,10 @@ def storage_key(event_id: str) -> str:
 
     Ids with a lone surrogate (not encodable as UTF-8), a NUL character (PostgreSQL's text
     refuses it), or longer than ``MAX_KEY_LENGTH`` are stored under a hash of their code
-    points, so every ``str`` has a key and the same id always gets the same one. A key is
-    its own key: the one the dashboard and the CLI show finds its event, and copying
-    events from one outbox to another keeps them under the keys they had.
+    points (``sha256:`` and 64 lowercase hex digits), so every ``str`` has a key and the same
+    id always gets the same one. A string of that form is taken as a key already: the key the
+    dashboard and the CLI show finds its event, and copying events from one outbox to
+    another keeps them under the keys they had.
     """
     if _HASHED_KEY.fullmatch(event_id):
         return event_id
