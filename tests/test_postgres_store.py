@@ -25,9 +25,10 @@ pytestmark = pytest.mark.service
 
 def admin(sql: str) -> None:
     """Run ``sql`` as the test server's user (who may create roles and schemas)."""
+    url = postgres_url()  # first: skips, saying why, without psycopg or the server
     import psycopg
 
-    with psycopg.connect(postgres_url(), autocommit=True) as conn:
+    with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(sql.encode())
 
 
