@@ -287,7 +287,8 @@ class Sender:
             return Delivery(paused=claim.paused)
         # No request may outlast the lease: after it, another sender may take the batch.
         now = time.monotonic()
-        deadline = max(now + _SHORTEST_REQUEST, min(lease_end, now + timeout if timeout else lease_end))
+        deadline = lease_end if timeout is None else min(lease_end, now + timeout)
+        deadline = max(deadline, now + _SHORTEST_REQUEST)
         outcome = Delivery(claimed=len(claim.events))
         self._deliver(claim.owner, claim.events, deadline, outcome)
         if outcome.error is None:
@@ -312,9 +313,8 @@ class Sender:
             if deadline - time.monotonic() > _SHORTEST_REQUEST:
                 return claim, deadline
         started = time.monotonic()  # the lease runs from the claim, however long the claim takes
-        return self.store.claim(
-            self.batch_size, self.lease, self.max_age
-        ), started + self.lease - _LEASE_MARGIN
+        claim = self.store.claim(self.batch_size, self.lease, self.max_age)
+        return claim, started + self.lease - _LEASE_MARGIN
 
     def _deliver(self, owner: str, events: Sequence[Claimed], deadline: float, outcome: Delivery) -> None:
         """Post ``events`` before ``deadline`` (``time.monotonic()``: the lease's end less its margin,

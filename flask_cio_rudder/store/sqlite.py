@@ -200,13 +200,12 @@ def _close_ended() -> None:
 
 
 class _ThreadConnection:
-    """One thread's connection and lock file. When the thread ends, its ``threading.local`` lets go
-    of this and they are queued for closing: a server that starts a thread per request (``flask
-    run``) opens one per request, and would otherwise run out of file descriptors."""
+    """Kept in a thread's ``threading.local`` beside its connection and lock file: when the thread
+    ends and lets go of it, they are queued for closing. A server that starts a thread per request
+    (``flask run``) opens one per request, and would otherwise run out of file descriptors."""
 
     def __init__(self, db: sqlite3.Connection, lock_file: int | None) -> None:
-        self.db, self.lock_file, self.pid = db, lock_file, os.getpid()
-        self.close = weakref.finalize(self, _ended.append, (self.pid, db, lock_file))
+        self.close = weakref.finalize(self, _ended.append, (os.getpid(), db, lock_file))
         self.close.atexit = False  # at exit the forwarders close their stores
 
 
@@ -332,7 +331,7 @@ class SQLiteStore(OutboxStore):
                 raise
             _close_ended()  # a new thread: perhaps one that ended before it left its connection
             connection = _ThreadConnection(db, lock_file)
-            self._local.db, self._local.lock_file, self._local.pid = db, lock_file, connection.pid
+            self._local.db, self._local.lock_file, self._local.pid = db, lock_file, os.getpid()
             self._local.connection = connection  # closes them when this thread ends
             with self._opened_lock:
                 self._opened.add(connection)
