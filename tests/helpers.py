@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from typing import Any, Callable
 
 import pytest
@@ -76,3 +77,53 @@ def refuse(app: Flask, data_plane: FakeDataPlane, *bodies: dict[str, Any]) -> No
     data_plane.fail_next(400, times=2 * len(bodies) - 1)  # the batch is bisected down to single events
     get_outbox(app).flush()
     assert get_outbox(app).count_dead_letters() == len(bodies)
+
+
+class FreezingProxy:
+    """A loopback TCP proxy to ``target`` that can stop passing bytes on, as a frozen server does.
+
+    While frozen, connections stay open and the kernel acknowledges what is sent, but no answer
+    comes: what a server stopped by SIGSTOP, or cut off by the network without a reset, looks like.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.target = (host, port)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def freeze(self) -> None:
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        self._flowing.set()
+
+    def close(self) -> None:
+        self.thaw()
+        self._listener.close()
+        for sock in self._sockets:
+            with suppress(OSError):
+                sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:  # closed
+                return
+            server = socket.create_connection(self.target)
+            self._sockets += [client, server]
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                self._flowing.wait()
+                sink.sendall(data)
+            sink.shutdown(socket.SHUT_WR)
+        except OSError:  # one side is gone: so is this direction
+            pass

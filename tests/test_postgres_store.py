@@ -11,13 +11,18 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
+from typing import Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from flask import Flask
 
+from flask_cio_rudder import get_outbox
+from flask_cio_rudder.samples import email_sample
 from flask_cio_rudder.store import OutboxStore, StoreUnavailable, store_from_url
+from flask_cio_rudder.store.postgres import PostgresStore
 
-from .helpers import Clock, free_port, wait_until
+from .helpers import Clock, FreezingProxy, free_port, wait_until
 from .stores import Backend, postgres_fixture, postgres_url  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.service
@@ -139,3 +144,90 @@ def _known(store: OutboxStore) -> None:
     """A web request's duplicate lookup; it fails once the pool gives up waiting, as a 503 would."""
     with contextlib.suppress(StoreUnavailable):
         store.is_known("e0")
+
+
+@pytest.fixture
+def proxy() -> Iterator[FreezingProxy]:
+    """A proxy in front of the test server, to freeze it without stopping it."""
+    parts = urlsplit(postgres_url())
+    made = FreezingProxy(parts.hostname or "127.0.0.1", parts.port or 5432)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def through(proxy: FreezingProxy) -> str:
+    """The test server's URL, through ``proxy``."""
+    parts = urlsplit(postgres_url())
+    user = f"{parts.username}@" if parts.username else ""
+    return urlunsplit(parts._replace(netloc=f"{user}127.0.0.1:{proxy.port}"))
+
+
+def outcome_of(call: Callable[[], Any], guard: float = 30.0) -> Any:
+    """What ``call`` returned or raised, run in a thread; fails if it is still waiting after ``guard`` s."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(call())
+        except Exception as error:
+            outcome.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(guard)
+    assert outcome, f"still waiting for the server after {guard:g} s"
+    return outcome[0]
+
+
+def test_a_server_that_stops_answering_fails_a_statement_instead_of_hanging(
+    postgres: Backend, proxy: FreezingProxy
+) -> None:
+    """psycopg has no client-side timeout: without the watchdog, this lookup waits until TCP gives up."""
+    store = store_from_url(through(proxy), table=postgres.table)
+    assert isinstance(store, PostgresStore)
+    store.REQUEST_STATEMENT_TIMEOUT = 0.2
+    try:
+        assert store.add("e1", "{}")
+        proxy.freeze()
+        failed = outcome_of(lambda: store.is_known("e1"))
+        assert isinstance(failed, StoreUnavailable), failed
+        assert "did not answer within 0.2 s" in str(failed) and "reachable" in str(failed)
+        proxy.thaw()
+        wait_until(lambda: outcome_of(lambda: store.is_known("e1")) is True, 20, "the store works again")
+    finally:
+        proxy.thaw()
+        store.close()
+
+
+def test_the_webhook_answers_503_while_postgresql_hangs_and_keeps_the_event_once_it_answers(
+    postgres: Backend,
+    proxy: FreezingProxy,
+    make_app: Callable[..., Flask],
+    post: Callable[..., Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Customer.io gives up after 4 s: a hung outbox must get a 503 it retries, not a request it abandons."""
+    monkeypatch.setattr(PostgresStore, "REQUEST_STATEMENT_TIMEOUT", 0.2)
+    app = make_app(
+        CIO_RUDDER_FORWARDER="outbox",
+        CIO_RUDDER_OUTBOX_URL=through(proxy),
+        CIO_RUDDER_OUTBOX_TABLE=postgres.table,
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        CIO_RUDDER_WRITE_KEY="write-key",
+        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+    )
+    client = app.test_client()
+    first, second = email_sample("delivered"), email_sample("opened")
+    assert post(client, first).status_code == 200
+    proxy.freeze()
+    try:
+        answer = outcome_of(lambda: post(client, second))
+        assert answer.status_code == 503, answer.get_data(as_text=True)
+    finally:
+        proxy.thaw()
+    wait_until(lambda: post(client, second).status_code == 200, 20, "the retry is accepted")
+    assert post(client, second).status_code == 200  # a duplicate now
+    pending = get_outbox(app).store.pending()
+    assert sorted(event.event_id for event in pending) == sorted([first["event_id"], second["event_id"]])

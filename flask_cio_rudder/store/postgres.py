@@ -63,6 +63,7 @@ from .base import (
     search_email,
     storage_key,
 )
+from .watchdog import Watchdog
 
 __all__ = ["DEFAULT_TABLE", "PostgresStore"]
 
@@ -120,6 +121,10 @@ if hasattr(os, "register_at_fork"):
 _abandoned: list[Any] = []
 
 
+class _Unanswered(StoreUnavailable):
+    """The server did not answer a statement in time, and its connection was cut."""
+
+
 def _quote(name: str) -> str:
     return ".".join(f'"{part}"' for part in name.split("."))
 
@@ -138,6 +143,12 @@ class PostgresStore(OutboxStore):
     POOL_TIMEOUT = 2.0
     #: Seconds to connect before giving up (libpq's connect_timeout; whole seconds).
     CONNECT_TIMEOUT = 2
+    #: Seconds the server has to answer a web request's statement before its connection is cut
+    #: (psycopg has no timeout of its own, see :mod:`.watchdog`): with the pool's wait and two
+    #: statements, the webhook answers 503 within Customer.io's 4 s when the server hangs.
+    REQUEST_STATEMENT_TIMEOUT = 1.0
+    #: The same for the sender's statements: nobody waits on them, but a hung sender sends nothing.
+    SENDER_STATEMENT_TIMEOUT = 30.0
     #: Events per statement in :meth:`add_many`.
     CHUNK = 5000
 
@@ -185,6 +196,7 @@ class PostgresStore(OutboxStore):
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
         self._has_held = False  # whether this process ever held a batch (then close frees it)
+        self._watchdog = Watchdog()
 
     # -- connections ---------------------------------------------------------------------------
 
@@ -227,23 +239,44 @@ class PostgresStore(OutboxStore):
                 f"the PostgreSQL outbox {self.url} cannot be used: {_first_line(error)}"
             ) from error
 
-    def _run(self, work: Callable[[Connection[Any]], Any]) -> Any:
+    def _run(self, work: Callable[[Connection[Any]], Any], timeout: float | None = None) -> Any:
         """Run ``work`` on a pooled connection; once more on a fresh one if the first was dead.
 
         After the server restarted, the pool's idle connections are broken: the first
         use of each fails without anything having been done, so trying again is safe,
-        once the pool has replaced every broken one it holds.
+        once the pool has replaced every broken one it holds. With a ``timeout`` (seconds),
+        a server that has not answered by then has the connection cut: no second try then,
+        which would wait on the same unanswering server.
         """
         try:
             with self._connection() as conn:
-                return work(conn)
+                return self._answered(conn, work, timeout)
+        except _Unanswered:
+            raise
         except StoreUnavailable as error:
             cause = error.__cause__
             if not isinstance(cause, psycopg.OperationalError) or not _was_broken(cause):
                 raise  # a statement that failed, or no connection at all (PoolTimeout): no second try
         self._get_pool().check()
         with self._connection() as conn:
+            return self._answered(conn, work, timeout)
+
+    def _answered(
+        self, conn: Connection[Any], work: Callable[[Connection[Any]], Any], timeout: float | None
+    ) -> Any:
+        """``work(conn)``, its connection cut if the server has not answered within ``timeout`` s."""
+        if timeout is None:
             return work(conn)
+        with self._watchdog.watch(conn.pgconn.socket, timeout) as watch:
+            try:
+                return work(conn)
+            except psycopg.OperationalError as error:
+                if watch.cut:
+                    raise _Unanswered(
+                        f"the PostgreSQL outbox {self.url} did not answer within {timeout:g} s: "
+                        "check that the server is up and reachable"
+                    ) from error
+                raise
 
     def _create(self, conn: Connection[Any]) -> None:
         """Create the tables (or add what an older release's lack); an advisory lock keeps processes
@@ -321,6 +354,7 @@ class PostgresStore(OutboxStore):
                 with contextlib.suppress(StoreUnavailable):
                     self._forget_holder()
             pool.close(timeout=1.0)
+        self._watchdog.close()
         self._fresh_process_state()
 
     def after_fork(self) -> None:
@@ -358,7 +392,8 @@ class PostgresStore(OutboxStore):
                         conn = psycopg.connect(
                             self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT
                         )
-                    conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
+                    with self._watchdog.watch(conn.pgconn.socket, self.HEARTBEAT_TIMEOUT):  # late is dead
+                        conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
                 except psycopg.Error as error:
                     logger.debug("Outbox heartbeat failed: %s", _first_line(error))
                     if conn is not None:
@@ -386,7 +421,10 @@ class PostgresStore(OutboxStore):
 
     def is_known(self, event_id: str) -> bool:
         query = f"SELECT 1 FROM {self._events} WHERE event_id = %s AND payload IS NOT NULL"
-        return bool(self._run(lambda conn: conn.execute(query, (storage_key(event_id),)).fetchone()))
+        key = storage_key(event_id)
+        return bool(
+            self._run(lambda conn: conn.execute(query, (key,)).fetchone(), self.REQUEST_STATEMENT_TIMEOUT)
+        )
 
     def _upsert(self, source: str) -> str:
         return (
@@ -410,7 +448,8 @@ class PostgresStore(OutboxStore):
             "name": event_name,
             "email": email,
         }
-        return len(self._run(lambda conn: conn.execute(query, params).fetchall())) == 1
+        added = self._run(lambda conn: conn.execute(query, params).fetchall(), self.REQUEST_STATEMENT_TIMEOUT)
+        return len(added) == 1
 
     def add_many(self, events: Iterable[Pending]) -> int:
         statement = self._upsert(
@@ -466,7 +505,7 @@ class PostgresStore(OutboxStore):
             "name": None if event_name is None else clean_text(event_name),
             "email": search_email(email),
         }
-        self._run(lambda conn: conn.execute(query, params))
+        self._run(lambda conn: conn.execute(query, params), self.REQUEST_STATEMENT_TIMEOUT)
 
     # -- the sender's side ---------------------------------------------------------------------
 
@@ -516,7 +555,7 @@ class PostgresStore(OutboxStore):
             conn.execute(expire, params)
             return conn.execute(take, params).fetchall()
 
-        claimed = self._run(claim)
+        claimed = self._run(claim, self.SENDER_STATEMENT_TIMEOUT)
         if claimed is None:
             return Claim(owner, [], paused=True)
         rows = sorted(claimed, key=lambda row: row[2])
@@ -531,7 +570,7 @@ class PostgresStore(OutboxStore):
             "WHERE event_id = ANY(%(ids)s) AND lease_owner = %(owner)s"
         )
         params = {"ids": list(event_ids), "owner": owner, "now": self._now(), **values}
-        self._run(lambda conn: conn.execute(query, params))
+        self._run(lambda conn: conn.execute(query, params), self.SENDER_STATEMENT_TIMEOUT)
 
     def mark_delivered(self, owner: str, event_ids: Sequence[str]) -> None:
         self._finish(f"state = 'delivered', delivered_at = {_NOW}, reason = NULL", owner, event_ids)
@@ -543,7 +582,7 @@ class PostgresStore(OutboxStore):
             f"('last_error_at', ({_NOW})::text) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
         )
         params = {"error": error, "now": self._now()}
-        self._run(lambda conn: conn.execute(meta, params))
+        self._run(lambda conn: conn.execute(meta, params), self.SENDER_STATEMENT_TIMEOUT)
 
     def mark_dead(self, owner: str, event_ids: Sequence[str], reason: str) -> None:
         self._finish("state = 'dead', reason = %(reason)s", owner, event_ids, reason=reason)
