@@ -231,3 +231,52 @@ def test_the_webhook_answers_503_while_postgresql_hangs_and_keeps_the_event_once
     assert post(client, second).status_code == 200  # a duplicate now
     pending = get_outbox(app).store.pending()
     assert sorted(event.event_id for event in pending) == sorted([first["event_id"], second["event_id"]])
+
+
+def test_after_an_outage_a_live_holders_batch_waits_until_others_have_reached_the_server_for_a_while(
+    postgres: Backend, proxy: FreezingProxy
+) -> None:
+    """Every heartbeat is stale after an outage: the first server back must not take a live holder's
+    batch (both would send it) before the holder has had the time to beat. One that has reached the
+    database for the heartbeat timeout since, while the holder has not, takes it."""
+    clock = Clock()
+    holder = store_from_url(through(proxy), table=postgres.table, clock=clock)
+    other = postgres.store(clock=clock)
+    senders = f'"{postgres.table}_senders"'
+    import psycopg
+
+    def beaten_since(store: OutboxStore, moment: float) -> bool:
+        assert isinstance(store, PostgresStore)
+        with psycopg.connect(postgres_url(), autocommit=True) as conn:
+            row = conn.execute(f"SELECT beat_at FROM {senders} WHERE holder = %s", (store.holder,)).fetchone()
+        return row is not None and row[0] >= moment
+
+    try:
+        for n in range(3):
+            holder.add(f"e{n}", "{}")
+        assert len(holder.claim(100, 600.0, 3600.0).events) == 3
+        assert other.claim(100, 600.0, 3600.0).events == []  # starts its heartbeat
+        clock.now += 1  # a beat from now on is its heartbeat's, not the claim's own
+        wait_until(lambda: beaten_since(other, clock.now), 10, "the other server's heartbeat beats")
+        proxy.freeze()  # the holder is alive but cannot reach the database yet
+        # The outage: the database drops every connection, and ten seconds pass before it is back.
+        admin(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            f"WHERE pid <> pg_backend_pid() AND query LIKE '%{postgres.table}_senders%'"
+        )
+        clock.now += 10
+        wait_until(lambda: beaten_since(other, clock.now), 10, "the other server beats again")
+        assert other.claim(100, 600.0, 3600.0).events == []  # the live holder keeps its batch
+
+        # The holder stays unreachable while the other keeps reaching the database: it is taken.
+        for _ in range(3):
+            clock.now += 2
+            wait_until(lambda: beaten_since(other, clock.now), 10, "the other server keeps beating")
+        assert sorted(event.event_id for event in other.claim(100, 600.0, 3600.0).events) == [
+            "e0",
+            "e1",
+            "e2",
+        ]
+    finally:
+        proxy.thaw()
+        holder.close()

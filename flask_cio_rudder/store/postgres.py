@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
@@ -196,6 +197,10 @@ class PostgresStore(OutboxStore):
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
         self._has_held = False  # whether this process ever held a batch (then close frees it)
+        #: Since when this process's heartbeats reach the server without a break (``_local_now``):
+        #: always, as far as it knows, until one fails; ``None`` from a failure to the next beat.
+        self._reaching_since: float | None = float("-inf")
+        self._last_beat: float | None = None
         self._watchdog = Watchdog()
 
     # -- connections ---------------------------------------------------------------------------
@@ -394,14 +399,37 @@ class PostgresStore(OutboxStore):
                         )
                     with self._watchdog.watch(conn.pgconn.socket, self.HEARTBEAT_TIMEOUT):  # late is dead
                         conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
+                    self._reached_server()
                 except psycopg.Error as error:
                     logger.debug("Outbox heartbeat failed: %s", _first_line(error))
+                    self._reaching_since = None
                     if conn is not None:
                         conn.close()  # a fresh one next time: this one may be broken
                         conn = None
         finally:
             if conn is not None:
                 conn.close()
+
+    def _local_now(self) -> float:
+        return time.monotonic() if self.clock is None else self.clock()
+
+    def _reached_server(self) -> None:
+        now, last = self._local_now(), self._last_beat
+        if self._reaching_since is None or (last is not None and now - last > self.HEARTBEAT_TIMEOUT):
+            self._reaching_since = now  # after a failure, or a silence others read as death
+        self._last_beat = now
+
+    def _may_judge_holders(self) -> bool:
+        """Whether this process may take the batch of a holder that has not beaten for ``HEARTBEAT_TIMEOUT``:
+        not while it has not reached the server itself for that long, without a break.
+
+        After an outage every holder's heartbeat is stale: the first process to reach the server again
+        must not take the batches of live holders that have not yet had the time to beat.
+        """
+        since, last, now = self._reaching_since, self._last_beat, self._local_now()
+        if since is None or (last is not None and now - last > self.HEARTBEAT_TIMEOUT):
+            return False
+        return now - since >= self.HEARTBEAT_TIMEOUT
 
     def _forget_holder(self) -> None:
         """Free this process's leases and drop its heartbeat: a clean exit leaves nothing held."""
@@ -514,9 +542,11 @@ class PostgresStore(OutboxStore):
         owner = uuid.uuid4().hex
         # Free: never leased, lease over, or a holder that has had time to beat and has not.
         # (A claim younger than the heartbeat timeout is trusted: a statement's snapshot may
-        # predate its holder's first heartbeat, and must not read that as a dead holder.)
+        # predate its holder's first heartbeat, and must not read that as a dead holder. Nor
+        # does a process judge holders before it has reached the server for that long itself.)
         free = (
-            f"(c.lease_until IS NULL OR c.lease_until < {_NOW} OR (c.leased_at < {_NOW} - %(stale)s "
+            f"(c.lease_until IS NULL OR c.lease_until < {_NOW} "
+            f"OR (%(judge)s AND c.leased_at < {_NOW} - %(stale)s "
             f"AND NOT EXISTS (SELECT 1 FROM {self._senders} s WHERE s.holder = c.lease_holder "
             f"AND s.beat_at >= {_NOW} - %(stale)s)))"
         )
@@ -542,6 +572,7 @@ class PostgresStore(OutboxStore):
         params = {
             "now": self._now(),
             "stale": self.HEARTBEAT_TIMEOUT,
+            "judge": self._may_judge_holders(),
             "max_age": max_age,
             "owner": owner,
             "holder": self.holder,
