@@ -280,3 +280,58 @@ def test_after_an_outage_a_live_holders_batch_waits_until_others_have_reached_th
     finally:
         proxy.thaw()
         holder.close()
+
+
+def test_a_claim_that_reaches_the_database_late_does_not_judge_holders(
+    postgres: Backend, proxy: FreezingProxy
+) -> None:
+    """A claim sent just before this process lost the database may run long after: by then its own
+    heartbeat is old too, and a stale holder may only be cut off as it was. It takes nothing."""
+    clock = Clock()
+    holder = store_from_url(through(proxy), table=postgres.table, clock=clock)
+    other = postgres.store(clock=clock)
+    assert isinstance(other, PostgresStore)
+    senders = f'"{postgres.table}_senders"'
+    import psycopg
+
+    def other_beaten_since(moment: float) -> bool:
+        with psycopg.connect(postgres_url(), autocommit=True) as conn:
+            row = conn.execute(f"SELECT beat_at FROM {senders} WHERE holder = %s", (other.holder,)).fetchone()
+        return row is not None and row[0] >= moment
+
+    try:
+        for n in range(3):
+            holder.add(f"e{n}", "{}")
+        assert len(holder.claim(100, 600.0, 3600.0).events) == 3
+        assert other.claim(100, 600.0, 3600.0).events == []  # starts its heartbeat
+        proxy.freeze()  # the holder beats no more
+        for _ in range(4):  # the other reaches the database for 8 s without a break
+            clock.now += 2
+            wait_until(lambda: other_beaten_since(clock.now), 10, "the other server beats")
+        # Its heartbeat stalls (as when the process lost the database) while a claim is on its way.
+        heartbeat = other._heartbeat
+        assert heartbeat is not None
+        other._closing.set()
+        heartbeat.join(10)
+        clock.now += 3
+        assert other.claim(100, 600.0, 3600.0).events == []
+    finally:
+        proxy.thaw()
+        holder.close()
+
+
+def test_the_first_use_of_a_server_that_stops_answering_fails_instead_of_hanging(
+    postgres: Backend, proxy: FreezingProxy
+) -> None:
+    """The tables are looked for (and made) on first use, inside the same bound as the statement."""
+    store = store_from_url(through(proxy), table=postgres.table)
+    assert isinstance(store, PostgresStore)
+    store.REQUEST_STATEMENT_TIMEOUT = 0.2
+    try:
+        store._get_pool().wait(10)  # connected, the tables not looked at yet
+        proxy.freeze()
+        failed = outcome_of(lambda: store.is_known("e1"))
+        assert isinstance(failed, StoreUnavailable) and "did not answer within 0.2 s" in str(failed), failed
+    finally:
+        proxy.thaw()
+        store.close()

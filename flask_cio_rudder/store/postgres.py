@@ -32,7 +32,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any, Callable
 
 import psycopg
@@ -64,7 +64,7 @@ from .base import (
     search_email,
     storage_key,
 )
-from .watchdog import Watchdog
+from .watchdog import Watch, Watchdog
 
 __all__ = ["DEFAULT_TABLE", "PostgresStore"]
 
@@ -144,9 +144,9 @@ class PostgresStore(OutboxStore):
     POOL_TIMEOUT = 2.0
     #: Seconds to connect before giving up (libpq's connect_timeout; whole seconds).
     CONNECT_TIMEOUT = 2
-    #: Seconds the server has to answer a web request's statement before its connection is cut
-    #: (psycopg has no timeout of its own, see :mod:`.watchdog`): with the pool's wait and two
-    #: statements, the webhook answers 503 within Customer.io's 4 s when the server hangs.
+    #: Seconds the server has to answer a web request's statements before their connection is cut
+    #: (psycopg has no timeout of its own, see :mod:`.watchdog`): when the server hangs, the
+    #: webhook answers 503 in a second or two (Customer.io waits 4 s), not minutes.
     REQUEST_STATEMENT_TIMEOUT = 1.0
     #: The same for the sender's statements: nobody waits on them, but a hung sender sends nothing.
     SENDER_STATEMENT_TIMEOUT = 30.0
@@ -232,56 +232,54 @@ class PostgresStore(OutboxStore):
         return pool
 
     @contextmanager
-    def _connection(self) -> Iterator[Connection[Any]]:
-        """A pooled connection (tables created on first use); driver errors become StoreUnavailable."""
+    def _connection(self, timeout: float | None = None) -> Iterator[Connection[Any]]:
+        """A pooled connection (tables created on first use); driver errors become StoreUnavailable.
+
+        With a ``timeout`` (seconds), a server that has not answered within it, the tables'
+        creation included, has the connection cut (see :mod:`.watchdog`), and the error says so.
+        """
         try:
-            with self._get_pool().connection() as conn:
-                if not self._ready:
-                    self._create(conn)
-                yield conn
+            with self._get_pool().connection() as conn, self._watched(conn, timeout) as watch:
+                try:
+                    if not self._ready:
+                        self._create(conn)
+                    yield conn
+                except psycopg.OperationalError as error:
+                    if watch is not None and watch.cut:
+                        raise _Unanswered(
+                            f"the PostgreSQL outbox {self.url} did not answer within {timeout:g} s: "
+                            "check that the server is up and reachable"
+                        ) from error
+                    raise
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as error:
             raise StoreUnavailable(
                 f"the PostgreSQL outbox {self.url} cannot be used: {_first_line(error)}"
             ) from error
 
+    def _watched(self, conn: Connection[Any], timeout: float | None) -> AbstractContextManager[Watch | None]:
+        return nullcontext() if timeout is None else self._watchdog.watch(conn.pgconn.socket, timeout)
+
     def _run(self, work: Callable[[Connection[Any]], Any], timeout: float | None = None) -> Any:
-        """Run ``work`` on a pooled connection; once more on a fresh one if the first was dead.
+        """Run ``work`` on a pooled connection; again on another while the one it got was dead.
 
-        After the server restarted, the pool's idle connections are broken: the first
-        use of each fails without anything having been done, so trying again is safe,
-        once the pool has replaced every broken one it holds. With a ``timeout`` (seconds),
-        a server that has not answered by then has the connection cut: no second try then,
-        which would wait on the same unanswering server.
+        After the server restarted, the pool's idle connections are broken: the first use of
+        each fails without anything having been done, and the pool drops it, so trying again
+        is safe, at most once per connection the pool holds. With a ``timeout`` (seconds), a
+        server that has not answered by then has the connection cut, and there is no other
+        try: it would wait on the same unanswering server.
         """
-        try:
-            with self._connection() as conn:
-                return self._answered(conn, work, timeout)
-        except _Unanswered:
-            raise
-        except StoreUnavailable as error:
-            cause = error.__cause__
-            if not isinstance(cause, psycopg.OperationalError) or not _was_broken(cause):
-                raise  # a statement that failed, or no connection at all (PoolTimeout): no second try
-        self._get_pool().check()
-        with self._connection() as conn:
-            return self._answered(conn, work, timeout)
-
-    def _answered(
-        self, conn: Connection[Any], work: Callable[[Connection[Any]], Any], timeout: float | None
-    ) -> Any:
-        """``work(conn)``, its connection cut if the server has not answered within ``timeout`` s."""
-        if timeout is None:
-            return work(conn)
-        with self._watchdog.watch(conn.pgconn.socket, timeout) as watch:
+        tries = self.pool_size + 1
+        while True:
+            tries -= 1
             try:
-                return work(conn)
-            except psycopg.OperationalError as error:
-                if watch.cut:
-                    raise _Unanswered(
-                        f"the PostgreSQL outbox {self.url} did not answer within {timeout:g} s: "
-                        "check that the server is up and reachable"
-                    ) from error
+                with self._connection(timeout) as conn:
+                    return work(conn)
+            except _Unanswered:
                 raise
+            except StoreUnavailable as error:
+                cause = error.__cause__
+                if not tries or not isinstance(cause, psycopg.OperationalError) or not _was_broken(cause):
+                    raise  # a statement that failed, or no connection at all (PoolTimeout)
 
     def _create(self, conn: Connection[Any]) -> None:
         """Create the tables (or add what an older release's lack); an advisory lock keeps processes
@@ -399,10 +397,12 @@ class PostgresStore(OutboxStore):
                         )
                     with self._watchdog.watch(conn.pgconn.socket, self.HEARTBEAT_TIMEOUT):  # late is dead
                         conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
-                    self._reached_server()
+                    if not closing.is_set():  # after close() this is another state's
+                        self._reached_server()
                 except psycopg.Error as error:
                     logger.debug("Outbox heartbeat failed: %s", _first_line(error))
-                    self._reaching_since = None
+                    if not closing.is_set():
+                        self._reaching_since = None
                     if conn is not None:
                         conn.close()  # a fresh one next time: this one may be broken
                         conn = None
@@ -443,7 +443,7 @@ class PostgresStore(OutboxStore):
                 )
                 conn.execute(f"DELETE FROM {self._senders} WHERE holder = %s", (self.holder,))
 
-        self._run(forget)
+        self._run(forget, self.HEARTBEAT_TIMEOUT)  # past it, the heartbeat's silence frees them all the same
 
     # -- the web request's side ----------------------------------------------------------------
 
@@ -543,10 +543,15 @@ class PostgresStore(OutboxStore):
         # Free: never leased, lease over, or a holder that has had time to beat and has not.
         # (A claim younger than the heartbeat timeout is trusted: a statement's snapshot may
         # predate its holder's first heartbeat, and must not read that as a dead holder. Nor
-        # does a process judge holders before it has reached the server for that long itself.)
+        # does a process judge holders before it has reached the server for that long itself,
+        # nor when its own last beat is old: a claim sent before an outage, run after it.)
+        judge = (
+            f"%(judge)s AND NOT EXISTS (SELECT 1 FROM {self._senders} me WHERE me.holder = %(holder)s "
+            f"AND me.beat_at < {_NOW} - %(own_beat)s)"
+        )
         free = (
             f"(c.lease_until IS NULL OR c.lease_until < {_NOW} "
-            f"OR (%(judge)s AND c.leased_at < {_NOW} - %(stale)s "
+            f"OR ({judge} AND c.leased_at < {_NOW} - %(stale)s "
             f"AND NOT EXISTS (SELECT 1 FROM {self._senders} s WHERE s.holder = c.lease_holder "
             f"AND s.beat_at >= {_NOW} - %(stale)s)))"
         )
@@ -573,6 +578,7 @@ class PostgresStore(OutboxStore):
             "now": self._now(),
             "stale": self.HEARTBEAT_TIMEOUT,
             "judge": self._may_judge_holders(),
+            "own_beat": 2 * self.HEARTBEAT,
             "max_age": max_age,
             "owner": owner,
             "holder": self.holder,

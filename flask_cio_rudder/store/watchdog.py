@@ -17,13 +17,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["Watchdog"]
+__all__ = ["Watch", "Watchdog"]
 
 
 @dataclass
-class _Watch:
+class Watch:
+    """One statement watched: its deadline, its socket, and whether it was cut."""
+
     deadline: float  # time.monotonic()
     fd: int
+    socket_id: tuple[int, int]  # the socket's (st_dev, st_ino): its fd may be closed and reused meanwhile
     cut: bool = False
 
 
@@ -36,19 +39,20 @@ class Watchdog:
 
     def __init__(self) -> None:
         self._changed = threading.Condition()
-        self._watches: dict[int, _Watch] = {}
+        self._watches: dict[int, Watch] = {}
         self._sleeping_until = float("inf")
         self._thread: threading.Thread | None = None
         self._closing = False
 
     @contextmanager
-    def watch(self, fd: int, seconds: float) -> Iterator[_Watch]:
+    def watch(self, fd: int, seconds: float) -> Iterator[Watch]:
         """Run the block, shutting ``fd``'s socket down if it has not ended within ``seconds``.
 
         The watch it yields says whether that happened (``cut``): the block then fails with
         the driver's error for a closed connection.
         """
-        entry = _Watch(time.monotonic() + seconds, fd)
+        stat = os.fstat(fd)
+        entry = Watch(time.monotonic() + seconds, fd, (stat.st_dev, stat.st_ino))
         key = id(entry)
         with self._changed:
             self._start()
@@ -62,13 +66,10 @@ class Watchdog:
                 self._watches.pop(key, None)
 
     def close(self) -> None:
-        """Stop the thread (watches still open are no longer enforced)."""
+        """Let the thread end once the watches still open are over (ended, or cut at their deadline)."""
         with self._changed:
             self._closing = True
             self._changed.notify()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(1.0)
 
     def _start(self) -> None:
         if self._thread is None and not self._closing:
@@ -77,13 +78,13 @@ class Watchdog:
 
     def _run(self) -> None:
         with self._changed:
-            while not self._closing:
+            while not (self._closing and not self._watches):
                 now = time.monotonic()
                 for key, entry in list(self._watches.items()):
                     if entry.deadline <= now:
                         del self._watches[key]
                         entry.cut = True
-                        _shut_down(entry.fd)
+                        _shut_down(entry.fd, entry.socket_id)
                 self._sleeping_until = min(
                     (entry.deadline for entry in self._watches.values()), default=float("inf")
                 )
@@ -91,16 +92,20 @@ class Watchdog:
                     None if self._sleeping_until == float("inf") else self._sleeping_until - now
                 )
             self._sleeping_until = float("inf")
+            self._thread = None
 
 
-def _shut_down(fd: int) -> None:
-    """Shut the socket ``fd`` down for both directions, leaving the descriptor to its owner."""
+def _shut_down(fd: int, socket_id: tuple[int, int]) -> None:
+    """Shut the socket ``fd`` down for both directions, leaving the descriptor to its owner; unless
+    ``fd`` now names another socket (the driver closed the watched one, and the number was reused)."""
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:  # closed meanwhile: nothing is waiting on it any more
         return
     try:
-        sock.shutdown(socket.SHUT_RDWR)
+        stat = os.fstat(sock.fileno())
+        if (stat.st_dev, stat.st_ino) == socket_id:
+            sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
     finally:
