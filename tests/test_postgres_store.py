@@ -181,21 +181,27 @@ def outcome_of(call: Callable[[], Any], guard: float = 30.0) -> Any:
     return outcome[0]
 
 
+@pytest.mark.parametrize("first_use", [False, True], ids=["in use", "first use"])
 def test_a_server_that_stops_answering_fails_a_statement_instead_of_hanging(
-    postgres: Backend, proxy: FreezingProxy
+    postgres: Backend, proxy: FreezingProxy, first_use: bool
 ) -> None:
-    """psycopg has no client-side timeout: without the watchdog, this lookup waits until TCP gives up."""
+    """psycopg has no client-side timeout: without the watchdog, this lookup waits until TCP gives up.
+    On first use, the tables are looked for (and made) within the same bound."""
     store = store_from_url(through(proxy), table=postgres.table)
     assert isinstance(store, PostgresStore)
     store.REQUEST_STATEMENT_TIMEOUT = 0.2
     try:
-        assert store.add("e1", "{}")
+        if first_use:
+            store._get_pool().wait(10)  # connected, the tables not looked at yet
+        else:
+            assert store.add("e1", "{}")
         proxy.freeze()
         failed = outcome_of(lambda: store.is_known("e1"))
         assert isinstance(failed, StoreUnavailable), failed
         assert "did not answer within 0.2 s" in str(failed) and "reachable" in str(failed)
         proxy.thaw()
-        wait_until(lambda: outcome_of(lambda: store.is_known("e1")) is True, 20, "the store works again")
+        known = not first_use
+        wait_until(lambda: outcome_of(lambda: store.is_known("e1")) is known, 20, "the store works again")
     finally:
         proxy.thaw()
         store.close()
@@ -233,105 +239,78 @@ def test_the_webhook_answers_503_while_postgresql_hangs_and_keeps_the_event_once
     assert sorted(event.event_id for event in pending) == sorted([first["event_id"], second["event_id"]])
 
 
-def test_after_an_outage_a_live_holders_batch_waits_until_others_have_reached_the_server_for_a_while(
+@pytest.fixture
+def holder_and_other(
     postgres: Backend, proxy: FreezingProxy
+) -> Iterator[tuple[PostgresStore, PostgresStore, Clock]]:
+    """A holder (through ``proxy``, so that it can be cut off) holding e0-e2, another server that has
+    claimed (so that it beats), and the clock both read."""
+    clock = Clock()
+    holder = store_from_url(through(proxy), table=postgres.table, clock=clock)
+    other = postgres.store(clock=clock)
+    assert isinstance(holder, PostgresStore) and isinstance(other, PostgresStore)
+    try:
+        for n in range(3):
+            holder.add(f"e{n}", "{}")
+        assert len(holder.claim(100, 600.0, 3600.0).events) == 3
+        assert other.claim(100, 600.0, 3600.0).events == []  # starts its heartbeat
+        yield holder, other, clock
+    finally:
+        proxy.thaw()
+        holder.close()
+
+
+def beat_again(store: PostgresStore, clock: Clock, seconds: float, what: str) -> None:
+    """Move ``clock`` on by ``seconds`` and wait until ``store``'s heartbeat has beaten since."""
+    clock.now += seconds
+    senders = f'"{store.table}_senders"'
+    import psycopg
+
+    def beaten() -> bool:
+        with psycopg.connect(postgres_url(), autocommit=True) as conn:
+            row = conn.execute(f"SELECT beat_at FROM {senders} WHERE holder = %s", (store.holder,)).fetchone()
+        return row is not None and row[0] >= clock.now
+
+    wait_until(beaten, 10, what)
+
+
+def test_after_an_outage_a_live_holders_batch_waits_until_others_have_reached_the_server_for_a_while(
+    holder_and_other: tuple[PostgresStore, PostgresStore, Clock], proxy: FreezingProxy
 ) -> None:
     """Every heartbeat is stale after an outage: the first server back must not take a live holder's
     batch (both would send it) before the holder has had the time to beat. One that has reached the
     database for the heartbeat timeout since, while the holder has not, takes it."""
-    clock = Clock()
-    holder = store_from_url(through(proxy), table=postgres.table, clock=clock)
-    other = postgres.store(clock=clock)
-    senders = f'"{postgres.table}_senders"'
-    import psycopg
+    holder, other, clock = holder_and_other
+    beat_again(other, clock, 1, "the other server's heartbeat beats")  # its heartbeat's, not its claim's
+    proxy.freeze()  # the holder is alive but cannot reach the database yet
+    # The outage: the database drops every connection, and ten seconds pass before it is back.
+    admin(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+        f"WHERE pid <> pg_backend_pid() AND query LIKE '%{holder.table}_senders%'"
+    )
+    beat_again(other, clock, 10, "the other server beats again")
+    assert other.claim(100, 600.0, 3600.0).events == []  # the live holder keeps its batch
 
-    def beaten_since(store: OutboxStore, moment: float) -> bool:
-        assert isinstance(store, PostgresStore)
-        with psycopg.connect(postgres_url(), autocommit=True) as conn:
-            row = conn.execute(f"SELECT beat_at FROM {senders} WHERE holder = %s", (store.holder,)).fetchone()
-        return row is not None and row[0] >= moment
-
-    try:
-        for n in range(3):
-            holder.add(f"e{n}", "{}")
-        assert len(holder.claim(100, 600.0, 3600.0).events) == 3
-        assert other.claim(100, 600.0, 3600.0).events == []  # starts its heartbeat
-        clock.now += 1  # a beat from now on is its heartbeat's, not the claim's own
-        wait_until(lambda: beaten_since(other, clock.now), 10, "the other server's heartbeat beats")
-        proxy.freeze()  # the holder is alive but cannot reach the database yet
-        # The outage: the database drops every connection, and ten seconds pass before it is back.
-        admin(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            f"WHERE pid <> pg_backend_pid() AND query LIKE '%{postgres.table}_senders%'"
-        )
-        clock.now += 10
-        wait_until(lambda: beaten_since(other, clock.now), 10, "the other server beats again")
-        assert other.claim(100, 600.0, 3600.0).events == []  # the live holder keeps its batch
-
-        # The holder stays unreachable while the other keeps reaching the database: it is taken.
-        for _ in range(3):
-            clock.now += 2
-            wait_until(lambda: beaten_since(other, clock.now), 10, "the other server keeps beating")
-        assert sorted(event.event_id for event in other.claim(100, 600.0, 3600.0).events) == [
-            "e0",
-            "e1",
-            "e2",
-        ]
-    finally:
-        proxy.thaw()
-        holder.close()
+    # The holder stays unreachable while the other keeps reaching the database: it is taken.
+    for _ in range(3):
+        beat_again(other, clock, 2, "the other server keeps beating")
+    taken = other.claim(100, 600.0, 3600.0).events
+    assert sorted(event.event_id for event in taken) == ["e0", "e1", "e2"]
 
 
 def test_a_claim_that_reaches_the_database_late_does_not_judge_holders(
-    postgres: Backend, proxy: FreezingProxy
+    holder_and_other: tuple[PostgresStore, PostgresStore, Clock], proxy: FreezingProxy
 ) -> None:
     """A claim sent just before this process lost the database may run long after: by then its own
     heartbeat is old too, and a stale holder may only be cut off as it was. It takes nothing."""
-    clock = Clock()
-    holder = store_from_url(through(proxy), table=postgres.table, clock=clock)
-    other = postgres.store(clock=clock)
-    assert isinstance(other, PostgresStore)
-    senders = f'"{postgres.table}_senders"'
-    import psycopg
-
-    def other_beaten_since(moment: float) -> bool:
-        with psycopg.connect(postgres_url(), autocommit=True) as conn:
-            row = conn.execute(f"SELECT beat_at FROM {senders} WHERE holder = %s", (other.holder,)).fetchone()
-        return row is not None and row[0] >= moment
-
-    try:
-        for n in range(3):
-            holder.add(f"e{n}", "{}")
-        assert len(holder.claim(100, 600.0, 3600.0).events) == 3
-        assert other.claim(100, 600.0, 3600.0).events == []  # starts its heartbeat
-        proxy.freeze()  # the holder beats no more
-        for _ in range(4):  # the other reaches the database for 8 s without a break
-            clock.now += 2
-            wait_until(lambda: other_beaten_since(clock.now), 10, "the other server beats")
-        # Its heartbeat stalls (as when the process lost the database) while a claim is on its way.
-        heartbeat = other._heartbeat
-        assert heartbeat is not None
-        other._closing.set()
-        heartbeat.join(10)
-        clock.now += 3
-        assert other.claim(100, 600.0, 3600.0).events == []
-    finally:
-        proxy.thaw()
-        holder.close()
-
-
-def test_the_first_use_of_a_server_that_stops_answering_fails_instead_of_hanging(
-    postgres: Backend, proxy: FreezingProxy
-) -> None:
-    """The tables are looked for (and made) on first use, inside the same bound as the statement."""
-    store = store_from_url(through(proxy), table=postgres.table)
-    assert isinstance(store, PostgresStore)
-    store.REQUEST_STATEMENT_TIMEOUT = 0.2
-    try:
-        store._get_pool().wait(10)  # connected, the tables not looked at yet
-        proxy.freeze()
-        failed = outcome_of(lambda: store.is_known("e1"))
-        assert isinstance(failed, StoreUnavailable) and "did not answer within 0.2 s" in str(failed), failed
-    finally:
-        proxy.thaw()
-        store.close()
+    _, other, clock = holder_and_other
+    proxy.freeze()  # the holder beats no more
+    for _ in range(4):  # the other reaches the database for 8 s without a break
+        beat_again(other, clock, 2, "the other server beats")
+    # Its heartbeat stalls (as when the process lost the database) while a claim is on its way.
+    heartbeat = other._heartbeat
+    assert heartbeat is not None
+    other._closing.set()
+    heartbeat.join(10)
+    clock.now += 3
+    assert other.claim(100, 600.0, 3600.0).events == []
