@@ -230,7 +230,8 @@ def _no_constants(name: str) -> None:
 
 def _integer(text: str) -> int | float:
     """A JSON integer; past Python's 4,300-digit conversion limit, a float as JavaScript reads it."""
-    return int(text) if len(text) <= 4300 else float(text)
+    digits = len(text) - text.startswith("-")  # the limit counts digits, not the sign
+    return int(text) if digits <= 4300 else float(text)
 
 
 def _json_loads(body: bytes) -> Any:

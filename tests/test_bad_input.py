@@ -782,3 +782,16 @@ def test_an_integer_past_pythons_digit_limit_is_still_a_json_object(
     response = post(client, raw)
     assert response.status_code == 200
     assert response.get_json()["status"] == status
+
+
+@pytest.mark.parametrize("sign", [b"", b"-"], ids=["positive", "negative"])
+def test_an_integer_at_pythons_digit_limit_stays_exact(
+    app: Flask, client: FlaskClient, post: Callable[..., TestResponse], sign: bytes
+) -> None:
+    """4,300 digits is what int() still takes, whatever the sign: the receivers see the exact integer."""
+    number = sign + b"9" * 4300
+    raw = b'{"event_id":"E3","object_type":"push","metric":"sent","data":{"customer_id":"42","attributes":'
+    raw += number + b"}}"
+    with record_signals(app, signals.event_received) as calls:
+        assert post(client, raw).get_json()["status"] == "accepted"
+    assert calls[0][1]["event"].raw["data"]["attributes"] == int(number)
