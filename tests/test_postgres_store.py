@@ -11,7 +11,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -20,12 +20,23 @@ from flask import Flask
 from flask_cio_rudder import get_outbox
 from flask_cio_rudder.samples import email_sample
 from flask_cio_rudder.store import OutboxStore, StoreUnavailable, store_from_url
-from flask_cio_rudder.store.postgres import PostgresStore
 
 from .helpers import Clock, FreezingProxy, free_port, wait_until
 from .stores import Backend, postgres_fixture, postgres_url  # noqa: F401  (a fixture)
 
+if TYPE_CHECKING:  # at run time, imported where psycopg is known to be there (it may not be)
+    from flask_cio_rudder.store.postgres import PostgresStore
+
 pytestmark = pytest.mark.service
+
+
+def postgres_store(url: str, **options: Any) -> PostgresStore:
+    """A PostgreSQL store on ``url`` (``postgres_url()`` has checked that psycopg is installed)."""
+    from flask_cio_rudder.store.postgres import PostgresStore
+
+    store = store_from_url(url, **options)
+    assert isinstance(store, PostgresStore)
+    return store
 
 
 def admin(sql: str) -> None:
@@ -187,8 +198,7 @@ def test_a_server_that_stops_answering_fails_a_statement_instead_of_hanging(
 ) -> None:
     """psycopg has no client-side timeout: without the watchdog, this lookup waits until TCP gives up.
     On first use, the tables are looked for (and made) within the same bound."""
-    store = store_from_url(through(proxy), table=postgres.table)
-    assert isinstance(store, PostgresStore)
+    store = postgres_store(through(proxy), table=postgres.table)
     store.REQUEST_STATEMENT_TIMEOUT = 0.2
     try:
         if first_use:
@@ -215,6 +225,8 @@ def test_the_webhook_answers_503_while_postgresql_hangs_and_keeps_the_event_once
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Customer.io gives up after 4 s: a hung outbox must get a 503 it retries, not a request it abandons."""
+    from flask_cio_rudder.store.postgres import PostgresStore
+
     monkeypatch.setattr(PostgresStore, "REQUEST_STATEMENT_TIMEOUT", 0.2)
     app = make_app(
         CIO_RUDDER_FORWARDER="outbox",
@@ -246,9 +258,9 @@ def holder_and_other(
     """A holder (through ``proxy``, so that it can be cut off) holding e0-e2, another server that has
     claimed (so that it beats), and the clock both read."""
     clock = Clock()
-    holder = store_from_url(through(proxy), table=postgres.table, clock=clock)
+    holder = postgres_store(through(proxy), table=postgres.table, clock=clock)
     other = postgres.store(clock=clock)
-    assert isinstance(holder, PostgresStore) and isinstance(other, PostgresStore)
+    assert isinstance(other, type(holder))
     try:
         for n in range(3):
             holder.add(f"e{n}", "{}")
