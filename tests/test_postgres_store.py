@@ -326,3 +326,32 @@ def test_a_claim_that_reaches_the_database_late_does_not_judge_holders(
     heartbeat.join(10)
     clock.now += 3
     assert other.claim(100, 600.0, 3600.0).events == []
+
+
+def test_a_claim_cut_while_the_server_runs_it_leaves_no_batch_stranded(postgres: Backend) -> None:
+    """Cutting the connection does not stop the statement on the server: a claim kept waiting by a lock
+    may still lease its rows, to a claim nobody sends. The next claim of the process takes them back."""
+    store = postgres.store()
+    store.SENDER_STATEMENT_TIMEOUT = 0.3  # type: ignore[attr-defined]  (a PostgresStore)
+    for n in range(3):
+        store.add(f"e{n}", "{}")
+    first = store.claim(100, 600.0, 3600.0)  # a first claim, given back: the events are free again
+    store.release(first.owner, [event.event_id for event in first.events], "given back")
+    import psycopg
+
+    with psycopg.connect(postgres_url()) as blocker:
+        # Beats (and a claim's own beat) wait; reading who beat does not.
+        blocker.execute(f'LOCK TABLE "{postgres.table}_senders" IN EXCLUSIVE MODE')
+        failed = outcome_of(lambda: store.claim(100, 600.0, 3600.0))
+        assert isinstance(failed, StoreUnavailable) and "did not answer" in str(failed), failed
+        blocker.rollback()  # the cut claim now runs on the server, leasing the three events
+
+    def leased() -> int:
+        with psycopg.connect(postgres_url(), autocommit=True) as conn:
+            row = conn.execute(
+                f'SELECT count(*) FROM "{postgres.table}" WHERE lease_owner IS NOT NULL'
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    wait_until(lambda: leased() == 3, 10, "the cut claim has run on the server")
+    assert sorted(event.event_id for event in store.claim(100, 600.0, 3600.0).events) == ["e0", "e1", "e2"]

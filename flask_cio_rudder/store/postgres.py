@@ -201,6 +201,9 @@ class PostgresStore(OutboxStore):
         #: always, as far as it knows, until one fails; ``None`` from a failure to the next beat.
         self._reaching_since: float | None = float("-inf")
         self._last_beat: float | None = None
+        #: Owners of claims cut by the watchdog, with when their leases end (``_local_now``): the
+        #: server may have run them all the same, leasing rows to a claim nobody will send.
+        self._lost_claims: dict[str, float] = {}
         self._watchdog = Watchdog()
 
     # -- connections ---------------------------------------------------------------------------
@@ -568,16 +571,20 @@ class PostgresStore(OutboxStore):
             f"leased_at = {_NOW}, lease_until = {_NOW} + %(lease)s "
             # Rows this very claim holds already are taken again: when the connection broke after
             # its commit, the claim is run once more (see _run), and must not leave them held.
+            # So are rows of this process's lost claims: nobody is sending them.
             f"FROM (SELECT event_id FROM {self._events} c WHERE c.state = 'pending' "
-            f"AND ({free} OR c.lease_owner = %(owner)s) "
+            f"AND ({free} OR c.lease_owner = %(owner)s OR c.lease_owner = ANY(%(lost)s)) "
             "ORDER BY c.accepted_at LIMIT %(limit)s FOR UPDATE OF c SKIP LOCKED) picked "
             "WHERE e.event_id = picked.event_id AND EXISTS (SELECT 1 FROM beat) "
             "RETURNING e.event_id, e.payload, e.accepted_at"
         )
+        started = self._local_now()
+        self._lost_claims = {lost: until for lost, until in self._lost_claims.items() if until > started}
         params = {
             "now": self._now(),
             "stale": self.HEARTBEAT_TIMEOUT,
             "judge": self._may_judge_holders(),
+            "lost": list(self._lost_claims),
             "own_beat": 2 * self.HEARTBEAT,
             "max_age": max_age,
             "owner": owner,
@@ -592,7 +599,11 @@ class PostgresStore(OutboxStore):
             conn.execute(expire, params)
             return conn.execute(take, params).fetchall()
 
-        claimed = self._run(claim, self.SENDER_STATEMENT_TIMEOUT)
+        try:
+            claimed = self._run(claim, self.SENDER_STATEMENT_TIMEOUT)
+        except _Unanswered:
+            self._lost_claims[owner] = started + lease
+            raise
         if claimed is None:
             return Claim(owner, [], paused=True)
         rows = sorted(claimed, key=lambda row: row[2])
