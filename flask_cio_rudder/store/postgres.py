@@ -150,6 +150,9 @@ class PostgresStore(OutboxStore):
     REQUEST_STATEMENT_TIMEOUT = 1.0
     #: The same for the sender's statements: nobody waits on them, but a hung sender sends nothing.
     SENDER_STATEMENT_TIMEOUT = 30.0
+    #: The same for operators' reads (metrics, the dashboard, the CLI's listings): under a
+    #: Prometheus scrape's 10 s. Bulk changes (purge, requeue, copy-pending) have no bound.
+    READ_STATEMENT_TIMEOUT = 10.0
     #: Events per statement in :meth:`add_many`.
     CHUNK = 5000
 
@@ -674,7 +677,7 @@ class PostgresStore(OutboxStore):
             ).fetchall()
             return counts, oldest, now, meta, held
 
-        counts, oldest, now, meta, held = self._run(read)
+        counts, oldest, now, meta, held = self._run(read, self.READ_STATEMENT_TIMEOUT)
         return OutboxStatus(
             pending=counts.get("pending", 0),
             delivered=counts.get("delivered", 0),
@@ -709,13 +712,15 @@ class PostgresStore(OutboxStore):
             f"FROM {self._events} WHERE state = 'dead'{narrow} "
             f"ORDER BY accepted_at {order}, event_id {order} LIMIT %s OFFSET %s"
         )
-        rows = self._run(lambda conn: conn.execute(query, (*params, limit, offset)).fetchall())
+        rows = self._run(
+            lambda conn: conn.execute(query, (*params, limit, offset)).fetchall(), self.READ_STATEMENT_TIMEOUT
+        )
         return [DeadLetter(*row) for row in rows]
 
     def count_dead_letters(self, match: Match | None = None) -> int:
         narrow, params = match_conditions(match, "%s", "strpos")
         query = f"SELECT count(*) FROM {self._events} WHERE state = 'dead'{narrow}"
-        row = self._run(lambda conn: conn.execute(query, params).fetchone())
+        row = self._run(lambda conn: conn.execute(query, params).fetchone(), self.READ_STATEMENT_TIMEOUT)
         return int(row[0])
 
     def find(
@@ -732,7 +737,9 @@ class PostgresStore(OutboxStore):
             f"event_name, email, payload, body FROM {self._events} WHERE {condition} "
             "ORDER BY accepted_at DESC LIMIT %s"
         )
-        rows = self._run(lambda conn: conn.execute(query, (value, limit)).fetchall())
+        rows = self._run(
+            lambda conn: conn.execute(query, (value, limit)).fetchall(), self.READ_STATEMENT_TIMEOUT
+        )
         return [EventRecord(*row) for row in rows]
 
     def activity(self, minutes: int = 60) -> Activity:
@@ -754,7 +761,7 @@ class PostgresStore(OutboxStore):
             ).fetchall()
             return start, accepted, delivered
 
-        start, accepted, delivered = self._run(read)
+        start, accepted, delivered = self._run(read, self.READ_STATEMENT_TIMEOUT)
         return Activity(start, per_minute(accepted, minutes), per_minute(delivered, minutes))
 
     def pending(self, limit: int = 1000, after: str | None = None) -> list[Pending]:
@@ -762,7 +769,10 @@ class PostgresStore(OutboxStore):
             f"SELECT event_id, payload, accepted_at FROM {self._events} "
             "WHERE state = 'pending' AND event_id > %s ORDER BY event_id LIMIT %s"
         )
-        rows = self._run(lambda conn: conn.execute(query, ("" if after is None else after, limit)).fetchall())
+        rows = self._run(
+            lambda conn: conn.execute(query, ("" if after is None else after, limit)).fetchall(),
+            self.READ_STATEMENT_TIMEOUT,
+        )
         return [Pending(*row) for row in rows]
 
     def requeue(self, event_ids: Sequence[str] | None = None, *, match: Match | None = None) -> int:
@@ -793,7 +803,9 @@ class PostgresStore(OutboxStore):
     def count_delivered(self, older_than: float) -> int:
         query = f"SELECT count(*) FROM {self._events} {self._OLD_DELIVERED}"
         params = {"now": self._now(), "age": older_than}
-        return int(self._run(lambda conn: conn.execute(query, params).fetchone())[0])
+        return int(
+            self._run(lambda conn: conn.execute(query, params).fetchone(), self.READ_STATEMENT_TIMEOUT)[0]
+        )
 
     def purge_delivered(self, older_than: float) -> int:
         query = f"DELETE FROM {self._events} {self._OLD_DELIVERED}"
