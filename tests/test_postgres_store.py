@@ -357,3 +357,35 @@ def test_a_claim_cut_while_the_server_runs_it_leaves_no_batch_stranded(postgres:
 
     wait_until(lambda: leased() == 3, 10, "the cut claim has run on the server")
     assert sorted(event.event_id for event in store.claim(100, 600.0, 3600.0).events) == ["e0", "e1", "e2"]
+
+
+def test_upgrading_an_older_releases_table_is_not_cut_at_the_web_requests_bound(postgres: Backend) -> None:
+    """The upgrade on first use may rightly take minutes on a large table (here: waiting for another
+    process's). Cut at a web request's bound, it would roll back, and start again at every request."""
+    from .test_store_contract import OLD_TABLE
+
+    admin(OLD_TABLE.format(table=f'"{postgres.table}"'))
+    store = postgres.store()
+    store.REQUEST_STATEMENT_TIMEOUT = 0.2  # type: ignore[attr-defined]  (a PostgresStore)
+    import psycopg
+
+    with psycopg.connect(postgres_url()) as blocker:  # another process upgrading, or starting to
+        blocker.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"flask_cio_rudder:{postgres.table}",))
+        outcome: list[Any] = []
+        request = threading.Thread(target=lambda: outcome.append(outcome_of(lambda: store.is_known("e1"))))
+        request.start()
+
+        def upgrade_waited_past_the_bound() -> bool:
+            with psycopg.connect(postgres_url(), autocommit=True) as conn:
+                return bool(
+                    conn.execute(
+                        "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND wait_event = 'advisory' AND now() - query_start > interval '1 second'"
+                    ).fetchone()
+                )
+
+        wait_until(upgrade_waited_past_the_bound, 10, "the upgrade has waited longer than the bound")
+        blocker.rollback()
+    request.join(30)
+    assert outcome == [False]
+    assert store.find(email="nobody@example.com") == []  # the search columns are there now

@@ -248,7 +248,7 @@ class PostgresStore(OutboxStore):
             with self._get_pool().connection() as conn, self._watched(conn, timeout) as watch:
                 try:
                     if not self._ready:
-                        self._create(conn)
+                        self._create(conn, watch)
                     yield conn
                 except psycopg.OperationalError as error:
                     if watch is not None and watch.cut:
@@ -287,17 +287,21 @@ class PostgresStore(OutboxStore):
                 if not tries or not isinstance(cause, psycopg.OperationalError) or not _was_broken(cause):
                     raise  # a statement that failed, or no connection at all (PoolTimeout)
 
-    def _create(self, conn: Connection[Any]) -> None:
+    def _create(self, conn: Connection[Any], watch: Watch | None = None) -> None:
         """Create the tables (or add what an older release's lack); an advisory lock keeps processes
         starting together from racing. Rows kept before ``event_name`` existed get it filled in once.
         Nothing runs when all is there already: DDL waits for every lock on the table, and a role
         that may only read and write rows (tables a migrations team made) may not run it at all.
         Such a role carries on, with a warning, where only indexes are missing (renamed, say).
+        The look at what is there keeps the caller's ``watch``; the changes are not watched: on a
+        large table they may rightly take minutes, and a cut would roll them back, every time.
         """
         tables_are_current = self._tables_are_current(conn)
         if tables_are_current and self._has_relations(conn, self._indexes):
             self._ready = True
             return
+        if watch is not None:
+            self._watchdog.forget(watch)
         try:
             self._run_schema(conn)
         except psycopg.errors.InsufficientPrivilege as error:
@@ -582,7 +586,9 @@ class PostgresStore(OutboxStore):
             "RETURNING e.event_id, e.payload, e.accepted_at"
         )
         started = self._local_now()
-        self._lost_claims = {lost: until for lost, until in self._lost_claims.items() if until > started}
+        for lost, until in list(self._lost_claims.items()):  # in place: another thread may add one
+            if until <= started:
+                self._lost_claims.pop(lost, None)
         params = {
             "now": self._now(),
             "stale": self.HEARTBEAT_TIMEOUT,

@@ -65,6 +65,11 @@ class Watchdog:
             with self._changed:  # under the lock: a socket is never shut down once its block is over
                 self._watches.pop(key, None)
 
+    def forget(self, watch: Watch) -> None:
+        """Stop watching ``watch`` before its block ends: what follows may take as long as it needs."""
+        with self._changed:
+            self._watches.pop(id(watch), None)
+
     def close(self) -> None:
         """Let the thread end once the watches still open are over (ended, or cut at their deadline)."""
         with self._changed:
