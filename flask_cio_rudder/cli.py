@@ -23,7 +23,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .outbox import Outbox, OutboxForwarder
+from .outbox import Outbox, OutboxForwarder, counted
 from .replay import read_bodies, replay
 from .sendtest import send_samples
 from .spool import spool_for
@@ -185,7 +185,7 @@ def flush(timeout: float) -> None:
     """Send what is pending now, from this process; exit 1 if some is still pending, saying why."""
     report = outbox_of_current_app().flush(timeout)
     pending = "?" if report.status is None else report.status.pending
-    click.echo(f"sent {report.delivered} events; {pending} still pending")
+    click.echo(f"sent {counted(report.delivered, 'event')}; {pending} still pending")
     for line in report.explain():
         click.echo(f"  {line}")
     if not report.complete:
@@ -256,14 +256,15 @@ def requeue(event_ids: tuple[str, ...], everything: bool, match: Match, dry_run:
             click.echo(_describe(letter))
         if count > len(shown):
             click.echo(f"... and {count - len(shown)} more")
-        click.echo(f"would requeue {count} events ({others} others are rejected bodies: nothing to send)")
+        left = f"; {counted(others, 'rejected body', 'rejected bodies')} cannot be sent" if others else ""
+        click.echo(f"would requeue {counted(count, 'event')}{left}")
         return
     if not count:
         click.echo("requeued 0 events: nothing matches that can be sent")
         return
-    _confirm(f"Requeue {count} events ({what}) to be sent to RudderStack again?", yes)
+    _confirm(f"Requeue {counted(count, 'event')} ({what}) to be sent to RudderStack again?", yes)
     requeued = _store_call(lambda: outbox.requeue(ids, match=None if everything or ids else match))
-    click.echo(f"requeued {requeued} events")
+    click.echo(f"requeued {counted(requeued, 'event')}")
 
 
 @cli.command("purge")
@@ -293,22 +294,26 @@ def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: 
         old = _store_call(outbox.count_delivered, age)
         if dry_run or not old:
             click.echo(
-                f"would purge {old} events delivered more than {older_than} ago"
+                f"would purge {counted(old, 'event')} delivered more than {older_than} ago"
                 if dry_run
                 else f"purged 0 delivered events: none was delivered more than {older_than} ago"
             )
             return
-        _confirm(f"Delete the {old} events delivered more than {older_than} ago?", yes)
+        _confirm(f"Delete the {counted(old, 'event')} delivered more than {older_than} ago?", yes)
         count = _store_call(outbox.purge_delivered, age)
-        click.echo(f"purged {count} delivered events")
+        click.echo(f"purged {counted(count, 'delivered event')}")
         return
     matching = _store_call(outbox.count_dead_letters, match)
     if dry_run or not matching:
-        click.echo(f"would purge {matching} dead letters" if dry_run else "purged 0 dead letters: none match")
+        click.echo(
+            f"would purge {counted(matching, 'dead letter')}"
+            if dry_run
+            else "purged 0 dead letters: none match"
+        )
         return
-    _confirm(f"Delete {matching} dead letters for good?", yes)
+    _confirm(f"Delete {counted(matching, 'dead letter')} for good?", yes)
     count = _store_call(outbox.purge_dead, match)
-    click.echo(f"purged {count} dead letters")
+    click.echo(f"purged {counted(count, 'dead letter')}")
 
 
 @cli.command("create-table")
@@ -350,13 +355,14 @@ def copy_pending(source_url: str, table: str | None) -> None:
         source.close()
     if spooled:
         click.echo(
-            f"moved {spooled} events that stopped processes left in {source.url}'s spool into it first"
+            f"moved {counted(spooled, 'event')} that stopped processes left in {source.url}'s spool "
+            "into it first"
         )
     click.echo(
-        f"copied {copied} pending events from {source.url} to {outbox.url} ({seen} were already there)"
+        f"copied {counted(copied, 'pending event')} from {source.url} to {outbox.url} ({seen} already there)"
     )
     if left.dead:
-        click.echo(f"the source still holds {left.dead} dead letters; they were not copied")
+        click.echo(f"the source still holds {counted(left.dead, 'dead letter')}, not copied")
 
 
 @cli.command("worker")
@@ -413,8 +419,9 @@ def replay_command(file: Any, announce: bool) -> None:
             raise click.ClickException(f"stopped: {error.description}; replay the file again later") from None
     rejected = sum(summary.rejected.values())
     click.echo(
-        f"{summary.total} bodies from {file.name}: {summary.accepted} accepted, "
-        f"{summary.duplicate} duplicate, {rejected} rejected, {len(summary.malformed)} not JSON objects"
+        f"{counted(summary.total, 'body', 'bodies')} from {file.name}: {summary.accepted} accepted, "
+        f"{summary.duplicate} duplicate, {rejected} rejected, "
+        f"{counted(len(summary.malformed), 'not a JSON object', 'not JSON objects')}"
         + ("" if announce else " (no signals sent; --signals sends them)")
     )
     if rejected:

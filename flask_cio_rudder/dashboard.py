@@ -42,7 +42,7 @@ from werkzeug.exceptions import BadRequest, Forbidden
 
 from .cli import format_age, parse_since
 from .extension import get_outbox
-from .outbox import Outbox
+from .outbox import Outbox, counted
 from .store import Activity, Match
 
 __all__ = ["CSRFError", "dashboard"]
@@ -260,9 +260,9 @@ def bulk(action: str) -> Any:
     query: dict[str, Any] = {name: value for name, value in values.items() if value}
     if request.method == "POST":
         if action == "requeue":
-            flash(f"Requeued {outbox.requeue(match=match)} events; the senders deliver them now.")
+            flash(f"Requeued {counted(outbox.requeue(match=match), 'event')} for the senders to deliver.")
         else:
-            flash(f"Deleted {outbox.purge_dead(match)} dead letters.")
+            flash(f"Deleted {counted(outbox.purge_dead(match), 'dead letter')}.")
         return redirect(url_for(".dead_letters", **query))
     matching = outbox.count_dead_letters(replace(match, sendable=True) if action == "requeue" else match)
     return render_template(

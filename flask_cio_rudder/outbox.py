@@ -55,6 +55,11 @@ _OUTBOX_TIMEOUT = (3.0, 10.0)
 _WORKER_POLL = 1.0
 
 
+def counted(count: int, singular: str, plural: str | None = None) -> str:
+    """``count`` and its noun, as people write them: ``1 event``, ``2 events``, ``0 events``."""
+    return f"{count} {singular if count == 1 else plural or singular + 's'}"
+
+
 @dataclass(frozen=True)
 class FlushReport:
     """What ``flush`` sent, and why what is left was not sent."""
@@ -88,7 +93,7 @@ class FlushReport:
         elif waiting:
             lines.append(f"{waiting} not sent within the timeout; run flush again, or let the senders work")
         if status.dead:
-            lines.append(f"{status.dead} dead letters: see `flask cio-rudder dead-letters`")
+            lines.append(f"{counted(status.dead, 'dead letter')}: see `flask cio-rudder dead-letters`")
         return lines
 
 

@@ -299,7 +299,8 @@ class Sender:
         else:
             self._failures += 1
         if outcome.delivered:
-            logger.info("Delivered %d Customer.io events to RudderStack", outcome.delivered)
+            n = outcome.delivered
+            logger.info("Delivered %d Customer.io event%s to RudderStack", n, "" if n == 1 else "s")
         return outcome
 
     def _next_claim(self) -> tuple[Claim, float]:

@@ -211,7 +211,7 @@ def test_requeue_all_and_purge_go_through_a_confirmation_page(
     assert "Requeued 2 events" in text(done)
     assert get_outbox(admin).status().pending == 2
     purge = text(client.get(f"{PREFIX}/dead-letters/purge"))
-    assert "Purge 1 dead letters?" in purge and "deleted for good" in purge
+    assert "Purge 1 dead letter?" in purge and "deleted for good" in purge
     client.post(f"{PREFIX}/dead-letters/purge", data={"csrf_token": token(purge)})
     assert get_outbox(admin).count_dead_letters() == 0 and get_outbox(admin).status().pending == 2
 

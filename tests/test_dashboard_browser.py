@@ -162,9 +162,9 @@ def test_an_operator_finds_a_dead_letter_requeues_it_and_sees_it_delivered(
     page.goto(dashboard_url + "/dead-letters")
     assert page.locator("table tr").count() == 2  # only the rejected body is left
     page.click("a:has-text('Purge 1')")
-    assert "Purge 1 dead letters?" in page.locator("h1").inner_text()
+    assert "Purge 1 dead letter?" in page.locator("h1").inner_text()
     page.screenshot(path=str(shots / "dashboard-confirm.png"))
     page.click("#confirm")
-    assert "Deleted 1 dead letters" in page.locator(".flash").inner_text()
+    assert "Deleted 1 dead letter." in page.locator(".flash").inner_text()
     context.close()
     assert get_outbox(app).count_dead_letters() == 0

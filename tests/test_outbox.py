@@ -577,14 +577,14 @@ def test_cli_status_flush_dead_letters_requeue_and_purge(
     flushed = runner.invoke(args=["cio-rudder", "flush"])
     assert flushed.exit_code == 0, flushed.output
     assert "sent 3 events; 0 still pending" in flushed.output
-    assert "1 dead letters" in flushed.output
+    assert "1 dead letter:" in flushed.output
 
     letters = runner.invoke(args=["cio-rudder", "dead-letters"])
     assert letters.output.startswith("01BAD  ") and "Email Opened" in letters.output
     assert letters.output.rstrip().endswith("RudderStack answered 400: non-identifiable request")
 
     assert runner.invoke(args=["cio-rudder", "requeue"]).exit_code == 2
-    assert "requeued 1 events" in runner.invoke(args=["cio-rudder", "requeue", "01BAD", "--yes"]).output
+    assert "requeued 1 event" in runner.invoke(args=["cio-rudder", "requeue", "01BAD", "--yes"]).output
     assert "requeued 0 events" in runner.invoke(args=["cio-rudder", "requeue", "--all"]).output
 
     assert "purged 0" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "1d", "-y"]).output
@@ -616,6 +616,16 @@ def test_cli_pause_stops_sending_everywhere_and_status_shows_it(
     assert json.loads(runner.invoke(args=["cio-rudder", "status", "--json"]).output)["paused"] is False
 
 
+def test_requeue_dry_run_counts_the_rejected_bodies_it_cannot_send(
+    outbox_app: Flask, data_plane: FakeDataPlane
+) -> None:
+    refuse(outbox_app, data_plane, sample("bounced"))
+    for n in range(2):  # bodies refused at validation: nothing to send again
+        get_outbox(outbox_app).store.add_rejected(f"R{n}", b"{}", "invalid", event_name="Email Bounced")
+    dry = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "requeue", "--all", "--dry-run"])
+    assert "would requeue 1 event; 2 rejected bodies cannot be sent\n" in dry.output
+
+
 def test_cli_dead_letters_and_requeue_filter_and_requeue_asks_first(
     outbox_app: Flask, data_plane: FakeDataPlane
 ) -> None:
@@ -636,13 +646,13 @@ def test_cli_dead_letters_and_requeue_filter_and_requeue_asks_first(
     assert get_outbox(outbox_app).count_dead_letters() == 2
 
     dry = invoke("requeue", "--event", "bounced", "--dry-run")
-    assert "would requeue 1 events" in dry.output and get_outbox(outbox_app).count_dead_letters() == 2
+    assert "would requeue 1 event\n" in dry.output and get_outbox(outbox_app).count_dead_letters() == 2
     declined = invoke("requeue", "--event", "bounced", input="n\n")
-    assert "Requeue 1 events" in declined.output and declined.exit_code == 1
+    assert "Requeue 1 event (" in declined.output and declined.exit_code == 1
     assert get_outbox(outbox_app).count_dead_letters() == 2
     assert invoke("requeue", "--all", "--event", "bounced").exit_code == 2  # one way of choosing at a time
     accepted = invoke("requeue", "--event", "bounced", input="y\n")
-    assert "requeued 1 events" in accepted.output
+    assert "requeued 1 event" in accepted.output
     assert get_outbox(outbox_app).flush().delivered == 1
     assert [event["event"] for event in data_plane.events] == ["Email Bounced"]
 
@@ -656,18 +666,18 @@ def test_cli_purge_dead_letters_by_filter_after_confirmation(
     post(outbox_app.test_client(), {"event_id": "01NOBODY", "object_type": "email", "metric": "sent"})
     assert invoke("purge", "--reason", "userId").exit_code == 2  # filters are for dead letters
     assert (
-        "would purge 1 dead letters"
+        "would purge 1 dead letter"
         in invoke("purge", "--dead-letters", "--reason", "userid", "--dry-run").output
     )
     assert invoke("purge", "--dead-letters", "--reason", "userid").exit_code == 1  # nobody answered: aborted
     assert get_outbox(outbox_app).count_dead_letters() == 2
     assert (
-        "purged 1 dead letters" in invoke("purge", "--dead-letters", "--reason", "userid", input="y\n").output
+        "purged 1 dead letter" in invoke("purge", "--dead-letters", "--reason", "userid", input="y\n").output
     )
     assert [letter.reason for letter in get_outbox(outbox_app).dead_letters()] == [
         "RudderStack answered 400: simulated failure"
     ]
-    assert "purged 1 dead letters" in invoke("purge", "--dead-letters", "--yes").output
+    assert "purged 1 dead letter" in invoke("purge", "--dead-letters", "--yes").output
 
 
 def test_cli_flush_says_why_events_are_still_pending(outbox_app: Flask, data_plane: FakeDataPlane) -> None:
@@ -686,7 +696,7 @@ def test_cli_flush_names_a_live_sender_that_holds_a_batch(
     backend.store().claim(3, 600, 3600)  # a sender elsewhere is sending these now
     result = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "flush"])
     assert result.exit_code == 1
-    assert "sent 1 events; 3 still pending" in result.output
+    assert "sent 1 event; 3 still pending" in result.output
     assert "3 held by a live sender (pid" in result.output
 
 
@@ -750,7 +760,7 @@ def test_cli_copy_pending_refuses_a_missing_file_and_takes_in_what_the_sources_s
     old.close()
     copied = runner.invoke(args=["cio-rudder", "copy-pending", old_url])
     assert copied.exit_code == 0, copied.output
-    assert "moved 1 events" in copied.output and "copied 2 pending events" in copied.output
+    assert "moved 1 event that" in copied.output and "copied 2 pending events" in copied.output
     assert get_outbox(outbox_app).status().pending == 2
 
 
@@ -773,9 +783,9 @@ def test_pending_events_move_from_an_sqlite_outbox_to_postgresql_without_loss(
     runner = app.test_cli_runner()
     first = runner.invoke(args=["cio-rudder", "copy-pending", old_url])
     assert first.exit_code == 0, first.output
-    assert "copied 2499 pending events" in first.output and "1 dead letters" in first.output
+    assert "copied 2499 pending events" in first.output and "1 dead letter, not copied" in first.output
     again = runner.invoke(args=["cio-rudder", "copy-pending", old_url])
-    assert "copied 0 pending events" in again.output and "(2499 were already there)" in again.output
+    assert "copied 0 pending events" in again.output and "(2499 already there)" in again.output
 
     outbox = get_outbox(app)
     while not outbox.flush().complete:
