@@ -93,7 +93,8 @@ class FreezingProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self._sockets: list[socket.socket] = []
-        threading.Thread(target=self._accept, daemon=True).start()
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
 
     def freeze(self) -> None:
         self._flowing.clear()
@@ -102,11 +103,14 @@ class FreezingProxy:
         self._flowing.set()
 
     def close(self) -> None:
+        """Drop every connection and stop; shutting sockets down wakes the threads blocked on them."""
         self.thaw()
-        self._listener.close()
-        for sock in self._sockets:
+        for sock in [self._listener, *self._sockets]:
             with suppress(OSError):
-                sock.close()
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+        for thread in self._threads:
+            thread.join(10)
 
     def _accept(self) -> None:
         while True:
@@ -117,7 +121,8 @@ class FreezingProxy:
             server = socket.create_connection(self.target)
             self._sockets += [client, server]
             for source, sink in ((client, server), (server, client)):
-                threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+                self._threads.append(threading.Thread(target=self._pipe, args=(source, sink), daemon=True))
+                self._threads[-1].start()
 
     def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         try:
