@@ -241,8 +241,9 @@ class PostgresStore(OutboxStore):
     def _connection(self, timeout: float | None = None) -> Iterator[Connection[Any]]:
         """A pooled connection (tables created on first use); driver errors become StoreUnavailable.
 
-        With a ``timeout`` (seconds), a server that has not answered within it, the tables'
-        creation included, has the connection cut (see :mod:`.watchdog`), and the error says so.
+        With a ``timeout`` (seconds), a server that has not answered within it (the look for the
+        tables on first use included, not their creation or upgrade) has the connection cut (see
+        :mod:`.watchdog`), and the error says so.
         """
         try:
             with self._get_pool().connection() as conn, self._watched(conn, timeout) as watch:
@@ -263,6 +264,7 @@ class PostgresStore(OutboxStore):
             ) from error
 
     def _watched(self, conn: Connection[Any], timeout: float | None) -> AbstractContextManager[Watch | None]:
+        """The watchdog's watch on ``conn`` for ``timeout`` seconds; nothing when there is no bound."""
         return nullcontext() if timeout is None else self._watchdog.watch(conn.pgconn.socket, timeout)
 
     def _run(self, work: Callable[[Connection[Any]], Any], timeout: float | None = None) -> Any:
