@@ -192,16 +192,21 @@ def outcome_of(call: Callable[[], Any], guard: float = 30.0) -> Any:
     return outcome[0]
 
 
-@pytest.mark.parametrize("case", ["in use", "first use", "an operator's read"])
+@pytest.mark.parametrize("case", ["in use", "first use", "an operator's read", "pause", "resume"])
 def test_a_server_that_stops_answering_fails_a_statement_instead_of_hanging(
     postgres: Backend, proxy: FreezingProxy, case: str
 ) -> None:
     """psycopg has no client-side timeout: without the watchdog, this lookup waits until TCP gives up.
     On first use, the tables are looked for (and made) within the same bound. Metrics, the dashboard
-    and the CLI's listings read the status with a bound of their own."""
+    and the CLI's listings read the status, and pause and resume the sending, with a bound of their own."""
     store = postgres_store(through(proxy), table=postgres.table)
     store.REQUEST_STATEMENT_TIMEOUT = store.READ_STATEMENT_TIMEOUT = 0.2
-    call = store.status if case == "an operator's read" else lambda: store.is_known("e1")
+    calls: dict[str, Callable[[], Any]] = {
+        "an operator's read": store.status,
+        "pause": lambda: store.set_paused(True),
+        "resume": lambda: store.set_paused(False),
+    }
+    call = calls.get(case, lambda: store.is_known("e1"))
     try:
         if case == "first use":
             store._get_pool().wait(10)  # connected, the tables not looked at yet
@@ -213,7 +218,8 @@ def test_a_server_that_stops_answering_fails_a_statement_instead_of_hanging(
         assert "did not answer within 0.2 s" in str(failed) and "reachable" in str(failed)
         proxy.thaw()
         wait_until(lambda: not isinstance(outcome_of(call), Exception), 20, "the store works again")
-        assert case == "an operator's read" or store.is_known("e1") is (case == "in use")
+        assert case in calls or store.is_known("e1") is (case == "in use")
+        assert store.status().paused is (case == "pause")
     finally:
         proxy.thaw()
         store.close()

@@ -150,8 +150,8 @@ class PostgresStore(OutboxStore):
     REQUEST_STATEMENT_TIMEOUT = 1.0
     #: The same for the sender's statements: nobody waits on them, but a hung sender sends nothing.
     SENDER_STATEMENT_TIMEOUT = 30.0
-    #: The same for operators' reads (metrics, the dashboard, the CLI's listings): under a
-    #: Prometheus scrape's 10 s. Bulk changes (purge, requeue, copy-pending) have no bound.
+    #: The same for operators' reads (metrics, the dashboard, the CLI's listings) and pause/resume:
+    #: under a Prometheus scrape's 10 s. Bulk changes (purge, requeue, copy-pending) have no bound.
     READ_STATEMENT_TIMEOUT = 10.0
     #: Events per statement in :meth:`add_many`.
     CHUNK = 5000
@@ -705,10 +705,20 @@ class PostgresStore(OutboxStore):
                 "ON CONFLICT (key) DO NOTHING"
             )
             params: dict[str, Any] = {"now": self._now()}
-            self._run(lambda conn: conn.execute(query, params))
+            self._run(lambda conn: conn.execute(query, params), self.READ_STATEMENT_TIMEOUT)
             return
-        self._run(lambda conn: conn.execute(f"DELETE FROM {self._meta} WHERE key = 'paused'"))
-        self._run(lambda conn: conn.execute("SELECT pg_notify(%s, '')", (self.channel,)))
+        self._run(
+            lambda conn: conn.execute(f"DELETE FROM {self._meta} WHERE key = 'paused'"),
+            self.READ_STATEMENT_TIMEOUT,
+        )
+        self._notify()
+
+    def _notify(self) -> None:
+        """Wake the senders listening on this table's channel."""
+        self._run(
+            lambda conn: conn.execute("SELECT pg_notify(%s, '')", (self.channel,)),
+            self.READ_STATEMENT_TIMEOUT,
+        )
 
     def dead_letters(
         self, limit: int = 100, *, match: Match | None = None, offset: int = 0, newest_first: bool = False
@@ -797,7 +807,7 @@ class PostgresStore(OutboxStore):
             params.append([storage_key(event_id) for event_id in event_ids])
         count: int = self._run(lambda conn: conn.execute(query, params).rowcount)
         if count:
-            self._run(lambda conn: conn.execute("SELECT pg_notify(%s, '')", (self.channel,)))
+            self._notify()
         return count
 
     def purge_dead(self, match: Match | None = None) -> int:
