@@ -252,6 +252,13 @@ def _loaded_by_a_flask_command() -> bool:
     return isinstance(context.find_root().command, FlaskGroup)
 
 
+def _not_kept(action: str, error: Exception) -> ForwardError:
+    """The error the webhook answers 503 for: the details (paths, hosts) go to the log, not into
+    the answer, which Customer.io keeps in its delivery log."""
+    logger.error("Could not %s: %s", action, error)
+    return ForwardError(f"could not {action}")
+
+
 class OutboxForwarder(Forwarder):
     """Keeps every accepted event in the outbox store before the webhook answers.
 
@@ -304,14 +311,14 @@ class OutboxForwarder(Forwarder):
         try:
             return self.outbox.store.is_known(event_id)
         except StoreError as error:
-            raise ForwardError(f"could not read the outbox: {error}") from error
+            raise _not_kept("read the outbox", error) from error
 
     def accept(self, event: CioEvent) -> None:
         if self.spool is not None:
             try:
                 self.spool.append(event.event_id, event.payload_json)
             except OSError as error:
-                raise ForwardError(f"could not write the outbox's spool: {error}") from error
+                raise _not_kept("write the outbox's spool", error) from error
             self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store
             if self.background:  # not started at init under a flask command: see below
                 self.outbox.sender.ensure_running()
@@ -321,7 +328,7 @@ class OutboxForwarder(Forwarder):
                 event.event_id, event.payload_json, event_name=event.name, email=event.email
             )
         except StoreError as error:
-            raise ForwardError(f"could not write the outbox: {error}") from error
+            raise _not_kept("write the outbox", error) from error
         if self.background:
             self.outbox.sender.ensure_running()
             self.outbox.sender.wake()

@@ -106,8 +106,8 @@ def sqlite_path(url: str, instance_path: str | None) -> str:
     parts = urlsplit(url)
     if parts.netloc or not parts.path or parts.path == "/" or parts.query:
         raise RuntimeError(
-            f"CIO_RUDDER_OUTBOX_URL {url!r} is not an SQLite file URL: use sqlite:///relative/name.sqlite3 "
-            "(in the instance folder) or sqlite:////absolute/path.sqlite3."
+            f"CIO_RUDDER_OUTBOX_URL {redact_url(url)!r} is not an SQLite file URL: use "
+            "sqlite:///relative/name.sqlite3 (in the instance folder) or sqlite:////absolute/path.sqlite3."
         )
     path = unquote(parts.path[1:])  # the first slash separates the (empty) host from the path
     if os.path.isabs(path):

@@ -482,20 +482,23 @@ def body_text(body: bytes) -> str:
 def redact_url(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, so it can be logged.
 
-    The credentials end at the first ``@`` before any ``/``, as libpq reads them: a password
-    may hold ``#`` or ``?``, which a URL parser would take for a fragment or a query. A
-    ``password=`` parameter is redacted too.
+    The credentials are taken to end at the last ``@``: a password may hold ``@``, ``/``,
+    ``#`` or ``?`` that its owner did not percent-encode, and masking too much is harmless.
+    ``password=`` (and ``sslpassword=``) settings are masked too, as a query parameter of a
+    URL or in libpq's ``key=value`` form.
     """
-    url = _PASSWORD_PARAMETER.sub(r"\1***", url)
+    url = _PASSWORD_SETTING.sub(r"\1***", url)
     scheme, separator, rest = url.partition("://")
-    credentials, at, after = rest.partition("@")
-    if not separator or not at or "/" in credentials:
+    credentials, at, after = rest.rpartition("@")
+    if not separator or not at:
         return url
     user, colon, _password = credentials.partition(":")
     return f"{scheme}://{user}:***@{after}" if colon else url
 
 
-_PASSWORD_PARAMETER = re.compile(r"([?&]password=)[^&]*")
+#: A password setting: ``password=...`` after ``?``, ``&``, a space or at the start; a quoted
+#: value of libpq's key=value form may hold spaces and escaped quotes.
+_PASSWORD_SETTING = re.compile(r"((?:^|[?&\s])\w*password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)", re.IGNORECASE)
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")

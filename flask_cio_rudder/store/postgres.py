@@ -165,6 +165,11 @@ class PostgresStore(OutboxStore):
                 "CIO_RUDDER_OUTBOX_URL has a % not followed by two hex digits: percent-encode it "
                 "(a % in a password is written %25)."
             )
+        if _host_holds_credentials(rest):  # libpq would take the rest of the password for the host
+            raise RuntimeError(
+                "CIO_RUDDER_OUTBOX_URL's password holds an @ or / that is not percent-encoded: "
+                "write @ as %40 and / as %2F (urllib.parse.quote(password, safe=''))."
+            )
         self.conninfo = "postgresql://" + rest
         self.url = redact_url(url)
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
@@ -844,6 +849,15 @@ class PostgresStore(OutboxStore):
 
         self._run(drop)
         self._ready = False
+
+
+def _host_holds_credentials(rest: str) -> bool:
+    """Whether an ``@`` follows the credentials as libpq reads them (they end at the first ``@``
+    or ``/``): a password with a bare ``@`` or ``/``, whose tail libpq would use, and quote, as
+    the host. ``rest`` is the URL after ``://``; an ``@`` in the query is no sign."""
+    before_query = rest.split("?", 1)[0]
+    ends = [index for index in (before_query.find("@"), before_query.find("/")) if index >= 0]
+    return bool(ends) and "@" in before_query[min(ends) + 1 :]
 
 
 def _channel_name(table: str) -> str:
