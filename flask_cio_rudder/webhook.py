@@ -116,6 +116,9 @@ def receive() -> Response:
     except WebhookError as error:
         outcome = error.outcome
         raise
+    except RequestEntityTooLarge:  # werkzeug's, for Flask's MAX_CONTENT_LENGTH below our own limit
+        outcome = BodyTooLarge.outcome
+        raise
     finally:
         if signals.webhook_answered.receivers:
             signals.webhook_answered.send(app, outcome=outcome, duration=time.perf_counter() - started)
@@ -186,8 +189,16 @@ def read_body(incoming: Request, limit: int) -> bytes:
     werkzeug's stream wrapper (about 10 µs). Werkzeug's stream is used otherwise, and in
     apps that set Flask's ``MAX_CONTENT_LENGTH`` below the body's length, which then
     answer 413 as Flask does. A body that comes up short was read first by a host app's
-    ``before_request`` hook: then it is the one ``request.get_data()`` kept.
+    ``before_request`` hook: then it is the one ``request.get_data()`` kept. The body is
+    kept where ``request.get_data()`` looks, so receivers and later hooks can read it too.
     """
+    body = _read_body(incoming, limit)
+    # Where werkzeug's own get_data(cache=True) keeps it (and get_json() and form parsing look).
+    incoming._cached_data = body
+    return body
+
+
+def _read_body(incoming: Request, limit: int) -> bytes:
     environ = incoming.environ
     length = get_content_length(environ)
     if length is not None and length > limit:

@@ -93,6 +93,39 @@ def test_a_host_hook_that_reads_the_body_first_leaves_it_to_the_webhook(
         assert seen[-1] == body
 
 
+def test_receivers_and_later_hooks_can_read_the_body_the_webhook_read(make_app: Callable[..., Flask]) -> None:
+    """As on any Flask route: a receiver or an ``after_request`` audit hook calling ``request.get_json()``."""
+    app = make_app()
+    seen: list[Any] = []
+
+    def receiver(sender: Flask, event: Any, **extra: Any) -> None:
+        seen.append(("receiver", request.get_json()))
+
+    @app.after_request
+    def audit(response: Response) -> Response:
+        seen.append(("after_request", request.get_json(silent=True)))
+        return response
+
+    client = app.test_client()
+    with signals.email_opened.connected_to(receiver, sender=app):
+        for number, terminated in enumerate(
+            (False, True)
+        ):  # read by Content-Length, or from a server's stream
+            body = sample("opened") | {"event_id": f"01READAFTER{number}"}
+            raw = encode(body)
+            answer = client.post(
+                WEBHOOK,
+                data=raw,
+                headers=signature_headers(raw, SIGNING_KEY),
+                environ_overrides={"wsgi.input_terminated": terminated},
+            )
+            assert (answer.status_code, answer.json) == (
+                200,
+                {"status": "accepted", "event_id": body["event_id"]},
+            )
+            assert seen[-2:] == [("receiver", body), ("after_request", body)]
+
+
 def test_the_fast_path_answers_valid_events_in_an_app_context_without_the_request_hooks(
     make_app: Callable[..., Flask], post: Post
 ) -> None:

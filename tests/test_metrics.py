@@ -79,6 +79,10 @@ def test_every_webhook_answer_is_counted_by_outcome(metered: Flask, post: Post) 
     assert counted == dict.fromkeys(outcomes, 1.0)
     assert value("cio_rudder_webhook_duration_seconds_count") - durations == len(outcomes)
 
+    metered.config["MAX_CONTENT_LENGTH"] = 1000  # Flask's own limit, below CIO_RUDDER_MAX_BODY_BYTES
+    assert post(client, encode(sample("opened")) + b" " * 1000).status_code == 413
+    assert value("cio_rudder_webhooks_total", outcome="too_large") - before["too_large"] == 2
+
 
 def test_an_outbox_that_cannot_be_written_is_counted_as_retry_later(
     metered: Flask, post: Post, monkeypatch: pytest.MonkeyPatch
