@@ -292,12 +292,12 @@ def reject(
     event_id = body.get("event_id")
     if not (isinstance(event_id, str) and event_id and is_text(event_id)):
         event_id = None  # no key to keep it under; the forwarder makes one from the body
+    if announce:  # first: a receiver that raises leaves nothing kept, as for accepted events
+        signals.event_rejected.send(app, reason=error.reason, errors=error.errors, body=body)
     try:
         forwarder.reject(raw, event_id, error.reason, error.errors)
     except ForwardError as failure:
         raise RetryLater(f"the rejected event was not kept ({failure.reason}); send it again later") from None
-    if announce:
-        signals.event_rejected.send(app, reason=error.reason, errors=error.errors, body=body)
     return Outcome("rejected", event_id, error.reason, error.errors)
 
 

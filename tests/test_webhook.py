@@ -9,13 +9,14 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from flask_cio_rudder import signals
+from flask_cio_rudder import get_outbox, signals
 from flask_cio_rudder.testing import encode, record_events, signature_headers
 
 from .conftest import EMAIL_EVENTS, SIGNING_KEY, WEBHOOK, sample
@@ -303,6 +304,30 @@ def test_a_receiver_that_raises_is_500_and_nothing_is_kept(
     with record_signals(app, *EVERY_SIGNAL) as recorder:
         assert post(app.test_client(), body).json["status"] == "accepted"
     assert names(recorder) == ["event-received", "email-bounced"]
+
+
+def test_an_event_rejected_receiver_that_raises_is_500_and_no_dead_letter_is_kept(
+    make_app: Callable[..., Flask], post: Post, tmp_path: Path
+) -> None:
+    app = make_app(
+        PROPAGATE_EXCEPTIONS=False,
+        CIO_RUDDER_FORWARDER="outbox",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        CIO_RUDDER_WRITE_KEY="write-key",
+        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+    )
+    body = {"event_id": "01NOIDENTITY", "metric": "opened", "data": {}}
+
+    def broken(sender: Flask, **extra: Any) -> None:
+        raise RuntimeError("database is down")
+
+    with signals.event_rejected.connected_to(broken, sender=app):
+        assert post(app.test_client(), body).status_code == 500
+    assert get_outbox(app).store.count_dead_letters() == 0
+    # Customer.io retries: the receivers run again and the body is kept as a dead letter now.
+    assert post(app.test_client(), body).json["status"] == "rejected"
+    assert get_outbox(app).store.count_dead_letters() == 1
 
 
 def test_errors_can_be_customised_with_an_errorhandler(app: Flask, post: Post) -> None:
