@@ -14,6 +14,7 @@ from .cli import cli
 from .fastpath import FastPath
 from .forwarders import Forwarder, create_forwarder
 from .outbox import DEFAULT_URL, Outbox, OutboxForwarder
+from .settings import check_switch, is_positive_number
 from .state import State, state_of
 from .validation import Validation
 from .webhook import create_blueprint
@@ -51,6 +52,16 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+#: The keys that are on or off: each must be True or False.
+_SWITCHES = (
+    "CIO_RUDDER_VERIFY_SIGNATURE",
+    "CIO_RUDDER_METRICS",
+    "CIO_RUDDER_OUTBOX_SENDER",
+    "CIO_RUDDER_DASHBOARD_READ_ONLY",
+    "CIO_RUDDER_FAST_PATH",
+)
+
+
 class CioRudder:
     """Receive Customer.io reporting webhooks in a Flask app and forward them to RudderStack.
 
@@ -77,7 +88,9 @@ class CioRudder:
         for key, default in DEFAULTS.items():
             app.config.setdefault(key, self.defaults.get(key, default))
         config = app.config
-        verify_signature = bool(config["CIO_RUDDER_VERIFY_SIGNATURE"])
+        for key in _SWITCHES:
+            check_switch(config, key)
+        verify_signature = config["CIO_RUDDER_VERIFY_SIGNATURE"]
         keys = _signing_keys(config["CIO_RUDDER_SIGNING_KEY"])
         if verify_signature and not keys:
             raise RuntimeError(
@@ -91,12 +104,12 @@ class CioRudder:
                 config["CIO_RUDDER_WEBHOOK_PATH"],
             )
         max_body_bytes = config["CIO_RUDDER_MAX_BODY_BYTES"]
-        if not _positive_number(max_body_bytes, int):
+        if not is_positive_number(max_body_bytes, int):
             raise RuntimeError(
                 f"CIO_RUDDER_MAX_BODY_BYTES must be a positive number of bytes, not {max_body_bytes!r}."
             )
         max_timestamp_age = config["CIO_RUDDER_MAX_TIMESTAMP_AGE"]
-        if max_timestamp_age is not None and not _positive_number(max_timestamp_age, (int, float)):
+        if max_timestamp_age is not None and not is_positive_number(max_timestamp_age):
             raise RuntimeError(  # a string from the environment would fail every request instead
                 "CIO_RUDDER_MAX_TIMESTAMP_AGE must be None (off) or a positive number of seconds, "
                 f"not {max_timestamp_age!r}."
@@ -121,10 +134,6 @@ class CioRudder:
             app.wsgi_app = FastPath(app, app.wsgi_app, config["CIO_RUDDER_WEBHOOK_PATH"])  # type: ignore[method-assign]
         app.cli.add_command(cli)
         _exempt_from_csrf(app)
-
-
-def _positive_number(value: object, kinds: type | tuple[type, ...]) -> bool:
-    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0  # type: ignore[operator]
 
 
 # Every forwarder still in use, closed at interpreter exit (the outbox flushes then).

@@ -27,6 +27,7 @@ from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
 from .rudderstack import DataPlane, check_url, data_plane_from_config
 from .sender import Delivery, Sender
+from .settings import check_seconds
 from .spool import Spool, spool_for
 from .store import (
     Activity,
@@ -281,6 +282,9 @@ class OutboxForwarder(Forwarder):
         batch_size = config["CIO_RUDDER_OUTBOX_BATCH_SIZE"]
         if not isinstance(batch_size, int) or not 1 <= batch_size <= 100:
             raise RuntimeError("CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number from 1 to 100.")
+        lease = check_seconds(config, "CIO_RUDDER_OUTBOX_LEASE")
+        max_age = check_seconds(config, "CIO_RUDDER_OUTBOX_MAX_AGE")
+        shutdown_timeout = check_seconds(config, "CIO_RUDDER_SHUTDOWN_TIMEOUT", zero=True)
         store = store_from_url(
             outbox_url(config),
             instance_path=app.instance_path,
@@ -292,9 +296,9 @@ class OutboxForwarder(Forwarder):
             store,
             lambda: DataPlane(data_plane_url, write_key, timeout),
             batch_size=batch_size,
-            lease=config["CIO_RUDDER_OUTBOX_LEASE"],
-            max_age=config["CIO_RUDDER_OUTBOX_MAX_AGE"],
-            shutdown_timeout=config["CIO_RUDDER_SHUTDOWN_TIMEOUT"],
+            lease=lease,
+            max_age=max_age,
+            shutdown_timeout=shutdown_timeout,
             max_requests_per_second=config["CIO_RUDDER_MAX_REQUESTS_PER_SECOND"],
         )
         self.spool = spool_for(store, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"], sender=sender)

@@ -11,6 +11,8 @@ from urllib.parse import urlsplit
 
 import requests
 
+from .settings import check_timeout
+
 __all__ = ["DataPlane", "Timeout", "check_url", "data_plane_from_config", "describe", "retry_after"]
 
 Timeout = Union[float, tuple[float, float]]
@@ -51,6 +53,7 @@ def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) 
             "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
         )
     url = check_url(config.get("CIO_RUDDER_DATA_PLANE_URL"), "CIO_RUDDER_DATA_PLANE_URL")
+    check_timeout(config.get("CIO_RUDDER_TIMEOUT"))
     return DataPlane(url, write_key, config.get("CIO_RUDDER_TIMEOUT") or default_timeout)
 
 

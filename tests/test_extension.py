@@ -113,6 +113,56 @@ def test_a_limit_that_is_not_a_positive_number_fails_at_init_naming_the_key(key:
         CioRudder(app)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CIO_RUDDER_TIMEOUT", "10"),  # as os.environ gives it: the sender failed on every batch
+        ("CIO_RUDDER_TIMEOUT", -1),
+        ("CIO_RUDDER_TIMEOUT", (3, "10")),
+        ("CIO_RUDDER_OUTBOX_MAX_AGE", "604800"),
+        ("CIO_RUDDER_OUTBOX_LEASE", 0),
+        ("CIO_RUDDER_SHUTDOWN_TIMEOUT", "5"),
+        ("CIO_RUDDER_SHUTDOWN_TIMEOUT", -1),
+        ("CIO_RUDDER_OUTBOX_SENDER", "false"),  # would read as on
+        ("CIO_RUDDER_FAST_PATH", "false"),
+        ("CIO_RUDDER_VERIFY_SIGNATURE", "false"),
+        ("CIO_RUDDER_METRICS", 1),
+        ("CIO_RUDDER_DASHBOARD_READ_ONLY", None),
+    ],
+)
+def test_a_setting_of_the_wrong_kind_fails_at_init_naming_the_key(
+    key: str, value: Any, tmp_path: Path
+) -> None:
+    """Not later in the sender, where the events it accepted meanwhile would pile up unsent."""
+    app = bare_app(
+        CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
+        CIO_RUDDER_WRITE_KEY="write-key",
+        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        **{key: value},
+    )
+    with pytest.raises(RuntimeError, match=f"{key} must be") as failure:
+        CioRudder(app)
+    assert ("from_prefixed_env" in str(failure.value)) is isinstance(value, str)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("CIO_RUDDER_TIMEOUT", 2.5), ("CIO_RUDDER_TIMEOUT", [1, 5]), ("CIO_RUDDER_SHUTDOWN_TIMEOUT", 0)],
+)
+def test_settings_of_the_right_kind_are_taken(key: str, value: Any, tmp_path: Path) -> None:
+    app = bare_app(
+        CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
+        CIO_RUDDER_WRITE_KEY="write-key",
+        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        **{key: value},
+    )
+    CioRudder(app)
+    app.extensions["cio_rudder"].forwarder.close()
+
+
 def test_the_state_kept_per_app_never_shows_the_signing_keys() -> None:
     """Error trackers record the locals of a failing frame, and the webhook's frames hold the state."""
     app = bare_app(CIO_RUDDER_SIGNING_KEY="whsec-top-secret", CIO_RUDDER_FORWARDER="none")

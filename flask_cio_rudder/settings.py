@@ -1,0 +1,56 @@
+"""Checks of configuration values, run at ``init_app``: each failure names the key and what it takes.
+
+Why at start: a value of the wrong kind (a string read from the environment, say) would
+otherwise pass the webhook and fail later in the sender, where events pile up unsent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+__all__ = ["check_seconds", "check_switch", "check_timeout", "is_positive_number"]
+
+#: Said of any string where another kind was wanted: the usual cause.
+_FROM_ENVIRONMENT = (
+    " (a string, as os.environ gives it: app.config.from_prefixed_env() reads "
+    "FLASK_CIO_RUDDER_* variables as JSON, so 'false' is False and '30' is 30)"
+)
+
+
+def is_positive_number(value: object, kinds: type | tuple[type, ...] = (int, float)) -> bool:
+    """Whether ``value`` is a number (of ``kinds``; never a bool) above zero."""
+    return isinstance(value, kinds) and not isinstance(value, bool) and value > 0  # type: ignore[operator]
+
+
+def check_switch(config: Mapping[str, Any], key: str) -> bool:
+    """``config[key]`` if it is ``True`` or ``False``: the string ``"false"`` would read as on."""
+    value = config[key]
+    if not isinstance(value, bool):
+        raise RuntimeError(f"{key} must be True or False, not {value!r}{_hint(value)}.")
+    return value
+
+
+def check_seconds(config: Mapping[str, Any], key: str, *, zero: bool = False) -> float:
+    """``config[key]`` if it is a number of seconds above zero (or zero, with ``zero``)."""
+    value = config[key]
+    if not (is_positive_number(value) or (zero and value == 0 and not isinstance(value, bool))):
+        least = "zero or more" if zero else "above zero"
+        raise RuntimeError(f"{key} must be a number of seconds {least}, not {value!r}{_hint(value)}.")
+    return float(value)
+
+
+def check_timeout(value: object) -> None:
+    """Fail unless ``CIO_RUDDER_TIMEOUT`` is ``None``, seconds, or ``(connect, read)`` seconds."""
+    if value is None or is_positive_number(value):
+        return
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(is_positive_number, value)):
+        return
+    raise RuntimeError(
+        "CIO_RUDDER_TIMEOUT must be None, a number of seconds above zero, or (connect, read) seconds, "
+        f"not {value!r}{_hint(value)}."
+    )
+
+
+def _hint(value: object) -> str:
+    return _FROM_ENVIRONMENT if isinstance(value, str) else ""
