@@ -87,7 +87,7 @@ class FastPath:
                 outcome = keep(app, state.forwarder, event)
                 if signals.webhook_answered.receivers:
                     duration = time.perf_counter() - started
-                    signals.webhook_answered.send(app, outcome=outcome, duration=duration)
+                    signals.webhook_answered.send(app, outcome=outcome, duration=duration, event=event)
         except Exception:  # not authentic, not valid, a receiver raised, not kept: Flask's route answers
             logger.debug("The fast path hands a webhook to Flask's route", exc_info=True)
             return None

@@ -86,7 +86,6 @@ _apps: weakref.WeakValueDictionary[str, Flask] = weakref.WeakValueDictionary()
 def enable(app: Flask) -> None:
     """Count ``app``'s webhooks, events and deliveries, and report its outbox when scraped."""
     signals.webhook_answered.connect(_on_answered, sender=app)
-    signals.event_received.connect(_on_received, sender=app)
     signals.event_forwarded.connect(_on_forwarded, sender=app)
     signals.forward_failed.connect(_on_failed, sender=app)
     _apps[app.name] = app
@@ -106,13 +105,11 @@ def metrics_response() -> Response:
     return Response(generate_latest(registry), mimetype=CONTENT_TYPE_LATEST)
 
 
-def _on_answered(sender: Flask, outcome: str, duration: float, **extra: Any) -> None:
+def _on_answered(sender: Flask, outcome: str, duration: float, event: Any = None, **extra: Any) -> None:
     WEBHOOKS.labels(outcome).inc()
     WEBHOOK_DURATION.observe(duration)
-
-
-def _on_received(sender: Flask, event: Any, **extra: Any) -> None:
-    EVENTS.labels(event.name if event.name in _EMAIL_EVENTS else "other").inc()
+    if outcome == "accepted" and event is not None:  # kept: not a retry after a 500 or a 503
+        EVENTS.labels(event.name if event.name in _EMAIL_EVENTS else "other").inc()
 
 
 def _on_forwarded(sender: Flask, payloads: list[Any], **extra: Any) -> None:

@@ -52,6 +52,7 @@ forward_failed = _signals.signal("forward-failed")
 
 #: Every answer of the webhook route: ``outcome=`` one of ``accepted``, ``duplicate``, ``rejected``,
 #: ``refused_signature`` (401), ``too_large`` (413), ``malformed`` (400), ``retry_later`` (503) or
-#: ``error`` (a receiver raised: 500), and ``duration=`` the seconds the route took. For metrics;
+#: ``error`` (a receiver raised: 500), ``duration=`` the seconds the route took, and ``event=`` the
+#: :class:`~flask_cio_rudder.CioEvent` when accepted or a duplicate (else ``None``). For metrics;
 #: a receiver of this signal must not raise.
 webhook_answered = _signals.signal("webhook-answered")

@@ -110,8 +110,9 @@ def receive() -> Response:
     app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
     started = time.perf_counter()
     outcome = "error"  # unless set below: a receiver raised, and Flask answers 500
+    event = None
     try:
-        response, outcome = handle(app, state_of(app))
+        response, outcome, event = handle(app, state_of(app))
         return response
     except WebhookError as error:
         outcome = error.outcome
@@ -121,7 +122,8 @@ def receive() -> Response:
         raise
     finally:
         if signals.webhook_answered.receivers:
-            signals.webhook_answered.send(app, outcome=outcome, duration=time.perf_counter() - started)
+            duration = time.perf_counter() - started
+            signals.webhook_answered.send(app, outcome=outcome, duration=duration, event=event)
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,14 @@ class Outcome:
     event_id: str | None
     reason: str | None = None
     errors: Mapping[str, Any] = field(default_factory=dict)
+    #: The event, when it was accepted or a duplicate.
+    event: CioEvent | None = None
 
 
-def handle(app: Flask, state: State) -> tuple[Response, str]:
-    """The response to the current request and its outcome; raises :class:`WebhookError` for non-2xx."""
+def handle(app: Flask, state: State) -> tuple[Response, str, CioEvent | None]:
+    """The response to the current request, its outcome and the event (accepted or duplicate).
+
+    Raises :class:`WebhookError` for non-2xx."""
     incoming: Request = request._get_current_object()  # type: ignore[attr-defined]  # one proxy lookup, not one per use
     body = read_body(incoming, state.max_body_bytes)
     if state.verify_signature:
@@ -145,8 +151,8 @@ def handle(app: Flask, state: State) -> tuple[Response, str]:
         answer = jsonify(
             status="rejected", event_id=outcome.event_id, reason=outcome.reason, errors=outcome.errors
         )
-        return answer, "rejected"
-    return _answer(outcome.status, outcome.event_id or ""), outcome.status
+        return answer, "rejected", None
+    return _answer(outcome.status, outcome.event_id or ""), outcome.status, outcome.event
 
 
 def process(
@@ -165,7 +171,7 @@ def process(
         status = keep(app, state.forwarder, event, announce=announce)
     except ForwardError as error:
         raise RetryLater(f"the event was not kept ({error.reason}); send it again later") from None
-    return Outcome(status, event.event_id)
+    return Outcome(status, event.event_id, event=event)
 
 
 def keep(app: Flask, forwarder: Forwarder, event: CioEvent, *, announce: bool = True) -> str:

@@ -94,8 +94,26 @@ def test_an_outbox_that_cannot_be_written_is_counted_as_retry_later(
 
     monkeypatch.setattr(metered.extensions["cio_rudder"].forwarder, "accept", broken)
     before = value("cio_rudder_webhooks_total", outcome="retry_later")
+    opened = value("cio_rudder_events_total", event="Email Opened")
     assert post(metered.test_client(), sample("opened")).status_code == 503
     assert value("cio_rudder_webhooks_total", outcome="retry_later") - before == 1
+    assert value("cio_rudder_events_total", event="Email Opened") == opened  # not kept: not counted
+
+
+def test_an_event_is_counted_once_when_kept_not_for_a_request_a_receiver_failed(
+    metered: Flask, post: Post
+) -> None:
+    client, body = metered.test_client(), sample("spammed")
+    before = value("cio_rudder_events_total", event="Email Marked as Spam")
+
+    def broken(sender: Flask, **extra: Any) -> None:
+        raise RuntimeError("the host app's database is down")
+
+    with signals.email_spammed.connected_to(broken, sender=metered):
+        assert post(client, body).status_code == 500
+    assert post(client, body).json["status"] == "accepted"  # Customer.io's retry
+    assert post(client, body).json["status"] == "duplicate"
+    assert value("cio_rudder_events_total", event="Email Marked as Spam") - before == 1
 
 
 def test_accepted_events_are_counted_by_email_event_with_the_rest_as_other(
