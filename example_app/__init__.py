@@ -7,7 +7,8 @@ Settings come from the environment: ``CIO_RUDDER_SIGNING_KEY`` (Customer.io's
 webhook signing key), ``CIO_RUDDER_WRITE_KEY`` and ``CIO_RUDDER_DATA_PLANE_URL``
 (a RudderStack HTTP source), ``CIO_RUDDER_OUTBOX_URL`` (SQLite or PostgreSQL),
 ``SUPPRESSION_DATABASE`` (by default both SQLite files in the instance folder),
-``DASHBOARD_PASSWORD`` (the operators' dashboard at ``/admin/cio``, user ``admin``) and
+``DASHBOARD_PASSWORD`` (user ``admin``: the operators' dashboard at ``/admin/cio`` and the
+suppression list at ``/suppressions``) and
 ``SECRET_KEY`` (the dashboard's sessions; a random one per process when unset).
 Events go through the default forwarder, the outbox, so Customer.io never waits on
 RudderStack and nothing accepted is lost.

@@ -26,6 +26,7 @@ from flask_cio_rudder.samples import EMAIL_METRICS, email_sample
 from flask_cio_rudder.testing import FakeDataPlane, encode, signature_headers
 
 from . import create_app
+from .admin import USER
 
 __all__ = ["main"]
 
@@ -114,6 +115,7 @@ def sample_body(metric: str) -> bytes:
 def main() -> int:
     """Run the demo; 0 if every step did what it should, 1 otherwise."""
     signing_key = secrets.token_hex(16)
+    password = secrets.token_hex(16)  # for /suppressions, as admin (see example_app.admin)
     with tempfile.TemporaryDirectory() as tmp, FakeDataPlane() as plane:
         database = Path(tmp) / "suppressions.sqlite3"
         outbox = Path(tmp) / "cio_rudder_outbox.sqlite3"
@@ -124,10 +126,12 @@ def main() -> int:
                 "CIO_RUDDER_DATA_PLANE_URL": plane.url,
                 "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{outbox}",
                 "SUPPRESSION_DATABASE": str(database),
+                "DASHBOARD_PASSWORD": password,
             }
         )
         try:
             with serve(app) as base_url, requests.Session() as http, record_signals(app) as fired:
+                http.auth = (USER, password)  # the webhook ignores it; /suppressions needs it
                 webhook = base_url + app.config["CIO_RUDDER_WEBHOOK_PATH"]
                 print("Flask-CIO-Rudder demo")
                 print(f"  fake RudderStack data plane  {plane.url}")

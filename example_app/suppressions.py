@@ -139,7 +139,7 @@ _TABLE = """<!doctype html>
 
 @bp.get("/suppressions")
 def list_suppressions() -> Response | str:
-    """The suppression list: JSON, or an HTML table for browsers. Holds personal data: protect it."""
+    """The suppression list: JSON, or an HTML table for browsers. Personal data: ``admin`` protects it."""
     suppressions = store_for(current_app).all()
     if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
         return render_template_string(_TABLE, suppressions=suppressions)  # autoescaped

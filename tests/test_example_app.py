@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import sqlite3
 from collections.abc import Iterator
 from contextlib import closing
@@ -14,6 +15,7 @@ from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from example_app import create_app, demo
+from example_app.admin import PREFIX, USER
 from example_app.suppressions import store_for
 from flask_cio_rudder import CioRudder, get_outbox, signals
 from flask_cio_rudder.testing import FakeDataPlane, encode, record_events, signature_headers
@@ -21,6 +23,7 @@ from flask_cio_rudder.testing import FakeDataPlane, encode, record_events, signa
 from .conftest import sample
 
 KEY = "example-app-test-key"
+PASSWORD = "example-admin-password"
 SUPPRESSED = {  # metric -> the address in its sample
     "bounced": "bob@example.com",
     "spammed": "carol@example.com",
@@ -47,6 +50,7 @@ def settings(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> dict[
         "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
         "CIO_RUDDER_OUTBOX_SENDER": False,
         "SUPPRESSION_DATABASE": str(database),
+        "DASHBOARD_PASSWORD": PASSWORD,
     }
 
 
@@ -64,6 +68,11 @@ def example(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> Iterat
 @pytest.fixture
 def example_client(example: Flask) -> FlaskClient:
     return example.test_client()
+
+
+def basic(user: str, password: str) -> dict[str, str]:
+    """An HTTP Basic ``Authorization`` header."""
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
 def post(client: FlaskClient, body: dict[str, Any], key: str = KEY) -> TestResponse:
@@ -232,7 +241,7 @@ def test_an_address_keeps_its_first_reason(example_client: FlaskClient, database
 def test_suppressions_lists_them_as_json(example_client: FlaskClient) -> None:
     for metric in ["bounced", "delivered", "unsubscribed"]:
         post(example_client, sample(metric))
-    response = example_client.get("/suppressions")
+    response = example_client.get("/suppressions", headers=basic(USER, PASSWORD))
     assert response.status_code == 200
     assert response.json == {
         "suppressions": [
@@ -256,7 +265,9 @@ def test_suppressions_is_an_escaped_html_table_for_browsers(example_client: Flas
     body = sample("bounced")
     body["data"]["identifiers"]["email"] = body["data"]["recipient"] = "<b>eve</b>@example.com"
     post(example_client, body)
-    response = example_client.get("/suppressions", headers={"Accept": "text/html,*/*;q=0.8"})
+    response = example_client.get(
+        "/suppressions", headers={"Accept": "text/html,*/*;q=0.8", **basic(USER, PASSWORD)}
+    )
     assert response.mimetype == "text/html"
     page = response.get_data(as_text=True)
     assert "<td>&lt;b&gt;eve&lt;/b&gt;@example.com</td><td>bounced</td>" in page
@@ -293,16 +304,10 @@ def test_the_demo_runs_end_to_end(
     assert "FAILED" not in output
 
 
-def test_the_dashboard_is_mounted_behind_http_basic_auth(
+def test_the_dashboard_and_the_suppression_list_are_behind_http_basic_auth(
     database: Path, tmp_path: Path, data_plane: FakeDataPlane
 ) -> None:
-    import base64
-
-    from example_app.admin import PREFIX, USER
-
-    def basic(user: str, password: str) -> dict[str, str]:
-        return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
-
+    """Both show people's email addresses."""
     closed = create_app({**settings(database, tmp_path, data_plane), "DASHBOARD_PASSWORD": None})
     opened = create_app({**settings(database, tmp_path, data_plane), "DASHBOARD_PASSWORD": "demo-password"})
     try:
@@ -314,7 +319,10 @@ def test_the_dashboard_is_mounted_behind_http_basic_auth(
         assert client.post(f"{PREFIX}/pause", headers=basic("root", "demo-password")).status_code == 401
         assert client.get(f"{PREFIX}/", headers=basic(USER, "demo-password")).status_code == 200
         assert post(client, sample("opened")).json["status"] == "accepted"  # the webhook needs no password
-        assert client.get("/suppressions").status_code == 200
+        assert client.get("/suppressions").status_code == 401
+        assert client.get("/suppressions", headers=basic(USER, "wrong")).status_code == 401
+        assert client.get("/suppressions", headers=basic(USER, "demo-password")).status_code == 200
+        assert closed.test_client().get("/suppressions", headers=basic(USER, "")).status_code == 503
     finally:
         for app in (closed, opened):
             app.extensions["cio_rudder"].forwarder.close()
