@@ -42,8 +42,8 @@ cli = AppGroup("cio-rudder", help="Operate the outbox of Customer.io events boun
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
-def parse_age(text: str) -> float:
-    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"`` or plain seconds, as seconds."""
+def parse_age(text: str, option: str | None = None) -> float:
+    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"`` or plain seconds, as seconds; an error names ``option``."""
     unit = _UNITS.get(text[-1:].lower())
     try:
         seconds = float(text[:-1]) * unit if unit else float(text)
@@ -51,14 +51,14 @@ def parse_age(text: str) -> float:
         seconds = math.nan
     if not (seconds >= 0 and math.isfinite(seconds)):
         raise click.BadParameter(
-            f"{text!r} is not an age; use a number (0 or more) with s, m, h or d, like 7d"
+            f"{text!r} is not an age; use a number (0 or more) with s, m, h or d, like 7d", param_hint=option
         )
     return seconds
 
 
-def parse_since(text: str) -> float:
+def parse_since(text: str, option: str | None = None) -> float:
     """``--since``: an age back from now (``"2h"``, ``"7d"``) or a date/time (``"2024-05-01T12:00Z"``, UTC if
-    no zone is given), as seconds since the epoch."""
+    no zone is given), as seconds since the epoch; an error names ``option``."""
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -69,7 +69,8 @@ def parse_since(text: str) -> float:
         return time.time() - parse_age(text)
     except click.BadParameter:
         raise click.BadParameter(
-            f"{text!r} is neither an age (30m, 2h, 7d) nor a date (2024-05-01, 2024-05-01T12:00Z)"
+            f"{text!r} is neither an age (30m, 2h, 7d) nor a date (2024-05-01, 2024-05-01T12:00Z)",
+            param_hint=option,
         ) from None
 
 
@@ -88,7 +89,10 @@ def match_options(command: F) -> F:
                     "it is empty; give a value, or leave the option out", param_hint=option
                 )
         match = Match(
-            since=None if since is None else parse_since(since), reason=reason, event=event, email=email
+            since=None if since is None else parse_since(since, "--since"),
+            reason=reason,
+            event=event,
+            email=email,
         )
         return command(*args, match=match, **rest)
 
@@ -203,7 +207,7 @@ def _describe(letter: DeadLetter) -> str:
 
 @cli.command("dead-letters")
 @match_options
-@click.option("--limit", default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, with the body when kept.")
 def dead_letters(match: Match, limit: int, as_json: bool) -> None:
     """List dead letters (those that match the filters), oldest first, with their reasons."""
@@ -290,7 +294,7 @@ def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: 
         raise click.UsageError("--since/--reason/--event/--email filter dead letters: add --dead-letters")
     outbox = outbox_of_current_app()
     if older_than is not None:
-        age = parse_age(older_than)
+        age = parse_age(older_than, "--older-than")
         old = _store_call(outbox.count_delivered, age)
         if dry_run or not old:
             click.echo(

@@ -622,7 +622,9 @@ def test_cli_status_flush_dead_letters_requeue_and_purge(
     assert "purged 3" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s", "-y"]).output
     for age in ("soon", "-1d", "nan"):
         refused = runner.invoke(args=["cio-rudder", "purge", "--older-than", age, "-y"])
-        assert refused.exit_code == 2 and "is not an age" in refused.output
+        assert (
+            refused.exit_code == 2 and "is not an age" in refused.output and "--older-than" in refused.output
+        )
 
 
 def test_cli_pause_stops_sending_everywhere_and_status_shows_it(
@@ -668,7 +670,12 @@ def test_cli_dead_letters_and_requeue_filter_and_requeue_asks_first(
     assert invoke("dead-letters", "--since", "1h").output.count("\n") == 2
     assert invoke("dead-letters", "--since", "2999-01-01").output == "no dead letters match\n"
     assert invoke("dead-letters", "--since", "2999-01-01", "--json").output == ""
-    assert invoke("dead-letters", "--since", "yesterday").exit_code == 2
+    yesterday = invoke("dead-letters", "--since", "yesterday")
+    assert yesterday.exit_code == 2 and "Invalid value for --since" in yesterday.output
+    for limit in ("0", "-1"):  # 0 said "no dead letters" while there were some; -1 listed all, or failed
+        refused = invoke("dead-letters", "--limit", limit)
+        assert refused.exit_code == 2 and "Invalid value for '--limit'" in refused.output
+    assert invoke("dead-letters", "--limit", "1").output.count("\n") == 1
     for option in ("--since", "--reason", "--event", "--email"):  # a script's empty variable matches nothing
         empty = invoke("requeue", option, "", "--yes")
         assert empty.exit_code == 2 and option in empty.output and "it is empty" in empty.output
