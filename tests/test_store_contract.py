@@ -163,6 +163,19 @@ def test_an_event_older_than_the_maximum_age_becomes_a_dead_letter(backend: Back
     assert "RudderStack answered 503" in letter.reason
 
 
+def test_an_event_a_live_sender_is_posting_does_not_expire_under_it(backend: Backend, clock: Clock) -> None:
+    """Another sender's claim (or a flush) past the maximum age leaves a leased batch alone: its
+    sender's 200 marks it delivered, not a dead letter that a requeue would send twice."""
+    posting, other = backend.store(clock=clock), backend.store(clock=clock)
+    posting.add("e1", stored("e1"))
+    clock.now += MAX_AGE - 1
+    claim = posting.claim(100, LEASE, MAX_AGE)
+    clock.now += 3  # past the maximum age, within the lease (and the holder's heartbeat timeout)
+    assert other.claim(100, LEASE, MAX_AGE).events == []
+    posting.mark_delivered(claim.owner, ["e1"])
+    assert (posting.status().delivered, posting.status().dead) == (1, 0)
+
+
 def test_dead_letters_can_be_requeued_all_or_by_id(backend: Backend, clock: Clock) -> None:
     store = backend.store(clock=clock)
     for event_id in ("a", "b", "c"):

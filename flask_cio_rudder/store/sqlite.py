@@ -484,8 +484,9 @@ class SQLiteStore(OutboxStore):
                 f"UPDATE {t} SET state = 'dead', lease_owner = NULL, lease_until = NULL, "
                 "lease_holder = NULL, "
                 "reason = 'not delivered within CIO_RUDDER_OUTBOX_MAX_AGE (' || ? || ' s); last error: ' "
-                "|| COALESCE(reason, 'none') WHERE state = 'pending' AND accepted_at < ?",
-                (int(max_age), now - max_age),
+                "|| COALESCE(reason, 'none') WHERE state = 'pending' AND accepted_at < ? "
+                "AND (lease_until IS NULL OR lease_until < ?)",  # not a batch a live sender is posting
+                (int(max_age), now - max_age, now),
             )
             self._free_dead_holders(db)
             rows = db.execute(
