@@ -174,6 +174,7 @@ class Spool:
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._reported_store_error = False
+        self._unreadable: set[str] = set()  # files of dead processes this one cannot open (reported)
 
     def _check_process(self) -> None:
         if self._pid != os.getpid():  # forked without the fork hook
@@ -307,6 +308,16 @@ class Spool:
             try:
                 fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0))
             except FileNotFoundError:  # adopted by another mover meanwhile
+                continue
+            except OSError as error:  # one file this process may not open must not stop the others
+                if path not in self._unreadable:
+                    self._unreadable.add(path)
+                    logger.error(
+                        "Cannot take over the spool file %s (%s): give this app's user read and write "
+                        "access to it, and its events are moved at the next look",
+                        path,
+                        error.strerror or error,
+                    )
                 continue
             try:
                 try:

@@ -109,6 +109,33 @@ def test_moved_events_are_pending_in_the_store_and_the_file_is_emptied(store: Ou
     assert os.listdir(spool.directory) == []  # a clean exit leaves nothing to adopt
 
 
+def test_a_file_of_a_dead_process_that_cannot_be_opened_does_not_stop_the_others(
+    store: OutboxStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A file another user left (a killed replay run as root, say): the rest is adopted, and the
+    problem is said once, naming the file."""
+    spool = make_spool(store)
+    os.makedirs(spool.directory)
+    for name, event_id in (("1-a.spool", "locked-out"), ("2-b.spool", "readable")):
+        with open(os.path.join(spool.directory, name), "wb") as file:
+            file.write(encode_record(event_id, json.dumps({"id": event_id}), 1.0))
+    real_open = os.open
+
+    def open_as_another_user(path: str, *args: Any, **kwargs: Any) -> int:
+        if path.endswith("1-a.spool"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", open_as_another_user)
+    assert spool.move() == 1 and spool.move() == 0
+    assert pending_ids(store) == ["readable"]
+    assert caplog.text.count("Cannot take over the spool file") == 1 and "1-a.spool" in caplog.text
+    monkeypatch.setattr(os, "open", real_open)
+    assert spool.move() == 1  # once its owner fixed the permissions
+    assert sorted(pending_ids(store)) == ["locked-out", "readable"]
+    spool.stop()
+
+
 def test_appends_while_moving_are_each_moved_once_across_new_files(store: OutboxStore) -> None:
     """A file that grew large is replaced and deleted once moved; appends go on meanwhile."""
     spool = make_spool(store)
