@@ -109,6 +109,11 @@ class Sender:
     #: After being woken by a new event, how long the sender lets a batch build up before
     #: claiming it: posting each event on its own would cost the web workers' CPU.
     LINGER = 0.2
+    #: While the spool's mover keeps handing events over, how often (seconds) the sender also
+    #: claims from the store, which alone holds events adopted from dead processes, accepted
+    #: while sending failed, requeued, or freed from a dead sender: busy traffic must not hold
+    #: them back. While such claims come back full, it claims again at once.
+    STORE_EVERY = 1.0
 
     def __init__(
         self,
@@ -148,6 +153,7 @@ class Sender:
         self._stopping = threading.Event()
         #: Claims the spool's mover made for this sender, with when their leases end (monotonic).
         self._offers: deque[tuple[float, Claim]] = deque()
+        self._store_due = 0.0  # when (time.monotonic()) the store is to be claimed from, offers or not
         self._failures = 0
         self._retry_after: float | None = None  # seconds RudderStack last asked us to wait
         #: How the sender waits (between paced requests, after failures); returns early when stopping.
@@ -304,17 +310,25 @@ class Sender:
         return outcome
 
     def _next_claim(self) -> tuple[Claim, float]:
-        """The next offer with time left on its lease, else a claim from the store; and when the
-        requests for it must be done (``time.monotonic()``: the lease's end less the margin)."""
+        """The next batch, and when the requests for it must be done (``time.monotonic()``: the
+        lease's end less the margin): a claim from the store when one is due (``STORE_EVERY``)
+        and finds events, else the next offer with time left on its lease, else a claim."""
+        if not self._offers or time.monotonic() >= self._store_due:
+            claim, deadline = self._claim_from_store()
+            if claim.events or not self._offers:
+                return claim, deadline
         while True:
             try:
                 deadline, claim = self._offers.popleft()
-            except IndexError:
-                break
+            except IndexError:  # every offer's lease ran out: their events are claimed from the store
+                return self._claim_from_store()
             if deadline - time.monotonic() > _SHORTEST_REQUEST:
                 return claim, deadline
+
+    def _claim_from_store(self) -> tuple[Claim, float]:
         started = time.monotonic()  # the lease runs from the claim, however long the claim takes
         claim = self.store.claim(self.batch_size, self.lease, self.max_age)
+        self._store_due = started + (0.0 if len(claim.events) >= self.batch_size else self.STORE_EVERY)
         return claim, started + self.lease - _LEASE_MARGIN
 
     def _deliver(self, owner: str, events: Sequence[Claimed], deadline: float, outcome: Delivery) -> None:

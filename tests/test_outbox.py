@@ -12,6 +12,8 @@ import logging
 import os
 import re
 import sys
+import time
+import types
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing
@@ -207,6 +209,38 @@ def test_a_batch_handed_over_by_the_mover_is_sent_once_and_never_after_its_lease
     assert sorted(event["properties"]["eventId"] for event in data_plane.events) == [
         f"handed-{n}" for n in range(3)
     ]
+
+
+def test_events_only_the_store_holds_are_sent_while_the_mover_keeps_handing_events_over(
+    make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adopted from a dead process, accepted while sending failed, requeued: the sender claims them
+    from the store at least every STORE_EVERY seconds, not only once traffic pauses."""
+    import flask_cio_rudder.sender as sender_module
+
+    outbox_app = make_app(
+        **base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'o.sqlite3'}")
+    )
+    outbox = get_outbox(outbox_app)
+    store, sender, week = outbox.store, outbox.sender, 7 * 24 * 3600.0
+    now = [1000.0]  # the sender's monotonic clock, moved by hand
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter, time=time.time)
+    monkeypatch.setattr(sender_module, "time", clock)
+
+    def hand_over(name: str) -> None:  # what the spool's mover does with each event it moves
+        sender.offer(store.add_claimed([Pending(name, stored(name))], 60.0, week))
+
+    hand_over("live-0")
+    sender.send_batch()  # the store is asked first: empty yet
+    waiting = accept(outbox_app, 3)  # only in the store
+    for n in range(1, 6):
+        now[0] += 0.3
+        hand_over(f"live-{n}")
+        sender.send_batch()
+    sent = [[event["properties"]["eventId"] for event in batch] for batch in data_plane.batches]
+    assert sent[:5] == [["live-0"], ["live-1"], ["live-2"], ["live-3"], waiting]  # 1.2 s on: the store's turn
+    outbox.flush()
+    assert (store.status().delivered, store.status().pending) == (9, 0)
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
