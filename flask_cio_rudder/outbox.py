@@ -27,7 +27,7 @@ from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
 from .rudderstack import DataPlane, check_url, data_plane_from_config
 from .sender import Delivery, Sender
-from .settings import check_seconds
+from .settings import check_seconds, check_timeout
 from .spool import Spool, spool_for
 from .store import (
     Activity,
@@ -278,7 +278,7 @@ class OutboxForwarder(Forwarder):
         # Read once: after a fork the sender builds its data plane from these, not from app.config.
         write_key: str = config["CIO_RUDDER_WRITE_KEY"]
         data_plane_url = check_url(config["CIO_RUDDER_DATA_PLANE_URL"], "CIO_RUDDER_DATA_PLANE_URL")
-        timeout = config.get("CIO_RUDDER_TIMEOUT") or _OUTBOX_TIMEOUT
+        timeout = check_timeout(config.get("CIO_RUDDER_TIMEOUT")) or _OUTBOX_TIMEOUT
         batch_size = config["CIO_RUDDER_OUTBOX_BATCH_SIZE"]
         if not isinstance(batch_size, int) or not 1 <= batch_size <= 100:
             raise RuntimeError("CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number from 1 to 100.")

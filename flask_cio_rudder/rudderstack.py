@@ -53,8 +53,7 @@ def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) 
             "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
         )
     url = check_url(config.get("CIO_RUDDER_DATA_PLANE_URL"), "CIO_RUDDER_DATA_PLANE_URL")
-    check_timeout(config.get("CIO_RUDDER_TIMEOUT"))
-    return DataPlane(url, write_key, config.get("CIO_RUDDER_TIMEOUT") or default_timeout)
+    return DataPlane(url, write_key, check_timeout(config.get("CIO_RUDDER_TIMEOUT")) or default_timeout)
 
 
 def check_url(url: object, key: str) -> str:

@@ -40,12 +40,13 @@ def check_seconds(config: Mapping[str, Any], key: str, *, zero: bool = False) ->
     return float(value)
 
 
-def check_timeout(value: object) -> None:
-    """Fail unless ``CIO_RUDDER_TIMEOUT`` is ``None``, seconds, or ``(connect, read)`` seconds."""
+def check_timeout(value: Any) -> Any:
+    """``CIO_RUDDER_TIMEOUT`` if it is ``None``, seconds, or ``(connect, read)`` seconds; a list (as
+    JSON from the environment gives a pair) as a tuple, the only pair requests takes."""
     if value is None or is_positive_number(value):
-        return
+        return value
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(is_positive_number, value)):
-        return
+        return tuple(value)
     raise RuntimeError(
         "CIO_RUDDER_TIMEOUT must be None, a number of seconds above zero, or (connect, read) seconds, "
         f"not {value!r}{_hint(value)}."

@@ -131,6 +131,20 @@ def test_the_six_email_events_reach_a_real_data_plane_on_loopback(
     assert data_plane.events == [transform(body) for body in bodies]
 
 
+def test_a_connect_and_read_timeout_given_as_a_list_is_taken(
+    make_app: Callable[..., Flask], post: Post, data_plane: FakeDataPlane
+) -> None:
+    """As JSON from the environment gives it (FLASK_CIO_RUDDER_TIMEOUT='[1, 5]'): requests takes only a tuple."""
+    app = make_app(
+        CIO_RUDDER_FORWARDER="sync",
+        CIO_RUDDER_WRITE_KEY=data_plane.write_key,
+        CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
+        CIO_RUDDER_TIMEOUT=[1, 5],
+    )
+    assert post(app.test_client(), sample("opened")).json["status"] == "accepted"
+    assert [event["event"] for event in data_plane.events] == ["Email Opened"]
+
+
 def test_a_wrong_write_key_is_503_and_the_event_is_not_lost(
     make_app: Callable[..., Flask], post: Post, data_plane: FakeDataPlane
 ) -> None:
