@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from flask import Flask, Response, current_app, g, has_request_context, request
+from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import Forwarder, ForwardError, signals
@@ -65,6 +66,22 @@ def test_by_default_the_webhook_runs_the_host_apps_hooks_and_receivers_see_the_r
     assert calls == EVERY_HOOK
 
 
+def post_read(client: FlaskClient, body: dict[str, Any], *, terminated: bool) -> TestResponse:
+    """Post ``body`` signed, from a server that ends the input (``terminated``: gunicorn, werkzeug's)
+    or not: the webhook reads it by ``Content-Length``, or from werkzeug's stream."""
+    raw = encode(body)
+    return client.post(
+        WEBHOOK,
+        data=raw,
+        headers=signature_headers(raw, SIGNING_KEY),
+        environ_overrides={"wsgi.input_terminated": terminated},
+    )
+
+
+def assert_accepted(answer: TestResponse, body: dict[str, Any]) -> None:
+    assert (answer.status_code, answer.json) == (200, {"status": "accepted", "event_id": body["event_id"]})
+
+
 def test_a_host_hook_that_reads_the_body_first_leaves_it_to_the_webhook(
     make_app: Callable[..., Flask],
 ) -> None:
@@ -77,19 +94,9 @@ def test_a_host_hook_that_reads_the_body_first_leaves_it_to_the_webhook(
         seen.append(request.get_json(silent=True) or request.get_data())
 
     client = app.test_client()
-    for number, terminated in enumerate((False, True)):  # read by Content-Length, or from a server's stream
+    for number, terminated in enumerate((False, True)):
         body = sample("opened") | {"event_id": f"01READFIRST{number}"}
-        raw = encode(body)
-        answer = client.post(
-            WEBHOOK,
-            data=raw,
-            headers=signature_headers(raw, SIGNING_KEY),
-            environ_overrides={"wsgi.input_terminated": terminated},
-        )
-        assert (answer.status_code, answer.json) == (
-            200,
-            {"status": "accepted", "event_id": body["event_id"]},
-        )
+        assert_accepted(post_read(client, body, terminated=terminated), body)
         assert seen[-1] == body
 
 
@@ -108,21 +115,9 @@ def test_receivers_and_later_hooks_can_read_the_body_the_webhook_read(make_app: 
 
     client = app.test_client()
     with signals.email_opened.connected_to(receiver, sender=app):
-        for number, terminated in enumerate(
-            (False, True)
-        ):  # read by Content-Length, or from a server's stream
+        for number, terminated in enumerate((False, True)):
             body = sample("opened") | {"event_id": f"01READAFTER{number}"}
-            raw = encode(body)
-            answer = client.post(
-                WEBHOOK,
-                data=raw,
-                headers=signature_headers(raw, SIGNING_KEY),
-                environ_overrides={"wsgi.input_terminated": terminated},
-            )
-            assert (answer.status_code, answer.json) == (
-                200,
-                {"status": "accepted", "event_id": body["event_id"]},
-            )
+            assert_accepted(post_read(client, body, terminated=terminated), body)
             assert seen[-2:] == [("receiver", body), ("after_request", body)]
 
 
