@@ -52,7 +52,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-#: The keys that are on or off: each must be True or False.
+#: The keys that are on or off: any value but a string, read as bool() reads it.
 _SWITCHES = (
     "CIO_RUDDER_VERIFY_SIGNATURE",
     "CIO_RUDDER_METRICS",
@@ -90,7 +90,7 @@ class CioRudder:
         config = app.config
         for key in _SWITCHES:
             check_switch(config, key)
-        verify_signature = config["CIO_RUDDER_VERIFY_SIGNATURE"]
+        verify_signature = bool(config["CIO_RUDDER_VERIFY_SIGNATURE"])
         keys = _signing_keys(config["CIO_RUDDER_SIGNING_KEY"])
         if verify_signature and not keys:
             raise RuntimeError(

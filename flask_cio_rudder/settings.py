@@ -24,11 +24,12 @@ def is_positive_number(value: object, kinds: type | tuple[type, ...] = (int, flo
 
 
 def check_switch(config: Mapping[str, Any], key: str) -> bool:
-    """``config[key]`` if it is ``True`` or ``False``: the string ``"false"`` would read as on."""
+    """``config[key]`` as on or off (``bool()``, as always), unless it is a string, which would
+    read as on even when it says ``"false"``."""
     value = config[key]
-    if not isinstance(value, bool):
+    if isinstance(value, str):
         raise RuntimeError(f"{key} must be True or False, not {value!r}{_hint(value)}.")
-    return value
+    return bool(value)
 
 
 def check_seconds(config: Mapping[str, Any], key: str, *, zero: bool = False) -> float:
@@ -43,7 +44,9 @@ def check_seconds(config: Mapping[str, Any], key: str, *, zero: bool = False) ->
 def check_timeout(value: Any) -> Any:
     """``CIO_RUDDER_TIMEOUT`` if it is ``None``, seconds, or ``(connect, read)`` seconds; a list (as
     JSON from the environment gives a pair) as a tuple, the only pair requests takes."""
-    if value is None or is_positive_number(value):
+    if value is None or (value == 0 and not isinstance(value, bool)):  # 0: the default, as it always was
+        return None
+    if is_positive_number(value):
         return value
     if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(is_positive_number, value)):
         return tuple(value)

@@ -126,8 +126,7 @@ def test_a_limit_that_is_not_a_positive_number_fails_at_init_naming_the_key(key:
         ("CIO_RUDDER_OUTBOX_SENDER", "false"),  # would read as on
         ("CIO_RUDDER_FAST_PATH", "false"),
         ("CIO_RUDDER_VERIFY_SIGNATURE", "false"),
-        ("CIO_RUDDER_METRICS", 1),
-        ("CIO_RUDDER_DASHBOARD_READ_ONLY", None),
+        ("CIO_RUDDER_DASHBOARD_READ_ONLY", "no"),
     ],
 )
 def test_a_setting_of_the_wrong_kind_fails_at_init_naming_the_key(
@@ -148,7 +147,15 @@ def test_a_setting_of_the_wrong_kind_fails_at_init_naming_the_key(
 
 @pytest.mark.parametrize(
     ("key", "value"),
-    [("CIO_RUDDER_TIMEOUT", 2.5), ("CIO_RUDDER_TIMEOUT", [1, 5]), ("CIO_RUDDER_SHUTDOWN_TIMEOUT", 0)],
+    [
+        ("CIO_RUDDER_TIMEOUT", 2.5),
+        ("CIO_RUDDER_TIMEOUT", [1, 5]),
+        ("CIO_RUDDER_TIMEOUT", 0),  # the default, as before the checks
+        ("CIO_RUDDER_SHUTDOWN_TIMEOUT", 0),
+        ("CIO_RUDDER_METRICS", 0),  # switches read as bool() reads them, as before: all but strings
+        ("CIO_RUDDER_VERIFY_SIGNATURE", 1),
+        ("CIO_RUDDER_DASHBOARD_READ_ONLY", None),
+    ],
 )
 def test_settings_of_the_right_kind_are_taken(key: str, value: Any, tmp_path: Path) -> None:
     app = bare_app(
