@@ -550,6 +550,7 @@ def test_the_old_path_setting_still_works_with_a_deprecation_warning(
         ("redis://cache:pw-in-url@host/0", "unknown scheme 'redis'"),
         ("redis://cache:pw/in/url@host/0", "unknown scheme 'redis'"),  # a / its owner did not encode
         ("redis://cache:pw@in@url@host/0", "unknown scheme 'redis'"),
+        ("redis://cache:pw?in@url@host/0", "unknown scheme 'redis'"),
         ("outbox.sqlite3", "must be a URL"),
         ("host=db user=app password=pw-in-url dbname=app", "must be a URL"),  # libpq's key=value form
         ("host=db password='pw-in-url and more' dbname=app", "must be a URL"),
@@ -563,7 +564,31 @@ def test_a_bad_outbox_url_fails_at_init_naming_the_key_without_the_password(
     with pytest.raises(RuntimeError, match=message) as raised:
         make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=url))
     assert "CIO_RUDDER_OUTBOX_URL" in str(raised.value)
-    assert not any(secret in str(raised.value) for secret in ("pw-in-url", "pw/in/url", "in@url"))
+    assert not any(secret in str(raised.value) for secret in ("pw-in-url", "pw/in/url", "in@url", "pw?in"))
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:pw@db/app", "postgresql://app:***@db/app"),
+        (
+            "postgresql://app:pw@db/app?application_name=a@b",
+            "postgresql://app:***@db/app?application_name=a@b",
+        ),
+        ("postgresql://db:5432/app?application_name=a@b", "postgresql://db:5432/app?application_name=a@b"),
+        ("postgresql://127.0.0.1/te@st", "postgresql://127.0.0.1/te@st"),
+        (
+            "postgresql://db/app?sslpassword=pw&password=pw",
+            "postgresql://db/app?sslpassword=***&password=***",
+        ),
+        ("host=db password='p w' dbname=app", "host=db password=*** dbname=app"),
+    ],
+)
+def test_status_and_errors_show_the_outbox_url_without_its_password(url: str, shown: str) -> None:
+    """What ``status``, the dashboard and errors print: the password masked, the rest as given."""
+    from flask_cio_rudder.store import redact_url
+
+    assert redact_url(url) == shown
 
 
 def test_a_postgresql_url_without_the_extra_names_the_extra(
@@ -586,7 +611,16 @@ def test_a_postgresql_password_with_a_bare_at_or_slash_fails_at_init_saying_how_
         make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"postgresql://app:{password}@db/app"))
     assert "CIO_RUDDER_OUTBOX_URL" in str(raised.value)
     assert not any(part in str(raised.value) for part in ("pw/in", "in/url", "in@url"))
-    store_from_url("postgresql://db/app?application_name=a@b").close()  # an @ in the query is no password's
+    for url in (  # an @ in the query or the database name is no password's
+        "postgresql://db/app?application_name=a@b",
+        "postgresql://u:p@db/app?application_name=a@b",
+        "postgresql://127.0.0.1/te@st",
+        "postgresql://db:5432/te@st",
+        "postgresql://[::1]/te@st",
+    ):
+        store_from_url(url).close()
+    with pytest.raises(RuntimeError, match="percent-encoded"):  # a ? before the bare @ changes nothing
+        store_from_url("postgresql://app:pw?in@url@db/app")
 
 
 @pytest.mark.service

@@ -482,18 +482,26 @@ def body_text(body: bytes) -> str:
 def redact_url(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, so it can be logged.
 
-    The credentials are taken to end at the last ``@``: a password may hold ``@``, ``/``,
-    ``#`` or ``?`` that its owner did not percent-encode, and masking too much is harmless.
-    ``password=`` (and ``sslpassword=``) settings are masked too, as a query parameter of a
-    URL or in libpq's ``key=value`` form.
+    The credentials end at the first ``@`` before any ``/``, as libpq reads them. When that
+    reading leaves an ``@`` in the host, or puts one after a ``/`` outside the query, a password
+    holds an ``@`` or ``/`` its owner did not percent-encode: then everything up to the last ``@``
+    is masked (too much is harmless). ``password=`` (and ``sslpassword=``) settings are masked
+    too, as a query parameter of a URL or in libpq's ``key=value`` form.
     """
     url = _PASSWORD_SETTING.sub(r"\1***", url)
     scheme, separator, rest = url.partition("://")
-    credentials, at, after = rest.rpartition("@")
-    if not separator or not at:
+    at, slash = rest.find("@"), rest.find("/")
+    if not separator or at < 0:
         return url
-    user, colon, _password = credentials.partition(":")
-    return f"{scheme}://{user}:***@{after}" if colon else url
+    if slash < 0 or at < slash:
+        host = re.split(r"[/?]", rest[at + 1 :], maxsplit=1)[0]
+        end = at if "@" not in host else rest.rindex("@")
+    elif "@" in rest.split("?", 1)[0]:  # in the database name, or a password with a bare /
+        end = rest.rindex("@")
+    else:  # only in the query
+        return url
+    user, colon, _password = rest[:end].partition(":")
+    return f"{scheme}://{user}:***{rest[end:]}" if colon else url
 
 
 #: A password setting: ``password=...`` after ``?``, ``&``, a space or at the start; a quoted

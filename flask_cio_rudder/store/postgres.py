@@ -852,12 +852,20 @@ class PostgresStore(OutboxStore):
 
 
 def _host_holds_credentials(rest: str) -> bool:
-    """Whether an ``@`` follows the credentials as libpq reads them (they end at the first ``@``
-    or ``/``): a password with a bare ``@`` or ``/``, whose tail libpq would use, and quote, as
-    the host. ``rest`` is the URL after ``://``; an ``@`` in the query is no sign."""
-    before_query = rest.split("?", 1)[0]
-    ends = [index for index in (before_query.find("@"), before_query.find("/")) if index >= 0]
-    return bool(ends) and "@" in before_query[min(ends) + 1 :]
+    """Whether a password holds an ``@`` or ``/`` that is not percent-encoded, which libpq would
+    read as part of the host (and quote in its errors). ``rest`` is the URL after ``://``.
+
+    libpq's credentials end at the first ``@`` or ``/``. A bare ``@`` leaves one in the host; a bare
+    ``/`` ends them early, leaving ``user:start-of-password`` as a host with a port that is no number.
+    An ``@`` in the database name or the query is no sign.
+    """
+    at, slash = rest.find("@"), rest.find("/")
+    if at >= 0 and (slash < 0 or at < slash):
+        return "@" in re.split(r"[/?]", rest[at + 1 :], maxsplit=1)[0]
+    authority = rest if slash < 0 else rest[:slash]
+    _host, colon, port = authority.rpartition(":")
+    ipv6 = authority.startswith("[") and authority.endswith("]")
+    return bool(colon) and not ipv6 and not port.isdigit() and "@" in rest.split("?", 1)[0]
 
 
 def _channel_name(table: str) -> str:
