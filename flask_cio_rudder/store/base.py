@@ -38,6 +38,7 @@ __all__ = [
     "Pending",
     "StoreError",
     "StoreUnavailable",
+    "bare_in_password",
     "redact_url",
     "storage_key",
 ]
@@ -482,26 +483,42 @@ def body_text(body: bytes) -> str:
 def redact_url(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, so it can be logged.
 
-    The credentials end at the first ``@`` before any ``/``, as libpq reads them. When that
-    reading leaves an ``@`` in the host, or puts one after a ``/`` outside the query, a password
-    holds an ``@`` or ``/`` its owner did not percent-encode: then everything up to the last ``@``
-    is masked (too much is harmless). ``password=`` (and ``sslpassword=``) settings are masked
-    too, as a query parameter of a URL or in libpq's ``key=value`` form.
+    The credentials end at the first ``@`` before any ``/``, as libpq reads them; where a
+    password holds an ``@`` or ``/`` its owner did not percent-encode (:func:`bare_in_password`),
+    everything up to the last ``@`` is masked (too much is harmless). ``password=`` (and
+    ``sslpassword=``) settings are masked too, as a query parameter of a URL or in libpq's
+    ``key=value`` form.
     """
     url = _PASSWORD_SETTING.sub(r"\1***", url)
     scheme, separator, rest = url.partition("://")
     at, slash = rest.find("@"), rest.find("/")
     if not separator or at < 0:
         return url
-    if slash < 0 or at < slash:
-        host = re.split(r"[/?]", rest[at + 1 :], maxsplit=1)[0]
-        end = at if "@" not in host else rest.rindex("@")
-    elif "@" in rest.split("?", 1)[0]:  # in the database name, or a password with a bare /
+    if bare_in_password(rest):
         end = rest.rindex("@")
-    else:  # only in the query
+    elif slash < 0 or at < slash:
+        end = at
+    else:  # an @ only in the database name or the query
         return url
     user, colon, _password = rest[:end].partition(":")
     return f"{scheme}://{user}:***{rest[end:]}" if colon else url
+
+
+def bare_in_password(rest: str) -> bool:
+    """Whether a password holds an ``@`` or ``/`` that is not percent-encoded, which libpq would
+    read as part of the host (and quote in its errors). ``rest`` is the URL after ``://``.
+
+    libpq's credentials end at the first ``@`` or ``/``. A bare ``@`` leaves one in the host; a bare
+    ``/`` ends them early, leaving ``user:start-of-password`` as a host with a port that is no number.
+    An ``@`` in the database name or the query is no sign.
+    """
+    at, slash = rest.find("@"), rest.find("/")
+    if at >= 0 and (slash < 0 or at < slash):
+        return "@" in re.split(r"[/?]", rest[at + 1 :], maxsplit=1)[0]
+    authority = rest if slash < 0 else rest[:slash]
+    _host, colon, port = authority.rpartition(":")
+    ipv6 = authority.startswith("[") and authority.endswith("]")
+    return bool(colon) and not ipv6 and not port.isdigit() and "@" in rest.split("?", 1)[0]
 
 
 #: A password setting: ``password=...`` after ``?``, ``&``, a space or at the start; a quoted

@@ -51,6 +51,7 @@ from .base import (
     OutboxStore,
     Pending,
     StoreUnavailable,
+    bare_in_password,
     body_text,
     check_table_name,
     clean_text,
@@ -165,7 +166,7 @@ class PostgresStore(OutboxStore):
                 "CIO_RUDDER_OUTBOX_URL has a % not followed by two hex digits: percent-encode it "
                 "(a % in a password is written %25)."
             )
-        if _host_holds_credentials(rest):  # libpq would take the rest of the password for the host
+        if bare_in_password(rest):  # libpq would take the rest of the password for the host
             raise RuntimeError(
                 "CIO_RUDDER_OUTBOX_URL's password holds an @ or / that is not percent-encoded: "
                 "write @ as %40 and / as %2F (urllib.parse.quote(password, safe=''))."
@@ -849,23 +850,6 @@ class PostgresStore(OutboxStore):
 
         self._run(drop)
         self._ready = False
-
-
-def _host_holds_credentials(rest: str) -> bool:
-    """Whether a password holds an ``@`` or ``/`` that is not percent-encoded, which libpq would
-    read as part of the host (and quote in its errors). ``rest`` is the URL after ``://``.
-
-    libpq's credentials end at the first ``@`` or ``/``. A bare ``@`` leaves one in the host; a bare
-    ``/`` ends them early, leaving ``user:start-of-password`` as a host with a port that is no number.
-    An ``@`` in the database name or the query is no sign.
-    """
-    at, slash = rest.find("@"), rest.find("/")
-    if at >= 0 and (slash < 0 or at < slash):
-        return "@" in re.split(r"[/?]", rest[at + 1 :], maxsplit=1)[0]
-    authority = rest if slash < 0 else rest[:slash]
-    _host, colon, port = authority.rpartition(":")
-    ipv6 = authority.startswith("[") and authority.endswith("]")
-    return bool(colon) and not ipv6 and not port.isdigit() and "@" in rest.split("?", 1)[0]
 
 
 def _channel_name(table: str) -> str:
