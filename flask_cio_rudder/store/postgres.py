@@ -431,10 +431,16 @@ class PostgresStore(OutboxStore):
     def _local_now(self) -> float:
         return time.monotonic() if self.clock is None else self.clock()
 
+    def _streak_broken(self, now: float) -> bool:
+        """Whether this process's heartbeats stopped reaching the server: one failed, or the last
+        is older than others take a live holder's to be."""
+        last = self._last_beat
+        return self._reaching_since is None or (last is not None and now - last > self.HEARTBEAT_TIMEOUT)
+
     def _reached_server(self) -> None:
-        now, last = self._local_now(), self._last_beat
-        if self._reaching_since is None or (last is not None and now - last > self.HEARTBEAT_TIMEOUT):
-            self._reaching_since = now  # after a failure, or a silence others read as death
+        now = self._local_now()
+        if self._streak_broken(now):
+            self._reaching_since = now
         self._last_beat = now
 
     def _may_judge_holders(self) -> bool:
@@ -444,10 +450,8 @@ class PostgresStore(OutboxStore):
         After an outage every holder's heartbeat is stale: the first process to reach the server again
         must not take the batches of live holders that have not yet had the time to beat.
         """
-        since, last, now = self._reaching_since, self._last_beat, self._local_now()
-        if since is None or (last is not None and now - last > self.HEARTBEAT_TIMEOUT):
-            return False
-        return now - since >= self.HEARTBEAT_TIMEOUT
+        now, since = self._local_now(), self._reaching_since
+        return since is not None and not self._streak_broken(now) and now - since >= self.HEARTBEAT_TIMEOUT
 
     def _forget_holder(self) -> None:
         """Free this process's leases and drop its heartbeat: a clean exit leaves nothing held."""
