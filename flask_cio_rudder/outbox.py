@@ -349,8 +349,8 @@ class OutboxForwarder(Forwarder):
         name, email = describe_body(decoded)
         try:
             self.outbox.store.add_rejected(event_id, body, reason, event_name=name, email=email)
-        except StoreError as error:  # the answer is 2xx whatever happens: say it was not kept
-            logger.error("Could not keep a rejected Customer.io body as a dead letter: %s", error)
+        except StoreError as error:  # 503, as for an accepted event: Customer.io's retry keeps it later
+            raise _not_kept("keep a rejected body as a dead letter", error) from error
 
     def close(self) -> None:
         self.outbox.close()

@@ -3,7 +3,8 @@
 Each step is one function below, in the order a request meets them. The answers
 follow the response policy in the README: Customer.io holds back every later
 webhook while one is failing, so only a request that is not authentic, too large,
-not JSON, or whose receivers raised gets a non-2xx answer.
+not JSON, whose receivers raised, or that the outbox could not keep (503) gets a
+non-2xx answer.
 """
 
 from __future__ import annotations
@@ -291,9 +292,10 @@ def reject(
     *,
     announce: bool = True,
 ) -> Outcome:
-    """Keep an authentic body that cannot be accepted as a dead letter (the answer is still 2xx).
+    """Keep an authentic body that cannot be accepted as a dead letter; the answer is 2xx.
 
-    A non-2xx answer would make Customer.io hold back every later event for days.
+    A 4xx would make Customer.io hold back every later event for days, for a body no
+    retry can mend. Only when it cannot be kept is the answer 503, as for accepted events.
     """
     event_id = body.get("event_id")
     if not (isinstance(event_id, str) and event_id and is_text(event_id)):

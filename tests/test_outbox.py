@@ -127,7 +127,7 @@ def test_a_rejected_body_is_kept_as_a_dead_letter(outbox_app: Flask, post: Post)
     assert letter.reason.startswith("no userId or anonymousId")
 
 
-def test_an_outbox_that_cannot_be_written_answers_503_and_a_rejection_still_answers(
+def test_an_outbox_that_cannot_be_written_answers_503_to_accepted_and_rejected_bodies(
     outbox_app: Flask, post: Post, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     def broken(*args: Any, **options: Any) -> Any:
@@ -152,10 +152,16 @@ def test_an_outbox_that_cannot_be_written_answers_503_and_a_rejection_still_answ
     with pytest.raises(ForwardError, match="could not read the outbox"):  # the view answers 503 for it
         outbox_app.extensions["cio_rudder"].forwarder.is_duplicate("01E4C4CT6YDC7Y5M7FE1GWWPQB")
 
+    # A body that cannot be accepted is not dropped either: Customer.io sends it again later.
     monkeypatch.setattr(store, "add_rejected", broken)
     with caplog.at_level(logging.ERROR, "flask_cio_rudder"):
-        assert post(outbox_app.test_client(), {"event_id": "no identity"}).json["status"] == "rejected"
-    assert "Could not keep a rejected Customer.io body" in caplog.text
+        response = post(outbox_app.test_client(), {"event_id": "no identity"})
+    assert response.status_code == 503
+    assert "could not keep a rejected body as a dead letter" in response.json["error"]
+    assert re.search("No space left on device|disk I/O error", caplog.text)
+    monkeypatch.undo()
+    assert post(outbox_app.test_client(), {"event_id": "no identity"}).json["status"] == "rejected"
+    assert [letter.event_id for letter in get_outbox(outbox_app).dead_letters()] == ["no identity"]
 
 
 def test_the_background_sender_delivers_without_being_asked(
