@@ -156,8 +156,11 @@ class Sender:
         self._store_due = 0.0  # when (time.monotonic()) the store is to be claimed from, offers or not
         self._failures = 0
         self._retry_after: float | None = None  # seconds RudderStack last asked us to wait
-        #: How the sender waits (between paced requests, after failures); returns early when stopping.
+        #: How the sender waits after a failure; returns early when stopping.
         self.sleep: Callable[[float], object] = self._stopping.wait
+        #: How it waits its turn under the request rate cap: nothing cuts that short, so a flush
+        #: at shutdown or from ``flask cio-rudder flush`` keeps the cap too.
+        self.wait_turn: Callable[[float], object] = time.sleep
         self._reported_configuration_error = False
         self._reported_store_error = False
         self._final_flush = True
@@ -338,11 +341,14 @@ class Sender:
         all within that one deadline."""
         ids = [event.event_id for event in events]
         wait = self.pacer.reserve()
-        if wait > 0:
-            self.sleep(wait)
+        late = time.monotonic() + wait >= deadline  # the turn under the rate cap comes too late
+        if wait > 0 and not late:
+            self.wait_turn(wait)
         left = deadline - time.monotonic()
-        if left <= 0:  # past the lease (less its margin), another sender may have claimed them
+        if late or left <= 0:  # past the lease (less its margin), another sender may have claimed them
             reason = "no time was left to post these events (the claim's lease, or the flush's timeout)"
+            if late:
+                reason += ": their turn under CIO_RUDDER_MAX_REQUESTS_PER_SECOND comes after it"
             self._retry_later(owner, events, reason, outcome, 0.0)
             return
         started = time.perf_counter()

@@ -308,8 +308,9 @@ def test_a_retry_after_of_zero_gets_the_backoff_not_a_busy_loop(
         assert ceiling / 2 <= sender.retry_delay() <= ceiling
 
 
+@pytest.mark.parametrize("flush", ["flush()", "flask cio-rudder flush"])
 def test_a_request_rate_cap_spaces_the_requests(
-    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane, flush: str
 ) -> None:
     app = make_app(**outbox_config, CIO_RUDDER_MAX_REQUESTS_PER_SECOND=2, CIO_RUDDER_OUTBOX_BATCH_SIZE=1)
     sender = get_outbox(app).sender
@@ -317,16 +318,34 @@ def test_a_request_rate_cap_spaces_the_requests(
     sender.pacer.clock = clock
     waits: list[float] = []
 
-    def sleep(seconds: float) -> None:  # the hand-moved clock stands in for waiting
+    def wait_turn(seconds: float) -> None:  # the hand-moved clock stands in for waiting
         waits.append(seconds)
         clock.now += seconds
 
-    sender.sleep = sleep
+    sender.wait_turn = wait_turn
     accept(app, 5)
-    assert get_outbox(app).flush().delivered == 5
+    if flush == "flush()":
+        assert get_outbox(app).flush().delivered == 5
+    else:  # the command stops the app's own sender first: its flush must keep the cap all the same
+        assert "sent 5 events" in app.test_cli_runner().invoke(args=["cio-rudder", "flush"]).output
     assert data_plane.requests == 5
     assert clock.now == 2.0  # five requests at two a second: the last one 2 s after the first
     assert waits == [0.5] * 4
+
+
+def test_a_flush_gives_back_a_batch_whose_turn_under_the_cap_comes_after_its_timeout(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane
+) -> None:
+    app = make_app(**outbox_config, CIO_RUDDER_MAX_REQUESTS_PER_SECOND=0.1, CIO_RUDDER_OUTBOX_BATCH_SIZE=1)
+    sender = get_outbox(app).sender
+    waits: list[float] = []
+    sender.wait_turn = waits.append
+    accept(app, 2)
+    report = get_outbox(app).flush(timeout=5)
+    assert report.delivered == 1  # the second's turn is 10 s later: not waited for
+    assert waits == []
+    assert "CIO_RUDDER_MAX_REQUESTS_PER_SECOND" in (report.error or "")
+    assert report.status is not None and report.status.pending == 1
 
 
 @pytest.mark.parametrize("rate", [0, -1, "fast", True])
