@@ -28,7 +28,8 @@ from .replay import read_bodies, replay
 from .sendtest import send_samples
 from .spool import spool_for
 from .state import state_of
-from .store import DeadLetter, Match, StoreError, sqlite_path, store_from_url
+from .store import DeadLetter, Match, StoreError, store_from_url
+from .store.sqlite import sqlite_path
 from .webhook import RetryLater
 
 __all__ = ["cli", "format_age", "outbox_of_current_app", "parse_age", "parse_since"]

@@ -348,6 +348,13 @@ def test_a_flush_gives_back_a_batch_whose_turn_under_the_cap_comes_after_its_tim
     assert report.status is not None and report.status.pending == 1
 
 
+def test_an_unknown_durability_fails_at_init_naming_the_key_whatever_the_store(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any]
+) -> None:
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_OUTBOX_DURABILITY must be one of"):
+        make_app(**outbox_config, CIO_RUDDER_OUTBOX_DURABILITY="paranoid")
+
+
 @pytest.mark.parametrize("rate", [0, -1, "fast", True])
 def test_a_bad_request_rate_cap_fails_at_init_naming_the_key(
     make_app: Callable[..., Flask], outbox_config: dict[str, Any], rate: Any

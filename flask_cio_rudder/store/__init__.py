@@ -10,9 +10,6 @@ A new backend is one module with an :class:`OutboxStore` subclass, one line in
 from __future__ import annotations
 
 import importlib
-import os
-import time
-from urllib.parse import unquote, urlsplit
 
 from . import forkguard  # noqa: F401  (first: its fork hook must run before the senders' and spools')
 from .base import (
@@ -28,6 +25,7 @@ from .base import (
     Pending,
     StoreError,
     StoreUnavailable,
+    check_durability,
     redact_url,
 )
 
@@ -69,6 +67,7 @@ def store_from_url(
     ``sqlite:///name.sqlite3`` is relative to ``instance_path`` (the app's instance folder),
     ``sqlite:////abs/path.sqlite3`` absolute. ``table`` defaults to the backend's own name.
     """
+    check_durability(durability)
     if not isinstance(url, str) or "://" not in url:
         raise RuntimeError(
             "CIO_RUDDER_OUTBOX_URL must be a URL such as sqlite:///cio_rudder_outbox.sqlite3 "
@@ -90,26 +89,5 @@ def store_from_url(
             f"CIO_RUDDER_OUTBOX_URL is a {scheme}:// URL, which needs the {extra!r} extra: "
             f'pip install "Flask-CIO-Rudder[{extra}]" ({error})'
         ) from None
-    if class_name == "SQLiteStore":
-        return module.SQLiteStore(  # type: ignore[no-any-return]
-            sqlite_path(url, instance_path),
-            table=table or module.DEFAULT_TABLE,
-            durability=durability,
-            clock=clock or time.time,
-        )
-    store: OutboxStore = getattr(module, class_name)(url, table=table, clock=clock)
-    return store
-
-
-def sqlite_path(url: str, instance_path: str | None) -> str:
-    """The file of an ``sqlite:///`` URL: three slashes, relative to ``instance_path``; four, absolute."""
-    parts = urlsplit(url)
-    if parts.netloc or not parts.path or parts.path == "/" or parts.query:
-        raise RuntimeError(
-            f"CIO_RUDDER_OUTBOX_URL {redact_url(url)!r} is not an SQLite file URL: use "
-            "sqlite:///relative/name.sqlite3 (in the instance folder) or sqlite:////absolute/path.sqlite3."
-        )
-    path = unquote(parts.path[1:])  # the first slash separates the (empty) host from the path
-    if os.path.isabs(path):
-        return path
-    return os.path.join(instance_path or os.getcwd(), path)
+    backend: type[OutboxStore] = getattr(module, class_name)
+    return backend.from_url(url, instance_path=instance_path, table=table, durability=durability, clock=clock)

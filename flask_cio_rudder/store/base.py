@@ -190,8 +190,6 @@ class OutboxStore(ABC):
     epoch from ``clock`` (tests pass a hand-moved one).
     """
 
-    #: URL schemes this backend serves, e.g. ``("sqlite",)``.
-    schemes: ClassVar[tuple[str, ...]] = ()
     #: Whether :meth:`watch` hears about events other processes add (else senders only poll).
     notifies: ClassVar[bool] = False
 
@@ -199,6 +197,14 @@ class OutboxStore(ABC):
     url: str
     #: The table that holds the events.
     table: str
+
+    @classmethod
+    @abstractmethod
+    def from_url(
+        cls, url: str, *, instance_path: str | None, table: str | None, durability: str, clock: Clock | None
+    ) -> OutboxStore:
+        """The store ``url`` names (see :func:`~flask_cio_rudder.store.store_from_url`): each
+        backend reads from the URL and the settings what its own constructor takes."""
 
     # -- the web request's side ----------------------------------------------------------------
 
@@ -524,6 +530,18 @@ def bare_in_password(rest: str) -> bool:
 #: A password setting: ``password=...`` after ``?``, ``&``, a space or at the start; a quoted
 #: value of libpq's key=value form may hold spaces and escaped quotes.
 _PASSWORD_SETTING = re.compile(r"((?:^|[?&\s])\w*password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)", re.IGNORECASE)
+
+
+#: ``CIO_RUDDER_OUTBOX_DURABILITY``'s values: what an accepted event must survive before the answer.
+DURABILITIES = ("process-crash", "power-loss")
+
+
+def check_durability(value: object) -> str:
+    """``value`` if it is one of :data:`DURABILITIES`, else fail naming the key."""
+    if value not in DURABILITIES:
+        choices = ", ".join(repr(name) for name in DURABILITIES)
+        raise RuntimeError(f"CIO_RUDDER_OUTBOX_DURABILITY must be one of {choices}, not {value!r}.")
+    return str(value)
 
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,47}")

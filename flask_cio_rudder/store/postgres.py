@@ -134,7 +134,6 @@ def _quote(name: str) -> str:
 class PostgresStore(OutboxStore):
     """The outbox in a PostgreSQL table, shared by every process on every server that uses the URL."""
 
-    schemes = ("postgresql", "postgres", "postgresql+psycopg")
     notifies = True
 
     #: Seconds between two heartbeats of a process that claims.
@@ -192,6 +191,13 @@ class PostgresStore(OutboxStore):
         self._lock_key = f"flask_cio_rudder:{self.table}"
         _live_stores.add(self)
         self._fresh_process_state()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, instance_path: str | None, table: str | None, durability: str, clock: Clock | None
+    ) -> PostgresStore:
+        """The URL as it is. Durability is the server's: a commit lasts as its settings make it."""
+        return cls(url, table=table, clock=clock)
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self.url} table={self.table!r}>"

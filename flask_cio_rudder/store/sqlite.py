@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, NamedTuple
+from urllib.parse import unquote, urlsplit
 
 from .base import (
     Activity,
@@ -49,12 +50,14 @@ from .base import (
     Pending,
     StoreUnavailable,
     body_text,
+    check_durability,
     check_table_name,
     clean_text,
     match_conditions,
     minute_of,
     payload_summary,
     per_minute,
+    redact_url,
     rejected_key,
     search_columns,
     search_email,
@@ -65,13 +68,13 @@ from .forkguard import fork_guard as _fork_guard
 if sys.platform != "win32":
     import fcntl
 
-__all__ = ["DURABILITY", "SQLiteStore", "holder_alive", "this_process"]
+__all__ = ["SQLiteStore", "holder_alive", "sqlite_path", "this_process"]
 
-#: ``CIO_RUDDER_OUTBOX_DURABILITY`` values and the SQLite ``synchronous`` setting of each.
+#: The SQLite ``synchronous`` setting of each ``CIO_RUDDER_OUTBOX_DURABILITY``.
 #: "process-crash": a commit survives the process being killed (the WAL is written
 #: before the answer), but the last commits can be lost if the machine loses power.
 #: "power-loss": every commit is also fsync'ed, so it survives power loss; slower.
-DURABILITY = {"process-crash": "NORMAL", "power-loss": "FULL"}
+_SYNCHRONOUS = {"process-crash": "NORMAL", "power-loss": "FULL"}
 
 #: The table of outboxes made before the table name could be chosen; its side table is ``meta``.
 DEFAULT_TABLE = "events"
@@ -255,14 +258,26 @@ _BACKFILL = (
 )
 
 
+def sqlite_path(url: str, instance_path: str | None) -> str:
+    """The file of an ``sqlite:///`` URL: three slashes, relative to ``instance_path``; four, absolute."""
+    parts = urlsplit(url)
+    if parts.netloc or not parts.path or parts.path == "/" or parts.query:
+        raise RuntimeError(
+            f"CIO_RUDDER_OUTBOX_URL {redact_url(url)!r} is not an SQLite file URL: use "
+            "sqlite:///relative/name.sqlite3 (in the instance folder) or sqlite:////absolute/path.sqlite3."
+        )
+    path = unquote(parts.path[1:])  # the first slash separates the (empty) host from the path
+    if os.path.isabs(path):
+        return path
+    return os.path.join(instance_path or os.getcwd(), path)
+
+
 class SQLiteStore(OutboxStore):
     """The outbox in an SQLite file; every process on the machine that opens ``path`` shares it.
 
     Safe to use from many threads: each thread (and each process after a fork)
     gets its own SQLite connection.
     """
-
-    schemes = ("sqlite",)
 
     def __init__(
         self,
@@ -272,9 +287,7 @@ class SQLiteStore(OutboxStore):
         durability: str = "process-crash",
         clock: Clock = time.time,
     ) -> None:
-        if durability not in DURABILITY:
-            choices = ", ".join(repr(name) for name in DURABILITY)
-            raise RuntimeError(f"CIO_RUDDER_OUTBOX_DURABILITY must be one of {choices}, not {durability!r}.")
+        self._synchronous = _SYNCHRONOUS[check_durability(durability)]
         self.path = path
         self.url = "sqlite:///" + os.path.abspath(path)
         self.table = check_table_name(table, schemas=False)
@@ -282,7 +295,6 @@ class SQLiteStore(OutboxStore):
         self._meta = "meta" if table == DEFAULT_TABLE else f"{table}_meta"
         self._is_known_sql = f"SELECT 1 FROM {self.table} WHERE event_id = ? AND payload IS NOT NULL"
         self.clock = clock
-        self._synchronous = DURABILITY[durability]
         self._local = threading.local()
         self._opened: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
         self._opened_lock = threading.Lock()
@@ -290,6 +302,17 @@ class SQLiteStore(OutboxStore):
         _live_stores.add(self)
         # A local file: if it cannot be made, nothing can work, so say so at start-up.
         self.create_tables()
+
+    @classmethod
+    def from_url(
+        cls, url: str, *, instance_path: str | None, table: str | None, durability: str, clock: Clock | None
+    ) -> SQLiteStore:
+        return cls(
+            sqlite_path(url, instance_path),
+            table=table or DEFAULT_TABLE,
+            durability=durability,
+            clock=clock or time.time,
+        )
 
     def __repr__(self) -> str:
         return f"<SQLiteStore {self.path!r} table={self.table!r}>"
