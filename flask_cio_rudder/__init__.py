@@ -2,9 +2,9 @@
 
 from . import signals
 from .event import CioEvent
-from .extension import CioRudder, get_outbox
+from .extension import CioRudder
 from .forwarders import Forwarder, ForwardError, NullForwarder, SyncForwarder
-from .outbox import Outbox, OutboxForwarder
+from .outbox import Outbox, OutboxForwarder, get_outbox
 from .transform import InvalidEvent, transform
 
 __all__ = [

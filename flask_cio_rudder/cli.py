@@ -23,7 +23,7 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
-from .outbox import Outbox, OutboxForwarder, counted
+from .outbox import Outbox, OutboxForwarder, counted, get_outbox
 from .replay import read_bodies, replay
 from .sendtest import send_samples
 from .spool import spool_for
@@ -115,14 +115,13 @@ def outbox_of_current_app(*, keep_sender: bool = False) -> Outbox:
     A command's process is short-lived: its sender would only race the command (and,
     at exit, spend the shutdown timeout sending) while the app's real senders run elsewhere.
     """
-    forwarder = current_app.extensions["cio_rudder"].forwarder
-    if not isinstance(forwarder, OutboxForwarder):
-        raise click.ClickException(
-            "this app does not use the outbox: set CIO_RUDDER_FORWARDER = 'outbox' to use these commands"
-        )
+    try:
+        outbox = get_outbox()
+    except RuntimeError as error:
+        raise click.ClickException(f"{error} These commands work on the outbox.") from None
     if not keep_sender:
-        forwarder.outbox.sender.stop(flush=False)
-    return forwarder.outbox
+        outbox.sender.stop(flush=False)
+    return outbox
 
 
 def format_age(seconds: float | None) -> str:

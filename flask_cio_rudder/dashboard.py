@@ -6,9 +6,12 @@ mounts it, as with RQ Dashboard::
     from flask_cio_rudder.dashboard import dashboard
     app.register_blueprint(dashboard, url_prefix="/admin/cio")
 
-    @dashboard.before_request
+    @app.before_request
     def only_admins():
-        ...  # the host's own authentication
+        if request.blueprint == dashboard.name:
+            ...  # the host's own authentication
+
+(A hook on ``dashboard`` itself would apply to every app in the process that registers it.)
 
 Pages are server-rendered (Jinja, no front-end build, no external assets): the overview,
 the dead letters (search, body, requeue, purge) and what became of an event or an address.
@@ -41,8 +44,7 @@ from flask import (
 from werkzeug.exceptions import BadRequest, Forbidden
 
 from .cli import format_age, parse_since
-from .extension import get_outbox
-from .outbox import Outbox, counted
+from .outbox import Outbox, counted, get_outbox
 from .store import Activity, Match
 
 __all__ = ["CSRFError", "dashboard"]

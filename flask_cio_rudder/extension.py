@@ -8,14 +8,14 @@ import logging
 import weakref
 from typing import Any
 
-from flask import Flask, current_app
+from flask import Flask
 
 from .cli import cli
 from .fastpath import FastPath
 from .forwarders import Forwarder, create_forwarder
-from .outbox import DEFAULT_URL, Outbox, OutboxForwarder
+from .outbox import DEFAULT_URL, get_outbox
 from .settings import check_switch, is_positive_number
-from .state import State, state_of
+from .state import State
 from .validation import Validation
 from .webhook import create_blueprint
 
@@ -145,17 +145,6 @@ _open_forwarders: weakref.WeakSet[Forwarder] = weakref.WeakSet()
 def _close_forwarders() -> None:
     for forwarder in list(_open_forwarders):
         forwarder.close()
-
-
-def get_outbox(app: Flask | None = None) -> Outbox:
-    """The outbox of ``app`` (default: the current app), for status, flush, dead letters...
-
-    Raises ``RuntimeError`` if the app does not use ``CIO_RUDDER_FORWARDER = "outbox"``.
-    """
-    forwarder = state_of(app or current_app._get_current_object()).forwarder  # type: ignore[attr-defined]
-    if not isinstance(forwarder, OutboxForwarder):
-        raise RuntimeError("This app does not use the outbox: set CIO_RUDDER_FORWARDER = 'outbox'.")
-    return forwarder.outbox
 
 
 def _signing_keys(value: object) -> tuple[str, ...]:

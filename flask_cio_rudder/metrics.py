@@ -36,6 +36,7 @@ except ImportError as error:  # pragma: no cover - the message is the point
     ) from error
 
 from . import signals
+from .outbox import get_outbox
 
 __all__ = ["enable", "metrics_response"]
 
@@ -133,8 +134,6 @@ class _OutboxCollector(Collector):
     """The outbox's state, read when Prometheus scrapes; the oldest pending age is the one to alert on."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        from .extension import get_outbox  # here: the extension imports this module
-
         pending = GaugeMetricFamily(
             "cio_rudder_pending_events", "Accepted events not yet delivered.", labels=["app"]
         )

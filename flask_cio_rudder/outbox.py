@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import click
-from flask import Flask
+from flask import Flask, current_app
 from flask.cli import FlaskGroup
 
 from .event import CioEvent
@@ -29,6 +29,7 @@ from .rudderstack import DataPlane, check_url, data_plane_from_config
 from .sender import Delivery, Sender
 from .settings import check_seconds, check_timeout
 from .spool import Spool, spool_for
+from .state import state_of
 from .store import (
     Activity,
     DeadLetter,
@@ -42,7 +43,7 @@ from .store import (
 )
 from .transform import describe_body
 
-__all__ = ["DEFAULT_URL", "FlushReport", "Outbox", "OutboxForwarder"]
+__all__ = ["DEFAULT_URL", "FlushReport", "Outbox", "OutboxForwarder", "get_outbox"]
 
 logger = logging.getLogger("flask_cio_rudder")
 
@@ -137,7 +138,11 @@ class Outbox:
         return self
 
     def status(self) -> OutboxStatus:
-        """Counts of pending, delivered and dead events, what senders hold, the last error."""
+        """Counts of pending, delivered and dead events, what senders hold, the last error.
+
+        What this process and dead ones spooled is moved into the store first, so that the
+        counts include it: a spooled event is pending too.
+        """
         self._move_spooled()
         return self.store.status()
 
@@ -354,6 +359,17 @@ class OutboxForwarder(Forwarder):
 
     def close(self) -> None:
         self.outbox.close()
+
+
+def get_outbox(app: Flask | None = None) -> Outbox:
+    """The outbox of ``app`` (default: the current app), for status, flush, dead letters...
+
+    Raises ``RuntimeError`` if the app does not use ``CIO_RUDDER_FORWARDER = "outbox"``.
+    """
+    forwarder = state_of(app or current_app._get_current_object()).forwarder  # type: ignore[attr-defined]
+    if not isinstance(forwarder, OutboxForwarder):
+        raise RuntimeError("This app does not use the outbox: set CIO_RUDDER_FORWARDER = 'outbox'.")
+    return forwarder.outbox
 
 
 def outbox_url(config: Mapping[str, Any]) -> str:
