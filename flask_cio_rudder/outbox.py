@@ -243,7 +243,7 @@ class Outbox:
         if self.spool is not None:
             self.spool.stop(self.sender.shutdown_timeout)
         self.sender.stop()
-        self.store.close()
+        self.sender.close_after(self.store.close)  # a post that outlived the stop keeps its lease
 
 
 def _loaded_by_a_flask_command() -> bool:

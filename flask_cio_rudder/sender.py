@@ -164,6 +164,9 @@ class Sender:
         self._reported_configuration_error = False
         self._reported_store_error = False
         self._final_flush = True
+        self._exit_lock = threading.Lock()
+        self._ended = False  # the thread has returned
+        self._at_exit: list[Callable[[], object]] = []  # what it closes when it outlived stop()
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -223,7 +226,18 @@ class Sender:
             for thread in (self._thread, self._watcher):
                 if thread is not None and thread.is_alive():
                     thread.join(self.shutdown_timeout + 1.0)
-        self.data_plane.close()
+        self.close_after(self.data_plane.close)
+
+    def close_after(self, close: Callable[[], object]) -> None:
+        """Call ``close`` once this process's sender thread has ended: now, unless a post outlived
+        :meth:`stop`. The batch it posts then stays leased (on PostgreSQL, heartbeating) until it
+        ends, so nobody else sends it meanwhile, and nothing it uses is reopened behind a close."""
+        with self._exit_lock:
+            thread = self._thread
+            if thread is not None and thread.is_alive() and not self._ended and self._pid == os.getpid():
+                self._at_exit.append(close)
+                return
+        close()
 
     def _after_fork(self) -> None:
         self._fresh_process_state()
@@ -257,6 +271,12 @@ class Sender:
                 self.flush(self.shutdown_timeout)
         except StoreError as error:
             logger.warning("Could not send the outbox's last events at shutdown: %s", error)
+        finally:
+            with self._exit_lock:
+                self._ended = True
+                closes, self._at_exit = self._at_exit, []
+            for close in closes:
+                close()
 
     def retry_delay(self) -> float:
         """Seconds to wait after a failed attempt: what RudderStack asked for, else jittered backoff.

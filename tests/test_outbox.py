@@ -454,6 +454,22 @@ def test_splitting_a_refused_batch_stops_where_the_claims_lease_ends(
     assert get_outbox(outbox_app).status().pending == 4  # given back, for the next claim
 
 
+def test_a_post_that_outlives_closing_keeps_its_batch_until_it_ends(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane, post: Post
+) -> None:
+    """A worker recycled while RudderStack is slow: the batch it is posting stays its own, not sent twice."""
+    config = {**outbox_config, "CIO_RUDDER_TIMEOUT": (1.0, 10.0)}
+    app = make_app(**{**config, "CIO_RUDDER_OUTBOX_SENDER": True, "CIO_RUDDER_SHUTDOWN_TIMEOUT": 0.2})
+    other = make_app(**config)  # another server on the same outbox
+    data_plane.hang_next(3.0)  # longer than closing waits (the shutdown timeout + 1 s)
+    post(app.test_client(), sample("opened"))
+    wait_until(lambda: data_plane.requests == 1, what="the sender's post starts")
+    get_outbox(app).close()
+    assert get_outbox(other).flush(timeout=1).delivered == 0  # still leased to the post in flight
+    wait_until(lambda: get_outbox(other).status().delivered == 1, what="the slow post ends and is marked")
+    assert len(data_plane.events) == 1
+
+
 @pytest.mark.parametrize(
     ("path", "setting"), [("", "CIO_RUDDER_WRITE_KEY"), ("/wrong", "CIO_RUDDER_DATA_PLANE_URL")]
 )

@@ -104,6 +104,20 @@ def test_a_long_schema_qualified_table_keeps_events_and_wakes_senders(schema: st
         store.close()
 
 
+def test_dropping_the_tables_then_closing_leaves_them_dropped(postgres: Backend) -> None:
+    """Closing frees the process's batches; after a drop there are none, and no table to make again."""
+    store = postgres.store()
+    store.add("e1", "{}")
+    assert store.claim(10, lease=60, max_age=3600).events  # the store now holds a batch
+    store.drop_tables()
+    store.close()
+    import psycopg
+
+    with psycopg.connect(postgres.url, autocommit=True) as conn:
+        found = conn.execute("SELECT to_regclass(%s)", (postgres.table,)).fetchone()
+    assert found == (None,)
+
+
 def test_no_password_reaches_an_error_or_the_url_shown(postgres: Backend) -> None:
     """libpq reads a password up to the first @, # and ? included; a URL parser stops at them."""
     store = store_from_url(f"postgresql://app:s3cret#pw?x@127.0.0.1:{free_port()}/test")

@@ -860,6 +860,7 @@ class PostgresStore(OutboxStore):
 
         self._run(drop)
         self._ready = False
+        self._has_held = False  # nothing is held in tables that are gone: close() must not make them again
 
 
 def _channel_name(table: str) -> str:
