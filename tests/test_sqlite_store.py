@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
 import sys
 import threading
 import traceback
@@ -43,10 +44,47 @@ def test_an_unknown_durability_names_the_key(tmp_path: Path) -> None:
 
 def test_a_holder_is_this_process_until_it_is_gone() -> None:
     assert holder_alive(this_process())
-    pid, _, started = this_process().partition(":")
+    pid, started, namespace = this_process().split(":", 2)
     if started:  # /proc tells start times: the same pid with another start time is another process
-        assert not holder_alive(f"{pid}:{int(started) + 1}")
+        assert not holder_alive(f"{pid}:{int(started) + 1}:{namespace}")
+        assert not holder_alive(f"{pid}:{int(started) + 1}")  # as holders were written before namespaces
     assert not holder_alive("not-a-pid:0")
+
+
+def _can_unshare_pids() -> bool:
+    try:
+        found = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"], capture_output=True)
+    except OSError:
+        return False
+    return found.returncode == 0
+
+
+_HOLD_A_BATCH = """
+import sys
+from flask_cio_rudder.store.sqlite import SQLiteStore
+
+store = SQLiteStore(sys.argv[1])
+print(len(store.claim(10, lease=60, max_age=3600).events), flush=True)
+sys.stdin.read()  # holds the batch until the test closes our stdin
+"""
+
+
+@pytest.mark.skipif(not _can_unshare_pids(), reason="needs `unshare --pid` (Linux, root): another container")
+def test_a_batch_held_in_another_pid_namespace_stays_held_until_its_lease_ends(tmp_path: Path) -> None:
+    """Containers sharing the outbox's volume: the other's process ids mean nothing here."""
+    path = str(tmp_path / "outbox.sqlite3")
+    store = SQLiteStore(path)
+    store.add("e1", "{}")
+    command = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", _HOLD_A_BATCH, path]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE) as other:
+        assert other.stdout is not None and other.stdin is not None
+        try:
+            assert other.stdout.readline() == b"1\n"  # the other container claimed it
+            assert store.claim(10, lease=60, max_age=3600).events == []
+            assert store.status().in_flight == 1
+        finally:
+            other.stdin.close()
+    store.close()
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the outbox's write lock uses flock, which Windows lacks")

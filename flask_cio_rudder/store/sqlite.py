@@ -128,15 +128,35 @@ def _process_start(pid: int) -> str | None:
     return fields[19].decode()  # field 22 of proc(5), starttime
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (Linux: ``pid:[4026531836]``; ``""`` elsewhere).
+
+    Containers on one machine that share the outbox's volume each have their own: a
+    process id read in one means nothing in another.
+    """
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
+
+
 def this_process() -> str:
-    """This process as a lease holder: ``"<pid>:<start time>"``."""
+    """This process as a lease holder: ``"<pid>:<start time>:<PID namespace>"``."""
     pid = os.getpid()
-    return f"{pid}:{_process_start(pid) or ''}"
+    return f"{pid}:{_process_start(pid) or ''}:{_pid_namespace()}"
 
 
 def holder_alive(holder: str) -> bool:
-    """Whether the process named by ``holder`` (see :func:`this_process`) still runs."""
-    pid_text, _, started = holder.partition(":")
+    """Whether the process named by ``holder`` (see :func:`this_process`) still runs.
+
+    A holder in another PID namespace (another container) cannot be looked up from here:
+    it counts as alive, and its batch is free when its lease ends. Holders written
+    before the namespace was recorded have none and are looked up here.
+    """
+    pid_text, _, rest = holder.partition(":")
+    started, _, namespace = rest.partition(":")
+    if namespace and namespace != _pid_namespace():
+        return True
     try:
         pid = int(pid_text)
     except ValueError:
