@@ -677,10 +677,14 @@ def test_an_unreachable_postgresql_answers_503_and_no_password_is_logged_or_answ
     data_plane: FakeDataPlane,
     post: Post,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The answer, which Customer.io keeps, names neither the host nor the user."""
     pytest.importorskip("psycopg", reason='psycopg is not installed: pip install -e ".[postgres,test]"')
     url = f"postgresql://app:pw-in-url@127.0.0.1:{free_port()}/test"
+    from flask_cio_rudder.store.postgres import PostgresStore
+
+    monkeypatch.setattr(PostgresStore, "POOL_TIMEOUT", 0.2)  # nothing listens: no need to wait 2 s
     app = make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=url))
     app.config["PROPAGATE_EXCEPTIONS"] = False  # answer as in production
     with caplog.at_level(logging.DEBUG):

@@ -134,7 +134,7 @@ def test_postgresql_killed_and_restarted_mid_run_loses_nothing_and_sending_resum
             deployment.wait_forwarded(20, plane, server)
 
             throwaway_postgres.kill()
-            during = make_bodies("during", 6)
+            during = make_bodies("during", 2)
             outage_answers = [try_post(server, body) for body in during]
             assert "accepted" not in outage_answers and "no answer" not in outage_answers, outage_answers
 

@@ -472,6 +472,7 @@ import json, sys
 from flask_cio_rudder.store import store_from_url
 
 store = store_from_url(sys.argv[1], table=sys.argv[2])
+store.HEARTBEAT = 0.2  # PostgreSQL: beat five times a HEARTBEAT_TIMEOUT of 1 s, as 1 s does 5 s
 claim = store.claim(int(sys.argv[3]), 600.0, 7 * 24 * 3600)
 print(json.dumps([event.event_id for event in claim.events]), flush=True)
 sys.stdin.read()  # hold the batch, as a sender stuck mid-batch does, until killed
@@ -484,6 +485,7 @@ def test_a_batch_held_by_a_live_process_stays_held_and_is_free_once_the_process_
 ) -> None:
     """SQLite: the holder's process is gone, so at once; PostgreSQL: when its heartbeat stops, in seconds."""
     store = backend.store()
+    store.HEARTBEAT, store.HEARTBEAT_TIMEOUT = 0.2, 1.0  # type: ignore[attr-defined]  (PostgreSQL's; SQLite ignores them)
     for n in range(8):
         store.add(f"e{n}", stored(f"e{n}"))
     holder = subprocess.Popen(
@@ -529,6 +531,7 @@ def test_an_unreachable_store_raises_store_unavailable_without_the_password(tmp_
 def test_an_unreachable_postgresql_raises_store_unavailable_without_the_password() -> None:
     pytest.importorskip("psycopg", reason='psycopg is not installed: pip install -e ".[postgres,test]"')
     store = store_from_url(f"postgresql://app:s3cret-pw@127.0.0.1:{free_port()}/test")
+    store.POOL_TIMEOUT = 0.2  # type: ignore[attr-defined]  # nothing listens: no need to wait 2 s per call
     try:
         assert "s3cret-pw" not in store.url and "***" in store.url
         for call in (lambda: store.is_known("e1"), lambda: store.add("e1", "{}"), store.status):
