@@ -11,8 +11,10 @@ A ``Retry-After`` on a 429 or 503 sets the wait instead (at most ``RETRY_CAP``),
 optional :class:`Pacer` spaces requests (``CIO_RUDDER_MAX_REQUESTS_PER_SECOND``).
 While an operator has paused sending, nothing is claimed and the sender only polls.
 
-No request outlives the claim's lease: each one's timeout is cut to what is left of
-it, so a live sender's batch is never taken over (and sent twice at once) while it waits.
+No request is meant to outlive the claim's lease: its connect and read timeouts are each
+cut to what is left of it, so a live sender's batch is not taken over (and sent twice at
+once) while it waits. requests has no limit on a whole request: a server that takes most
+of that time to accept the connection, or trickles its answer, can still run past it.
 """
 
 from __future__ import annotations
