@@ -25,9 +25,9 @@ from flask.cli import FlaskGroup
 
 from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
-from .rudderstack import DataPlane, check_url, data_plane_from_config
+from .rudderstack import DataPlane, data_plane_settings
 from .sender import Delivery, Sender
-from .settings import check_seconds, check_timeout
+from .settings import check_seconds
 from .spool import Spool, spool_for
 from .state import state_of
 from .store import (
@@ -279,11 +279,8 @@ class OutboxForwarder(Forwarder):
     def __init__(self, app: Flask) -> None:
         super().__init__(app)
         config = app.config
-        data_plane_from_config(config, _OUTBOX_TIMEOUT).close()  # fail fast on a missing setting
         # Read once: after a fork the sender builds its data plane from these, not from app.config.
-        write_key: str = config["CIO_RUDDER_WRITE_KEY"]
-        data_plane_url = check_url(config["CIO_RUDDER_DATA_PLANE_URL"], "CIO_RUDDER_DATA_PLANE_URL")
-        timeout = check_timeout(config.get("CIO_RUDDER_TIMEOUT")) or _OUTBOX_TIMEOUT
+        data_plane_url, write_key, timeout = data_plane_settings(config, _OUTBOX_TIMEOUT)
         batch_size = config["CIO_RUDDER_OUTBOX_BATCH_SIZE"]
         if not isinstance(batch_size, int) or not 1 <= batch_size <= 100:
             raise RuntimeError("CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number from 1 to 100.")
@@ -329,7 +326,7 @@ class OutboxForwarder(Forwarder):
             except OSError as error:
                 raise _not_kept("write the outbox's spool", error) from error
             self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store
-            if self.background:  # not started at init under a flask command: see below
+            if self.background:  # not started at init under a flask command: _loaded_by_a_flask_command
                 self.outbox.sender.ensure_running()
             return
         try:

@@ -13,7 +13,15 @@ import requests
 
 from .settings import check_timeout
 
-__all__ = ["DataPlane", "Timeout", "check_url", "data_plane_from_config", "describe", "retry_after"]
+__all__ = [
+    "DataPlane",
+    "Timeout",
+    "check_url",
+    "data_plane_from_config",
+    "data_plane_settings",
+    "describe",
+    "retry_after",
+]
 
 Timeout = Union[float, tuple[float, float]]
 
@@ -46,6 +54,12 @@ class DataPlane:
 
 def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) -> DataPlane:
     """The data plane the config names; fails naming ``CIO_RUDDER_WRITE_KEY`` or ``..._DATA_PLANE_URL``."""
+    return DataPlane(*data_plane_settings(config, default_timeout))
+
+
+def data_plane_settings(config: Mapping[str, Any], default_timeout: Timeout) -> tuple[str, str, Timeout]:
+    """The data plane's URL, write key and timeout from the config, each checked (see
+    :func:`data_plane_from_config`): what a process needs to make its own :class:`DataPlane`."""
     write_key = config.get("CIO_RUDDER_WRITE_KEY")
     if not write_key or not isinstance(write_key, str):
         raise RuntimeError(
@@ -53,7 +67,7 @@ def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) 
             "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
         )
     url = check_url(config.get("CIO_RUDDER_DATA_PLANE_URL"), "CIO_RUDDER_DATA_PLANE_URL")
-    return DataPlane(url, write_key, check_timeout(config.get("CIO_RUDDER_TIMEOUT")) or default_timeout)
+    return url, write_key, check_timeout(config.get("CIO_RUDDER_TIMEOUT")) or default_timeout
 
 
 def check_url(url: object, key: str) -> str:
