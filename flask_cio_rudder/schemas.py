@@ -23,6 +23,7 @@ __all__ = [
     "GENERIC_ENVELOPE",
     "Envelope",
     "envelope_schema_for",
+    "is_text",
     "to_datetime",
     "unix_seconds",
 ]
@@ -78,12 +79,19 @@ class UnixTimestamp(fields.Field):  # type: ignore[type-arg]
         return True
 
 
-def _valid_unicode(value: str) -> None:
-    """JSON can carry lone UTF-16 surrogates (``"\\ud800"``); an id must be real text."""
+def is_text(value: str) -> bool:
+    """Whether ``value`` is real Unicode text (JSON can carry lone surrogates such as ``"\\ud800"``)."""
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise ValidationError("Not valid Unicode text (it holds a lone UTF-16 surrogate).") from None
+        return False
+    return True
+
+
+def _valid_unicode(value: str) -> None:
+    """An id must be real text: see :func:`is_text`."""
+    if not is_text(value):
+        raise ValidationError("Not valid Unicode text (it holds a lone UTF-16 surrogate).")
 
 
 class _Schema(Schema):

@@ -127,7 +127,6 @@ class Sender:
         lease: float = 60.0,
         max_age: float = 7 * 24 * 3600,
         shutdown_timeout: float = 5.0,
-        idle_wait: float | None = None,
         max_requests_per_second: float | None = None,
     ) -> None:
         self.app = app
@@ -136,7 +135,7 @@ class Sender:
         self.lease = lease
         self.max_age = max_age
         self.shutdown_timeout = shutdown_timeout
-        self.idle_wait = self.IDLE_WAIT if idle_wait is None else idle_wait
+        self.idle_wait = self.IDLE_WAIT  # the worker polls more often where the store cannot wake it
         self.pacer = Pacer(max_requests_per_second)
         #: Wall-clock time, for ``Retry-After`` dates (tests give a hand-moved one).
         self.clock: Callable[[], float] = time.time
@@ -443,10 +442,8 @@ class Sender:
             logger.exception("A receiver of %s raised", signal.name)
 
 
-def _cut(timeout: Any, limit: float | None) -> Any:
+def _cut(timeout: Any, limit: float) -> Any:
     """``timeout`` (a number or a (connect, read) pair) with each part at most ``limit``."""
-    if limit is None:
-        return timeout
     if isinstance(timeout, (tuple, list)):
         return tuple(min(part, limit) for part in timeout)
     return min(timeout, limit)

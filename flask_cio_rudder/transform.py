@@ -23,7 +23,7 @@ from typing import Any, Callable
 from marshmallow import Schema, ValidationError, fields, missing
 
 from . import jsoncodec
-from .schemas import unix_seconds
+from .schemas import is_text, unix_seconds
 
 __all__ = ["InvalidEvent", "RudderStackTrack", "build", "dump", "event_name", "message_id", "transform"]
 
@@ -440,15 +440,6 @@ def transform(body: Mapping[str, Any]) -> dict[str, Any]:
     webhook's decision, not this function's.
     """
     return build(dict(body) if isinstance(body, Mapping) else body)[0]
-
-
-def is_text(value: str) -> bool:
-    """Whether ``value`` is real Unicode text (JSON can carry lone surrogates such as ``"\\ud800"``)."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _json_type(value: object) -> str:

@@ -30,9 +30,10 @@ from werkzeug.wsgi import get_content_length
 from . import jsoncodec, signals
 from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
+from .schemas import is_text
 from .signature import SignatureError, verify
 from .state import State, state_of
-from .transform import InvalidEvent, is_text
+from .transform import InvalidEvent
 
 __all__ = [
     "BodyTooLarge",

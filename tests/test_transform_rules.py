@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flask_cio_rudder import InvalidEvent, transform
-from flask_cio_rudder.transform import MESSAGE_ID_NAMESPACE, RudderStackTrack, dump, is_text, message_id
+from flask_cio_rudder.schemas import is_text
+from flask_cio_rudder.transform import MESSAGE_ID_NAMESPACE, RudderStackTrack, dump, message_id
 
 from .conftest import CONFORMANCE
 

@@ -4,7 +4,8 @@ One row per Customer.io ``event_id``. A row is ``pending`` until a sender claims
 then ``delivered``, or ``dead`` with the reason when RudderStack will never take it.
 A claim is a lease held by one sender (the *holder*: a process on SQLite, a
 heartbeating sender on PostgreSQL): nobody else claims the batch while the lease
-runs and the holder lives, and a batch whose holder died is free at once. Finishing
+runs and the holder lives, and a batch whose holder died is free without waiting for
+the lease: at once on SQLite, once its heartbeat is stale on PostgreSQL. Finishing
 a batch (:meth:`OutboxStore.mark_delivered`, ...) names the claim's ``owner`` token,
 so a late answer to a lease that was taken over changes nothing.
 
@@ -83,7 +84,8 @@ class Claim:
 
 @dataclass(frozen=True)
 class Pending:
-    """An event to add in bulk (benchmarks, copying between stores); ``accepted_at`` defaults to now."""
+    """An event to add with :meth:`OutboxStore.add_many` (the spool's mover, copies between stores,
+    benchmarks); ``accepted_at`` defaults to now."""
 
     event_id: str
     payload_json: str
@@ -225,7 +227,11 @@ class OutboxStore(ABC):
 
     @abstractmethod
     def add_many(self, events: Iterable[Pending]) -> int:
-        """Add pending events in large transactions (bulk loads, copies); returns how many were new."""
+        """Add pending events in large transactions; returns how many were new.
+
+        The spool's mover adds every accepted event this way (on SQLite), and copies between
+        stores do; an event already in the store stays as it is.
+        """
 
     def add_claimed(self, events: Sequence[Pending], lease: float, max_age: float) -> Claim:
         """:meth:`add_many` in one transaction, leasing the events it adds to the caller (as claims do).
