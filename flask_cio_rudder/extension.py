@@ -12,8 +12,8 @@ from flask import Flask
 
 from .cli import cli
 from .fastpath import FastPath
-from .forwarders import Forwarder, create_forwarder
-from .outbox import DEFAULT_URL, get_outbox
+from .forwarders import Forwarder, ForwarderFactory, NullForwarder, SyncForwarder
+from .outbox import DEFAULT_URL, OutboxForwarder, get_outbox
 from .settings import check_switch, is_positive_number
 from .state import State
 from .validation import Validation
@@ -145,6 +145,31 @@ _open_forwarders: weakref.WeakSet[Forwarder] = weakref.WeakSet()
 def _close_forwarders() -> None:
     for forwarder in list(_open_forwarders):
         forwarder.close()
+
+
+#: The forwarders ``CIO_RUDDER_FORWARDER`` may name.
+_BUILT_IN: dict[str, ForwarderFactory] = {
+    "outbox": OutboxForwarder,
+    "sync": SyncForwarder,
+    "none": NullForwarder,
+}
+
+
+def create_forwarder(app: Flask, choice: str | ForwarderFactory) -> Forwarder:
+    """Build the forwarder that ``CIO_RUDDER_FORWARDER`` names for ``app``."""
+    if isinstance(choice, str):
+        if choice not in _BUILT_IN:
+            names = ", ".join(repr(name) for name in _BUILT_IN)
+            raise RuntimeError(
+                f"CIO_RUDDER_FORWARDER = {choice!r} is unknown: use one of {names}, or a Forwarder subclass."
+            )
+        choice = _BUILT_IN[choice]
+    if not callable(choice):
+        raise RuntimeError("CIO_RUDDER_FORWARDER must be a name or a Forwarder subclass.")
+    forwarder = choice(app)
+    if not isinstance(forwarder, Forwarder):
+        raise RuntimeError("CIO_RUDDER_FORWARDER must build a flask_cio_rudder.Forwarder.")
+    return forwarder
 
 
 def _signing_keys(value: object) -> tuple[str, ...]:

@@ -27,9 +27,9 @@ from .rudderstack import data_plane_from_config, describe
 __all__ = [
     "ForwardError",
     "Forwarder",
+    "ForwarderFactory",
     "NullForwarder",
     "SyncForwarder",
-    "create_forwarder",
 ]
 
 logger = logging.getLogger("flask_cio_rudder")
@@ -146,34 +146,3 @@ class SyncForwarder(Forwarder):
 
     def close(self) -> None:
         self.data_plane.close()
-
-
-def _outbox_forwarder(app: Flask) -> Forwarder:
-    """The ``"outbox"`` forwarder, imported on use: its module builds on this one."""
-    from .outbox import OutboxForwarder
-
-    return OutboxForwarder(app)
-
-
-_BUILT_IN: dict[str, ForwarderFactory] = {
-    "outbox": _outbox_forwarder,
-    "sync": SyncForwarder,
-    "none": NullForwarder,
-}
-
-
-def create_forwarder(app: Flask, choice: str | ForwarderFactory) -> Forwarder:
-    """Build the forwarder that ``CIO_RUDDER_FORWARDER`` names for ``app``."""
-    if isinstance(choice, str):
-        if choice not in _BUILT_IN:
-            names = ", ".join(repr(name) for name in _BUILT_IN)
-            raise RuntimeError(
-                f"CIO_RUDDER_FORWARDER = {choice!r} is unknown: use one of {names}, or a Forwarder subclass."
-            )
-        choice = _BUILT_IN[choice]
-    if not callable(choice):
-        raise RuntimeError("CIO_RUDDER_FORWARDER must be a name or a Forwarder subclass.")
-    forwarder = choice(app)
-    if not isinstance(forwarder, Forwarder):
-        raise RuntimeError("CIO_RUDDER_FORWARDER must build a flask_cio_rudder.Forwarder.")
-    return forwarder
