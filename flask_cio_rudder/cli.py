@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -23,6 +22,8 @@ import click
 from flask import current_app
 from flask.cli import AppGroup
 
+from . import ages
+from .ages import format_age
 from .outbox import Outbox, OutboxForwarder, counted, get_outbox
 from .replay import read_bodies, replay
 from .sendtest import send_samples
@@ -32,7 +33,7 @@ from .store import DeadLetter, Match, StoreError, store_from_url
 from .store.sqlite import sqlite_path
 from .webhook import RetryLater
 
-__all__ = ["cli", "format_age", "outbox_of_current_app", "parse_age", "parse_since"]
+__all__ = ["cli", "outbox_of_current_app"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -40,39 +41,13 @@ logger = logging.getLogger("flask_cio_rudder")
 
 cli = AppGroup("cio-rudder", help="Operate the outbox of Customer.io events bound for RudderStack.")
 
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
-
-def parse_age(text: str, option: str | None = None) -> float:
-    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"`` or plain seconds, as seconds; an error names ``option``."""
-    unit = _UNITS.get(text[-1:].lower())
+def _parsed(parse: Callable[[str], float], text: str, option: str) -> float:
+    """``parse(text)`` (:mod:`~flask_cio_rudder.ages`), its error a usage error naming ``option``."""
     try:
-        seconds = float(text[:-1]) * unit if unit else float(text)
-    except ValueError:
-        seconds = math.nan
-    if not (seconds >= 0 and math.isfinite(seconds)):
-        raise click.BadParameter(
-            f"{text!r} is not an age; use a number (0 or more) with s, m, h or d, like 7d", param_hint=option
-        )
-    return seconds
-
-
-def parse_since(text: str, option: str | None = None) -> float:
-    """``--since``: an age back from now (``"2h"``, ``"7d"``) or a date/time (``"2024-05-01T12:00Z"``, UTC if
-    no zone is given), as seconds since the epoch; an error names ``option``."""
-    try:
-        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        pass
-    else:
-        return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
-    try:
-        return time.time() - parse_age(text)
-    except click.BadParameter:
-        raise click.BadParameter(
-            f"{text!r} is neither an age (30m, 2h, 7d) nor a date (2024-05-01, 2024-05-01T12:00Z)",
-            param_hint=option,
-        ) from None
+        return parse(text)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint=option) from None
 
 
 def match_options(command: F) -> F:
@@ -90,7 +65,7 @@ def match_options(command: F) -> F:
                     "it is empty; give a value, or leave the option out", param_hint=option
                 )
         match = Match(
-            since=None if since is None else parse_since(since, "--since"),
+            since=None if since is None else _parsed(ages.parse_since, since, "--since"),
             reason=reason,
             event=event,
             email=email,
@@ -122,16 +97,6 @@ def outbox_of_current_app(*, keep_sender: bool = False) -> Outbox:
     if not keep_sender:
         outbox.sender.stop(flush=False)
     return outbox
-
-
-def format_age(seconds: float | None) -> str:
-    """Seconds as people read an age: ``45s``, ``12.5m``, ``3.0h``, ``2.1d``; ``-`` for none."""
-    if seconds is None:
-        return "-"
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.1f}{unit}"
-    return f"{seconds:.0f}s"
 
 
 def _store_call(action: Any, *args: Any) -> Any:
@@ -294,7 +259,7 @@ def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: 
         raise click.UsageError("--since/--reason/--event/--email filter dead letters: add --dead-letters")
     outbox = outbox_of_current_app()
     if older_than is not None:
-        age = parse_age(older_than, "--older-than")
+        age = _parsed(ages.parse_age, older_than, "--older-than")
         old = _store_call(outbox.count_delivered, age)
         if dry_run or not old:
             click.echo(

@@ -29,7 +29,6 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any
 
-import click
 from flask import (
     Blueprint,
     Response,
@@ -43,7 +42,7 @@ from flask import (
 )
 from werkzeug.exceptions import BadRequest, Forbidden
 
-from .cli import format_age, parse_since
+from .ages import format_age, parse_since
 from .outbox import Outbox, counted, get_outbox
 from .store import Activity, Match
 
@@ -217,7 +216,7 @@ def _filters(source: Any) -> tuple[dict[str, str], Match]:
     values = {name: str(source.get(name, "")).strip() for name in _FILTERS}
     try:
         since = parse_since(values["since"]) if values["since"] else None
-    except click.BadParameter:
+    except ValueError:
         raise BadRequest(
             f"'Since' must be an age (30m, 2h, 7d) or a date (2024-05-01), not {values['since']!r}."
         ) from None
