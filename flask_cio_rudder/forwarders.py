@@ -22,7 +22,7 @@ from flask import Flask
 
 from . import signals
 from .event import CioEvent
-from .rudderstack import data_plane_from_config, describe
+from .rudderstack import data_plane_from_config
 
 __all__ = [
     "ForwardError",
@@ -128,6 +128,7 @@ class SyncForwarder(Forwarder):
             response = self.data_plane.post_batch([event.payload_json])
         except requests.RequestException as error:
             reason, retry = f"could not reach RudderStack ({type(error).__name__})", True
+            answered = reason
         else:
             if response.status_code == 200:
                 duration = time.perf_counter() - started
@@ -135,14 +136,15 @@ class SyncForwarder(Forwarder):
                 return
             # 400 and 413 are about the event itself: sending it again cannot help. It was accepted
             # (its receivers ran), so it is reported as the outbox reports dead letters; nothing is kept.
-            reason, retry = describe(response), response.status_code not in (400, 413)
+            reason, retry = self.data_plane.describe(response), response.status_code not in (400, 413)
+            answered = f"RudderStack answered {response.status_code}"  # its words go to the log only
         logger.error("Forwarding to RudderStack failed: %s", reason)
         duration = time.perf_counter() - started
         signals.forward_failed.send(
             self.app, payloads=[event.payload], reason=reason, retry=retry, duration=duration
         )
-        if retry:
-            raise ForwardError(reason)
+        if retry:  # the webhook's 503: Customer.io keeps its text in a delivery log
+            raise ForwardError(answered)
 
     def close(self) -> None:
         self.data_plane.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 from collections.abc import Mapping, Sequence
 from datetime import timezone
@@ -19,7 +20,6 @@ __all__ = [
     "check_url",
     "data_plane_from_config",
     "data_plane_settings",
-    "describe",
     "retry_after",
 ]
 
@@ -30,7 +30,8 @@ class DataPlane:
     """Posts batches of events to one RudderStack data plane over one ``requests.Session``.
 
     HTTP Basic auth with the write key as user name and an empty password, gzip
-    bodies. The write key lives only in the session's auth, never in a message.
+    bodies. The write key lives only in the session's auth, never in a message:
+    :meth:`describe` masks it where an answer quotes it.
     """
 
     def __init__(self, url: str, write_key: str, timeout: Timeout) -> None:
@@ -47,6 +48,18 @@ class DataPlane:
         """
         body = ('{"batch":[' + ",".join(events_json) + "]}").encode("utf-8")
         return self.session.post(self.batch_url, data=gzip.compress(body, 6), timeout=timeout or self.timeout)
+
+    def describe(self, response: requests.Response) -> str:
+        """A short account of a non-200 answer, for logs and operators, with the write key masked
+        wherever the answer quotes it (as is, or as the Basic credentials that carry it)."""
+        text = response.text.strip().replace("\n", " ")
+        write_key = self.session.auth[0] if isinstance(self.session.auth, tuple) else ""
+        if write_key:
+            credentials = base64.b64encode(f"{write_key}:".encode()).decode()
+            for secret in (credentials, credentials.rstrip("="), write_key):
+                text = text.replace(secret, "***")
+        text = text[:200]  # after masking: a cut must not leave part of the key behind
+        return f"RudderStack answered {response.status_code}" + (f": {text}" if text else "")
 
     def close(self) -> None:
         self.session.close()
@@ -79,12 +92,6 @@ def check_url(url: object, key: str) -> str:
             "such as https://example-dataplane.rudderstack.com"
         )
     return url  # type: ignore[return-value]
-
-
-def describe(response: requests.Response) -> str:
-    """A short, secret-free account of a non-200 answer from the data plane."""
-    text = response.text.strip().replace("\n", " ")[:200]
-    return f"RudderStack answered {response.status_code}" + (f": {text}" if text else "")
 
 
 def retry_after(response: requests.Response, now: float) -> float | None:

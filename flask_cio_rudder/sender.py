@@ -35,7 +35,7 @@ import requests
 from flask import Flask
 
 from . import signals
-from .rudderstack import DataPlane, describe, retry_after
+from .rudderstack import DataPlane, retry_after
 from .store import Claim, Claimed, OutboxStore, StoreError
 
 __all__ = ["Delivery", "Pacer", "Sender"]
@@ -399,7 +399,7 @@ class Sender:
             self._deliver(owner, events[half:], deadline, outcome)
             return
         if status in (400, 413):
-            reason = describe(response)
+            reason = self.data_plane.describe(response)
             self.store.mark_dead(owner, ids, reason)
             outcome.dead += len(ids)
             logger.warning(
@@ -407,7 +407,7 @@ class Sender:
             )
             self._signal(signals.forward_failed, events, reason=reason, retry=False, duration=duration)
             return
-        reason = describe(response)
+        reason = self.data_plane.describe(response)
         self._retry_after = retry_after(response, self.clock())
         if self._retry_after is not None:
             reason = f"{reason}; it asked to wait {self._retry_after:.0f} s (Retry-After)"

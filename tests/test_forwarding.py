@@ -68,6 +68,29 @@ def test_timeouts_keep_the_request_inside_customerios_four_seconds(sync_app: Fla
 
 
 @responses.activate
+@pytest.mark.parametrize("status", [401, 500])
+def test_an_answer_that_quotes_the_write_key_is_logged_and_answered_without_it(
+    sync_app: Flask, post: Post, outcomes: list[Any], caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    """A proxy or a data plane that echoes the key (or the Basic credentials carrying it)."""
+    credentials = base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    echo = f"Invalid write key {WRITE_KEY}: Authorization: Basic {credentials} " + "x" * 300
+    responses.post(f"{DATA_PLANE}/v1/batch", body=echo, status=status)
+    response = post(sync_app.test_client(), sample("opened"))
+    assert response.status_code == 503
+    assert (
+        response.json["error"]
+        == f"the event was not kept (RudderStack answered {status}); send it again later"
+    )
+    reason = outcomes[0][1]["reason"]
+    assert reason.startswith(
+        f"RudderStack answered {status}: Invalid write key ***: Authorization: Basic ***"
+    )
+    for seen in (caplog.text, reason):
+        assert WRITE_KEY not in seen and credentials.rstrip("=") not in seen
+
+
+@responses.activate
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 401, 404])
 def test_a_transient_or_configuration_failure_is_503_so_customerio_retries(
     sync_app: Flask, post: Post, outcomes: list[Any], status: int
