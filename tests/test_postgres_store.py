@@ -131,6 +131,10 @@ def test_no_password_reaches_an_error_or_the_url_shown(postgres: Backend) -> Non
     with pytest.raises(RuntimeError, match="percent-encode") as refused:  # libpq would quote it
         store_from_url("postgresql://app:50%off-pw@127.0.0.1/test")
     assert "50%off" not in str(refused.value) and "CIO_RUDDER_OUTBOX_URL" in str(refused.value)
+    for unreadable in ("[::1/test", "[]/test", "[::1]x/test", "h/test?x=1"):  # libpq's errors quote the URL
+        with pytest.raises(RuntimeError, match="cannot be read") as refused:
+            store_from_url(f"postgresql://app:s3cret@{unreadable}")
+        assert "s3cret" not in str(refused.value) and "CIO_RUDDER_OUTBOX_URL" in str(refused.value)
 
 
 def test_a_holder_keeps_beating_while_its_web_requests_fill_the_pool(postgres: Backend) -> None:

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import psycopg
 import psycopg_pool
 from psycopg import Connection
+from psycopg.conninfo import conninfo_to_dict
 
 from .base import (
     Activity,
@@ -172,6 +173,11 @@ class PostgresStore(OutboxStore):
             )
         self.conninfo = "postgresql://" + rest
         self.url = redact_url(url)
+        try:  # here, not at the first connection: libpq's parse errors quote the whole URL
+            conninfo_to_dict(self.conninfo)
+        except psycopg.Error as error:
+            reason = str(error).split("\n")[0].partition(" in URI")[0]  # the rest quotes the URL
+            raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL {self.url!r} cannot be read: {reason}.") from None
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
         self.clock = clock
         self.pool_size = pool_size
