@@ -215,7 +215,8 @@ class Spool:
         Were it locked after, another mover could take the still-unlocked empty file for
         a dead process's, delete it, and this process would append to a deleted file.
         """
-        os.makedirs(self.directory, exist_ok=True)
+        searchable = (self.file_mode & 0o444) >> 2  # whoever may read the files may list the folder
+        os.makedirs(self.directory, mode=self.file_mode | searchable, exist_ok=True)
         name = f"{os.getpid()}-{uuid.uuid4().hex}"
         creating = os.path.join(self.directory, name + _CREATING)
         path = os.path.join(self.directory, name + _SUFFIX)

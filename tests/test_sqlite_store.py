@@ -10,9 +10,12 @@ import threading
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Callable
 
 import pytest
+from flask import Flask
 
+from flask_cio_rudder import get_outbox
 from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
 from flask_cio_rudder.store.forkguard import ForkGuard
 from flask_cio_rudder.store.sqlite import SQLiteStore, holder_alive, this_process
@@ -49,6 +52,29 @@ def test_a_holder_is_this_process_until_it_is_gone() -> None:
         assert not holder_alive(f"{pid}:{int(started) + 1}:{namespace}")
         assert not holder_alive(f"{pid}:{int(started) + 1}")  # as holders were written before namespaces
     assert not holder_alive("not-a-pid:0")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file modes")
+def test_a_new_outbox_and_its_spool_are_readable_by_their_owner_only(
+    make_app: Callable[..., Flask], tmp_path: Path
+) -> None:
+    """They hold people's addresses and events; the usual umask (022) would let every local user read them."""
+    old_umask = os.umask(0o022)
+    try:
+        app = make_app(
+            CIO_RUDDER_FORWARDER="outbox",
+            CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'new' / 'outbox.sqlite3'}",
+            CIO_RUDDER_OUTBOX_SENDER=False,
+            CIO_RUDDER_WRITE_KEY="k",
+            CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+        )
+        get_outbox(app).spool.append("e1", "{}")  # type: ignore[union-attr]  (SQLite: a spool)
+    finally:
+        os.umask(old_umask)
+    made = [tmp_path / "new", *sorted((tmp_path / "new").rglob("*"))]
+    assert len(made) >= 6  # the folder, the database, -wal, -shm, .lock, the spool folder and its file
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in made}
+    assert all(mode & 0o077 == 0 for mode in modes.values()), modes
 
 
 def _can_unshare_pids() -> bool:

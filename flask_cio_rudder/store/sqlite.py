@@ -168,6 +168,14 @@ def holder_alive(holder: str) -> bool:
 # -- files and locks ------------------------------------------------------------------------------
 
 
+def _create_private(database: str) -> None:
+    """Create the database file readable by its owner only, unless it exists: it holds people's
+    addresses and events. SQLite gives its ``-wal`` and ``-shm`` files the same mode, the
+    lock file and the spool take it too; an operator may widen it for a group."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def _open_lock_file(database: str) -> int | None:
     """The descriptor of the outbox's lock file, created with the database's permissions.
 
@@ -359,7 +367,8 @@ class SQLiteStore(OutboxStore):
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None or self._local.pid != os.getpid():  # after a fork that ran no fork hooks
             directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, exist_ok=True)
+            os.makedirs(directory, mode=0o700, exist_ok=True)  # a new folder is private, as the file is
+            _create_private(self.path)
             lock_file = _open_lock_file(self.path)
             db = None  # a connection inherited through a fork is left alone, never closed here
             try:
