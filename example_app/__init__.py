@@ -5,7 +5,7 @@ watch the whole flow on this machine with a fake RudderStack data plane.
 
 Settings come from the environment: ``CIO_RUDDER_SIGNING_KEY`` (Customer.io's
 webhook signing key), ``CIO_RUDDER_WRITE_KEY`` and ``CIO_RUDDER_DATA_PLANE_URL``
-(a RudderStack HTTP source), ``CIO_RUDDER_OUTBOX_URL`` (SQLite or PostgreSQL),
+(a RudderStack HTTP source; these three are required), ``CIO_RUDDER_OUTBOX_URL`` (SQLite or PostgreSQL),
 ``SUPPRESSION_DATABASE`` (by default both SQLite files in the instance folder),
 ``DASHBOARD_PASSWORD`` (user ``admin``: the operators' dashboard at ``/admin/cio`` and the
 suppression list at ``/suppressions``) and
@@ -16,7 +16,6 @@ RudderStack and nothing accepted is lost.
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 from typing import Any
@@ -29,28 +28,28 @@ from . import admin, suppressions
 
 __all__ = ["create_app"]
 
-logger = logging.getLogger(__name__)
-
-#: A publicly known key, so the demo works out of the box; never use it for real traffic.
-DEMO_SIGNING_KEY = "demo-signing-key"
-
 cio_rudder = CioRudder()
+
+#: The settings read from the environment variables of the same names.
+_FROM_ENVIRONMENT = (
+    "CIO_RUDDER_SIGNING_KEY",
+    "CIO_RUDDER_WRITE_KEY",
+    "CIO_RUDDER_DATA_PLANE_URL",
+    "CIO_RUDDER_OUTBOX_URL",
+    "SUPPRESSION_DATABASE",
+    "SECRET_KEY",
+)
 
 
 def create_app(config: dict[str, Any] | None = None) -> Flask:
     """Build the app: settings from the environment, then ``config`` on top (for tests and the demo)."""
     app = Flask(__name__)
-    app.config.from_mapping(
-        CIO_RUDDER_SIGNING_KEY=os.environ.get("CIO_RUDDER_SIGNING_KEY", DEMO_SIGNING_KEY),
-        CIO_RUDDER_WRITE_KEY=os.environ.get("CIO_RUDDER_WRITE_KEY", "demo-write-key"),
-        CIO_RUDDER_DATA_PLANE_URL=os.environ.get("CIO_RUDDER_DATA_PLANE_URL", "http://127.0.0.1:8080"),
-    )
-    for key in ("CIO_RUDDER_OUTBOX_URL", "SUPPRESSION_DATABASE", "SECRET_KEY"):
+    # No stand-ins: a missing key fails at start (naming it), never a public key that lets anyone
+    # post events, nor a data plane that is not yours.
+    for key in _FROM_ENVIRONMENT:
         if key in os.environ:
             app.config[key] = os.environ[key]
     app.config.update(config or {})
-    if app.config["CIO_RUDDER_SIGNING_KEY"] == DEMO_SIGNING_KEY:
-        logger.warning("Using the demo signing key: set CIO_RUDDER_SIGNING_KEY to your Customer.io key.")
 
     if not app.config.get("SECRET_KEY"):
         # Fine for one process; under gunicorn with several workers set SECRET_KEY, or sessions break.

@@ -41,6 +41,10 @@ def database(tmp_path: Path) -> Path:
     return tmp_path / "suppressions.sqlite3"
 
 
+#: The settings the example app cannot start without.
+_REQUIRED = ["CIO_RUDDER_SIGNING_KEY", "CIO_RUDDER_WRITE_KEY", "CIO_RUDDER_DATA_PLANE_URL"]
+
+
 def settings(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> dict[str, Any]:
     """The example app's settings for a test: the outbox in ``tmp_path``, a fake data plane, no sender."""
     return {
@@ -118,12 +122,27 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
         example.extensions["cio_rudder"].forwarder.close()
 
 
+@pytest.mark.parametrize(
+    "key", ["CIO_RUDDER_SIGNING_KEY", "CIO_RUDDER_WRITE_KEY", "CIO_RUDDER_DATA_PLANE_URL"]
+)
+def test_a_missing_key_stops_the_app_at_start_naming_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_plane: FakeDataPlane, key: str
+) -> None:
+    """A copy of the example must not run on a public signing key, nor send to a data plane not its own."""
+    monkeypatch.delenv(key, raising=False)
+    config = settings(tmp_path / "suppressions.sqlite3", tmp_path, data_plane)
+    del config[key]
+    with pytest.raises(RuntimeError, match=key):
+        create_app(config)
+
+
 def test_the_database_defaults_to_the_instance_folder(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_plane: FakeDataPlane
 ) -> None:
     monkeypatch.delenv("SUPPRESSION_DATABASE", raising=False)
-    monkeypatch.setenv("CIO_RUDDER_OUTBOX_URL", f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
-    example = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
+    config = settings(tmp_path / "unused", tmp_path, data_plane)
+    del config["SUPPRESSION_DATABASE"]
+    example = create_app(config)
     try:
         assert store_for(example).path == Path(example.instance_path) / "suppressions.sqlite3"
     finally:
