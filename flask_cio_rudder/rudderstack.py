@@ -20,6 +20,7 @@ __all__ = [
     "check_url",
     "data_plane_from_config",
     "data_plane_settings",
+    "identifiable",
     "retry_after",
 ]
 
@@ -63,6 +64,24 @@ class DataPlane:
 
     def close(self) -> None:
         self.session.close()
+
+
+#: Characters Unicode calls printable that RudderStack's gateway still drops before it looks for
+#: an id (rudder-go-kit's ``sanitize.Unicode``); every character that is not printable it drops too.
+_INVISIBLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+
+
+def identifiable(event: Mapping[str, Any]) -> bool:
+    """Whether RudderStack's gateway takes ``event``: its ``userId`` or ``anonymousId`` is neither
+    missing, null, nor (once the gateway drops invisible characters) blank. It refuses the whole
+    request of an event that is not, so such an event must never be put in a batch."""
+    return not all(_blank_id(event.get(key)) for key in ("userId", "anonymousId"))
+
+
+def _blank_id(value: object) -> bool:
+    if not isinstance(value, str):  # the gateway writes any other value as text: only null is blank
+        return value is None
+    return all(char == " " or char in _INVISIBLE or not char.isprintable() for char in value)
 
 
 def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) -> DataPlane:

@@ -25,6 +25,7 @@ from flask import Flask
 
 from . import signals
 from .event import CioEvent
+from .rudderstack import identifiable
 from .signature import sign
 
 __all__ = ["FakeDataPlane", "encode", "record_events", "signature_headers"]
@@ -151,11 +152,6 @@ class FakeDataPlane:
             self.batches.append(batch)
 
 
-def _blank(value: object) -> bool:
-    """Missing, null or blank: what RudderStack's gateway does not count as an id."""
-    return value is None or (isinstance(value, str) and not value.strip())
-
-
 class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         """Clients that time out or are reset on purpose are expected here: stay quiet."""
@@ -203,9 +199,7 @@ def _handler_for(plane: FakeDataPlane) -> type[BaseHTTPRequestHandler]:
             if not isinstance(batch, list) or not batch:
                 return 400, "Empty batch payload"
             for event in batch:
-                if not isinstance(event, dict) or all(
-                    _blank(event.get(key)) for key in ("userId", "anonymousId")
-                ):
+                if not isinstance(event, dict) or not identifiable(event):
                     return 400, "non-identifiable request"
             plane._store(batch)
             return 200, "OK"

@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .event import CioEvent, as_text
+from .rudderstack import identifiable
 from .schemas import EMAIL_ENVELOPES, GENERIC_ENVELOPE, envelope_schema_for, to_datetime
 from .shortcut import Shortcut
 from .transform import InvalidEvent, build
@@ -51,7 +52,7 @@ class Validation:
         problems, messages = spec_problems(body)
         if problems and self.strict:
             raise InvalidEvent(f"invalid fields: {', '.join(sorted(problems))}", messages)
-        if not _has_identity(payload):
+        if not identifiable(payload):
             raise InvalidEvent(
                 "no userId or anonymousId: the body has no data.customer_id, data.identifiers.id "
                 "or email, and RudderStack refuses events without one"
@@ -117,12 +118,3 @@ def _flatten(messages: Mapping[Any, Any], prefix: str = "") -> list[tuple[str, s
         else:
             found.append((path, " ".join(value) if isinstance(value, list) else str(value)))
     return found
-
-
-def _has_identity(payload: Mapping[str, Any]) -> bool:
-    """Whether RudderStack would take it: its gateway refuses events with no non-blank id."""
-    return not all(_blank(payload.get(key)) for key in ("userId", "anonymousId"))
-
-
-def _blank(value: object) -> bool:
-    return value is None or (isinstance(value, str) and not value.strip())

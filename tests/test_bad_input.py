@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -229,8 +230,23 @@ def is_real_text(value: object) -> bool:
 
 
 def blank(value: object) -> bool:
-    """Missing, null or blank, as RudderStack's gateway counts an id (docs: rudderstack.md, Identity)."""
-    return value is None or (isinstance(value, str) and value.strip() == "")
+    """Missing, null or blank, as RudderStack's gateway counts an id (docs: rudderstack.md, Identity):
+    it drops the characters Unicode calls other or separators (but the ASCII space) and those
+    invisible-characters.com lists, then trims spaces."""
+    if not isinstance(value, str):
+        return value is None
+    return all(char == " " or char in INVISIBLE or unicodedata.category(char)[0] in "CZ" for char in value)
+
+
+#: Ids RudderStack's gateway counts as blank.
+BLANKS = ["", "  ", "\u200b", "\ufeff\u3164 ", "\x00"]
+
+#: invisible-characters.com's list, as rudder-go-kit's sanitize.Unicode drops them.
+INVISIBLE = set(
+    "\u0000\u0009\u00a0\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180e\u2000\u2001\u2002\u2003"
+    "\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u200b\u200c\u200d\u200e\u200f\u202f\u205f\u2060"
+    "\u2061\u2062\u2063\u2064\u206a\u206b\u206c\u206d\u206e\u206f\u3000\u2800\u3164\ufeff\uffa0"
+)
 
 
 def assert_policy_for_every_signature(
@@ -473,8 +489,8 @@ def mutated_events(draw: st.DrawFn) -> dict[str, Any]:
         edit = draw(st.sampled_from(["keep", "delete", "null", "blank"]))
         if edit == "delete":
             body["data"].pop(key, None)
-        elif edit != "keep":
-            blank = None if edit == "null" else ""
+        elif edit != "keep":  # blank as RudderStack's gateway sees it: spaces and invisible characters too
+            blank = None if edit == "null" else draw(st.sampled_from(BLANKS))
             body["data"][key] = {"id": blank, "email": blank} if key == "identifiers" else blank
     for _ in range(draw(st.integers(min_value=0, max_value=5))):
         containers: list[tuple[dict[str, Any], list[str]]] = [(body, TOP_KEYS)]

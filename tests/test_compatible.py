@@ -194,8 +194,22 @@ def test_other_object_types_with_only_an_email_are_forwarded_anonymously(
 
 @pytest.mark.parametrize(
     "data",
-    [{}, {"customer_id": ""}, {"customer_id": None, "identifiers": {"email": ""}}, {"recipient": "  "}],
-    ids=["no-id", "blank-customer-id", "null-id-blank-email", "whitespace-recipient"],
+    [
+        {},
+        {"customer_id": ""},
+        {"customer_id": None, "identifiers": {"email": ""}},
+        {"recipient": "  "},
+        {"customer_id": "\u200b"},  # the gateway drops invisible characters before it looks
+        {"identifiers": {"email": "\ufeff\u3164 "}},
+    ],
+    ids=[
+        "no-id",
+        "blank-customer-id",
+        "null-id-blank-email",
+        "whitespace-recipient",
+        "invisible-customer-id",
+        "invisible-email",
+    ],
 )
 def test_what_rudderstack_would_refuse_is_still_rejected_in_compatible_mode(
     outbox_app: Flask, post: Post, data_plane: FakeDataPlane, data: dict[str, Any]
