@@ -100,9 +100,27 @@ class InvalidEvent(ValueError):
 
 def event_name(object_type: object, metric: object) -> str:
     """RudderStack's name for this pair, ``"Unknown Event"`` for anything not in its table."""
-    if not isinstance(object_type, str) or not isinstance(metric, str):
+    metric = _as_javascript_text(metric)
+    if not isinstance(object_type, str) or metric is None:
         return UNKNOWN_EVENT
     return _EVENT_NAMES.get(object_type.lower(), {}).get(metric, UNKNOWN_EVENT)
+
+
+def _as_javascript_text(value: object) -> str | None:
+    """``value`` as RudderStack's transformer writes it into its table's key, where that can name a
+    metric: a string as it is, a list as JavaScript joins one (``["clicked"]`` is ``"clicked"``).
+    ``None`` for the rest (numbers, booleans, null, objects), which never name a metric."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        return None
+    texts = []
+    for item in value:
+        text = "" if item is None else _as_javascript_text(item)
+        if text is None:
+            return None
+        texts.append(text)
+    return ",".join(texts)
 
 
 def describe_body(body: object) -> tuple[str | None, str | None]:
@@ -214,7 +232,13 @@ def _anonymous_id(body: dict[str, Any]) -> Any:
     if USER_ID.get_value(body, "userId") is not missing:
         return missing
     email = EMAIL.get_value(body, "email")
-    return email if email is not missing and email else missing
+    return email if email is not missing and _truthy_in_javascript(email) else missing
+
+
+def _truthy_in_javascript(value: object) -> bool:
+    """Whether RudderStack's transformer (JavaScript) takes ``value`` for true: as Python does,
+    except that every list and object is true, empty or not."""
+    return isinstance(value, (list, dict)) or bool(value)
 
 
 class Link(Schema):

@@ -193,6 +193,35 @@ def test_other_object_types_with_only_an_email_are_forwarded_anonymously(
 
 
 @pytest.mark.parametrize(
+    ("metric", "name"), [(["clicked"], "Email Link Clicked"), (["opened", 1], "Unknown Event")]
+)
+def test_a_metric_in_a_list_names_the_event_as_rudderstack_names_it(
+    outbox_app: Flask, post: Post, data_plane: FakeDataPlane, metric: Any, name: str
+) -> None:
+    """Its transformer writes the metric into a string: JavaScript joins a list's items with commas."""
+    body = {
+        "event_id": "01LISTMETRIC",
+        "object_type": "email",
+        "metric": metric,
+        "data": {"customer_id": "7"},
+    }
+    assert post(outbox_app.test_client(), body).json["status"] == "accepted"
+    assert [event["event"] for event in delivered(outbox_app, data_plane)] == [name]
+
+
+@pytest.mark.parametrize("email", [[], {}, ["bo@example.com"]])
+def test_an_email_that_is_a_list_or_an_object_is_the_anonymous_id_as_rudderstack_makes_it(
+    outbox_app: Flask, post: Post, data_plane: FakeDataPlane, email: Any
+) -> None:
+    """Its transformer (JavaScript) takes any list or object for true, even an empty one."""
+    body = {"event_id": "01ODDEMAIL", "object_type": "email", "metric": "opened", "data": {}}
+    body["data"]["identifiers"] = {"email": email}
+    assert post(outbox_app.test_client(), body).json["status"] == "accepted"
+    [event] = delivered(outbox_app, data_plane)
+    assert (event["anonymousId"], event["context"]["traits"]) == (email, {"email": email})
+
+
+@pytest.mark.parametrize(
     "data",
     [
         {},

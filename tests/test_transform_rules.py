@@ -167,12 +167,32 @@ def js_iso(seconds: float) -> str:
     )
 
 
+def js_string(value: Any) -> str:
+    """How JavaScript writes a JSON value into a string (numbers roughly: no metric holds a digit)."""
+    if isinstance(value, str):
+        return value
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return ",".join("" if item is None else js_string(item) for item in value)
+    if isinstance(value, dict):
+        return "[object Object]"
+    return repr(value)
+
+
+def js_truthy(value: Any) -> bool:
+    """JavaScript's truth of a JSON value: null, false, 0 and "" are false, everything else true."""
+    return value not in (None, False, 0, "") or isinstance(value, (list, dict))
+
+
 def expected_event(source: dict[str, Any]) -> dict[str, Any]:
     """What RudderStack's transformer makes of a valid body, by the rules in rudderstack.md."""
     object_type, metric = source.get("object_type"), source.get("metric")
     name = UNKNOWN
-    if isinstance(object_type, str) and isinstance(metric, str):
-        name = EVENT_NAMES.get((object_type.lower(), metric), UNKNOWN)
+    if isinstance(object_type, str):  # its table's key is `${object_type}.${metric}`, in JavaScript
+        name = EVENT_NAMES.get((object_type.lower(), js_string(metric)), UNKNOWN)
     event: dict[str, Any] = {
         "type": "track",
         "event": name,
@@ -189,7 +209,7 @@ def expected_event(source: dict[str, Any]) -> dict[str, Any]:
                 put(event, destination, value)
                 break
     email = at(event, "context.traits.email")
-    if event.get("userId") is None and email is not ABSENT and email:
+    if event.get("userId") is None and email is not ABSENT and js_truthy(email):
         event["anonymousId"] = email
     timestamp = source.get("timestamp")
     if isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool):
@@ -885,7 +905,9 @@ def test_any_json_body_is_transformed_faithfully_unless_it_has_no_event_id_or_re
     assert event["type"] == "track"
     assert event["integrations"] == {"Customer.io": False}
     email = at(event, "context.traits.email")
-    assert ("anonymousId" in event) == (event.get("userId") is None and email is not ABSENT and bool(email))
+    assert ("anonymousId" in event) == (
+        event.get("userId") is None and email is not ABSENT and js_truthy(email)
+    )
     assert without_message_id(event) == expected_event(source)
 
 
