@@ -31,7 +31,7 @@ __all__ = [
 # Python's datetime (and JavaScript's toISOString with four-digit years) cover
 # years 1 to 9999; anything outside is not a Unix time in seconds.
 _MIN_SECONDS = -62135596800  # 0001-01-01T00:00:00Z
-_MAX_SECONDS = 253402300799  # 9999-12-31T23:59:59Z
+_END_SECONDS = 253402300800  # 10000-01-01T00:00:00Z: the first moment past year 9999
 
 
 def unix_seconds(value: object) -> int | float | None:
@@ -44,7 +44,7 @@ def unix_seconds(value: object) -> int | float | None:
     """
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    if not (_MIN_SECONDS <= value <= _MAX_SECONDS) or math.isnan(value):
+    if not (_MIN_SECONDS <= value < _END_SECONDS) or math.isnan(value):
         raise ValidationError(
             f"{value!r} is not a Unix time in seconds (years 1 to 9999); "
             "Customer.io sends seconds, so this looks like milliseconds or a corrupt value."

@@ -126,6 +126,7 @@ EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 YEAR_1 = -62135596800  # 0001-01-01T00:00:00Z
 YEAR_1000 = -30610224000  # 1000-01-01T00:00:00Z
 YEAR_9999_END = 253402300799  # 9999-12-31T23:59:59Z
+PAST_9999 = 253402300800  # 10000-01-01T00:00:00Z
 
 
 def body(data: dict[str, Any] | None = None, **top: Any) -> dict[str, Any]:
@@ -657,6 +658,7 @@ def test_identity_rules_hold_for_any_combination(
         (-0.0015, "1969-12-31T23:59:59.999Z"),  # truncated toward zero: -1 ms
         (YEAR_1000, "1000-01-01T00:00:00.000Z"),
         (YEAR_9999_END, "9999-12-31T23:59:59.000Z"),
+        (YEAR_9999_END + 0.9999, "9999-12-31T23:59:59.999Z"),  # still the year 9999
     ],
 )
 def test_unix_seconds_become_iso_milliseconds(timestamp: float, iso: str) -> None:
@@ -704,7 +706,7 @@ def test_no_time_fields_for_timestamps_rudderstack_ignores(timestamp: Any) -> No
     [
         1585250179000,  # milliseconds: RudderStack makes it the year 52204
         1e13,  # past JavaScript's date range: RudderStack crashes
-        YEAR_9999_END + 1,
+        PAST_9999,
         -62135596801,  # before the year 1
         10**30,
         -(10**30),
@@ -890,7 +892,7 @@ def test_any_json_body_is_transformed_faithfully_unless_it_has_no_event_id_or_re
     numeric = isinstance(timestamp, (int, float)) and not isinstance(timestamp, bool)
     unusable = {
         "event_id": not (isinstance(event_id, str) and event_id),
-        "timestamp": numeric and not YEAR_1 <= timestamp <= YEAR_9999_END,
+        "timestamp": numeric and not YEAR_1 <= timestamp < PAST_9999,
     }
     try:
         event = transform(source)
