@@ -81,6 +81,8 @@ def identifiable(event: Mapping[str, Any]) -> bool:
 def _blank_id(value: object) -> bool:
     if not isinstance(value, str):  # the gateway writes any other value as text: only null is blank
         return value is None
+    if value.isascii() and value.isprintable():  # the usual id: nothing in it for the gateway to drop
+        return not value.strip(" ")
     return all(char == " " or char in _INVISIBLE or not char.isprintable() for char in value)
 
 
