@@ -52,6 +52,8 @@ dashboard = Blueprint("cio_rudder_dashboard", __name__, template_folder="templat
 
 #: Dead letters per page.
 PAGE_SIZE = 50
+#: The most events the events page lists for one search (the newest); it says when there are more.
+EVENTS_SHOWN = 50
 _CSRF_KEY = "_cio_rudder_csrf"
 _FILTERS = ("event_id", "email", "reason", "event", "since")
 
@@ -218,7 +220,7 @@ def _filters(source: Any) -> tuple[dict[str, str], Match]:
         since = parse_since(values["since"]) if values["since"] else None
     except ValueError:
         raise BadRequest(
-            f"'Since' must be an age (30m, 2h, 7d) or a date (2024-05-01), not {values['since']!r}."
+            f"'Accepted since' must be an age (30m, 2h, 7d) or a date (2024-05-01), not {values['since']!r}."
         ) from None
     match = Match(
         since=since,
@@ -236,6 +238,7 @@ def dead_letters() -> str:
     outbox = _outbox()
     values, match = _filters(request.args)
     total = outbox.count_dead_letters(match)
+    sendable = outbox.count_dead_letters(replace(match, sendable=True)) if total else 0
     pages = max(1, -(-total // PAGE_SIZE))
     page = min(max(1, request.args.get("page", 1, type=int) or 1), pages)
     letters = outbox.dead_letters(PAGE_SIZE, match=match, offset=(page - 1) * PAGE_SIZE, newest_first=True)
@@ -243,6 +246,7 @@ def dead_letters() -> str:
         "cio_rudder/dead_letters.html",
         letters=letters,
         total=total,
+        sendable=sendable,
         page=page,
         pages=pages,
         filters=values,
@@ -296,16 +300,17 @@ def requeue_one() -> Any:
 def events() -> str:
     """What became of an event id, or of the events of an email address."""
     query = request.args.get("q", "").strip()
-    records = _outbox().find(query) if query else []
-    return render_template("cio_rudder/events.html", q=query, records=records)
+    records = _outbox().find(query, limit=EVENTS_SHOWN + 1) if query else []
+    return render_template(
+        "cio_rudder/events.html", q=query, records=records[:EVENTS_SHOWN], more=len(records) > EVENTS_SHOWN
+    )
 
 
 @dashboard.get("/event")
 def event() -> str:
     """One event: its outcome, times, reason, and its body or RudderStack event (escaped)."""
     event_id = request.args.get("id", "")
-    records = _outbox().store.find(event_id=event_id, limit=1) if event_id else []
-    record = records[0] if records else None
+    record = _outbox().event(event_id) if event_id else None
     return render_template(
         "cio_rudder/event.html",
         event_id=event_id,

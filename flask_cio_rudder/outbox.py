@@ -196,6 +196,12 @@ class Outbox:
             return self.store.find(email=query, limit=limit)
         return self.store.find(event_id=query, limit=limit) if query else []
 
+    def event(self, event_id: str) -> EventRecord | None:
+        """What became of the event with this id (``None`` if nothing is kept under it)."""
+        self._move_spooled()  # an event accepted a moment ago is found too
+        records = self.store.find(event_id=event_id, limit=1)
+        return records[0] if records else None
+
     def activity(self, minutes: int = 60) -> Activity:
         """Events accepted and delivered per minute over the last ``minutes`` minutes."""
         return self.store.activity(minutes)

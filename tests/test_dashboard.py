@@ -200,6 +200,8 @@ def test_requeue_all_and_purge_go_through_a_confirmation_page(
     refuse(admin, data_plane, sample("bounced"), sample("opened"))
     client = admin.test_client()
     post(client, {"event_id": "01NOBODY", "object_type": "email", "metric": "sent", "data": {}})
+    listing = text(client.get(f"{PREFIX}/dead-letters"))  # the rejected body has nothing to send
+    assert "Requeue all 2 that can be sent" in listing and "Purge 3" in listing
     confirm = text(client.get(f"{PREFIX}/dead-letters/requeue", query_string={"reason": "simulated"}))
     assert "Requeue 2 dead letters?" in confirm and "<code>simulated</code>" in confirm
     assert get_outbox(admin).count_dead_letters() == 3  # asking changed nothing
@@ -232,6 +234,28 @@ def test_the_events_page_tells_what_became_of_an_address(
     assert "Nothing kept for" in text(
         client.get(f"{PREFIX}/events", query_string={"q": "nobody@example.com"})
     )
+
+
+def test_an_event_accepted_a_moment_ago_has_its_page(admin: Flask, post: Post) -> None:
+    """On SQLite it may still be in the process's spool, not yet in the outbox's table."""
+    client = admin.test_client()
+    post(client, sample("opened"))
+    page = text(client.get(f"{PREFIX}/event", query_string={"id": sample("opened")["event_id"]}))
+    assert "Nothing kept" not in page and "Email Opened" in page
+
+
+def test_the_events_page_says_when_an_address_has_more_events_than_it_lists(
+    admin: Flask, post: Post, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("flask_cio_rudder.dashboard.EVENTS_SHOWN", 2)
+    client = admin.test_client()
+    for n in range(3):
+        post(client, sample("opened") | {"event_id": f"01MANY{n}"})
+    page = text(client.get(f"{PREFIX}/events", query_string={"q": "ada@example.com"}))
+    assert page.count('class="pill pending"') == 2 and "there are more" in page
+    monkeypatch.setattr("flask_cio_rudder.dashboard.EVENTS_SHOWN", 3)
+    page = text(client.get(f"{PREFIX}/events", query_string={"q": "ada@example.com"}))
+    assert page.count('class="pill pending"') == 3 and "there are more" not in page
 
 
 def test_everything_from_a_body_is_escaped(admin: Flask, post: Post, data_plane: FakeDataPlane) -> None:
