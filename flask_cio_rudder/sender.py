@@ -89,13 +89,16 @@ class Pacer:
         self._next = float("-inf")
         self._lock = threading.Lock()
 
-    def reserve(self) -> float:
-        """Take the next slot; returns the seconds to wait before sending in it (0 when it is due)."""
+    def reserve(self, within: float) -> float | None:
+        """Take the next slot if it comes within ``within`` seconds: the seconds to wait before
+        sending in it (0 when it is due). ``None`` if it comes later; the slot stays free then."""
         if not self.interval:
             return 0.0
         with self._lock:
             now = self.clock()
             slot = max(now, self._next)
+            if slot - now >= within:
+                return None
             self._next = slot + self.interval
             return slot - now
 
@@ -361,16 +364,18 @@ class Sender:
         ``outcome.error`` set. A batch RudderStack refuses is split and its halves posted in turn,
         all within that one deadline."""
         ids = [event.event_id for event in events]
-        wait = self.pacer.reserve()
-        late = time.monotonic() + wait >= deadline  # the turn under the rate cap comes too late
-        if wait > 0 and not late:
+        # No request after the deadline: past the lease (less its margin) another sender may claim them.
+        wait = self.pacer.reserve(within=deadline - time.monotonic())
+        if wait is None:
+            reason = "their turn under CIO_RUDDER_MAX_REQUESTS_PER_SECOND comes after"
+            self._give_back(owner, events, f"{reason} the claim's lease, or the flush's timeout", outcome)
+            return
+        if wait > 0:
             self.wait_turn(wait)
         left = deadline - time.monotonic()
-        if late or left <= 0:  # past the lease (less its margin), another sender may have claimed them
+        if left <= 0:
             reason = "no time was left to post these events (the claim's lease, or the flush's timeout)"
-            if late:
-                reason += ": their turn under CIO_RUDDER_MAX_REQUESTS_PER_SECOND comes after it"
-            self._retry_later(owner, events, reason, outcome, 0.0)
+            self._give_back(owner, events, reason, outcome)
             return
         started = time.perf_counter()
         try:
@@ -418,11 +423,16 @@ class Sender:
                 self._reported_configuration_error = True
         self._retry_later(owner, events, reason, outcome, duration)
 
+    def _give_back(self, owner: str, events: Sequence[Claimed], reason: str, outcome: Delivery) -> None:
+        """Release ``events`` unsent, for a later claim; no request was made, so no attempt failed."""
+        self.store.release(owner, [event.event_id for event in events], reason)
+        outcome.error = reason
+
     def _retry_later(
         self, owner: str, events: Sequence[Claimed], reason: str, outcome: Delivery, duration: float
     ) -> None:
-        self.store.release(owner, [event.event_id for event in events], reason)
-        outcome.error = reason
+        """Release ``events`` after a request that failed: logged, and ``forward_failed`` sent."""
+        self._give_back(owner, events, reason, outcome)
         if not self._reported_configuration_error:
             logger.warning("Delivery to RudderStack failed, will retry: %s", reason)
         self._signal(signals.forward_failed, events, reason=reason, retry=True, duration=duration)

@@ -338,14 +338,20 @@ def test_a_flush_gives_back_a_batch_whose_turn_under_the_cap_comes_after_its_tim
 ) -> None:
     app = make_app(**outbox_config, CIO_RUDDER_MAX_REQUESTS_PER_SECOND=0.1, CIO_RUDDER_OUTBOX_BATCH_SIZE=1)
     sender = get_outbox(app).sender
+    clock = Clock(0.0)
+    sender.pacer.clock = clock
     waits: list[float] = []
     sender.wait_turn = waits.append
     accept(app, 2)
-    report = get_outbox(app).flush(timeout=5)
+    with record_signals(app, signals.forward_failed) as failures:
+        report = get_outbox(app).flush(timeout=5)
     assert report.delivered == 1  # the second's turn is 10 s later: not waited for
-    assert waits == []
     assert "CIO_RUDDER_MAX_REQUESTS_PER_SECOND" in (report.error or "")
     assert report.status is not None and report.status.pending == 1
+    assert failures == []  # no request was made: no delivery failed
+    clock.now = 10.0  # its turn has come, and nothing else took it meanwhile
+    assert get_outbox(app).flush(timeout=5).delivered == 1
+    assert waits == [] and data_plane.requests == 2
 
 
 def test_an_unknown_durability_fails_at_init_naming_the_key_whatever_the_store(
