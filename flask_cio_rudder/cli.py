@@ -312,10 +312,17 @@ def copy_pending(source_url: str, table: str | None) -> None:
             path = sqlite_path(source_url, current_app.instance_path)
             if not os.path.isfile(path):
                 raise click.ClickException(f"SOURCE_URL names {path}, which does not exist: check the path")
-        source = store_from_url(source_url, instance_path=current_app.instance_path, table=table)
+        source = store_from_url(
+            source_url, instance_path=current_app.instance_path, table=table, create=False
+        )
     except RuntimeError as error:
-        raise click.ClickException(str(error).replace("CIO_RUDDER_OUTBOX_URL", "SOURCE_URL")) from None
+        message = str(error).replace("CIO_RUDDER_OUTBOX_URL", "SOURCE_URL")
+        raise click.BadParameter(message, param_hint="SOURCE_URL") from None
     try:
+        if not _store_call(source.has_tables):  # never made here: a mistyped table would copy nothing
+            raise click.ClickException(
+                f"{source.url} has no outbox table {source.table!r}: name the source's table with --table"
+            )
         spool = spool_for(source, durability="process-crash")
         spooled = 0 if spool is None else _store_call(spool.move)
         copied, seen = _store_call(outbox.copy_pending_from, source)

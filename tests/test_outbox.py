@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import sys
 import time
 import types
@@ -920,6 +921,15 @@ def test_cli_copy_pending_refuses_a_missing_file_and_takes_in_what_the_sources_s
     # What a SIGKILLed web worker of the old deployment leaves: an unlocked file of answered events.
     Path(spool.directory, "killed.spool").write_bytes(encode_record("01SPOOLED", stored("01SPOOLED"), 1.0))
     old.close()
+    wrong = runner.invoke(args=["cio-rudder", "copy-pending", old_url, "--table", "outbox"])
+    assert (
+        wrong.exit_code == 1 and "has no outbox table 'outbox'" in wrong.output and "--table" in wrong.output
+    )
+    with closing(sqlite3.connect(tmp_path / "old.sqlite3")) as db:  # the source is only read
+        assert {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")} == {
+            "events",
+            "meta",
+        }
     copied = runner.invoke(args=["cio-rudder", "copy-pending", old_url])
     assert copied.exit_code == 0, copied.output
     assert "moved 1 event that" in copied.output and "copied 2 pending events" in copied.output
@@ -943,6 +953,10 @@ def test_pending_events_move_from_an_sqlite_outbox_to_postgresql_without_loss(
     app = make_app(**base_config(data_plane, **postgres.app_config()))
     get_outbox(app).store.add("01NEW", stored("01NEW"))  # accepted on PostgreSQL meanwhile
     runner = app.test_cli_runner()
+    backwards = runner.invoke(args=["cio-rudder", "copy-pending", postgres.url, "--table", "cio_typo"])
+    assert backwards.exit_code == 1 and "has no outbox table 'cio_typo'" in backwards.output
+    with closing(store_from_url(postgres.url, table="cio_typo", create=False)) as typo:
+        assert not typo.has_tables()  # none made
     first = runner.invoke(args=["cio-rudder", "copy-pending", old_url])
     assert first.exit_code == 0, first.output
     assert "copied 2499 pending events" in first.output and "1 dead letter, not copied" in first.output

@@ -51,6 +51,15 @@ def test_an_added_event_is_known_and_adding_it_again_changes_nothing(backend: Ba
     assert [json.loads(event.payload_json)["event"] for event in claim.events] == ["Email Opened"]
 
 
+def test_a_store_opened_only_to_read_makes_no_table(backend: Backend) -> None:
+    """``flask cio-rudder copy-pending`` opens its source so: a mistyped table must not appear."""
+    assert backend.store().has_tables()
+    reader = store_from_url(backend.url, table=backend.table + "_typo", create=False)
+    backend.opened.append(reader)
+    assert not reader.has_tables()
+    assert not reader.has_tables()  # looking made nothing either
+
+
 def test_concurrent_adds_of_one_event_keep_it_once(backend: Backend) -> None:
     stores = [backend.store() for _ in range(4)]
     with ThreadPoolExecutor(max_workers=8) as pool:

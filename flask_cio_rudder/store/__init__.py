@@ -61,11 +61,14 @@ def store_from_url(
     table: str | None = None,
     durability: str = "process-crash",
     clock: Clock | None = None,
+    create: bool = True,
 ) -> OutboxStore:
     """The store ``url`` names (``CIO_RUDDER_OUTBOX_URL``); errors name the key, never the password.
 
     ``sqlite:///name.sqlite3`` is relative to ``instance_path`` (the app's instance folder),
     ``sqlite:////abs/path.sqlite3`` absolute. ``table`` defaults to the backend's own name.
+    With ``create=False`` the store makes nothing (no file, no table): for reading another
+    outbox, which :meth:`~OutboxStore.has_tables` tells is there.
     """
     check_durability(durability)
     if not isinstance(url, str) or "://" not in url:
@@ -90,4 +93,6 @@ def store_from_url(
             f'pip install "Flask-CIO-Rudder[{extra}]" ({error})'
         ) from None
     backend: type[OutboxStore] = getattr(module, class_name)
-    return backend.from_url(url, instance_path=instance_path, table=table, durability=durability, clock=clock)
+    return backend.from_url(
+        url, instance_path=instance_path, table=table, durability=durability, clock=clock, create=create
+    )

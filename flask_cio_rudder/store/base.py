@@ -203,7 +203,14 @@ class OutboxStore(ABC):
     @classmethod
     @abstractmethod
     def from_url(
-        cls, url: str, *, instance_path: str | None, table: str | None, durability: str, clock: Clock | None
+        cls,
+        url: str,
+        *,
+        instance_path: str | None,
+        table: str | None,
+        durability: str,
+        clock: Clock | None,
+        create: bool,
     ) -> OutboxStore:
         """The store ``url`` names (see :func:`~flask_cio_rudder.store.store_from_url`): each
         backend reads from the URL and the settings what its own constructor takes."""
@@ -357,6 +364,10 @@ class OutboxStore(ABC):
     @abstractmethod
     def create_tables(self) -> None:
         """Create the tables now if they are missing (they are also created on first use)."""
+
+    @abstractmethod
+    def has_tables(self) -> bool:
+        """Whether the events table exists, looked for without creating anything."""
 
     @abstractmethod
     def drop_tables(self) -> None:

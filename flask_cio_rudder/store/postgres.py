@@ -158,7 +158,13 @@ class PostgresStore(OutboxStore):
     CHUNK = 5000
 
     def __init__(
-        self, url: str, *, table: str | None = None, clock: Clock | None = None, pool_size: int = 4
+        self,
+        url: str,
+        *,
+        table: str | None = None,
+        clock: Clock | None = None,
+        pool_size: int = 4,
+        create: bool = True,
     ) -> None:
         rest = url.split("://", 1)[1]
         if _BAD_PERCENT.search(rest):  # libpq's error would quote the text around it: the password
@@ -181,6 +187,7 @@ class PostgresStore(OutboxStore):
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
         self.clock = clock
         self.pool_size = pool_size
+        self._creates = create  # False: reads another outbox, makes no table
         name = self.table.rpartition(".")[2]
         self._events = _quote(self.table)
         self._senders = _quote(self.table + "_senders")
@@ -200,10 +207,17 @@ class PostgresStore(OutboxStore):
 
     @classmethod
     def from_url(
-        cls, url: str, *, instance_path: str | None, table: str | None, durability: str, clock: Clock | None
+        cls,
+        url: str,
+        *,
+        instance_path: str | None,
+        table: str | None,
+        durability: str,
+        clock: Clock | None,
+        create: bool,
     ) -> PostgresStore:
         """The URL as it is. Durability is the server's: a commit lasts as its settings make it."""
-        return cls(url, table=table, clock=clock)
+        return cls(url, table=table, clock=clock, create=create)
 
     def __repr__(self) -> str:
         return f"<PostgresStore {self.url} table={self.table!r}>"
@@ -266,7 +280,7 @@ class PostgresStore(OutboxStore):
         try:
             with self._get_pool().connection() as conn, self._watched(conn, timeout) as watch:
                 try:
-                    if not self._ready:
+                    if not self._ready and self._creates:
                         self._create(conn, watch)
                     yield conn
                 except psycopg.OperationalError as error:
@@ -857,7 +871,18 @@ class PostgresStore(OutboxStore):
         return self._schema_sql
 
     def create_tables(self) -> None:
-        self._run(lambda conn: None)  # the first use creates them
+        def create(conn: Connection[Any]) -> None:
+            if not self._ready:
+                self._create(conn, None)
+
+        self._run(create)
+
+    def has_tables(self) -> bool:
+        def look(conn: Connection[Any]) -> bool:
+            row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (self._events,)).fetchone()
+            return bool(row and row[0])
+
+        return bool(self._run(look, self.READ_STATEMENT_TIMEOUT))
 
     def drop_tables(self) -> None:
         def drop(conn: Connection[Any]) -> None:

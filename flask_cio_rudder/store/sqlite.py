@@ -314,6 +314,7 @@ class SQLiteStore(OutboxStore):
         table: str = DEFAULT_TABLE,
         durability: str = "process-crash",
         clock: Clock = time.time,
+        create: bool = True,
     ) -> None:
         self._synchronous = _SYNCHRONOUS[check_durability(durability)]
         self.path = path
@@ -327,19 +328,28 @@ class SQLiteStore(OutboxStore):
         self._opened: weakref.WeakSet[_ThreadConnection] = weakref.WeakSet()
         self._opened_lock = threading.Lock()
         self._ready = False
+        self._creates = create  # False: reads another outbox, makes no file nor table
         _live_stores.add(self)
-        # A local file: if it cannot be made, nothing can work, so say so at start-up.
-        self.create_tables()
+        if create:  # a local file: if it cannot be made, nothing can work, so say so at start-up
+            self.create_tables()
 
     @classmethod
     def from_url(
-        cls, url: str, *, instance_path: str | None, table: str | None, durability: str, clock: Clock | None
+        cls,
+        url: str,
+        *,
+        instance_path: str | None,
+        table: str | None,
+        durability: str,
+        clock: Clock | None,
+        create: bool,
     ) -> SQLiteStore:
         return cls(
             sqlite_path(url, instance_path),
             table=table or DEFAULT_TABLE,
             durability=durability,
             clock=clock or time.time,
+            create=create,
         )
 
     def __repr__(self) -> str:
@@ -356,7 +366,7 @@ class SQLiteStore(OutboxStore):
         try:
             with _fork_guard.shared():
                 db = self._db()
-                if not self._ready:
+                if not self._ready and self._creates:
                     self._create(db)
                 yield db
         except (sqlite3.Error, OSError) as error:
@@ -367,8 +377,11 @@ class SQLiteStore(OutboxStore):
         db: sqlite3.Connection | None = getattr(self._local, "db", None)
         if db is None or self._local.pid != os.getpid():  # after a fork that ran no fork hooks
             directory = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(directory, mode=0o700, exist_ok=True)  # a new folder is private, as the file is
-            _create_private(self.path)
+            if self._creates:
+                os.makedirs(directory, mode=0o700, exist_ok=True)  # a new folder is private, as the file is
+                _create_private(self.path)
+            elif not os.path.isfile(self.path):  # sqlite3.connect would make it
+                raise FileNotFoundError(f"no file {self.path}")
             lock_file = _open_lock_file(self.path)
             db = None  # a connection inherited through a fork is left alone, never closed here
             try:
@@ -754,8 +767,14 @@ class SQLiteStore(OutboxStore):
         )
 
     def create_tables(self) -> None:
-        with self._connected():
-            pass  # the first use creates them
+        with self._connected() as db:
+            if not self._ready:
+                self._create(db)
+
+    def has_tables(self) -> bool:
+        with self._connected() as db:
+            found = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (self.table,))
+            return found.fetchone() is not None
 
     def drop_tables(self) -> None:
         with self._writing() as db:
