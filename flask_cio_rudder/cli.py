@@ -25,13 +25,12 @@ from flask.cli import AppGroup
 from . import ages
 from .ages import format_age
 from .outbox import Outbox, OutboxForwarder, counted, get_outbox
-from .replay import read_bodies, replay
+from .replay import ReplayStopped, ReplaySummary, read_bodies, replay
 from .sendtest import send_samples
 from .spool import spool_for
 from .state import state_of
 from .store import DeadLetter, Match, StoreError, store_from_url
 from .store.sqlite import sqlite_path
-from .webhook import RetryLater
 
 __all__ = ["cli", "outbox_of_current_app"]
 
@@ -391,17 +390,30 @@ def replay_command(file: Any, announce: bool) -> None:
     with click.progressbar(bodies, label="replaying", show_pos=True) as progress:
         try:
             summary = replay(app, progress, announce=announce)
-        except RetryLater as error:
-            raise click.ClickException(f"stopped: {error.description}; replay the file again later") from None
+        except ReplayStopped as stopped:
+            _report_replay(stopped.summary, file.name, announce, isinstance(forwarder, OutboxForwarder))
+            raise click.ClickException(
+                f"stopped at {stopped}. The bodies before it are done: once that is mended, replay "
+                "the file again (they are skipped as duplicates)."
+            ) from None
+    _report_replay(summary, file.name, announce, isinstance(forwarder, OutboxForwarder))
+    if summary.malformed:
+        raise click.ClickException(
+            "some bodies were left out: the file needs one JSON object per line (`jq -c .` writes a "
+            "pretty-printed file so) or one JSON array"
+        )
+
+
+def _report_replay(summary: ReplaySummary, name: str, announce: bool, kept: bool) -> None:
+    """What a replay did, by outcome, with the reasons for rejections and the lines left out."""
     rejected = sum(summary.rejected.values())
     click.echo(
-        f"{counted(summary.total, 'body', 'bodies')} from {file.name}: {summary.accepted} accepted, "
+        f"{counted(summary.total, 'body', 'bodies')} from {name}: {summary.accepted} accepted, "
         f"{summary.duplicate} duplicate, {rejected} rejected, "
         f"{counted(len(summary.malformed), 'not a JSON object', 'not JSON objects')}"
         + ("" if announce else " (no signals sent; --signals sends them)")
     )
     if rejected:
-        kept = isinstance(forwarder, OutboxForwarder)
         click.echo(
             "rejected (kept as dead letters):" if kept else "rejected (not kept: the app has no outbox):"
         )

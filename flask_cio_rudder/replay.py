@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from flask import Flask
 
 from .state import state_of
-from .webhook import MalformedBody, parse_json, process
+from .webhook import MalformedBody, RetryLater, parse_json, process
 
-__all__ = ["ReplaySummary", "read_bodies", "replay"]
+__all__ = ["ReplayStopped", "ReplaySummary", "read_bodies", "replay"]
 
 
 @dataclass
@@ -34,6 +34,18 @@ class ReplaySummary:
     @property
     def total(self) -> int:
         return self.accepted + self.duplicate + sum(self.rejected.values()) + len(self.malformed)
+
+
+class ReplayStopped(Exception):
+    """The replay stopped at the body ``where``: the outbox could not be written, or a receiver
+    (or the forwarder) raised. The bodies before it stay done (``summary``), and replaying the file
+    again skips them as duplicates."""
+
+    def __init__(self, where: str, reason: str, summary: ReplaySummary) -> None:
+        super().__init__(f"{where}: {reason}")
+        self.where = where
+        self.reason = reason
+        self.summary = summary
 
 
 def read_bodies(text: str) -> list[tuple[str, bytes]]:
@@ -59,8 +71,8 @@ def read_bodies(text: str) -> list[tuple[str, bytes]]:
 def replay(app: Flask, bodies: Iterable[tuple[str, bytes]], *, announce: bool = False) -> ReplaySummary:
     """Run each body through the webhook's stages for ``app``; signals only when ``announce``.
 
-    Raises :class:`~flask_cio_rudder.webhook.RetryLater` when the outbox cannot be written:
-    what was done before stays done, and replaying the file again skips it as duplicates.
+    Raises :class:`ReplayStopped` at a body it cannot finish (the outbox cannot be written,
+    a receiver raised); what was done before stays done.
     """
     state = state_of(app)
     summary = ReplaySummary()
@@ -70,7 +82,12 @@ def replay(app: Flask, bodies: Iterable[tuple[str, bytes]], *, announce: bool = 
         except MalformedBody as error:
             summary.malformed.append(f"{where}: {error.description}")
             continue
-        outcome = process(app, state, raw, decoded, announce=announce)
+        try:
+            outcome = process(app, state, raw, decoded, announce=announce)
+        except RetryLater as error:
+            raise ReplayStopped(where, str(error.description), summary) from error
+        except Exception as error:  # where the webhook answers 500: a receiver raised, say
+            raise ReplayStopped(where, f"{type(error).__name__}: {error}", summary) from error
         if outcome.status == "rejected":
             summary.rejected[outcome.reason or "rejected"] += 1
         elif outcome.status == "duplicate":

@@ -42,7 +42,8 @@ def test_replay_runs_each_line_through_the_webhook_stages_without_signals(
     log = write_lines(tmp_path / "bodies.jsonl", bounced, "", opened, bounced, NO_IDENTITY, "[1, 2]", "{oops")
     with record_signals(outbox_app, signals.event_received, signals.event_rejected) as fired:
         result = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "replay", str(log)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output  # some lines were left out: a script must see it
+    assert "one JSON object per line" in result.output
     assert "6 bodies from" in result.output
     assert "2 accepted, 1 duplicate, 1 rejected, 2 not JSON objects (no signals sent" in result.output
     assert (
@@ -70,6 +71,26 @@ def test_replay_of_a_json_array_with_signals_announces_what_it_accepts(
     assert [name for name, _ in fired] == ["email-clicked", "event-rejected"]
     again = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "replay", str(path)])
     assert "0 accepted, 1 duplicate, 1 rejected" in again.output  # safe to run twice
+
+
+def test_a_receiver_that_raises_stops_the_replay_saying_where_and_what_is_done(
+    outbox_app: Flask, tmp_path: Path
+) -> None:
+    log = write_lines(tmp_path / "bodies.jsonl", sample("opened"), sample("bounced"), sample("clicked"))
+
+    def refuse_bounces(sender: Flask, **extra: Any) -> None:
+        raise RuntimeError("the suppression list is down")
+
+    signals.email_bounced.connect(refuse_bounces, outbox_app)
+    try:
+        result = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "replay", str(log), "--signals"])
+    finally:
+        signals.email_bounced.disconnect(refuse_bounces, outbox_app)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)  # an error line, no traceback
+    assert "1 body from" in result.output and "1 accepted" in result.output
+    assert "stopped at line 2: RuntimeError: the suppression list is down" in result.output
+    again = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "replay", str(log)])
+    assert again.exit_code == 0 and "2 accepted, 1 duplicate" in again.output
 
 
 def test_replay_validates_as_the_app_does(make_app: Callable[..., Flask], tmp_path: Path) -> None:
