@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 from flask import current_app
@@ -148,7 +149,13 @@ def resume() -> None:
 
 
 @cli.command("flush")
-@click.option("--timeout", default=30.0, show_default=True, help="Give up after this many seconds.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=30.0,
+    show_default=True,
+    help="Give up after this many seconds.",
+)
 def flush(timeout: float) -> None:
     """Send what is pending now, from this process; exit 1 if some is still pending, saying why."""
     report = outbox_of_current_app().flush(timeout)
@@ -171,7 +178,9 @@ def _describe(letter: DeadLetter) -> str:
 
 @cli.command("dead-letters")
 @match_options
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=100, show_default=True, help="List at most this many."
+)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line, with the body when kept.")
 def dead_letters(match: Match, limit: int, as_json: bool) -> None:
     """List dead letters (those that match the filters), oldest first, with their reasons."""
@@ -179,8 +188,14 @@ def dead_letters(match: Match, limit: int, as_json: bool) -> None:
     letters = _store_call(lambda: outbox.dead_letters(limit, match=match))
     for letter in letters:
         click.echo(json.dumps(asdict(letter)) if as_json else _describe(letter))
-    if not letters and not as_json:  # JSON lines stay empty for scripts
+    if as_json:  # JSON lines only, for scripts
+        return
+    if not letters:
         click.echo("no dead letters" if match.everything else "no dead letters match")
+    elif len(letters) == limit:
+        more = _store_call(outbox.count_dead_letters, match) - limit
+        if more > 0:
+            click.echo(f"... and {more} more (--limit)")
 
 
 def _one_letter(outbox: Outbox, event_id: str) -> list[DeadLetter]:
@@ -204,10 +219,15 @@ def requeue(event_ids: tuple[str, ...], everything: bool, match: Match, dry_run:
 
     Bodies rejected at validation have nothing to send and stay dead letters.
     """
-    if sum((bool(event_ids), everything, not match.everything)) != 1:
-        raise click.UsageError("name event ids, pass --all, or filter with --since/--reason/--event/--email")
+    chosen = sum((bool(event_ids), everything, not match.everything))
+    if chosen != 1:
+        raise click.UsageError(
+            "use one of: event ids, --all, or filters (--since/--reason/--event/--email)"
+            if chosen
+            else "name event ids, pass --all, or filter with --since/--reason/--event/--email"
+        )
     outbox = outbox_of_current_app()
-    ids = list(event_ids) or None
+    ids = list(dict.fromkeys(event_ids)) or None  # each named once, however often it is given
     if ids is None:
         sendable = replace(match, sendable=True)
         shown = _store_call(lambda: outbox.dead_letters(100, match=sendable))
@@ -219,20 +239,25 @@ def requeue(event_ids: tuple[str, ...], everything: bool, match: Match, dry_run:
         shown = [letter for letter in letters if letter.requeueable]
         count, others = len(shown), len(letters) - len(shown)
         what = "these dead letters"
+        unknown = sorted(set(ids) - {letter.event_id for letter in letters})
+        if unknown:
+            click.echo(f"not dead letters (nothing to requeue): {', '.join(unknown)}")
+    left = f"; {counted(others, 'rejected body', 'rejected bodies')} cannot be sent" if others else ""
     if dry_run:
         for letter in shown:
             click.echo(_describe(letter))
         if count > len(shown):
             click.echo(f"... and {count - len(shown)} more")
-        left = f"; {counted(others, 'rejected body', 'rejected bodies')} cannot be sent" if others else ""
         click.echo(f"would requeue {counted(count, 'event')}{left}")
         return
     if not count:
-        click.echo("requeued 0 events: nothing matches that can be sent")
+        click.echo(f"requeued 0 events: nothing matches that can be sent{left}")
+        if ids:  # named ids that are not there to send: a script should know
+            raise SystemExit(1)
         return
     _confirm(f"Requeue {counted(count, 'event')} ({what}) to be sent to RudderStack again?", yes)
     requeued = _store_call(lambda: outbox.requeue(ids, match=None if everything or ids else match))
-    click.echo(f"requeued {counted(requeued, 'event')}")
+    click.echo(f"requeued {counted(requeued, 'event')}{left}")
 
 
 @cli.command("purge")
@@ -429,13 +454,25 @@ def _report_replay(summary: ReplaySummary, name: str, announce: bool, kept: bool
 
 @cli.command("send-test")
 @click.argument("url")
-@click.option("--timeout", default=10.0, show_default=True, help="Seconds to wait for each answer.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=10.0,
+    show_default=True,
+    help="Seconds to wait for each answer.",
+)
 def send_test(url: str, timeout: float) -> None:
     """Post the six sample email events, signed with CIO_RUDDER_SIGNING_KEY, to a deployed webhook URL
     and report each answer: the check to run after deploying, before pointing Customer.io at it.
 
     Exit 1 unless all six are accepted.
     """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise click.BadParameter(
+            "give the deployed webhook's http(s) URL, such as https://app.example.com/webhooks/customerio",
+            param_hint="URL",
+        )
     keys = state_of(current_app._get_current_object()).signing_keys  # type: ignore[attr-defined]
     click.echo(f"posting the six sample email events to {url}")
     click.echo(

@@ -738,10 +738,23 @@ def test_cli_status_flush_dead_letters_requeue_and_purge(
     letters = runner.invoke(args=["cio-rudder", "dead-letters"])
     assert letters.output.startswith("01BAD  ") and "Email Opened" in letters.output
     assert letters.output.rstrip().endswith("RudderStack answered 400: non-identifiable request")
+    get_outbox(outbox_app).store.add_rejected("01REJECTED", b"{}", "no userId or anonymousId")
+    cut = runner.invoke(args=["cio-rudder", "dead-letters", "--limit", "1"])
+    assert cut.output.startswith("01BAD  ") and cut.output.endswith("... and 1 more (--limit)\n")
 
     assert runner.invoke(args=["cio-rudder", "requeue"]).exit_code == 2
+    both = runner.invoke(args=["cio-rudder", "requeue", "--all", "--event", "opened"])
+    assert both.exit_code == 2 and "use one of: event ids, --all, or filters" in both.output
+    twice = runner.invoke(
+        args=["cio-rudder", "requeue", "01BAD", "01BAD", "01REJECTED", "01TYPO", "--dry-run"]
+    )
+    assert "not dead letters (nothing to requeue): 01TYPO" in twice.output
+    assert "would requeue 1 event; 1 rejected body cannot be sent" in twice.output
     assert "requeued 1 event" in runner.invoke(args=["cio-rudder", "requeue", "01BAD", "--yes"]).output
     assert "requeued 0 events" in runner.invoke(args=["cio-rudder", "requeue", "--all"]).output
+    typo = runner.invoke(args=["cio-rudder", "requeue", "01TYPO", "--yes"])
+    assert typo.exit_code == 1 and "not dead letters (nothing to requeue): 01TYPO" in typo.output
+    assert runner.invoke(args=["cio-rudder", "flush", "--timeout", "0"]).exit_code == 2
 
     assert "purged 0" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "1d", "-y"]).output
     dry = runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s", "--dry-run"])
@@ -802,7 +815,7 @@ def test_cli_dead_letters_and_requeue_filter_and_requeue_asks_first(
     for limit in ("0", "-1"):  # 0 said "no dead letters" while there were some; -1 listed all, or failed
         refused = invoke("dead-letters", "--limit", limit)
         assert refused.exit_code == 2 and "Invalid value for '--limit'" in refused.output
-    assert invoke("dead-letters", "--limit", "1").output.count("\n") == 1
+    assert invoke("dead-letters", "--limit", "1").output.endswith("\n... and 1 more (--limit)\n")
     for option in ("--since", "--reason", "--event", "--email"):  # a script's empty variable matches nothing
         empty = invoke("requeue", option, "", "--yes")
         assert empty.exit_code == 2 and option in empty.output and "it is empty" in empty.output

@@ -123,6 +123,12 @@ def test_send_test_posts_six_signed_samples_with_fresh_ids_and_reports_each_answ
     assert "fresh event_id" in first.output
     assert sorted(event.metric for event in received) == sorted(2 * EMAIL_EVENTS)
     assert len({event.event_id for event in received}) == 12
+    for wrong, named in (
+        (["app.example.com/webhooks/customerio"], "URL"),
+        ([url, "--timeout", "0"], "--timeout"),
+    ):
+        refused = fine.invoke(args=["cio-rudder", "send-test", *wrong])
+        assert refused.exit_code == 2 and "Invalid value for" in refused.output and named in refused.output
 
 
 def test_send_test_says_when_nothing_answers(app: Flask) -> None:
