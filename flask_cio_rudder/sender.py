@@ -162,9 +162,8 @@ class Sender:
         self._retry_after: float | None = None  # seconds RudderStack last asked us to wait
         #: How the sender waits after a failure; returns early when stopping.
         self.sleep: Callable[[float], object] = self._stopping.wait
-        #: How it waits its turn under the request rate cap: nothing cuts that short, so a flush
-        #: at shutdown or from ``flask cio-rudder flush`` keeps the cap too.
-        self.wait_turn: Callable[[float], object] = time.sleep
+        #: How it waits its turn under the request rate cap; ``False`` if a stop cut the wait short.
+        self.wait_turn: Callable[[float], bool] = self._wait_turn
         self._reported_configuration_error = False
         self._reported_store_error = False
         self._final_flush = True
@@ -370,8 +369,9 @@ class Sender:
             reason = "their turn under CIO_RUDDER_MAX_REQUESTS_PER_SECOND comes after"
             self._give_back(owner, events, f"{reason} the claim's lease, or the flush's timeout", outcome)
             return
-        if wait > 0:
-            self.wait_turn(wait)
+        if wait > 0 and not self.wait_turn(wait):  # stopping: the final flush sends them in its turn
+            self._give_back(owner, events, "the sender is stopping", outcome)
+            return
         left = deadline - time.monotonic()
         if left <= 0:
             reason = "no time was left to post these events (the claim's lease, or the flush's timeout)"
@@ -422,6 +422,17 @@ class Sender:
                 logger.error("Cannot deliver Customer.io events: %s. They are kept and retried.", reason)
                 self._reported_configuration_error = True
         self._retry_later(owner, events, reason, outcome, duration)
+
+    def _wait_turn(self, seconds: float) -> bool:
+        """Wait ``seconds`` for a turn under the rate cap; ``False`` if a stop came meanwhile.
+
+        Once stopping (the final flush, ``flask cio-rudder flush``), nothing cuts the wait: those
+        flushes keep the cap too, and their own timeout bounds it (a later turn is not waited for).
+        """
+        if self._stopping.is_set():
+            time.sleep(seconds)
+            return True
+        return not self._stopping.wait(seconds)
 
     def _give_back(self, owner: str, events: Sequence[Claimed], reason: str, outcome: Delivery) -> None:
         """Release ``events`` unsent, for a later claim; no request was made, so no attempt failed."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from typing import Any, Callable
@@ -32,6 +34,12 @@ def wait_until(
         if time.monotonic() >= deadline:
             pytest.fail(f"timed out after {timeout:g} s waiting until {what}\n{detail()}")
         time.sleep(POLL)
+
+
+def in_function(thread: threading.Thread, name: str) -> bool:
+    """Whether ``thread`` is inside the function called ``name`` right now (it waits there)."""
+    frame = sys._current_frames().get(thread.ident or -1)
+    return frame is not None and any(entry.name == name for entry in traceback.extract_stack(frame))
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ from flask_cio_rudder.store import Pending, StoreUnavailable, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, sample
-from .helpers import Clock, free_port, record_signals, refuse, wait_until
+from .helpers import Clock, free_port, in_function, record_signals, refuse, wait_until
 from .stores import Backend, backend_fixture, postgres_fixture  # noqa: F401  (fixtures)
 
 Post = Callable[..., TestResponse]
@@ -319,9 +319,10 @@ def test_a_request_rate_cap_spaces_the_requests(
     sender.pacer.clock = clock
     waits: list[float] = []
 
-    def wait_turn(seconds: float) -> None:  # the hand-moved clock stands in for waiting
+    def wait_turn(seconds: float) -> bool:  # the hand-moved clock stands in for waiting
         waits.append(seconds)
         clock.now += seconds
+        return True
 
     sender.wait_turn = wait_turn
     accept(app, 5)
@@ -341,8 +342,7 @@ def test_a_flush_gives_back_a_batch_whose_turn_under_the_cap_comes_after_its_tim
     sender = get_outbox(app).sender
     clock = Clock(0.0)
     sender.pacer.clock = clock
-    waits: list[float] = []
-    sender.wait_turn = waits.append
+    sender.wait_turn = lambda seconds: pytest.fail(f"waited {seconds} s for a turn past the flush's timeout")
     accept(app, 2)
     with record_signals(app, signals.forward_failed) as failures:
         report = get_outbox(app).flush(timeout=5)
@@ -352,7 +352,31 @@ def test_a_flush_gives_back_a_batch_whose_turn_under_the_cap_comes_after_its_tim
     assert failures == []  # no request was made: no delivery failed
     clock.now = 10.0  # its turn has come, and nothing else took it meanwhile
     assert get_outbox(app).flush(timeout=5).delivered == 1
-    assert waits == [] and data_plane.requests == 2
+    assert data_plane.requests == 2
+
+
+def test_stopping_cuts_the_wait_for_a_turn_under_the_cap_and_leaves_the_batch_pending(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane
+) -> None:
+    """A worker told to stop while its next request's turn is 20 s away stops within its timeout."""
+    app = make_app(
+        **{
+            **outbox_config,
+            "CIO_RUDDER_OUTBOX_SENDER": True,
+            "CIO_RUDDER_MAX_REQUESTS_PER_SECOND": 0.05,
+            "CIO_RUDDER_OUTBOX_BATCH_SIZE": 1,
+            "CIO_RUDDER_SHUTDOWN_TIMEOUT": 0.5,
+        }
+    )
+    sender = get_outbox(app).sender
+    accept(app, 2)
+    sender.wake()
+    thread = sender._thread
+    assert thread is not None
+    wait_until(lambda: in_function(thread, "_wait_turn"), what="the second request waits for its turn")
+    sender.stop()
+    assert not thread.is_alive()  # stop() joined it: it did not sleep out the 20 s
+    assert data_plane.requests == 1 and get_outbox(app).status().pending == 1
 
 
 def test_an_unknown_durability_fails_at_init_naming_the_key_whatever_the_store(

@@ -7,7 +7,6 @@ import stat
 import subprocess
 import sys
 import threading
-import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Callable
@@ -20,13 +19,7 @@ from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
 from flask_cio_rudder.store.forkguard import ForkGuard
 from flask_cio_rudder.store.sqlite import SQLiteStore, holder_alive, this_process
 
-from .helpers import wait_until
-
-
-def in_function(thread: threading.Thread, name: str) -> bool:
-    """Whether ``thread`` is inside the function called ``name`` right now (it waits there)."""
-    frame = sys._current_frames().get(thread.ident or -1)
-    return frame is not None and any(entry.name == name for entry in traceback.extract_stack(frame))
+from .helpers import in_function, wait_until
 
 
 @pytest.mark.parametrize(("durability", "synchronous"), [("process-crash", 1), ("power-loss", 2)])
