@@ -948,6 +948,14 @@ def test_cli_copy_pending_refuses_a_missing_file_and_takes_in_what_the_sources_s
     refused = runner.invoke(args=["cio-rudder", "copy-pending", f"sqlite:///{missing}"])
     assert refused.exit_code == 1 and "does not exist" in refused.output
     assert not missing.parent.exists()  # nothing made where the mistyped path points
+    other = tmp_path / "app.sqlite3"  # some other database, named by mistake
+    with closing(sqlite3.connect(other)) as db:
+        db.execute("CREATE TABLE users (id INTEGER)")
+    wrong_file = runner.invoke(args=["cio-rudder", "copy-pending", f"sqlite:///{other}"])
+    assert wrong_file.exit_code == 1 and "has no outbox table 'events'" in wrong_file.output
+    with closing(sqlite3.connect(other)) as db:  # left as it was: not switched to WAL, no lock file
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    assert sorted(path.name for path in tmp_path.iterdir() if path.name.startswith("app.")) == ["app.sqlite3"]
 
     old_url = f"sqlite:///{tmp_path / 'old.sqlite3'}"
     old = store_from_url(old_url)

@@ -176,10 +176,11 @@ def _create_private(database: str) -> None:
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def _open_lock_file(database: str) -> int | None:
+def _open_lock_file(database: str, *, create: bool = True) -> int | None:
     """The descriptor of the outbox's lock file, created with the database's permissions.
 
-    ``None`` on Windows, which has no ``flock``: there SQLite's busy timeout is all there is.
+    ``None`` on Windows, which has no ``flock``: there SQLite's busy timeout is all there is;
+    and, unless ``create``, where there is no lock file (no outbox ever wrote that file).
     """
     if sys.platform == "win32":
         return None
@@ -187,7 +188,13 @@ def _open_lock_file(database: str) -> int | None:
         mode = stat.S_IMODE(os.stat(database).st_mode)
     except FileNotFoundError:
         mode = 0o644  # what SQLite gives a new database file
-    return os.open(database + ".lock", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, mode)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    try:
+        return os.open(database + ".lock", flags, mode)
+    except FileNotFoundError:
+        if create:
+            raise
+        return None
 
 
 @contextmanager
@@ -382,14 +389,15 @@ class SQLiteStore(OutboxStore):
                 _create_private(self.path)
             elif not os.path.isfile(self.path):  # sqlite3.connect would make it
                 raise FileNotFoundError(f"no file {self.path}")
-            lock_file = _open_lock_file(self.path)
+            lock_file = _open_lock_file(self.path, create=self._creates)
             db = None  # a connection inherited through a fork is left alone, never closed here
             try:
                 # Turning a new file to WAL needs an exclusive lock that SQLite's busy timeout
                 # does not wait for: two workers starting at once would fail ("database is locked").
                 with _locked(lock_file):
                     db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                    db.execute("PRAGMA journal_mode=WAL")
+                    if self._creates:  # an outbox's file is in WAL already; another file stays as it is
+                        db.execute("PRAGMA journal_mode=WAL")
                 db.execute(f"PRAGMA synchronous={self._synchronous}")
             except BaseException:
                 _close(db, lock_file)
