@@ -5,7 +5,8 @@ then ``delivered``, or ``dead`` with the reason when RudderStack will never take
 A claim is a lease held by one sender (the *holder*: a process on SQLite, a
 heartbeating sender on PostgreSQL): nobody else claims the batch while the lease
 runs and the holder lives, and a batch whose holder died is free without waiting for
-the lease: at once on SQLite, once its heartbeat is stale on PostgreSQL. Finishing
+the lease: at once on SQLite (from another container, at its lease's end), once its
+heartbeat is stale on PostgreSQL. Finishing
 a batch (:meth:`OutboxStore.mark_delivered`, ...) names the claim's ``owner`` token,
 so a late answer to a lease that was taken over changes nothing.
 

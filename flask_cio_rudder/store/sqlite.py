@@ -2,8 +2,9 @@
 
 Every process that serves the app opens the same file; SQLite's locking (WAL mode,
 ``BEGIN IMMEDIATE`` to claim) keeps two senders off the same rows. A claim's holder
-is its process (id and start time): the outbox is on one machine, so a batch whose
-process no longer exists is claimed again at once, not after its lease.
+is its process (id, start time and PID namespace): the outbox is on one machine, so a
+batch whose process no longer exists is claimed again at once, not after its lease. One
+held from another container, whose processes cannot be seen here, waits for its lease.
 
 Writers wait on a lock file (``<outbox>.lock``, ``flock``; not on Windows) rather
 than on SQLite's own busy handler, which sleeps 1, 2, 5, 10... ms between tries:
