@@ -148,14 +148,19 @@ def resume() -> None:
     click.echo(f"sending resumed for {outbox.url}")
 
 
+def _timeout_option(default: float, help: str) -> Callable[[F], F]:
+    """``--timeout``: seconds above zero."""
+    return click.option(
+        "--timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=default,
+        show_default=True,
+        help=help,
+    )
+
+
 @cli.command("flush")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=30.0,
-    show_default=True,
-    help="Give up after this many seconds.",
-)
+@_timeout_option(30.0, "Give up after this many seconds.")
 def flush(timeout: float) -> None:
     """Send what is pending now, from this process; exit 1 if some is still pending, saying why."""
     report = outbox_of_current_app().flush(timeout)
@@ -454,13 +459,7 @@ def _report_replay(summary: ReplaySummary, name: str, announce: bool, kept: bool
 
 @cli.command("send-test")
 @click.argument("url")
-@click.option(
-    "--timeout",
-    type=click.FloatRange(min=0, min_open=True),
-    default=10.0,
-    show_default=True,
-    help="Seconds to wait for each answer.",
-)
+@_timeout_option(10.0, "Seconds to wait for each answer.")
 def send_test(url: str, timeout: float) -> None:
     """Post the six sample email events, signed with CIO_RUDDER_SIGNING_KEY, to a deployed webhook URL
     and report each answer: the check to run after deploying, before pointing Customer.io at it.
