@@ -141,10 +141,14 @@ def _pid_namespace() -> str:
         return ""
 
 
+#: Read once: a process keeps its PID namespace, and its forks share it.
+_PID_NAMESPACE = _pid_namespace()
+
+
 def this_process() -> str:
     """This process as a lease holder: ``"<pid>:<start time>:<PID namespace>"``."""
     pid = os.getpid()
-    return f"{pid}:{_process_start(pid) or ''}:{_pid_namespace()}"
+    return f"{pid}:{_process_start(pid) or ''}:{_PID_NAMESPACE}"
 
 
 def holder_alive(holder: str) -> bool:
@@ -156,7 +160,7 @@ def holder_alive(holder: str) -> bool:
     """
     pid_text, _, rest = holder.partition(":")
     started, _, namespace = rest.partition(":")
-    if namespace and namespace != _pid_namespace():
+    if namespace and namespace != _PID_NAMESPACE:
         return True
     try:
         pid = int(pid_text)
