@@ -132,7 +132,9 @@ class SyncForwarder(Forwarder):
         else:
             if response.status_code == 200:
                 duration = time.perf_counter() - started
-                signals.event_forwarded.send(self.app, payloads=[event.payload], duration=duration)
+                signals.send_logged(
+                    signals.event_forwarded, self.app, payloads=[event.payload], duration=duration
+                )
                 return
             # 400 and 413 are about the event itself: sending it again cannot help. It was accepted
             # (its receivers ran), so it is reported as the outbox reports dead letters; nothing is kept.
@@ -140,8 +142,13 @@ class SyncForwarder(Forwarder):
             answered = f"RudderStack answered {response.status_code}"  # its words go to the log only
         logger.error("Forwarding to RudderStack failed: %s", reason)
         duration = time.perf_counter() - started
-        signals.forward_failed.send(
-            self.app, payloads=[event.payload], reason=reason, retry=retry, duration=duration
+        signals.send_logged(
+            signals.forward_failed,
+            self.app,
+            payloads=[event.payload],
+            reason=reason,
+            retry=retry,
+            duration=duration,
         )
         if retry:  # the webhook's 503: Customer.io keeps its text in a delivery log
             raise ForwardError(answered)

@@ -455,12 +455,9 @@ class Sender:
         """
         if not signal.receivers:
             return
-        try:
-            payloads = [json.loads(event.payload_json) for event in events]
-            with self.app.app_context():
-                signal.send(self.app, payloads=payloads, **data)
-        except Exception:
-            logger.exception("A receiver of %s raised", signal.name)
+        payloads = [json.loads(event.payload_json) for event in events]
+        with self.app.app_context():
+            signals.send_logged(signal, self.app, payloads=payloads, **data)
 
 
 def _cut(timeout: Any, limit: float) -> Any:

@@ -4,11 +4,16 @@ Every signal is sent with the Flask app as sender and keyword-only data, so a
 receiver looks like ``def on_bounce(app, event, **extra)``. Receivers run inside
 the webhook request: one that raises makes the request a 500, nothing is kept,
 and Customer.io's retry runs the receivers again. Write them to be idempotent.
+``event_forwarded`` and ``forward_failed`` report what has already happened: a receiver
+of theirs that raises is logged and changes nothing.
 """
 
 from __future__ import annotations
 
-from blinker import Namespace
+import logging
+from typing import Any
+
+from blinker import NamedSignal, Namespace
 
 __all__ = [
     "email_bounced",
@@ -56,3 +61,12 @@ forward_failed = _signals.signal("forward-failed")
 #: :class:`~flask_cio_rudder.CioEvent` when accepted or a duplicate (else ``None``). For metrics;
 #: a receiver of this signal must not raise.
 webhook_answered = _signals.signal("webhook-answered")
+
+
+def send_logged(signal: NamedSignal, sender: Any, **data: Any) -> None:
+    """Send a signal about something done (a delivery): a receiver that raises is logged, not raised,
+    since an answer or a retry cannot undo it."""
+    try:
+        signal.send(sender, **data)
+    except Exception:
+        logging.getLogger("flask_cio_rudder").exception("A receiver of %s raised", signal.name)

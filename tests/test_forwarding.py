@@ -171,3 +171,27 @@ def test_a_wrong_write_key_is_503_and_the_event_is_not_lost(
     assert response.status_code == 503
     assert "RudderStack answered 401" in response.json["error"]
     assert data_plane.events == []
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    ("status", "signal"), [(200, signals.event_forwarded), (500, signals.forward_failed)], ids=["200", "500"]
+)
+def test_a_raising_delivery_receiver_changes_neither_the_answer_nor_what_is_sent(
+    sync_app: Flask, post: Post, caplog: pytest.LogCaptureFixture, status: int, signal: Any
+) -> None:
+    """RudderStack has already stored (or refused) the event: a receiver's bug must not turn that into a
+    500, which would make Customer.io send the event, and sync post it, again and again."""
+    responses.post(f"{DATA_PLANE}/v1/batch", body="answer", status=status)
+
+    def broken(app: Flask, **data: Any) -> None:
+        raise RuntimeError("a bug in a delivery receiver")
+
+    signal.connect(broken, sync_app)
+    try:
+        response = post(sync_app.test_client(), sample("opened"))
+    finally:
+        signal.disconnect(broken, sync_app)
+    assert response.status_code == (200 if status == 200 else 503)
+    assert len(responses.calls) == 1
+    assert f"A receiver of {signal.name} raised" in caplog.text
