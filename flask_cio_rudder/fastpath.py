@@ -4,9 +4,11 @@ A WSGI middleware in front of ``app.wsgi_app``. It serves one kind of request it
 authentic webhook whose body is a valid event, new or already accepted. For those it runs
 the route's own stages (signature, decoding, validation, duplicate lookup, receivers,
 forwarder), the receivers and the forwarder in an app context, and answers 200 as the
-route does. Every other request goes to Flask untouched. So does one whose receiver raised
-or whose event could not be kept: Flask then serves it from the start, as the route would
-(its receivers run again there), with the host app's error handlers.
+route does. Every other request goes to Flask untouched. So does one whose receiver raised:
+Flask then serves it from the start, as the route would (its receivers run again there),
+with the host app's error handlers. An event the forwarder could not keep is answered 503
+here, as the route answers it: through Flask, ``"sync"`` would post it to RudderStack again
+and wait out its timeouts a second time, past Customer.io's 4 seconds.
 
 For the requests it serves it skips ``before_request``, ``after_request`` and
 ``teardown_request`` hooks, ``app.errorhandler``, and ``flask.request`` / ``session`` in
@@ -24,13 +26,16 @@ from typing import TYPE_CHECKING
 from werkzeug.wsgi import get_content_length
 
 from . import signals
+from .forwarders import ForwardError
 from .signature import verify
 from .state import state_of
-from .webhook import answer_body, keep, parse_json
+from .webhook import answer_body, keep, not_kept, parse_json
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from flask import Flask
+
+    from .event import CioEvent
 
 __all__ = ["FastPath"]
 
@@ -50,10 +55,11 @@ class FastPath:
         if environ.get("PATH_INFO") == self.path and environ.get("REQUEST_METHOD") == "POST":
             body = self.read_body(environ)
             if body is not None:
-                answer = self.serve(environ, body)
-                if answer is not None:
+                answered = self.serve(environ, body)
+                if answered is not None:
+                    status, answer = answered
                     headers = [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))]
-                    start_response("200 OK", headers)
+                    start_response(status, headers)
                     return [answer]
                 environ["wsgi.input"] = io.BytesIO(body)  # for Flask to read it again
         return self.wsgi_app(environ, start_response)
@@ -69,8 +75,9 @@ class FastPath:
         body: bytes = environ["wsgi.input"].read(length)
         return body
 
-    def serve(self, environ: WSGIEnvironment, body: bytes) -> bytes | None:
-        """The answer to an authentic body of a valid event, or None if Flask must serve the request."""
+    def serve(self, environ: WSGIEnvironment, body: bytes) -> tuple[str, bytes] | None:
+        """The status and body answering an authentic body of a valid event, or None if Flask must serve
+        the request."""
         started = time.perf_counter()
         app, state = self.app, self.state
         try:
@@ -84,11 +91,21 @@ class FastPath:
                 )
             event = state.validation(parse_json(body))
             with app.app_context():  # the host app's code runs from here on: receivers, forwarder
-                outcome = keep(app, state.forwarder, event)
-                if signals.webhook_answered.receivers:
-                    duration = time.perf_counter() - started
-                    signals.webhook_answered.send(app, outcome=outcome, duration=duration, event=event)
-        except Exception:  # not authentic, not valid, a receiver raised, not kept: Flask's route answers
+                try:
+                    outcome = keep(app, state.forwarder, event)
+                except ForwardError as error:
+                    refusal = not_kept(error)
+                    _answered(app, refusal.outcome, started, None)
+                    return f"{refusal.code} {refusal.name.upper()}", refusal.get_body().encode()
+                _answered(app, outcome, started, event)
+        except Exception:  # not authentic, not valid, a receiver raised: Flask's route answers
             logger.debug("The fast path hands a webhook to Flask's route", exc_info=True)
             return None
-        return answer_body(outcome, event.event_id)
+        return "200 OK", answer_body(outcome, event.event_id)
+
+
+def _answered(app: Flask, outcome: str, started: float, event: CioEvent | None) -> None:
+    """Send ``webhook_answered``, as the route does for the requests it answers."""
+    if signals.webhook_answered.receivers:
+        duration = time.perf_counter() - started
+        signals.webhook_answered.send(app, outcome=outcome, duration=duration, event=event)

@@ -43,6 +43,7 @@ __all__ = [
     "RetryLater",
     "WebhookError",
     "create_blueprint",
+    "not_kept",
     "process",
 ]
 
@@ -172,8 +173,13 @@ def process(
     try:
         status = keep(app, state.forwarder, event, announce=announce)
     except ForwardError as error:
-        raise RetryLater(f"the event was not kept ({error.reason}); send it again later") from None
+        raise not_kept(error) from None
     return Outcome(status, event.event_id, event=event)
+
+
+def not_kept(error: ForwardError) -> RetryLater:
+    """The 503 for an accepted event the forwarder could not keep now, saying why in a few words."""
+    return RetryLater(f"the event was not kept ({error.reason}); send it again later")
 
 
 def keep(app: Flask, forwarder: Forwarder, event: CioEvent, *, announce: bool = True) -> str:

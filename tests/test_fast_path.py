@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import pytest
 from flask import Flask, Response, current_app, g, has_request_context, request
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
@@ -185,19 +186,31 @@ def test_with_the_fast_path_a_receiver_that_raises_is_answered_by_the_host_apps_
 
 
 class Full(Forwarder):
-    """A forwarder that cannot keep anything now, like an outbox on a full disk."""
+    """A forwarder that cannot keep anything now, like an outbox on a full disk or ``sync`` with
+    RudderStack down; it counts its attempts."""
+
+    attempts = 0
 
     def send(self, event: Any) -> None:
+        Full.attempts += 1
         raise ForwardError("the disk is full")
 
 
-def test_with_the_fast_path_an_event_that_cannot_be_kept_is_503_as_on_the_route(
-    make_app: Callable[..., Flask], post: Post
+@pytest.mark.parametrize("fast", [False, True], ids=["route", "fast path"])
+def test_an_event_that_cannot_be_kept_is_503_after_one_attempt_with_or_without_the_fast_path(
+    make_app: Callable[..., Flask], post: Post, fast: bool
 ) -> None:
-    app = make_app(CIO_RUDDER_FAST_PATH=True, CIO_RUDDER_FORWARDER=Full)
-    response = post(app.test_client(), sample("delivered"))
+    """Not handed to Flask for a second try: with ``sync`` that would post it again and wait out a
+    second timeout, past Customer.io's 4 s, and run its receivers twice."""
+    Full.attempts = 0
+    app = make_app(CIO_RUDDER_FAST_PATH=fast, CIO_RUDDER_FORWARDER=Full)
+    with record_signals(app, signals.email_delivered, signals.webhook_answered) as calls:
+        response = post(app.test_client(), sample("delivered"))
     assert response.status_code == 503
-    assert "the disk is full" in response.json["error"]
+    assert response.json == {"error": "the event was not kept (the disk is full); send it again later"}
+    assert Full.attempts == 1
+    assert [name for name, _ in calls] == ["email-delivered", "webhook-answered"]
+    assert calls[-1][1]["outcome"] == "retry_later"
 
 
 def test_with_the_fast_path_each_request_is_announced_once(
