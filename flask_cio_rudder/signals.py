@@ -2,8 +2,8 @@
 
 Every signal is sent with the Flask app as sender and keyword-only data, so a
 receiver looks like ``def on_bounce(app, event, **extra)``. Receivers run inside
-the webhook request: one that raises makes the request a 500, nothing is kept,
-and Customer.io's retry runs the receivers again. Write them to be idempotent.
+the webhook request: one that raises makes the request a 500 (``abort(code)``: that
+code), nothing is kept, and Customer.io's retry runs the receivers again. Write them to be idempotent.
 ``event_forwarded`` and ``forward_failed`` report what has already happened: a receiver
 of theirs that raises is logged and changes nothing.
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from flask import Flask
+from flask import Flask, abort
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import get_outbox, signals
@@ -304,6 +304,24 @@ def test_a_receiver_that_raises_is_500_and_nothing_is_kept(
     with record_signals(app, *EVERY_SIGNAL) as recorder:
         assert post(app.test_client(), body).json["status"] == "accepted"
     assert names(recorder) == ["event-received", "email-bounced"]
+
+
+def test_a_receiver_that_aborts_gets_its_status_and_nothing_is_kept(
+    make_app: Callable[..., Flask], post: Post
+) -> None:
+    """``abort(503)`` in a receiver (its database is down) is Flask's way to choose the answer: it is kept,
+    and so is the rule that nothing is kept when a receiver raises."""
+    app = make_app()
+    body = sample("unsubscribed")
+
+    def unavailable(sender: Flask, **extra: Any) -> None:
+        abort(503)
+
+    with record_signals(app, signals.webhook_answered) as answered:
+        with signals.email_unsubscribed.connected_to(unavailable, sender=app):
+            assert post(app.test_client(), body).status_code == 503
+        assert post(app.test_client(), body).json["status"] == "accepted"  # not a duplicate: nothing was kept
+    assert [kwargs["outcome"] for _, kwargs in answered] == ["error", "accepted"]
 
 
 def test_an_event_rejected_receiver_that_raises_is_500_and_no_dead_letter_is_kept(
