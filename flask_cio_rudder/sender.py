@@ -243,7 +243,10 @@ class Sender:
         close()
 
     def _after_fork(self) -> None:
+        stopped = self._stopping.is_set()
         self._fresh_process_state()
+        if stopped:  # stopped (its outbox closed) before the fork: it stays stopped in the child
+            self._stopping.set()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -478,7 +481,7 @@ def _reset_senders_in_child() -> None:
         sender.store.after_fork()
         sender._after_fork()
         if was_running:
-            sender.ensure_running()
+            sender.ensure_running()  # unless it was stopped
 
 
 if hasattr(os, "register_at_fork"):

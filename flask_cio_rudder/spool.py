@@ -425,9 +425,11 @@ class Spool:
         for file in self._files:
             with contextlib.suppress(OSError):
                 os.close(file.fd)
-        was_running = self._thread is not None
+        was_running, stopped = self._thread is not None, self._stopping.is_set()
         self._fresh_process_state()
-        if was_running:
+        if stopped:  # stopped (its outbox closed) before the fork: it stays stopped in the child
+            self._stopping.set()
+        elif was_running:
             self.ensure_running()
 
 

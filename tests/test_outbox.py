@@ -13,6 +13,7 @@ import os
 import re
 import sqlite3
 import sys
+import threading
 import time
 import types
 from collections import Counter
@@ -567,6 +568,31 @@ def test_after_a_fork_the_sender_uses_the_settings_read_at_start_not_app_config(
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert len(data_plane.events) == 3
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="forks")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_an_outbox_closed_before_a_fork_stays_closed_in_the_child(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any]
+) -> None:
+    """A test suite's closed apps, or one closed before ``multiprocessing`` forks, start no thread again."""
+    app = make_app(**outbox_config | {"CIO_RUDDER_OUTBOX_SENDER": True})
+    outbox = get_outbox(app)
+    assert outbox.sender._thread is not None
+    outbox.close()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            outbox.sender.ensure_running()  # as a request in the child would
+            if outbox.spool is not None:
+                outbox.spool.ensure_running()
+            names = [thread.name for thread in threading.enumerate()]
+            code = 2 if any(name.startswith("cio-rudder") for name in names) else 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
 
 
 # -- configuration ----------------------------------------------------------------------------------
