@@ -114,24 +114,37 @@ class CioRudder:
                 "CIO_RUDDER_MAX_TIMESTAMP_AGE must be None (off) or a positive number of seconds, "
                 f"not {max_timestamp_age!r}."
             )
+        path = config["CIO_RUDDER_WEBHOOK_PATH"]
+        if not (isinstance(path, str) and path.startswith("/")):
+            raise RuntimeError(
+                f"CIO_RUDDER_WEBHOOK_PATH must be a URL path starting with '/', such as "
+                f"'/webhooks/customerio', not {path!r}."
+            )
         validation = Validation(config["CIO_RUDDER_VALIDATION"])
-        forwarder = create_forwarder(app, config["CIO_RUDDER_FORWARDER"])
-        _open_forwarders.add(forwarder)
-        app.extensions["cio_rudder"] = State(
-            signing_keys=keys,
-            verify_signature=verify_signature,
-            max_timestamp_age=max_timestamp_age,
-            max_body_bytes=max_body_bytes,
-            validation=validation,
-            forwarder=forwarder,
-        )
         if config["CIO_RUDDER_METRICS"]:
             from . import metrics  # optional: needs prometheus_client, and says so when it is missing
-
-            metrics.enable(app)
-        app.register_blueprint(create_blueprint(config["CIO_RUDDER_WEBHOOK_PATH"]))
+        # Last, as it may start threads and open files: if a later step fails, it is closed again and
+        # the app is left as it was, so that init_app can be called again once the cause is fixed.
+        forwarder = create_forwarder(app, config["CIO_RUDDER_FORWARDER"])
+        try:
+            app.extensions["cio_rudder"] = State(
+                signing_keys=keys,
+                verify_signature=verify_signature,
+                max_timestamp_age=max_timestamp_age,
+                max_body_bytes=max_body_bytes,
+                validation=validation,
+                forwarder=forwarder,
+            )
+            app.register_blueprint(create_blueprint(path))
+            if config["CIO_RUDDER_METRICS"]:
+                metrics.enable(app)
+        except BaseException:
+            app.extensions.pop("cio_rudder", None)
+            forwarder.close()
+            raise
+        _open_forwarders.add(forwarder)
         if config["CIO_RUDDER_FAST_PATH"]:
-            app.wsgi_app = FastPath(app, app.wsgi_app, config["CIO_RUDDER_WEBHOOK_PATH"])  # type: ignore[method-assign]
+            app.wsgi_app = FastPath(app, app.wsgi_app, path)  # type: ignore[method-assign]
         app.cli.add_command(cli)
         _exempt_from_csrf(app)
 

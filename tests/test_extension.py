@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from flask import Flask
+from flask import Blueprint, Flask
 from flask_wtf import CSRFProtect
 from werkzeug.test import TestResponse
 
@@ -80,6 +80,36 @@ def test_init_app_twice_on_one_app_is_refused() -> None:
     ext = CioRudder(app)
     with pytest.raises(RuntimeError, match="already registered"):
         ext.init_app(app)
+
+
+@pytest.mark.parametrize("path", [5, None, "webhooks/customerio"])
+def test_a_webhook_path_that_is_no_url_path_fails_fast_naming_the_key(path: Any) -> None:
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_WEBHOOK_PATH must be a URL path starting with '/'"):
+        CioRudder(
+            bare_app(
+                CIO_RUDDER_FORWARDER="none", CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_WEBHOOK_PATH=path
+            )
+        )
+
+
+def test_an_init_app_that_fails_closes_its_forwarder_and_can_be_called_again() -> None:
+    """Its sender threads and files are let go, and once the cause is fixed, init_app works."""
+    closed: list[Forwarder] = []
+
+    class Recorded(NullForwarder):
+        def close(self) -> None:
+            closed.append(self)
+
+    app = bare_app(CIO_RUDDER_FORWARDER=Recorded, CIO_RUDDER_SIGNING_KEY=SIGNING_KEY)
+    taken = Blueprint("cio_rudder", __name__)  # the host app's own blueprint of that name
+    app.register_blueprint(taken)
+    with pytest.raises(ValueError, match="cio_rudder"):
+        CioRudder(app)
+    assert len(closed) == 1
+    assert "cio_rudder" not in app.extensions
+    del app.blueprints["cio_rudder"]  # the host renames its blueprint
+    CioRudder(app)
+    assert isinstance(app.extensions["cio_rudder"].forwarder, Recorded)
 
 
 def test_a_missing_signing_key_fails_fast_naming_the_key() -> None:
