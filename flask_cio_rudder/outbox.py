@@ -288,7 +288,7 @@ class OutboxForwarder(Forwarder):
         # Read once: after a fork the sender builds its data plane from these, not from app.config.
         data_plane_url, write_key, timeout = data_plane_settings(config, _OUTBOX_TIMEOUT)
         batch_size = config["CIO_RUDDER_OUTBOX_BATCH_SIZE"]
-        if not isinstance(batch_size, int) or not 1 <= batch_size <= 100:
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= 100:
             raise RuntimeError("CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number from 1 to 100.")
         lease = check_seconds(config, "CIO_RUDDER_OUTBOX_LEASE")
         max_age = check_seconds(config, "CIO_RUDDER_OUTBOX_MAX_AGE")
@@ -381,6 +381,10 @@ def outbox_url(config: Mapping[str, Any]) -> str:
     path = config.get("CIO_RUDDER_OUTBOX_PATH")
     if path is None:
         return url
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise RuntimeError(
+            f"CIO_RUDDER_OUTBOX_PATH must be a file path, not {path!r}; better, set CIO_RUDDER_OUTBOX_URL."
+        )
     if url != DEFAULT_URL:
         raise RuntimeError(
             f"Both CIO_RUDDER_OUTBOX_URL ({redact_url(url)}) and CIO_RUDDER_OUTBOX_PATH are set: "

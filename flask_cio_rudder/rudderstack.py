@@ -95,7 +95,11 @@ def data_plane_settings(config: Mapping[str, Any], default_timeout: Timeout) -> 
     """The data plane's URL, write key and timeout from the config, each checked (see
     :func:`data_plane_from_config`): what a process needs to make its own :class:`DataPlane`."""
     write_key = config.get("CIO_RUDDER_WRITE_KEY")
-    if not write_key or not isinstance(write_key, str):
+    if write_key and not isinstance(write_key, str):  # its value is a secret: not in the message
+        raise RuntimeError(
+            f"CIO_RUDDER_WRITE_KEY must be text, the source's write key, not a {type(write_key).__name__}."
+        )
+    if not write_key:
         raise RuntimeError(
             "CIO_RUDDER_WRITE_KEY is not set: set it to the write key of a RudderStack "
             "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."

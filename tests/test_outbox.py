@@ -395,6 +395,25 @@ def test_a_bad_request_rate_cap_fails_at_init_naming_the_key(
         make_app(**outbox_config, CIO_RUDDER_MAX_REQUESTS_PER_SECOND=rate)
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("CIO_RUDDER_OUTBOX_BATCH_SIZE", True, "CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number"),
+        ("CIO_RUDDER_OUTBOX_BATCH_SIZE", 101, "CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number"),
+        ("CIO_RUDDER_OUTBOX_PATH", 5, "CIO_RUDDER_OUTBOX_PATH must be a file path"),
+        ("CIO_RUDDER_WRITE_KEY", 123456, "CIO_RUDDER_WRITE_KEY must be text"),
+    ],
+)
+def test_a_setting_of_the_wrong_kind_fails_at_init_saying_what_it_must_be(
+    make_app: Callable[..., Flask], data_plane: FakeDataPlane, key: str, value: Any, message: str
+) -> None:
+    """Not read as batch size 1, a file named "5" in the current folder, or a write key that "is not set"."""
+    config = base_config(data_plane) | {key: value}
+    with pytest.raises(RuntimeError, match=message) as raised:
+        make_app(**config)
+    assert "123456" not in str(raised.value)  # a write key is a secret, even a wrong one
+
+
 def test_a_paused_outbox_keeps_accepting_and_sends_once_resumed(
     outbox_app: Flask,
     make_app: Callable[..., Flask],
