@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -37,13 +37,16 @@ def encode(body: Mapping[str, Any]) -> bytes:
 
 
 def signature_headers(
-    body: bytes | str | Mapping[str, Any], key: str, timestamp: int | None = None
+    body: bytes | str | Mapping[str, Any], key: str | Sequence[str], timestamp: int | None = None
 ) -> dict[str, str]:
     """The headers Customer.io sends with ``body``, signed with ``key``.
 
-    Post exactly the bytes that were signed: pass ``bytes`` (or ``str``), or a
-    mapping, which is signed as :func:`encode` serialises it.
+    ``key`` may be ``CIO_RUDDER_SIGNING_KEY`` as configured: a list of keys (a rotation) signs
+    with the first, the new one. Post exactly the bytes that were signed: pass ``bytes`` (or
+    ``str``), or a mapping, which is signed as :func:`encode` serialises it.
     """
+    if not isinstance(key, str):
+        key = key[0]
     if isinstance(body, Mapping):
         body = encode(body)
     elif isinstance(body, str):
@@ -78,9 +81,12 @@ class FakeDataPlane:
     ``fail_next(500, times=3)``, ``fail_next(429, retry_after="30")``, ``hang_next(seconds)``,
     ``reset_next()``.
 
+    The extension reads its settings at ``init_app``, so start the plane first and build the app
+    with its URL and key:
+
     >>> with FakeDataPlane() as plane:
-    ...     app.config["CIO_RUDDER_DATA_PLANE_URL"] = plane.url
-    ...     app.config["CIO_RUDDER_WRITE_KEY"] = plane.write_key
+    ...     app = create_app({"CIO_RUDDER_DATA_PLANE_URL": plane.url,
+    ...                       "CIO_RUDDER_WRITE_KEY": plane.write_key})
     """
 
     MAX_REQUEST_BYTES = 4000 * 1024

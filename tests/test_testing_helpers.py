@@ -26,6 +26,19 @@ def test_signature_headers_sign_bytes_str_and_mappings_alike() -> None:
         verify(encode(body), headers["X-CIO-Timestamp"], headers["X-CIO-Signature"], [SIGNING_KEY])
 
 
+def test_signature_headers_take_the_configured_signing_key_even_a_rotation_list(
+    make_app: Callable[..., Flask],
+) -> None:
+    """As the README's test passes it: ``app.config["CIO_RUDDER_SIGNING_KEY"]``, whatever its form."""
+    app = make_app(CIO_RUDDER_SIGNING_KEY=["new-key", SIGNING_KEY])
+    body = encode(sample("opened"))
+    headers = signature_headers(body, app.config["CIO_RUDDER_SIGNING_KEY"])
+    verify(
+        body, headers["X-CIO-Timestamp"], headers["X-CIO-Signature"], ["new-key"]
+    )  # the first: the new one
+    assert app.test_client().post(WEBHOOK, data=body, headers=headers).json["status"] == "accepted"
+
+
 def test_record_events_collects_only_this_apps_events(make_app: Callable[..., Flask]) -> None:
     app, other = make_app(), make_app()
     raw = encode(sample("bounced"))
