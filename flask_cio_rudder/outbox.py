@@ -22,6 +22,8 @@ from typing import Any
 import click
 from flask import Flask, current_app
 from flask.cli import FlaskGroup
+from flask.helpers import get_debug_flag
+from werkzeug.serving import is_running_from_reloader
 
 from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
@@ -253,15 +255,27 @@ class Outbox:
 
 
 def _loaded_by_a_flask_command() -> bool:
-    """Whether a ``flask`` command other than ``flask run`` is loading the app (``flask cio-rudder
+    """Whether a ``flask`` command that does not serve the app is loading it (``flask cio-rudder
     status``, ``flask shell``, a migration): a short-lived process whose sender would race the app's
     real ones, fire their signals here and spend the shutdown timeout sending at its exit. There
     the sender starts with the first event the process accepts (a command that serves the app),
     and ``flask cio-rudder worker`` starts its own."""
     context = click.get_current_context(silent=True)
-    if context is None or context.info_name == "run":
+    if context is None:
         return False
+    if context.info_name == "run":
+        return _watches_for_the_reloader(context)
     return isinstance(context.find_root().command, FlaskGroup)
+
+
+def _watches_for_the_reloader(run: click.Context) -> bool:
+    """Whether this ``flask run`` process only watches files for the reloader, which serves the app
+    in a child process: a sender here would go on sending, with the settings it read first, for the
+    whole session, whatever the reloaded child reads."""
+    reload = run.params.get("reload")
+    if reload is None:  # flask run's own default: on with --debug
+        reload = get_debug_flag()
+    return bool(reload) and not is_running_from_reloader()
 
 
 def _not_kept(action: str, error: Exception) -> ForwardError:

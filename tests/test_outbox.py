@@ -22,10 +22,11 @@ from contextlib import closing
 from pathlib import Path
 from typing import Any, Callable
 
+import click
 import pytest
 from click.testing import CliRunner
 from flask import Flask
-from flask.cli import FlaskGroup
+from flask.cli import FlaskGroup, run_command
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import ForwardError, Outbox, get_outbox, signals, transform
@@ -983,6 +984,38 @@ def test_under_a_flask_command_the_sender_starts_with_the_first_accepted_event(
     result = CliRunner().invoke(FlaskGroup(create_app=create_app), ["serve"])
     assert result.exit_code == 0, result.output
     assert running == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("reload", "debug", "in_reloaders_child", "sends"),
+    [
+        (True, "0", False, False),  # flask run --reload: this process only watches files
+        (None, "1", False, False),  # flask run --debug: the same, by flask run's default
+        (True, "0", True, True),  # the reloader's child serves the app
+        (False, "1", False, True),  # flask run --debug --no-reload: one process serves
+        (None, "0", False, True),  # flask run
+    ],
+)
+def test_under_flask_run_the_reloaders_watching_process_does_not_send(
+    make_app: Callable[..., Flask],
+    outbox_config: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    reload: bool | None,
+    debug: str,
+    in_reloaders_child: bool,
+    sends: bool,
+) -> None:
+    """Else it sends, for the whole session, with the settings it first read, whatever the reloaded
+    child reads: fix a data plane URL and events still go to the old one."""
+    monkeypatch.setenv("FLASK_DEBUG", debug)
+    if in_reloaders_child:
+        monkeypatch.setenv("WERKZEUG_RUN_MAIN", "true")
+    else:
+        monkeypatch.delenv("WERKZEUG_RUN_MAIN", raising=False)
+    with click.Context(run_command, info_name="run") as context:  # as flask run loads the app
+        context.params["reload"] = reload
+        app = make_app(**{**outbox_config, "CIO_RUDDER_OUTBOX_SENDER": True})
+    assert get_outbox(app).sender.running is sends
 
 
 def test_cli_copy_pending_refuses_a_missing_file_and_takes_in_what_the_sources_spool_holds(
