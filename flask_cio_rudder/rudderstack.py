@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Union
@@ -15,6 +16,7 @@ import requests
 from .settings import check_timeout
 
 __all__ = [
+    "Answer",
     "DataPlane",
     "Timeout",
     "check_url",
@@ -25,6 +27,21 @@ __all__ = [
 ]
 
 Timeout = Union[float, tuple[float, float]]
+
+
+#: The most of an answer's body that is read (bytes): RudderStack answers "OK" or a line saying what
+#: was wrong, and what a proxy sends beyond this (a page, or an endless stream) is not read.
+ANSWER_LIMIT = 4096
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the data plane answered a batch: its status, its headers and the start of its body."""
+
+    status_code: int
+    headers: Mapping[str, str]
+    #: At most :data:`ANSWER_LIMIT` bytes of the body, decoded.
+    text: str
 
 
 class DataPlane:
@@ -42,18 +59,36 @@ class DataPlane:
         self.session.auth = (write_key, "")
         self.session.headers.update({"Content-Type": "application/json", "Content-Encoding": "gzip"})
 
-    def post_batch(self, events_json: Sequence[str], timeout: Timeout | None = None) -> requests.Response:
-        """Send events already encoded as JSON in one batch.
+    def post_batch(self, events_json: Sequence[str], timeout: Timeout | None = None) -> Answer:
+        """Send events already encoded as JSON in one batch; what RudderStack answered.
 
-        Raises ``requests.RequestException`` on timeouts and connection errors.
+        A redirect is an answer, not followed: requests would send a 301 or 302 on as a GET
+        without the batch, and take the 200 of wherever it leads for a delivery. Raises
+        ``requests.RequestException`` on timeouts and connection errors.
         """
         body = ('{"batch":[' + ",".join(events_json) + "]}").encode("utf-8")
-        return self.session.post(self.batch_url, data=gzip.compress(body, 6), timeout=timeout or self.timeout)
+        response = self.session.post(
+            self.batch_url,
+            data=gzip.compress(body, 6),
+            timeout=timeout or self.timeout,
+            allow_redirects=False,
+            stream=True,  # read below, up to ANSWER_LIMIT: a proxy's endless answer must not fill memory
+        )
+        with response:  # read to its end, the connection goes back to the pool; cut short, it is closed
+            start = b""
+            for chunk in response.iter_content(ANSWER_LIMIT):
+                start += chunk
+                if len(start) >= ANSWER_LIMIT:
+                    break
+        text = start[:ANSWER_LIMIT].decode(response.encoding or "utf-8", "replace")
+        return Answer(response.status_code, response.headers, text)
 
-    def describe(self, response: requests.Response) -> str:
+    def describe(self, response: Answer) -> str:
         """A short account of a non-200 answer, for logs and operators, with the write key masked
         wherever the answer quotes it (as is, or as the Basic credentials that carry it)."""
         text = response.text.strip().replace("\n", " ")
+        if 300 <= response.status_code < 400:
+            text = f"a redirect to {response.headers.get('Location') or 'nowhere given'}"
         write_key = self.session.auth[0] if isinstance(self.session.auth, tuple) else ""
         if write_key:
             credentials = base64.b64encode(f"{write_key}:".encode()).decode()
@@ -119,7 +154,7 @@ def check_url(url: object, key: str) -> str:
     return url  # type: ignore[return-value]
 
 
-def retry_after(response: requests.Response, now: float) -> float | None:
+def retry_after(response: Answer, now: float) -> float | None:
     """Seconds RudderStack asks us to wait (``Retry-After`` on a 429 or 503), or ``None``.
 
     The header is a number of seconds or an HTTP date (compared with ``now``, seconds since

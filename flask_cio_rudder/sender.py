@@ -47,6 +47,7 @@ _CONFIGURATION_ERRORS = {
     403: "check CIO_RUDDER_WRITE_KEY: RudderStack refused this write key",
     404: "check CIO_RUDDER_DATA_PLANE_URL and that the RudderStack source is enabled",
 }
+_REDIRECTED = "set CIO_RUDDER_DATA_PLANE_URL to where it leads: redirects are not followed"
 
 #: Seconds of a lease kept back from a request's timeout, for marking the batch afterwards.
 _LEASE_MARGIN = 2.0
@@ -419,8 +420,9 @@ class Sender:
         self._retry_after = retry_after(response, self.clock())
         if self._retry_after is not None:
             reason = f"{reason}; it asked to wait {self._retry_after:.0f} s (Retry-After)"
-        if status in _CONFIGURATION_ERRORS:
-            reason = f"{reason}; {_CONFIGURATION_ERRORS[status]}"
+        hint = _CONFIGURATION_ERRORS.get(status, _REDIRECTED if 300 <= status < 400 else None)
+        if hint is not None:
+            reason = f"{reason}; {hint}"
             if not self._reported_configuration_error:
                 logger.error("Cannot deliver Customer.io events: %s. They are kept and retried.", reason)
                 self._reported_configuration_error = True

@@ -18,7 +18,8 @@ import time
 import types
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, suppress
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Callable
 
@@ -36,7 +37,7 @@ from flask_cio_rudder.store import Pending, StoreUnavailable, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, sample
-from .helpers import Clock, free_port, in_function, record_signals, refuse, wait_until
+from .helpers import Clock, free_port, in_function, odd_data_plane, record_signals, refuse, wait_until
 from .stores import Backend, backend_fixture, postgres_fixture  # noqa: F401  (fixtures)
 
 Post = Callable[..., TestResponse]
@@ -520,6 +521,68 @@ def test_a_post_that_outlives_closing_keeps_its_batch_until_it_ends(
     assert get_outbox(other).flush(timeout=1).delivered == 0  # still leased to the post in flight
     wait_until(lambda: get_outbox(other).status().delivered == 1, what="the slow post ends and is marked")
     assert len(data_plane.events) == 1
+
+
+@pytest.mark.parametrize("status", [301, 302, 307, 308])
+def test_a_redirecting_data_plane_keeps_the_events_and_names_the_setting(
+    make_app: Callable[..., Flask],
+    outbox_config: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+    status: int,
+) -> None:
+    """Followed, a 301 or 302 becomes a GET without the batch, and the 200 of the page it leads to
+    (a login, a landing page) would count as delivered: the events would be lost."""
+    posted: list[str] = []
+
+    def answer(request: BaseHTTPRequestHandler) -> None:
+        posted.append(f"{request.command} {request.path}")
+        if request.path == "/v1/batch":
+            request.send_response(status)
+            request.send_header("Location", "/welcome")
+        else:
+            request.send_response(200)
+        request.send_header("Content-Length", "0")
+        request.end_headers()
+
+    with odd_data_plane(answer) as url:
+        app = make_app(**{**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url})
+        accept(app, 3)
+        with caplog.at_level(logging.WARNING, "flask_cio_rudder"):
+            assert get_outbox(app).flush(timeout=2).delivered == 0
+    assert posted == ["POST /v1/batch"]
+    outbox_status = get_outbox(app).status()
+    assert (outbox_status.pending, outbox_status.delivered) == (3, 0)
+    assert outbox_status.last_error is not None
+    assert f"RudderStack answered {status}: a redirect to /welcome" in outbox_status.last_error
+    assert "set CIO_RUDDER_DATA_PLANE_URL to where it leads" in outbox_status.last_error
+    assert [record.levelno for record in caplog.records].count(logging.ERROR) == 1
+
+
+def test_an_endless_answer_is_read_no_further_than_its_start(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any]
+) -> None:
+    """A proxy that streams a page without end must not fill the sender's memory: read in full, the
+    answer would never end (each read comes within the timeout)."""
+    total = 256 * 1024 * 1024
+    written = [0]
+
+    def answer(request: BaseHTTPRequestHandler) -> None:
+        request.send_response(502)
+        request.send_header("Content-Length", str(total))
+        request.end_headers()
+        chunk = b"<p>Bad gateway</p>" * 3600
+        with suppress(OSError):  # the client hangs up
+            while written[0] < total:
+                request.wfile.write(chunk)
+                written[0] += len(chunk)
+
+    with odd_data_plane(answer) as url:
+        app = make_app(**{**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url})
+        accept(app, 1)
+        assert get_outbox(app).flush(timeout=5).delivered == 0
+    last_error = get_outbox(app).status().last_error
+    assert last_error is not None and last_error.startswith("RudderStack answered 502: <p>Bad gateway</p>")
+    assert written[0] < total // 8  # what the kernel's buffers took before the sender hung up
 
 
 @pytest.mark.parametrize(
