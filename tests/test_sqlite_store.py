@@ -3,23 +3,28 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import pytest
 from flask import Flask
+from werkzeug.test import TestResponse
 
 from flask_cio_rudder import get_outbox
 from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
 from flask_cio_rudder.store.forkguard import ForkGuard
 from flask_cio_rudder.store.sqlite import SQLiteStore, holder_alive, this_process
 
+from .conftest import sample
 from .helpers import in_function, wait_until
+
+Post = Callable[..., TestResponse]
 
 
 @pytest.mark.parametrize(("durability", "synchronous"), [("process-crash", 1), ("power-loss", 2)])
@@ -128,13 +133,8 @@ def test_writers_and_a_new_outbox_wait_for_the_write_lock_instead_of_failing(tmp
         threads = [threading.Thread(target=add), threading.Thread(target=open_another)]
         for thread in threads:
             thread.start()
-        # One waits on the lock file; the other on it too, or on the first (a process's threads
-        # queue for SQLite one at a time, so that no fork lands while one is inside).
         wait_until(
-            lambda: (
-                any(in_function(thread, "_locked") for thread in threads)
-                and all(in_function(thread, "_connected") for thread in threads)
-            ),
+            lambda: all(in_function(thread, "_locked") for thread in threads),
             10,
             "both threads wait for the lock file",
         )
@@ -299,3 +299,59 @@ def test_a_thread_that_ends_closes_its_connection(tmp_path: Path) -> None:
     assert answers == [False] * 320
     assert store.is_known("old")  # this thread's own connection still works
     store.close()
+
+
+def _sqlite_app(make_app: Callable[..., Flask], path: Path) -> Flask:
+    return make_app(
+        CIO_RUDDER_FORWARDER="outbox",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{path}",
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        CIO_RUDDER_WRITE_KEY="write-key",
+        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no lock file on Windows")
+def test_while_another_process_holds_the_write_lock_webhooks_are_answered_without_waiting_for_it(
+    make_app: Callable[..., Flask], post: Post, tmp_path: Path
+) -> None:
+    """A bulk change (``flask cio-rudder purge``) or an ``sqlite3`` shell may hold it for long; Customer.io
+    waits 4 s. A new thread's first event (a new worker, ``flask run``) is spooled without the lock, and a
+    body to keep as a dead letter gets a 503 within seconds, for Customer.io to send again."""
+    import fcntl
+
+    path = tmp_path / "outbox.sqlite3"
+    app = _sqlite_app(make_app, path)
+    answers: list[tuple[str, int]] = []
+
+    def webhook(body: dict[str, Any]) -> None:  # on a thread of its own, as a new worker's request
+        answers.append((body["event_id"], post(app.test_client(), body).status_code))
+
+    rejected = {"event_id": "01NOIDENTITY", "metric": "opened", "data": {}}
+    with open(str(path) + ".lock", "ab") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # as another process would
+        for body in (sample("opened"), rejected):
+            thread = threading.Thread(target=webhook, args=(body,))
+            thread.start()
+            thread.join(20)
+            assert not thread.is_alive(), "the request waits for the lock"
+        fcntl.flock(other, fcntl.LOCK_UN)
+    assert answers == [(sample("opened")["event_id"], 200), ("01NOIDENTITY", 503)]
+    assert post(app.test_client(), rejected).json["status"] == "rejected"  # Customer.io's retry
+    assert get_outbox(app).count_dead_letters() == 1
+
+
+def test_an_outbox_file_removed_while_the_app_runs_is_a_503_not_an_event_kept_in_no_file(
+    make_app: Callable[..., Flask], post: Post, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Writing on into the removed file's open connection answered 200 for events lost at exit."""
+    path = tmp_path / "data" / "outbox.sqlite3"
+    app = _sqlite_app(make_app, path)
+    assert post(app.test_client(), sample("opened")).status_code == 200
+    shutil.rmtree(path.parent)  # an operator's mistake, or a volume swapped under the app
+    response = post(app.test_client(), sample("clicked"))
+    assert response.status_code == 503
+    assert "could not read the outbox" in response.json["error"]
+    assert (
+        f"the SQLite outbox {path} was removed or replaced while the app ran: restart the app" in caplog.text
+    )

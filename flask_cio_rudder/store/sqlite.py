@@ -203,16 +203,42 @@ def _open_lock_file(database: str, *, create: bool = True) -> int | None:
 
 
 @contextmanager
-def _locked(lock_file: int | None) -> Iterator[None]:
-    """Hold the outbox's write lock, waiting for any process that holds it. Not re-entrant: never nest."""
+def _locked(lock_file: int | None, within: float | None = None) -> Iterator[None]:
+    """Hold the outbox's write lock, waiting for any process that holds it: as long as it takes, or
+    at most ``within`` seconds (then ``TimeoutError``). Not re-entrant: never nest."""
     if lock_file is None:
         yield
         return
-    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    if within is None:
+        fcntl.flock(lock_file, fcntl.LOCK_EX)
+    else:
+        _lock_within(lock_file, within)
     try:
         yield
     finally:
         fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _lock_within(lock_file: int, seconds: float) -> None:
+    """Take the write lock, trying every few milliseconds (``flock`` itself waits without end)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"another process has held its write lock for {seconds:g} s") from None
+            time.sleep(_LOCK_POLL)
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    """Which file ``path`` names (device, inode), or ``None`` if none."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return named.st_dev, named.st_ino
 
 
 def _close(db: sqlite3.Connection | None, lock_file: int | None) -> None:
@@ -240,6 +266,14 @@ def _close_ended() -> None:
             return
         if pid == os.getpid():
             _close(db, lock_file)
+
+
+#: Seconds SQLite waits for a lock held by a process outside the lock file (an ``sqlite3`` shell).
+_BUSY_TIMEOUT = 30.0
+#: Seconds a web request's write waits for the write lock before its answer is a 503.
+_REQUEST_WAIT = 2.0
+#: Seconds between two tries of a lock waited for with a bound.
+_LOCK_POLL = 0.005
 
 
 class _ThreadConnection:
@@ -378,6 +412,11 @@ class SQLiteStore(OutboxStore):
         try:
             with _fork_guard.shared():
                 db = self._db()
+                if _file_id(self.path) != self._local.file:
+                    raise StoreUnavailable(  # writing on would keep events in a file no one will read
+                        f"the SQLite outbox {self.path} was removed or replaced while the app ran: restart "
+                        "the app, which makes a new one (what was pending in the old one went with it)"
+                    )
                 if not self._ready and self._creates:
                     self._create(db)
                 yield db
@@ -397,11 +436,15 @@ class SQLiteStore(OutboxStore):
             lock_file = _open_lock_file(self.path, create=self._creates)
             db = None  # a connection inherited through a fork is left alone, never closed here
             try:
-                # Turning a new file to WAL needs an exclusive lock that SQLite's busy timeout
-                # does not wait for: two workers starting at once would fail ("database is locked").
-                with _locked(lock_file):
-                    db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
-                    if self._creates:  # an outbox's file is in WAL already; another file stays as it is
+                db = sqlite3.connect(
+                    self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
+                )
+                file = _file_id(self.path)
+                # Turning a new file to WAL needs an exclusive lock that SQLite's busy timeout does not
+                # wait for: two workers starting at once would fail ("database is locked"). A file in WAL
+                # already needs no lock, so a new thread's first request never waits for a writer.
+                if self._creates and db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                    with _locked(lock_file):
                         db.execute("PRAGMA journal_mode=WAL")
                 db.execute(f"PRAGMA synchronous={self._synchronous}")
             except BaseException:
@@ -410,6 +453,7 @@ class SQLiteStore(OutboxStore):
             _close_ended()  # a new thread: perhaps one that ended before it left its connection
             connection = _ThreadConnection(db, lock_file)
             self._local.db, self._local.lock_file, self._local.pid = db, lock_file, os.getpid()
+            self._local.file = file
             self._local.connection = connection  # closes them when this thread ends
             with self._opened_lock:
                 self._opened.add(connection)
@@ -431,13 +475,24 @@ class SQLiteStore(OutboxStore):
         self._ready = True
 
     @contextmanager
-    def _writing(self) -> Iterator[sqlite3.Connection]:
+    def _writing(self, within: float | None = None) -> Iterator[sqlite3.Connection]:
         """This thread's connection, holding the outbox's write lock (waits, in any process, until free).
 
-        The wait has no timeout, as a lock held only for one statement or transaction needs none.
+        The wait has no timeout, as a lock held only for one statement or transaction needs none;
+        a web request's write gives up ``within`` seconds (``TimeoutError``, ``sqlite3.OperationalError``),
+        as Customer.io gives up after 4 s: a bulk change or an ``sqlite3`` shell may hold it longer.
         """
-        with self._connected() as db, _locked(self._local.lock_file):
-            yield db
+        with self._connected() as db:
+            if within is None:
+                with _locked(self._local.lock_file):
+                    yield db
+                return
+            db.execute(f"PRAGMA busy_timeout={int(within * 1000)}")
+            try:
+                with _locked(self._local.lock_file, within):
+                    yield db
+            finally:
+                db.execute(f"PRAGMA busy_timeout={int(_BUSY_TIMEOUT * 1000)}")
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -535,7 +590,7 @@ class SQLiteStore(OutboxStore):
         event_name: str | None = None,
         email: str | None = None,
     ) -> None:
-        with self._writing() as db:
+        with self._writing(within=_REQUEST_WAIT) as db:  # in the webhook's request
             db.execute(
                 f"INSERT INTO {self.table} (event_id, state, body, reason, accepted_at, event_name, email) "
                 "VALUES (?, 'dead', ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING",
