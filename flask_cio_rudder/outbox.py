@@ -40,6 +40,7 @@ from .store import (
     OutboxStatus,
     OutboxStore,
     StoreError,
+    StoreUnavailable,
     redact_url,
     store_from_url,
 )
@@ -307,12 +308,18 @@ class OutboxForwarder(Forwarder):
         lease = check_seconds(config, "CIO_RUDDER_OUTBOX_LEASE")
         max_age = check_seconds(config, "CIO_RUDDER_OUTBOX_MAX_AGE")
         shutdown_timeout = check_seconds(config, "CIO_RUDDER_SHUTDOWN_TIMEOUT", zero=True)
-        store = store_from_url(
-            outbox_url(config),
-            instance_path=app.instance_path,
-            table=config.get("CIO_RUDDER_OUTBOX_TABLE"),
-            durability=config["CIO_RUDDER_OUTBOX_DURABILITY"],
-        )
+        try:
+            store = store_from_url(
+                outbox_url(config),
+                instance_path=app.instance_path,
+                table=config.get("CIO_RUDDER_OUTBOX_TABLE"),
+                durability=config["CIO_RUDDER_OUTBOX_DURABILITY"],
+            )
+        except StoreUnavailable as error:  # an SQLite file is made at start: say which setting names it
+            raise RuntimeError(
+                f"{error}. Check CIO_RUDDER_OUTBOX_URL: the app's user must be able to make and write "
+                "that file and its folder."
+            ) from error
         sender = Sender(
             app,
             store,

@@ -755,6 +755,16 @@ def test_a_bad_outbox_url_fails_at_init_naming_the_key_without_the_password(
     assert not any(secret in str(raised.value) for secret in ("pw-in-url", "pw/in/url", "in@url", "pw?in"))
 
 
+def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
+    make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path
+) -> None:
+    taken = tmp_path / "a-folder.sqlite3"
+    taken.mkdir()
+    with pytest.raises(RuntimeError, match="a-folder.sqlite3 cannot be used") as raised:
+        make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"sqlite:///{taken}"))
+    assert "Check CIO_RUDDER_OUTBOX_URL" in str(raised.value)
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [
