@@ -9,7 +9,7 @@ webhook signing key), ``CIO_RUDDER_WRITE_KEY`` and ``CIO_RUDDER_DATA_PLANE_URL``
 ``SUPPRESSION_DATABASE`` (by default both SQLite files in the instance folder),
 ``DASHBOARD_PASSWORD`` (user ``admin``: the operators' dashboard at ``/admin/cio`` and the
 suppression list at ``/suppressions``) and
-``SECRET_KEY`` (the dashboard's sessions; a random one per process when unset).
+``SECRET_KEY`` (the dashboard's sessions; required, and the same in every worker).
 Events go through the default forwarder, the outbox, so Customer.io never waits on
 RudderStack and nothing accepted is lost.
 """
@@ -17,7 +17,6 @@ RudderStack and nothing accepted is lost.
 from __future__ import annotations
 
 import os
-import secrets
 from typing import Any
 
 from flask import Flask
@@ -52,8 +51,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.config.update(config or {})
 
     if not app.config.get("SECRET_KEY"):
-        # Fine for one process; under gunicorn with several workers set SECRET_KEY, or sessions break.
-        app.config["SECRET_KEY"] = secrets.token_hex(32)
+        # Not a random one per process: under gunicorn each worker would refuse the others' sessions,
+        # and so most of the dashboard's actions ("this form is out of date").
+        raise RuntimeError(
+            "SECRET_KEY is not set: the dashboard's sessions need one key shared by every worker, "
+            'such as the output of python -c "import secrets; print(secrets.token_hex(32))".'
+        )
 
     cio_rudder.init_app(app)
     suppressions.init_app(app)

@@ -127,6 +127,7 @@ def main() -> int:
                 "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{outbox}",
                 "SUPPRESSION_DATABASE": str(database),
                 "DASHBOARD_PASSWORD": password,
+                "SECRET_KEY": secrets.token_hex(32),
             }
         )
         try:

@@ -79,6 +79,7 @@ def site(tmp_path: Path, data_plane: FakeDataPlane) -> Iterator[tuple[Flask, str
             "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
             "SUPPRESSION_DATABASE": str(tmp_path / "suppressions.sqlite3"),
             "DASHBOARD_PASSWORD": PASSWORD,
+            "SECRET_KEY": "browser-test-secret",
         }
     )
     try:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import closing
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 from werkzeug.test import TestResponse
 
-from example_app import create_app, demo
+from example_app import create_app, demo, suppressions
 from example_app.admin import PREFIX, USER
 from example_app.suppressions import store_for
 from flask_cio_rudder import CioRudder, get_outbox, signals
@@ -41,10 +43,6 @@ def database(tmp_path: Path) -> Path:
     return tmp_path / "suppressions.sqlite3"
 
 
-#: The settings the example app cannot start without.
-_REQUIRED = ["CIO_RUDDER_SIGNING_KEY", "CIO_RUDDER_WRITE_KEY", "CIO_RUDDER_DATA_PLANE_URL"]
-
-
 def settings(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> dict[str, Any]:
     """The example app's settings for a test: the outbox in ``tmp_path``, a fake data plane, no sender."""
     return {
@@ -55,6 +53,7 @@ def settings(database: Path, tmp_path: Path, data_plane: FakeDataPlane) -> dict[
         "CIO_RUDDER_OUTBOX_SENDER": False,
         "SUPPRESSION_DATABASE": str(database),
         "DASHBOARD_PASSWORD": PASSWORD,
+        "SECRET_KEY": "example-app-test-secret",
     }
 
 
@@ -111,11 +110,13 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("CIO_RUDDER_DATA_PLANE_URL", "https://dataplane.example.com")
     monkeypatch.setenv("SUPPRESSION_DATABASE", str(tmp_path / "env.sqlite3"))
     monkeypatch.setenv("CIO_RUDDER_OUTBOX_URL", f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    monkeypatch.setenv("SECRET_KEY", "secret-from-env")
     example = create_app({"CIO_RUDDER_OUTBOX_SENDER": False})
     try:
         assert example.config["CIO_RUDDER_SIGNING_KEY"] == "from-env"
         assert example.config["CIO_RUDDER_WRITE_KEY"] == "write-from-env"
         assert example.config["CIO_RUDDER_DATA_PLANE_URL"] == "https://dataplane.example.com"
+        assert example.config["SECRET_KEY"] == "secret-from-env"
         assert store_for(example).path == tmp_path / "env.sqlite3"
         assert get_outbox(example).path == str(tmp_path / "outbox.sqlite3")
     finally:
@@ -123,7 +124,7 @@ def test_settings_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
 
 
 @pytest.mark.parametrize(
-    "key", ["CIO_RUDDER_SIGNING_KEY", "CIO_RUDDER_WRITE_KEY", "CIO_RUDDER_DATA_PLANE_URL"]
+    "key", ["CIO_RUDDER_SIGNING_KEY", "CIO_RUDDER_WRITE_KEY", "CIO_RUDDER_DATA_PLANE_URL", "SECRET_KEY"]
 )
 def test_a_missing_key_stops_the_app_at_start_naming_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, data_plane: FakeDataPlane, key: str
@@ -249,12 +250,85 @@ def test_receivers_are_idempotent_when_they_run_again(
     assert rows(database) == [("dan@example.com", "unsubscribed", sample("unsubscribed")["event_id"])]
 
 
-def test_an_address_keeps_its_first_reason(example_client: FlaskClient, database: Path) -> None:
+def test_an_address_keeps_each_reason_once(example_client: FlaskClient, database: Path) -> None:
     post(example_client, sample("bounced"))
     complaint = sample("spammed")
     complaint["data"]["identifiers"]["email"] = complaint["data"]["recipient"] = "BOB@example.com"
     assert post(example_client, complaint).status_code == 200
-    assert rows(database) == [("bob@example.com", "bounced", sample("bounced")["event_id"])]
+    post(example_client, complaint | {"event_id": "01ANOTHERCOMPLAINT"})
+    assert rows(database) == [
+        ("bob@example.com", "bounced", sample("bounced")["event_id"]),
+        ("bob@example.com", "spammed", complaint["event_id"]),
+    ]
+
+
+def person_event(
+    metric: str, event_id: str, timestamp: int, email: str = "dan@example.com"
+) -> dict[str, Any]:
+    """A change of a person's subscription made outside a message (the subscription centre, the API),
+    as Customer.io's ``customer_subscribed`` example has it."""
+    return {
+        "event_id": event_id,
+        "object_type": "customer",
+        "metric": metric,
+        "timestamp": timestamp,
+        "data": {
+            "customer_id": "42",
+            "email_address": "dan@example.com",
+            "identifiers": {"id": "42", "email": "dan@example.com"},
+        },
+    }
+
+
+def test_an_unsubscribe_from_outside_a_message_suppresses_the_profiles_email(
+    example: Flask, example_client: FlaskClient, database: Path
+) -> None:
+    """No email signal carries it: Customer.io sends it as ``customer`` / ``unsubscribed``."""
+    assert post(example_client, person_event("unsubscribed", "01PERSONUNSUB", 1700000000)).status_code == 200
+    assert rows(database) == [("dan@example.com", "unsubscribed", "01PERSONUNSUB")]
+    assert store_for(example).is_suppressed("Dan@Example.com")
+
+
+@pytest.mark.parametrize("object_type", ["customer", "email"])
+def test_a_later_subscribe_lifts_an_unsubscribe_but_not_a_bounce(
+    example: Flask, example_client: FlaskClient, database: Path, object_type: str
+) -> None:
+    unsubscribe = sample("unsubscribed")  # dan@example.com, from a message's link
+    bounce = sample("bounced") | {"event_id": "01DANBOUNCED"}
+    bounce["data"] = bounce["data"] | {"recipient": "dan@example.com"}
+    bounce["data"]["identifiers"] = bounce["data"]["identifiers"] | {"email": "dan@example.com"}
+    for body in (unsubscribe, bounce):
+        post(example_client, body)
+    earlier = person_event("subscribed", "01SUBSCRIBEDBEFORE", unsubscribe["timestamp"] - 60)
+    later = person_event("subscribed", "01SUBSCRIBEDAGAIN", unsubscribe["timestamp"] + 60)
+    for body in (earlier, later):
+        body["object_type"] = object_type
+        if object_type == "email":  # from a message: the address it went to
+            body["data"]["recipient"] = "dan@example.com"
+    post(example_client, earlier)
+    assert [reason for _, reason, _ in rows(database)] == ["bounced", "unsubscribed"]
+    post(example_client, later)
+    assert rows(database) == [("dan@example.com", "bounced", "01DANBOUNCED")]
+
+
+def test_a_locked_suppression_list_is_a_503_and_the_retry_suppresses(
+    example: Flask, example_client: FlaskClient, database: Path
+) -> None:
+    """A backup or an ``sqlite3`` shell holding the file: 503, which Customer.io retries soon, not a 500
+    after SQLite's 5 s (Customer.io gives up at 4 s and waits an hour after a 500)."""
+    with closing(sqlite3.connect(database, isolation_level=None)) as other:
+        other.execute("BEGIN IMMEDIATE")
+        assert post(example_client, sample("spammed")).status_code == 503
+        other.execute("ROLLBACK")
+    assert post(example_client, sample("spammed")).json["status"] == "accepted"  # nothing was kept before
+    assert rows(database) == [("carol@example.com", "spammed", sample("spammed")["event_id"])]
+
+
+def test_the_suppression_list_is_readable_by_its_owner_only(example: Flask, tmp_path: Path) -> None:
+    path = tmp_path / "new-folder" / "suppressions.sqlite3"
+    suppressions.SuppressionStore(path).create()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
 
 
 def test_suppressions_lists_them_as_json(example_client: FlaskClient) -> None:
@@ -276,8 +350,29 @@ def test_suppressions_lists_them_as_json(example_client: FlaskClient) -> None:
                 "event_id": "01E4C4CT6YDC7Y5M7FE1GWWPQF",
                 "suppressed_at": "2021-02-11T17:13:09+00:00",
             },
-        ]
+        ],
+        "total": 2,
     }
+    assert response.headers["Cache-Control"] == "no-store"  # people's addresses
+    assert response.headers["X-Frame-Options"] == "DENY"
+
+
+def test_suppressions_come_a_page_at_a_time(
+    example: Flask, example_client: FlaskClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(suppressions, "PAGE", 2)
+    for n in range(5):
+        store_for(example).add(f"person{n}@example.com", "bounced", f"01EVENT{n}", datetime(2024, 1, 1 + n))
+    pages = [
+        example_client.get(f"/suppressions?offset={offset}", headers=basic(USER, PASSWORD)).json
+        for offset in (0, 2, 4)
+    ]
+    assert [[row["email"] for row in page["suppressions"]] for page in pages] == [
+        ["person0@example.com", "person1@example.com"],
+        ["person2@example.com", "person3@example.com"],
+        ["person4@example.com"],
+    ]
+    assert {page["total"] for page in pages} == {5}
 
 
 def test_suppressions_is_an_escaped_html_table_for_browsers(example_client: FlaskClient) -> None:

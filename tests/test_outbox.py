@@ -760,7 +760,7 @@ def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
 ) -> None:
     taken = tmp_path / "a-folder.sqlite3"
     taken.mkdir()
-    with pytest.raises(RuntimeError, match="a-folder.sqlite3 cannot be used") as raised:
+    with pytest.raises(RuntimeError, match=r"a-folder\.sqlite3 cannot be used") as raised:
         make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"sqlite:///{taken}"))
     assert "Check CIO_RUDDER_OUTBOX_URL" in str(raised.value)
 
