@@ -17,7 +17,7 @@ from flask import Flask
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import get_outbox
-from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
+from flask_cio_rudder.store import OutboxStore, Pending, sqlite, store_from_url
 from flask_cio_rudder.store.forkguard import ForkGuard
 from flask_cio_rudder.store.sqlite import SQLiteStore, holder_alive, this_process
 
@@ -327,31 +327,49 @@ def test_while_another_process_holds_the_write_lock_webhooks_are_answered_withou
     def webhook(body: dict[str, Any]) -> None:  # on a thread of its own, as a new worker's request
         answers.append((body["event_id"], post(app.test_client(), body).status_code))
 
+    def on_a_new_thread(body: dict[str, Any]) -> None:
+        thread = threading.Thread(target=webhook, args=(body,))
+        thread.start()
+        thread.join(20)
+        assert not thread.is_alive(), "the request waits for the lock"
+
+    on_a_new_thread(sample("delivered"))  # its thread's connection is left to close (flask run's way)
+    wait_until(lambda: bool(sqlite._ended), 10, "the ended thread's connection is queued for closing")
     rejected = {"event_id": "01NOIDENTITY", "metric": "opened", "data": {}}
     with open(str(path) + ".lock", "ab") as other:
         fcntl.flock(other, fcntl.LOCK_EX)  # as another process would
-        for body in (sample("opened"), rejected):
-            thread = threading.Thread(target=webhook, args=(body,))
-            thread.start()
-            thread.join(20)
-            assert not thread.is_alive(), "the request waits for the lock"
+        on_a_new_thread(sample("opened"))
+        on_a_new_thread(rejected)
         fcntl.flock(other, fcntl.LOCK_UN)
-    assert answers == [(sample("opened")["event_id"], 200), ("01NOIDENTITY", 503)]
+    assert answers[1:] == [(sample("opened")["event_id"], 200), ("01NOIDENTITY", 503)]
     assert post(app.test_client(), rejected).json["status"] == "rejected"  # Customer.io's retry
     assert get_outbox(app).count_dead_letters() == 1
 
 
+@pytest.mark.parametrize("change", ["removed", "replaced"])
 def test_an_outbox_file_removed_while_the_app_runs_is_a_503_not_an_event_kept_in_no_file(
-    make_app: Callable[..., Flask], post: Post, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make_app: Callable[..., Flask], post: Post, tmp_path: Path, caplog: pytest.LogCaptureFixture, change: str
 ) -> None:
-    """Writing on into the removed file's open connection answered 200 for events lost at exit."""
+    """Writing on into the removed file's open connection answered 200 for events lost at exit; a thread
+    that connects afterwards must not take the new file for the store's either (its spool mover cannot)."""
     path = tmp_path / "data" / "outbox.sqlite3"
     app = _sqlite_app(make_app, path)
     assert post(app.test_client(), sample("opened")).status_code == 200
-    shutil.rmtree(path.parent)  # an operator's mistake, or a volume swapped under the app
-    response = post(app.test_client(), sample("clicked"))
-    assert response.status_code == 503
-    assert "could not read the outbox" in response.json["error"]
+    if change == "removed":  # an operator's mistake, or a volume swapped under the app
+        shutil.rmtree(path.parent)
+    else:  # a backup restored with mv
+        shutil.copy(path, tmp_path / "backup.sqlite3")
+        os.replace(tmp_path / "backup.sqlite3", path)
+    answers: list[TestResponse] = []
+    for body in (sample("clicked"), sample("bounced")):  # on this thread, then on a new one
+        if not answers:
+            answers.append(post(app.test_client(), body))
+        else:
+            thread = threading.Thread(target=lambda body=body: answers.append(post(app.test_client(), body)))
+            thread.start()
+            thread.join(20)
+    assert [response.status_code for response in answers] == [503, 503]
+    assert "could not read the outbox" in answers[0].json["error"]
     assert (
         f"the SQLite outbox {path} was removed or replaced while the app ran: restart the app" in caplog.text
     )

@@ -241,9 +241,11 @@ def _file_id(path: str) -> tuple[int, int] | None:
     return named.st_dev, named.st_ino
 
 
-def _close(db: sqlite3.Connection | None, lock_file: int | None) -> None:
-    """Close a connection under the write lock (closing the last one checkpoints the WAL), then the lock."""
-    with _locked(lock_file):
+def _close(db: sqlite3.Connection | None, lock_file: int | None, within: float | None = None) -> None:
+    """Close a connection under the write lock (closing the last one checkpoints the WAL), then the lock.
+
+    ``within``: as for :func:`_locked`; if the lock is not had in time, nothing is closed."""
+    with _locked(lock_file, within):
         if db is not None:
             db.close()
     if lock_file is not None:
@@ -256,16 +258,23 @@ def _close(db: sqlite3.Connection | None, lock_file: int | None) -> None:
 _ended: deque[tuple[int, sqlite3.Connection, int | None]] = deque()
 
 
-def _close_ended() -> None:
+def _close_ended(*, waiting: bool = True) -> None:
     """Close what threads that ended left, if this process opened it (a forked child leaves the
-    parent's alone: its lock file's ``flock`` is shared with the parent)."""
+    parent's alone: its lock file's ``flock`` is shared with the parent). Unless ``waiting``, only
+    while the write lock is free at once: a web request must not wait for another process's writer."""
     while _ended:
         try:
-            pid, db, lock_file = _ended.popleft()
+            ended = _ended.popleft()
         except IndexError:  # another thread took the last one meanwhile
             return
-        if pid == os.getpid():
-            _close(db, lock_file)
+        pid, db, lock_file = ended
+        if pid != os.getpid():
+            continue
+        try:
+            _close(db, lock_file, None if waiting else 0)
+        except TimeoutError:  # held elsewhere: left for the next thread to start, or the next close()
+            _ended.appendleft(ended)
+            return
 
 
 #: Seconds SQLite waits for a lock held by a process outside the lock file (an ``sqlite3`` shell).
@@ -375,6 +384,8 @@ class SQLiteStore(OutboxStore):
         self._opened_lock = threading.Lock()
         self._ready = False
         self._creates = create  # False: reads another outbox, makes no file nor table
+        #: The file (device, inode) the store opened first: every connection must be to it.
+        self._file: tuple[int, int] | None = None
         _live_stores.add(self)
         if create:  # a local file: if it cannot be made, nothing can work, so say so at start-up
             self.create_tables()
@@ -412,7 +423,7 @@ class SQLiteStore(OutboxStore):
         try:
             with _fork_guard.shared():
                 db = self._db()
-                if _file_id(self.path) != self._local.file:
+                if self._local.file != self._file or _file_id(self.path) != self._file:
                     raise StoreUnavailable(  # writing on would keep events in a file no one will read
                         f"the SQLite outbox {self.path} was removed or replaced while the app ran: restart "
                         "the app, which makes a new one (what was pending in the old one went with it)"
@@ -434,12 +445,16 @@ class SQLiteStore(OutboxStore):
             elif not os.path.isfile(self.path):  # sqlite3.connect would make it
                 raise FileNotFoundError(f"no file {self.path}")
             lock_file = _open_lock_file(self.path, create=self._creates)
+            # Before connecting: should the file be swapped meanwhile, the check in _connected fails safe
+            # (a connection to a removed file is never taken for one to the store's).
+            file = _file_id(self.path)
+            if self._file is None:
+                self._file = file
             db = None  # a connection inherited through a fork is left alone, never closed here
             try:
                 db = sqlite3.connect(
                     self.path, timeout=_BUSY_TIMEOUT, isolation_level=None, check_same_thread=False
                 )
-                file = _file_id(self.path)
                 # Turning a new file to WAL needs an exclusive lock that SQLite's busy timeout does not
                 # wait for: two workers starting at once would fail ("database is locked"). A file in WAL
                 # already needs no lock, so a new thread's first request never waits for a writer.
@@ -450,7 +465,7 @@ class SQLiteStore(OutboxStore):
             except BaseException:
                 _close(db, lock_file)
                 raise
-            _close_ended()  # a new thread: perhaps one that ended before it left its connection
+            _close_ended(waiting=False)  # a new thread: perhaps one that ended left its connection
             connection = _ThreadConnection(db, lock_file)
             self._local.db, self._local.lock_file, self._local.pid = db, lock_file, os.getpid()
             self._local.file = file
