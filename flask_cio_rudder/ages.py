@@ -30,11 +30,11 @@ def parse_age(text: str) -> float:
 
 # The dates --since takes, the same on every Python (``datetime.fromisoformat`` takes more from 3.11 on,
 # such as "20240501", which older ones would read as a number of seconds): a date, then perhaps a time
-# (seconds and up to 6 digits of their fraction optional), then perhaps a zone.
+# (minutes, seconds and their fraction optional), then perhaps a zone (Z, +02:00 or +0200).
 _DATE = re.compile(
     r"(?P<date>\d{4}-\d{2}-\d{2})"
-    r"(?:[T ](?P<time>\d{2}:\d{2})(?::(?P<seconds>\d{2})(?:\.(?P<fraction>\d{1,6}))?)?)?"
-    r"(?P<zone>Z|[+-]\d{2}:\d{2})?",
+    r"(?:[T ](?P<hour>\d{2})(?::(?P<minute>\d{2})(?::(?P<second>\d{2})(?:[.,](?P<fraction>\d+))?)?)?)?"
+    r" ?(?:(?P<utc>Z)|(?P<sign>[+-])(?P<zone_hours>\d{2}):?(?P<zone_minutes>\d{2})?)?",
     re.IGNORECASE,
 )
 
@@ -45,21 +45,28 @@ def parse_since(text: str) -> float:
     wrong = f"{text!r} is neither an age (30m, 2h, 7d) nor a date (2024-05-01, 2024-05-01T12:00Z)"
     date = _DATE.fullmatch(text.strip())
     if date is not None:
-        parts = date.groupdict()
-        written = parts["date"] + "T" + (parts["time"] or "00:00") + ":" + (parts["seconds"] or "00")
-        written += "." + (parts["fraction"] or "").ljust(6, "0")
-        zone = parts["zone"] or "+00:00"
         try:
-            when = datetime.fromisoformat(written + ("+00:00" if zone.upper() == "Z" else zone))
+            return _read_date(date).timestamp()
         except ValueError:  # 2024-02-30, 25:00
             raise ValueError(wrong) from None
-        return when.timestamp()
-    if not text[-1:].isalpha():  # a plain number: seconds, or a date written without dashes?
-        raise ValueError(f"{wrong}: give an age its unit")
+    if text.strip().isdigit():  # seconds, or a date written without its dashes?
+        raise ValueError(f"{wrong}: give an age its unit (3600s), a date its dashes")
     try:
         return time.time() - parse_age(text)
     except ValueError:
         raise ValueError(wrong) from None
+
+
+def _read_date(date: re.Match[str]) -> datetime:
+    part = date.groupdict()
+    zone = "+00:00"  # UTC unless a zone is given
+    if part["sign"]:
+        zone = f"{part['sign']}{part['zone_hours']}:{part['zone_minutes'] or '00'}"
+    fraction = (part["fraction"] or "")[:6].ljust(6, "0")  # microseconds: a finer fraction is cut
+    return datetime.fromisoformat(
+        f"{part['date']}T{part['hour'] or '00'}:{part['minute'] or '00'}:{part['second'] or '00'}.{fraction}"
+        + zone
+    )
 
 
 def format_age(seconds: float | None) -> str:

@@ -18,6 +18,9 @@ from flask_cio_rudder.ages import parse_since
         ("2024-05-01 12:00:30", datetime(2024, 5, 1, 12, 0, 30, tzinfo=timezone.utc)),
         ("2024-05-01T12:00:00.5Z", datetime(2024, 5, 1, 12, 0, 0, 500000, tzinfo=timezone.utc)),
         ("2024-05-01t12:00+02:00", datetime(2024, 5, 1, 10, tzinfo=timezone.utc)),
+        ("2024-05-01T12:00+0200", datetime(2024, 5, 1, 10, tzinfo=timezone.utc)),
+        ("2024-05-01T12 -01", datetime(2024, 5, 1, 13, tzinfo=timezone.utc)),
+        ("2024-05-01T12:00:00.1234567Z", datetime(2024, 5, 1, 12, 0, 0, 123456, tzinfo=timezone.utc)),
     ],
 )
 def test_a_date_means_the_same_on_every_python(text: str, meant: datetime) -> None:
