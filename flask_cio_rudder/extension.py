@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import atexit
+import difflib
 import importlib.util
 import logging
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Flask
@@ -88,6 +90,7 @@ class CioRudder:
         for key, default in DEFAULTS.items():
             app.config.setdefault(key, self.defaults.get(key, default))
         config = app.config
+        _warn_of_unknown_settings(config)
         for key in _SWITCHES:
             check_switch(config, key)
         verify_signature = bool(config["CIO_RUDDER_VERIFY_SIGNATURE"])
@@ -147,6 +150,18 @@ class CioRudder:
             app.wsgi_app = FastPath(app, app.wsgi_app, path)  # type: ignore[method-assign]
         app.cli.add_command(cli)
         _exempt_from_csrf(app)
+
+
+def _warn_of_unknown_settings(config: Mapping[str, Any]) -> None:
+    """Log each ``CIO_RUDDER_*`` key that is no setting, with the one it resembles: a misspelt
+    optional setting (a lease, a batch size) would otherwise leave its default in force unseen."""
+    prefix = "CIO_RUDDER_"
+    names = [known[len(prefix) :] for known in DEFAULTS]  # compared without the prefix all share
+    for key in config:
+        if key.startswith(prefix) and key not in DEFAULTS:
+            resembles = difflib.get_close_matches(key[len(prefix) :], names, n=1)
+            hint = f" (did you mean {prefix}{resembles[0]}?)" if resembles else ""
+            logger.warning("%s is not a Flask-CIO-Rudder setting%s; it is ignored.", key, hint)
 
 
 # Every forwarder still in use, closed at interpreter exit (the outbox flushes then).

@@ -112,6 +112,25 @@ def test_an_init_app_that_fails_closes_its_forwarder_and_can_be_called_again() -
     assert isinstance(app.extensions["cio_rudder"].forwarder, Recorded)
 
 
+def test_a_misspelt_setting_is_logged_with_the_one_it_resembles(caplog: pytest.LogCaptureFixture) -> None:
+    """It would otherwise pass silently, and its default would apply (a missing key is caught; a
+    misspelt optional one, such as a batch size or a lease, is not)."""
+    CioRudder(
+        bare_app(
+            CIO_RUDDER_FORWARDER="none",
+            CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
+            CIO_RUDDER_OUTBOX_BATCHSIZE=10,
+            CIO_RUDDER_SOMETHING_ELSE=1,
+        )
+    )
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [
+        "CIO_RUDDER_OUTBOX_BATCHSIZE is not a Flask-CIO-Rudder setting (did you mean "
+        "CIO_RUDDER_OUTBOX_BATCH_SIZE?); it is ignored.",
+        "CIO_RUDDER_SOMETHING_ELSE is not a Flask-CIO-Rudder setting; it is ignored.",
+    ]
+
+
 def test_a_missing_signing_key_fails_fast_naming_the_key() -> None:
     with pytest.raises(RuntimeError, match="CIO_RUDDER_SIGNING_KEY is not set"):
         CioRudder(bare_app(CIO_RUDDER_FORWARDER="none"))
