@@ -362,7 +362,8 @@ def test_an_outbox_file_removed_while_the_app_runs_is_a_503_not_an_event_kept_in
     app = _sqlite_app(make_app, path)
     assert post(app.test_client(), sample("opened")).status_code == 200
     if change == "removed":  # an operator's mistake, or a volume swapped under the app
-        shutil.rmtree(path.parent)
+        # Moved away in one step: rmtree would race the spool's mover, which writes in that folder.
+        os.rename(path.parent, tmp_path / "gone")
     else:  # a backup restored with mv
         shutil.copy(path, tmp_path / "backup.sqlite3")
         os.replace(tmp_path / "backup.sqlite3", path)
