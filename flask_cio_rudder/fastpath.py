@@ -25,17 +25,14 @@ from typing import TYPE_CHECKING
 
 from werkzeug.wsgi import get_content_length
 
-from . import signals
 from .forwarders import ForwardError
 from .signature import verify
 from .state import state_of
-from .webhook import answer_body, keep, not_kept, parse_json
+from .webhook import announce_answer, answer_body, keep, not_kept, parse_json
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
     from flask import Flask
-
-    from .event import CioEvent
 
 __all__ = ["FastPath"]
 
@@ -95,17 +92,10 @@ class FastPath:
                     outcome = keep(app, state.forwarder, event)
                 except ForwardError as error:
                     refusal = not_kept(error)
-                    _answered(app, refusal.outcome, started, None)
+                    announce_answer(app, refusal.outcome, started, None)
                     return f"{refusal.code} {refusal.name.upper()}", refusal.get_body().encode()
-                _answered(app, outcome, started, event)
+                announce_answer(app, outcome, started, event)
         except Exception:  # not authentic, not valid, a receiver raised: Flask's route answers
             logger.debug("The fast path hands a webhook to Flask's route", exc_info=True)
             return None
         return "200 OK", answer_body(outcome, event.event_id)
-
-
-def _answered(app: Flask, outcome: str, started: float, event: CioEvent | None) -> None:
-    """Send ``webhook_answered``, as the route does for the requests it answers."""
-    if signals.webhook_answered.receivers:
-        duration = time.perf_counter() - started
-        signals.webhook_answered.send(app, outcome=outcome, duration=duration, event=event)

@@ -15,6 +15,8 @@ from typing import Any
 
 from blinker import NamedSignal, Namespace
 
+logger = logging.getLogger("flask_cio_rudder")
+
 __all__ = [
     "email_bounced",
     "email_clicked",
@@ -69,4 +71,4 @@ def send_logged(signal: NamedSignal, sender: Any, **data: Any) -> None:
     try:
         signal.send(sender, **data)
     except Exception:
-        logging.getLogger("flask_cio_rudder").exception("A receiver of %s raised", signal.name)
+        logger.exception("A receiver of %s raised", signal.name)

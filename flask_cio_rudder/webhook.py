@@ -42,6 +42,7 @@ __all__ = [
     "Outcome",
     "RetryLater",
     "WebhookError",
+    "announce_answer",
     "create_blueprint",
     "not_kept",
     "process",
@@ -124,9 +125,14 @@ def receive() -> Response:
         outcome = BodyTooLarge.outcome
         raise
     finally:
-        if signals.webhook_answered.receivers:
-            duration = time.perf_counter() - started
-            signals.webhook_answered.send(app, outcome=outcome, duration=duration, event=event)
+        announce_answer(app, outcome, started, event)
+
+
+def announce_answer(app: Flask, outcome: str, started: float, event: CioEvent | None) -> None:
+    """Send ``webhook_answered`` for a request that began at ``started`` (``time.perf_counter()``)."""
+    if signals.webhook_answered.receivers:
+        duration = time.perf_counter() - started
+        signals.webhook_answered.send(app, outcome=outcome, duration=duration, event=event)
 
 
 @dataclass(frozen=True)
