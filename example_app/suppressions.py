@@ -145,11 +145,17 @@ def _address_of(event: CioEvent) -> str | None:
     return address
 
 
-def _writing(change: Any, *args: Any) -> None:
-    """Run a change of the store; if the file stays locked, answer 503: nothing is kept, and
+def _happened_at(event: CioEvent) -> datetime:
+    """The event's own time, not ours: a retry or a held-back event may arrive days later."""
+    return event.timestamp or datetime.now(timezone.utc)
+
+
+@contextmanager
+def _unless_locked() -> Iterator[None]:
+    """A change of the store; if the file stays locked, the answer is a 503: nothing is kept, and
     Customer.io sends the event again soon (a 500 would make it wait an hour)."""
     try:
-        change(*args)
+        yield
     except sqlite3.OperationalError as error:
         logger.error("The suppression list could not be written: %s", error)
         abort(503)
@@ -159,9 +165,8 @@ def suppress(sender: Flask, event: CioEvent, reason: str) -> None:
     """Record ``event``'s address with ``reason``; runs inside the webhook request."""
     address = _address_of(event)
     if address:
-        # The event's own time, not ours: a retry or a held-back event may arrive days later.
-        happened_at = event.timestamp or datetime.now(timezone.utc)
-        _writing(store_for(sender).add, address, reason, event.event_id, happened_at)
+        with _unless_locked():
+            store_for(sender).add(address, reason, event.event_id, _happened_at(event))
 
 
 # Module-level receivers: blinker holds receivers weakly, so a nested function would vanish.
@@ -188,8 +193,8 @@ def on_event(sender: Flask, event: CioEvent, **extra: Any) -> None:
     elif event.object_type in ("customer", "email") and event.metric == "subscribed":
         address = _address_of(event)
         if address:
-            subscribed_at = event.timestamp or datetime.now(timezone.utc)
-            _writing(store_for(sender).lift_unsubscribe, address, subscribed_at)
+            with _unless_locked():
+                store_for(sender).lift_unsubscribe(address, _happened_at(event))
 
 
 bp = Blueprint("suppressions", __name__)
@@ -213,10 +218,10 @@ _TABLE = """<!doctype html>
 def list_suppressions() -> Response | str:
     """The suppression list, ``PAGE`` rows from ``?offset=``: JSON, or an HTML table for browsers.
     Personal data: ``admin`` protects it."""
-    offset = request.args.get("offset", 0, type=int)
-    suppressions, total = store_for(current_app).page(max(offset, 0), PAGE)
+    offset = max(request.args.get("offset", 0, type=int), 0)
+    suppressions, total = store_for(current_app).page(offset, PAGE)
     if request.accept_mimetypes.best_match(["application/json", "text/html"]) == "text/html":
-        return render_template_string(_TABLE, suppressions=suppressions, total=total, offset=max(offset, 0))
+        return render_template_string(_TABLE, suppressions=suppressions, total=total, offset=offset)
     return jsonify(suppressions=[asdict(s) for s in suppressions], total=total)
 
 
