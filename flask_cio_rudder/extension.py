@@ -15,13 +15,13 @@ from flask import Flask
 from .cli import cli
 from .fastpath import FastPath
 from .forwarders import Forwarder, ForwarderFactory, NullForwarder, SyncForwarder
-from .outbox import DEFAULT_URL, OutboxForwarder, get_outbox
+from .outbox import DEFAULT_URL, OutboxForwarder
 from .settings import check_switch, is_positive_number
 from .state import State
 from .validation import Validation
 from .webhook import create_blueprint
 
-__all__ = ["CioRudder", "get_outbox"]
+__all__ = ["CioRudder"]
 
 logger = logging.getLogger("flask_cio_rudder")
 

@@ -69,8 +69,9 @@ class Forwarder:
 
     Subclasses implement :meth:`send`. The base keeps the ids of the last
     ``RECENT_IDS`` accepted events in memory so that a retried delivery is
-    answered without signalling or sending it again (per process; a durable
-    forwarder overrides :meth:`is_duplicate`).
+    answered without signalling or sending it again (per process). A durable
+    forwarder overrides :meth:`is_duplicate`, and :meth:`accept` if it keeps the
+    ids itself (:class:`~flask_cio_rudder.outbox.OutboxForwarder` does, and has no ``send``).
     """
 
     RECENT_IDS = 10_000

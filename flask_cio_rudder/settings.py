@@ -44,7 +44,7 @@ def check_seconds(config: Mapping[str, Any], key: str, *, zero: bool = False) ->
 def check_timeout(value: Any) -> Any:
     """``CIO_RUDDER_TIMEOUT`` if it is ``None``, seconds, or ``(connect, read)`` seconds; a list (as
     JSON from the environment gives a pair) as a tuple, the only pair requests takes."""
-    if value is None or (value == 0 and not isinstance(value, bool)):  # 0: the default, as it always was
+    if value is None or (value == 0 and not isinstance(value, bool)):  # 0 as None: the forwarder's default
         return None
     if is_positive_number(value):
         return value

@@ -1,7 +1,8 @@
 """The webhook route: raw body -> signature -> JSON -> event -> signals -> forwarder.
 
-Each step is one function below, in the order a request meets them. The answers
-follow the response policy in the README: Customer.io holds back every later
+``handle`` runs the steps, each one function below: ``read_body``, ``check_signature``,
+``parse_json``, then ``process`` (validate, ``keep``: duplicate check, signals, forwarder)
+or ``reject``. The answers follow the response policy in the README: Customer.io holds back every later
 webhook while one is failing, so only a request that is not authentic, too large,
 not JSON, whose receivers raised, or that the outbox could not keep (503) gets a
 non-2xx answer.

@@ -316,7 +316,7 @@ CREATE TABLE IF NOT EXISTS {events} (
     lease_owner  TEXT,              -- the claim holding the row
     lease_until  REAL,
     delivered_at REAL,
-    lease_holder TEXT,              -- the process of that claim, "<pid>:<start time>"
+    lease_holder TEXT,              -- the process of that claim, "<pid>:<start time>:<PID namespace>"
     event_name   TEXT,              -- the RudderStack event name, for operators' searches
     email        TEXT               -- the person's address, lower case, for operators' searches
 );
