@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import closing
 from typing import TYPE_CHECKING, Any, Callable
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 from flask import Flask
@@ -173,6 +173,71 @@ def _known(store: OutboxStore) -> None:
     """A web request's duplicate lookup; it fails once the pool gives up waiting, as a 503 would."""
     with contextlib.suppress(StoreUnavailable):
         store.is_known("e0")
+
+
+def with_options(url: str, options: str) -> str:
+    """``url`` with libpq ``options`` (``-c setting=value``), as a database's own defaults would be."""
+    return f"{url}{'&' if '?' in url else '?'}options={quote(options)}"
+
+
+def add_at_once(stores: list[OutboxStore], event_id: str) -> list[object]:
+    """What each store's ``add(event_id)`` gave (or raised), the adds started together in threads."""
+    both_ready = threading.Barrier(len(stores))
+    results: list[object] = []
+
+    def add(store: OutboxStore) -> None:
+        both_ready.wait()
+        try:
+            results.append(store.add(event_id, "{}"))
+        except StoreUnavailable as error:
+            results.append(error)
+
+    threads = [threading.Thread(target=add, args=(store,)) for store in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    return results
+
+
+def test_a_database_that_defaults_to_repeatable_read_takes_simultaneous_duplicates_once(
+    postgres: Backend,
+) -> None:
+    """DBAs may set REPEATABLE READ for a whole database; the outbox relies on READ COMMITTED's re-check
+    of changed rows, or one of two servers taking the same retry at once answers 503."""
+    url = with_options(postgres.url, r"-c default_transaction_isolation=repeatable\ read")
+    first, second = (store_from_url(url, table=postgres.table) for _ in range(2))
+    with closing(first), closing(second):
+        first.add("warm", "{}")
+        second.is_known("warm")  # both pools open
+        for n in range(10):
+            results = add_at_once([first, second], f"e{n}")
+            assert sorted(map(repr, results)) == ["False", "True"]  # one added it, one saw it known
+
+
+def test_a_statement_cut_while_waiting_on_a_lock_ends_on_the_server_too(postgres: Backend) -> None:
+    """The watchdog cuts a web request's statement after its bound (a 503); the server session must not
+    wait on: each retry would leave another, until PostgreSQL's max_connections is reached."""
+    store = postgres.store()
+    store.add("warm", "{}")
+    import psycopg
+
+    def waiting() -> int:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                (f'%INSERT INTO "{postgres.table}"%',),
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    with psycopg.connect(postgres.url) as blocker:
+        blocker.execute(f'LOCK TABLE "{postgres.table}" IN SHARE MODE')  # as a plain CREATE INDEX takes
+        for n in range(3):
+            with pytest.raises(StoreUnavailable, match="did not answer"):
+                store.add(f"e{n}", "{}")
+        wait_until(lambda: waiting() == 0, 10, "the cut statements end on the server")
+        blocker.rollback()
+    assert not any(store.is_known(f"e{n}") for n in range(3))  # answered 503: Customer.io sends them again
 
 
 @pytest.fixture

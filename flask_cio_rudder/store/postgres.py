@@ -128,6 +128,22 @@ class _Unanswered(StoreUnavailable):
     """The server did not answer a statement in time, and its connection was cut."""
 
 
+def _configure_session(conn: Connection[Any]) -> None:
+    """Settings every connection of the store needs, whatever the database's defaults.
+
+    READ COMMITTED: claims and the duplicate check rely on its re-check of rows changed meanwhile;
+    under REPEATABLE READ concurrent duplicates and claims fail with serialization errors.
+    ``client_connection_check_interval`` (PostgreSQL 14+): a statement whose connection the
+    watchdog cut, waiting on a lock, ends within a second instead of holding its server session
+    until the lock is gone; else each retry would add one, up to ``max_connections``.
+    """
+    conn.execute("SET default_transaction_isolation = 'read committed'")
+    try:
+        conn.execute("SET client_connection_check_interval = 1000")
+    except psycopg.Error:  # an older server, or a platform without the check: left as it was
+        logger.debug("PostgreSQL has no client_connection_check_interval; cut statements run on")
+
+
 def _quote(name: str) -> str:
     return ".".join(f'"{part}"' for part in name.split("."))
 
@@ -263,6 +279,7 @@ class PostgresStore(OutboxStore):
                         # Short, so that a pool that lost the server retries soon once it is back.
                         reconnect_timeout=5.0,
                         kwargs={"autocommit": True, "connect_timeout": self.CONNECT_TIMEOUT},
+                        configure=_configure_session,
                         name=f"cio-rudder-{self.table}",
                     )
                     pool.open(wait=False)
@@ -439,6 +456,7 @@ class PostgresStore(OutboxStore):
                         conn = psycopg.connect(
                             self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT
                         )
+                        _configure_session(conn)
                     with self._watchdog.watch(conn.pgconn.socket, self.HEARTBEAT_TIMEOUT):  # late is dead
                         conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
                     if not closing.is_set():  # after close() this is another state's
