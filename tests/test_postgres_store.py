@@ -240,6 +240,31 @@ def test_a_statement_cut_while_waiting_on_a_lock_ends_on_the_server_too(postgres
     assert not any(store.is_known(f"e{n}") for n in range(3))  # answered 503: Customer.io sends them again
 
 
+def test_closing_deletes_its_heartbeat_row_and_those_of_holders_long_silent(postgres: Backend) -> None:
+    """Workers recycled by gunicorn, or killed, would otherwise each leave a row in ``<table>_senders``."""
+    import psycopg
+
+    senders = f'"{postgres.table}_senders"'
+    store = postgres.store()
+    store.add("e0", "{}")
+    assert len(store.claim(100, 60.0, 3600.0).events) == 1
+    idle = postgres.store()
+    assert idle.claim(100, 60.0, 3600.0).events == []  # it beats all the same
+    now = "extract(epoch FROM now())"
+    admin(f"INSERT INTO {senders} (holder, beat_at) VALUES ('killed:1:x', {now} - 7200), ('live:1:x', {now})")
+
+    def holders() -> set[str]:
+        with psycopg.connect(postgres.url, autocommit=True) as conn:
+            return {row[0] for row in conn.execute(f"SELECT holder FROM {senders}")}
+
+    assert holders() >= {store.holder, idle.holder, "killed:1:x"}
+    idle.close()
+    assert holders() == {store.holder, "live:1:x"}
+    store.close()
+    assert holders() == {"live:1:x"}
+    assert postgres.store().claim(100, 60.0, 3600.0).events[0].event_id == "e0"  # freed at close
+
+
 @pytest.fixture
 def proxy() -> Iterator[FreezingProxy]:
     """A proxy in front of the test server, to freeze it without stopping it."""

@@ -170,6 +170,9 @@ class PostgresStore(OutboxStore):
     #: The same for operators' reads (metrics, the dashboard, the CLI's listings) and pause/resume:
     #: under a Prometheus scrape's 10 s. Bulk changes (purge, requeue, copy-pending) have no bound.
     READ_STATEMENT_TIMEOUT = 10.0
+    #: Heartbeat rows silent this long (seconds) are deleted when any process closes: a killed
+    #: process leaves its row, and recycled workers would otherwise add one each, without end.
+    FORGET_SILENT_AFTER = 3600.0
     #: Events per statement in :meth:`add_many`.
     CHUNK = 5000
 
@@ -247,7 +250,7 @@ class PostgresStore(OutboxStore):
         self.holder = f"{socket.gethostname()}:{self._pid}:{uuid.uuid4().hex[:8]}"
         self._heartbeat: threading.Thread | None = None
         self._closing = threading.Event()
-        self._has_held = False  # whether this process ever held a batch (then close frees it)
+        self._has_claimed = False  # whether this process has a heartbeat row and batches to free at close
         #: Since when this process's heartbeats reach the server without a break (``_local_now``):
         #: always, as far as it knows, until one fails; ``None`` from a failure to the next beat.
         self._reaching_since: float | None = float("-inf")
@@ -413,7 +416,7 @@ class PostgresStore(OutboxStore):
             heartbeat.join(self.POOL_TIMEOUT + 1)
         pool = self._pool
         if pool is not None:
-            if self._has_held:
+            if self._has_claimed:
                 # If this fails, the heartbeat stops all the same: the batches are free seconds later.
                 with contextlib.suppress(StoreUnavailable):
                     self._forget_holder()
@@ -498,7 +501,8 @@ class PostgresStore(OutboxStore):
         return since is not None and not self._streak_broken(now) and now - since >= self.HEARTBEAT_TIMEOUT
 
     def _forget_holder(self) -> None:
-        """Free this process's leases and drop its heartbeat: a clean exit leaves nothing held."""
+        """Free this process's leases and drop its heartbeat row, and the rows of holders silent
+        for ``FORGET_SILENT_AFTER``: a clean exit leaves nothing held, and the table stays small."""
 
         def forget(conn: Connection[Any]) -> None:
             with conn.transaction():
@@ -507,7 +511,11 @@ class PostgresStore(OutboxStore):
                     "WHERE lease_holder = %s AND state = 'pending'",
                     (self.holder,),
                 )
-                conn.execute(f"DELETE FROM {self._senders} WHERE holder = %s", (self.holder,))
+                conn.execute(
+                    f"DELETE FROM {self._senders} WHERE holder = %(holder)s "
+                    f"OR beat_at < {_NOW} - %(silent)s",
+                    {"holder": self.holder, "now": self._now(), "silent": self.FORGET_SILENT_AFTER},
+                )
 
         self._run(forget, self.HEARTBEAT_TIMEOUT)  # past it, the heartbeat's silence frees them all the same
 
@@ -605,6 +613,7 @@ class PostgresStore(OutboxStore):
 
     def claim(self, limit: int, lease: float, max_age: float) -> Claim:
         self._ensure_heartbeat()
+        self._has_claimed = True
         owner = uuid.uuid4().hex
         # Free: never leased, lease over, or a holder that has had time to beat and has not.
         # (A claim younger than the heartbeat timeout is trusted: a statement's snapshot may
@@ -672,7 +681,6 @@ class PostgresStore(OutboxStore):
         if claimed is None:
             return Claim(owner, [], paused=True)
         rows = sorted(claimed, key=lambda row: row[2])
-        self._has_held = self._has_held or bool(rows)
         return Claim(owner, [Claimed(event_id, payload) for event_id, payload, _ in rows])
 
     _DONE = "lease_owner = NULL, lease_holder = NULL, leased_at = NULL, lease_until = NULL"
@@ -909,7 +917,7 @@ class PostgresStore(OutboxStore):
 
         self._run(drop)
         self._ready = False
-        self._has_held = False  # nothing is held in tables that are gone: close() must not make them again
+        self._has_claimed = False  # nothing is held in tables that are gone: close() must not make them again
 
 
 def _channel_name(table: str) -> str:
