@@ -207,10 +207,22 @@ def _one_letter(outbox: Outbox, event_id: str) -> list[DeadLetter]:
     return outbox.dead_letters(1, match=Match(event_id=event_id))
 
 
-def _confirm(question: str, yes: bool) -> None:
-    """Ask before a destructive step unless ``--yes``; aborts (exit 1) on no, or when nobody can answer."""
-    if not yes:
-        click.confirm(question, abort=True)
+def _confirm(
+    question: str, yes: bool, count: int | None = None, recount: Callable[[], int] | None = None
+) -> None:
+    """Ask before a destructive step unless ``--yes``; aborts (exit 1) on no, or when nobody can answer.
+
+    With ``recount``, also when it no longer gives ``count``: the operator agreed to that number of
+    dead letters, and more may have come while the question waited.
+    """
+    if yes:
+        return
+    click.confirm(question, abort=True)
+    if recount is not None:
+        now = _store_call(recount)
+        if now != count:
+            click.echo(f"{now} match now, not the {count} you confirmed: nothing was changed; run it again.")
+            raise SystemExit(1)
 
 
 @cli.command("requeue")
@@ -260,7 +272,11 @@ def requeue(event_ids: tuple[str, ...], everything: bool, match: Match, dry_run:
         if ids:  # named ids that are not there to send: a script should know
             raise SystemExit(1)
         return
-    _confirm(f"Requeue {counted(count, 'event')} ({what}) to be sent to RudderStack again?", yes)
+    question = f"Requeue {counted(count, 'event')} ({what}) to be sent to RudderStack again?"
+    if ids is None:
+        _confirm(question, yes, count, lambda: outbox.count_dead_letters(sendable))
+    else:
+        _confirm(question, yes)
     requeued = _store_call(lambda: outbox.requeue(ids, match=None if everything or ids else match))
     click.echo(f"requeued {counted(requeued, 'event')}{left}")
 
@@ -309,7 +325,12 @@ def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: 
             else "purged 0 dead letters: none match"
         )
         return
-    _confirm(f"Delete {counted(matching, 'dead letter')} for good?", yes)
+    _confirm(
+        f"Delete {counted(matching, 'dead letter')} for good?",
+        yes,
+        matching,
+        lambda: outbox.count_dead_letters(match),
+    )
     count = _store_call(outbox.purge_dead, match)
     click.echo(f"purged {counted(count, 'dead letter')}")
 

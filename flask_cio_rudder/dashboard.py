@@ -263,13 +263,18 @@ def bulk(action: str) -> Any:
     outbox = _outbox()
     values, match = _filters(request.form if request.method == "POST" else request.args)
     query: dict[str, Any] = {name: value for name, value in values.items() if value}
-    if request.method == "POST":
-        if action == "requeue":
-            flash(f"Requeued {counted(outbox.requeue(match=match), 'event')} for the senders to deliver.")
-        else:
-            flash(f"Deleted {counted(outbox.purge_dead(match), 'dead letter')}.")
-        return redirect(url_for(".dead_letters", **query))
     matching = outbox.count_dead_letters(replace(match, sendable=True) if action == "requeue" else match)
+    if request.method == "POST":
+        # The operator agreed to the number the page showed: if more (or fewer) match now, ask again.
+        confirmed = request.form.get("expected", type=int)
+        if confirmed == matching:
+            if action == "requeue":
+                flash(f"Requeued {counted(outbox.requeue(match=match), 'event')} for the senders to deliver.")
+            else:
+                flash(f"Deleted {counted(outbox.purge_dead(match), 'dead letter')}.")
+            return redirect(url_for(".dead_letters", **query))
+        was = "" if confirmed is None else f", not the {confirmed} you confirmed"
+        flash(f"{counted(matching, 'dead letter')} match now{was}: nothing was changed yet.")
     return render_template(
         "cio_rudder/confirm.html",
         action=action,

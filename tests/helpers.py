@@ -81,11 +81,12 @@ def record_signals(app: Flask, *signals: Signal) -> Iterator[list[tuple[str, dic
 
 def refuse(app: Flask, data_plane: FakeDataPlane, *bodies: dict[str, Any]) -> None:
     """Accept ``bodies`` into ``app``'s outbox, then have RudderStack refuse each: dead letters to requeue."""
+    before = get_outbox(app).count_dead_letters()
     for body in bodies:
         get_outbox(app).store.add(body["event_id"], json.dumps(transform(body)))
     data_plane.fail_next(400, times=2 * len(bodies) - 1)  # the batch is bisected down to single events
     get_outbox(app).flush()
-    assert get_outbox(app).count_dead_letters() == len(bodies)
+    assert get_outbox(app).count_dead_letters() == before + len(bodies)
 
 
 class FreezingProxy:

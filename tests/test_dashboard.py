@@ -5,6 +5,7 @@ The same pages in a real browser, on the example app, are in ``test_dashboard_br
 
 from __future__ import annotations
 
+import html
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -50,6 +51,16 @@ def token(page: TestResponse | str, field: str = "csrf_token") -> str:
     found = re.search(rf'name="{field}" value="([^"]+)"', html)
     assert found, "the page has no form with a CSRF token"
     return found.group(1)
+
+
+def form_fields(page: str) -> dict[str, str]:
+    """The hidden fields of the first form on ``page``: what its button posts."""
+    form = page[page.index('<form method="post"') :]
+    form = form[: form.index("</form>")]
+    return {
+        name: html.unescape(value)
+        for name, value in re.findall(r'type="hidden" name="([^"]+)" value="([^"]*)"', form)
+    }
 
 
 def text(response: TestResponse) -> str:
@@ -205,17 +216,33 @@ def test_requeue_all_and_purge_go_through_a_confirmation_page(
     confirm = text(client.get(f"{PREFIX}/dead-letters/requeue", query_string={"reason": "simulated"}))
     assert "Requeue 2 dead letters?" in confirm and "<code>simulated</code>" in confirm
     assert get_outbox(admin).count_dead_letters() == 3  # asking changed nothing
-    done = client.post(
-        f"{PREFIX}/dead-letters/requeue",
-        data={"csrf_token": token(confirm), "reason": "simulated"},
-        follow_redirects=True,
-    )
+    assert form_fields(confirm)["reason"] == "simulated"
+    done = client.post(f"{PREFIX}/dead-letters/requeue", data=form_fields(confirm), follow_redirects=True)
     assert "Requeued 2 events" in text(done)
     assert get_outbox(admin).status().pending == 2
     purge = text(client.get(f"{PREFIX}/dead-letters/purge"))
     assert "Purge 1 dead letter?" in purge and "deleted for good" in purge
-    client.post(f"{PREFIX}/dead-letters/purge", data={"csrf_token": token(purge)})
+    client.post(f"{PREFIX}/dead-letters/purge", data=form_fields(purge))
     assert get_outbox(admin).count_dead_letters() == 0 and get_outbox(admin).status().pending == 2
+
+
+@pytest.mark.parametrize("action", ["requeue", "purge"])
+def test_a_bulk_action_asks_again_when_more_match_than_the_operator_confirmed(
+    admin: Flask, data_plane: FakeDataPlane, action: str
+) -> None:
+    """Dead letters keep arriving while a confirmation page is open: "Yes, purge 1" must not delete 2."""
+    refuse(admin, data_plane, sample("bounced"))
+    client = admin.test_client()
+    confirm = text(client.get(f"{PREFIX}/dead-letters/{action}", query_string={"reason": "simulated"}))
+    assert f"{action.capitalize()} 1 dead letter?" in confirm
+    refuse(admin, data_plane, sample("opened"))  # meanwhile, RudderStack refuses another
+    again = text(client.post(f"{PREFIX}/dead-letters/{action}", data=form_fields(confirm)))
+    assert "2 dead letters match now, not the 1 you confirmed: nothing was changed yet." in again
+    assert f"{action.capitalize()} 2 dead letters?" in again
+    outbox = get_outbox(admin)
+    assert (outbox.count_dead_letters(), outbox.status().pending) == (2, 0)
+    client.post(f"{PREFIX}/dead-letters/{action}", data=form_fields(again))
+    assert (outbox.count_dead_letters(), outbox.status().pending) == (0, 2 if action == "requeue" else 0)
 
 
 def test_the_events_page_tells_what_became_of_an_address(

@@ -1002,6 +1002,27 @@ def test_cli_purge_dead_letters_by_filter_after_confirmation(
     assert "purged 1 dead letter" in invoke("purge", "--dead-letters", "--yes").output
 
 
+@pytest.mark.parametrize("command", ["requeue", "purge"])
+def test_cli_bulk_changes_stop_when_more_match_than_the_operator_confirmed(
+    outbox_app: Flask, data_plane: FakeDataPlane, monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """Dead letters keep coming while the question waits: "Delete 1 dead letter?" must not delete 2."""
+    import click
+
+    refuse(outbox_app, data_plane, sample("opened"))
+
+    def answered_yes_meanwhile_another_came(question: str, **options: Any) -> bool:
+        refuse(outbox_app, data_plane, sample("clicked"))
+        return True
+
+    monkeypatch.setattr(click, "confirm", answered_yes_meanwhile_another_came)
+    args = ["cio-rudder", command, "--event", "Email"] + (["--dead-letters"] if command == "purge" else [])
+    result = outbox_app.test_cli_runner().invoke(args=args)
+    assert result.exit_code == 1
+    assert "2 match now, not the 1 you confirmed: nothing was changed; run it again." in result.output
+    assert (get_outbox(outbox_app).count_dead_letters(), get_outbox(outbox_app).status().pending) == (2, 0)
+
+
 def test_cli_flush_says_why_events_are_still_pending(outbox_app: Flask, data_plane: FakeDataPlane) -> None:
     accept(outbox_app, 2)
     data_plane.fail_next(503)
