@@ -11,6 +11,7 @@ multiprocess mode) and expose :func:`metrics_response`: it collects every worker
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 from collections.abc import Iterator
@@ -36,9 +37,13 @@ except ImportError as error:  # pragma: no cover - the message is the point
     ) from error
 
 from . import signals
-from .outbox import get_outbox
+from .outbox import OutboxForwarder, get_outbox
+from .state import state_of
+from .store import StoreError
 
 __all__ = ["enable", "metrics_response"]
+
+logger = logging.getLogger("flask_cio_rudder")
 
 #: The RudderStack names of the six first-class email events; every other event counts as "other".
 _EMAIL_EVENTS = frozenset(
@@ -148,16 +153,26 @@ class _OutboxCollector(Collector):
             "1 while an operator has paused sending (flask cio-rudder pause), else 0.",
             labels=["app"],
         )
+        up = GaugeMetricFamily(
+            "cio_rudder_outbox_up",
+            "1 when the outbox could be read for this scrape, 0 when not (its database is down or locked).",
+            labels=["app"],
+        )
         for name, app in sorted(_apps.items()):
+            if not isinstance(state_of(app).forwarder, OutboxForwarder):
+                continue  # another forwarder keeps nothing to report
             try:
                 status = get_outbox(app).status()
-            except Exception:  # no outbox (another forwarder), or its database is down: nothing to report
+            except StoreError as error:  # the other gauges are left out: a 0 would read as "all delivered"
+                logger.warning("Metrics: the outbox of app %r could not be read: %s", name, error)
+                up.add_metric([name], 0.0)
                 continue
+            up.add_metric([name], 1.0)
             pending.add_metric([name], status.pending)
             oldest.add_metric([name], status.oldest_pending_age or 0.0)
             dead.add_metric([name], status.dead)
             paused.add_metric([name], 1.0 if status.paused else 0.0)
-        yield from (pending, oldest, dead, paused)
+        yield from (up, pending, oldest, dead, paused)
 
 
 _OUTBOX = _OutboxCollector()

@@ -172,8 +172,26 @@ def test_the_outbox_state_is_read_when_scraped(metered: Flask, post: Post) -> No
     assert lines[f"cio_rudder_dead_letters{label}"] == 1
     assert lines[f"cio_rudder_oldest_pending_age_seconds{label}"] >= 0
     assert lines[f"cio_rudder_sending_paused{label}"] == 0
+    assert lines[f"cio_rudder_outbox_up{label}"] == 1
     get_outbox(metered).pause()
     assert scrape()[f"cio_rudder_sending_paused{label}"] == 1
+
+
+def test_an_outbox_that_cannot_be_read_reports_down_not_empty(
+    metered: Flask, post: Post, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The alert on the oldest pending age must not go quiet when the outbox cannot be read: its
+    gauges are left out, not reported as 0, and cio_rudder_outbox_up says why."""
+    from flask_cio_rudder.metrics import metrics_response
+
+    post(metered.test_client(), sample("opened"))
+    assert get_outbox(metered).status().pending == 1
+    (tmp_path / "outbox.sqlite3").rename(tmp_path / "moved-away.sqlite3")  # as a wrong volume mount would
+    with metered.app_context():
+        text = metrics_response().get_data(as_text=True)
+    assert f'cio_rudder_outbox_up{{app="{metered.name}"}} 0.0' in text
+    assert "cio_rudder_pending_events{" not in text and "cio_rudder_oldest_pending_age_seconds{" not in text
+    assert "could not be read" in caplog.text
 
 
 def test_metrics_without_prometheus_client_fail_fast_naming_the_extra(

@@ -512,8 +512,7 @@ class PostgresStore(OutboxStore):
                     (self.holder,),
                 )
                 conn.execute(
-                    f"DELETE FROM {self._senders} WHERE holder = %(holder)s "
-                    f"OR beat_at < {_NOW} - %(silent)s",
+                    f"DELETE FROM {self._senders} WHERE holder = %(holder)s OR beat_at < {_NOW} - %(silent)s",
                     {"holder": self.holder, "now": self._now(), "silent": self.FORGET_SILENT_AFTER},
                 )
 
