@@ -44,7 +44,7 @@ from werkzeug.exceptions import BadRequest, Forbidden
 
 from .ages import format_age, parse_since
 from .outbox import Outbox, counted, get_outbox
-from .store import Activity, Match
+from .store import Activity, Match, StoreError
 
 __all__ = ["CSRFError", "dashboard"]
 
@@ -103,6 +103,13 @@ def _read_only_refusal() -> Forbidden:
     return Forbidden(
         "The dashboard is read-only (CIO_RUDDER_DASHBOARD_READ_ONLY): use the CLI to change things."
     )
+
+
+@dashboard.errorhandler(StoreError)
+def _outbox_unavailable(error: StoreError) -> tuple[str, int]:
+    """The outbox's database is down, locked or gone: a page that says so (no password is in the
+    message), not a bare 500; 503, as the webhook answers then."""
+    return render_template("cio_rudder/unavailable.html", reason=str(error)), 503
 
 
 @dashboard.after_request

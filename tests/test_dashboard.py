@@ -304,3 +304,18 @@ def test_everything_from_a_body_is_escaped(admin: Flask, post: Post, data_plane:
     response = client.get(f"{PREFIX}/dead-letters")
     assert "default-src 'none'" in response.headers["Content-Security-Policy"]
     assert response.headers["Cache-Control"] == "no-store"
+
+
+def test_an_outbox_that_cannot_be_used_gets_a_page_saying_so_not_a_500(admin: Flask, tmp_path: Path) -> None:
+    client = admin.test_client()
+    csrf = token(client.get(f"{PREFIX}/"))  # the pause button's form
+    (tmp_path / "outbox.sqlite3").rename(tmp_path / "moved-away.sqlite3")  # as a wrong volume mount would
+    for response in (
+        client.get(f"{PREFIX}/"),
+        client.get(f"{PREFIX}/dead-letters"),
+        client.post(f"{PREFIX}/pause", data={"csrf_token": csrf}),
+    ):
+        page = response.get_data(as_text=True)
+        assert response.status_code == 503, page[:300]
+        assert "The outbox cannot be used now" in page and "outbox.sqlite3" in page
+        assert response.headers["Cache-Control"] == "no-store"
