@@ -125,6 +125,8 @@ def forwarder_config(
     if forwarder in ("outbox", "sync"):
         config["CIO_RUDDER_WRITE_KEY"] = data_plane.write_key if data_plane else WRITE_KEY
         config["CIO_RUDDER_DATA_PLANE_URL"] = data_plane.url if data_plane else "http://127.0.0.1:9"
+    if forwarder == "sync":  # sync's default 2 s read timeout is short for a loaded machine's answer
+        config["CIO_RUDDER_TIMEOUT"] = (1.0, 10.0)
     if forwarder == "outbox":
         config["CIO_RUDDER_OUTBOX_URL"] = f"sqlite:///{directory / 'outbox.sqlite3'}"
         config["CIO_RUDDER_OUTBOX_SENDER"] = False

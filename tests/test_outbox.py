@@ -104,7 +104,6 @@ def test_an_accepted_event_is_in_the_outbox_before_the_answer(
 ) -> None:
     body = sample("bounced")
     assert post(outbox_app.test_client(), body).json["status"] == "accepted"
-    assert data_plane.requests == 0  # nothing about RudderStack was awaited
     if backend.name == "sqlite":
         # On disk in this process's spool, or already moved from there (the spool is looked at
         # first: it is emptied only after the move's commit). Either survives a SIGKILL.
@@ -446,13 +445,14 @@ def test_timeouts_and_reset_connections_keep_the_events(
     app = make_app(**{**outbox_config, "CIO_RUDDER_TIMEOUT": (1.0, 1.0)})
     accept(app, 3)
     if misbehave == "hang":
-        data_plane.hang_next(5)
+        data_plane.hang_next(60)  # answered (and its batch stored) only when the plane stops
     else:
         data_plane.reset_next()
     get_outbox(app).flush()
     assert "could not reach RudderStack" in (get_outbox(app).status().last_error or "")
     assert get_outbox(app).status().pending == 3
-    get_outbox(app).flush()
+    patient = make_app(**outbox_config)  # the fixture's 10 s read timeout: a slow answer is not cut
+    get_outbox(patient).flush()
     assert len(data_plane.events) == 3
 
 
@@ -551,7 +551,7 @@ def test_a_redirecting_data_plane_keeps_the_events_and_names_the_setting(
         app = make_app(**{**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url})
         accept(app, 3)
         with caplog.at_level(logging.WARNING, "flask_cio_rudder"):
-            assert get_outbox(app).flush(timeout=2).delivered == 0
+            assert get_outbox(app).flush().delivered == 0
     assert posted == ["POST /v1/batch"]
     outbox_status = get_outbox(app).status()
     assert (outbox_status.pending, outbox_status.delivered) == (3, 0)
@@ -582,7 +582,7 @@ def test_an_endless_answer_is_read_no_further_than_its_start(
     with odd_data_plane(answer) as url:
         app = make_app(**{**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url})
         accept(app, 1)
-        assert get_outbox(app).flush(timeout=5).delivered == 0
+        assert get_outbox(app).flush().delivered == 0
     last_error = get_outbox(app).status().last_error
     assert last_error is not None and last_error.startswith("RudderStack answered 502: <p>Bad gateway</p>")
     assert written[0] < total // 8  # what the kernel's buffers took before the sender hung up

@@ -308,7 +308,6 @@ def test_a_server_that_stops_answering_fails_a_statement_instead_of_hanging(
     On first use, the tables are looked for (and made) within the same bound. Metrics, the dashboard
     and the CLI's listings read the status, and pause and resume the sending, with a bound of their own."""
     store = postgres_store(through(proxy), table=postgres.table)
-    store.REQUEST_STATEMENT_TIMEOUT = store.READ_STATEMENT_TIMEOUT = 0.2
     calls: dict[str, Callable[[], Any]] = {
         "an operator's read": store.status,
         "pause": lambda: store.set_paused(True),
@@ -320,11 +319,13 @@ def test_a_server_that_stops_answering_fails_a_statement_instead_of_hanging(
             store._get_pool().wait(10)  # connected, the tables not looked at yet
         else:
             assert store.add("e1", "{}")
+        store.REQUEST_STATEMENT_TIMEOUT = store.READ_STATEMENT_TIMEOUT = 0.2  # for the frozen call only
         proxy.freeze()
         failed = outcome_of(call)
         assert isinstance(failed, StoreUnavailable), failed
         assert "did not answer within 0.2 s" in str(failed) and "reachable" in str(failed)
         proxy.thaw()
+        del store.REQUEST_STATEMENT_TIMEOUT, store.READ_STATEMENT_TIMEOUT  # the usual bounds again
         wait_until(lambda: not isinstance(outcome_of(call), Exception), 20, "the store works again")
         assert case in calls or store.is_known("e1") is (case == "in use")
         assert store.status().paused is (case == "pause")
@@ -343,7 +344,7 @@ def test_the_webhook_answers_503_while_postgresql_hangs_and_keeps_the_event_once
     """Customer.io gives up after 4 s: a hung outbox must get a 503 it retries, not a request it abandons."""
     from flask_cio_rudder.store.postgres import PostgresStore
 
-    monkeypatch.setattr(PostgresStore, "REQUEST_STATEMENT_TIMEOUT", 0.2)
+    usual = PostgresStore.REQUEST_STATEMENT_TIMEOUT
     app = make_app(
         CIO_RUDDER_FORWARDER="outbox",
         CIO_RUDDER_OUTBOX_URL=through(proxy),
@@ -355,12 +356,14 @@ def test_the_webhook_answers_503_while_postgresql_hangs_and_keeps_the_event_once
     client = app.test_client()
     first, second = email_sample("delivered"), email_sample("opened")
     assert post(client, first).status_code == 200
+    monkeypatch.setattr(PostgresStore, "REQUEST_STATEMENT_TIMEOUT", 0.2)  # for the frozen request only
     proxy.freeze()
     try:
         answer = outcome_of(lambda: post(client, second))
         assert answer.status_code == 503, answer.get_data(as_text=True)
     finally:
         proxy.thaw()
+        monkeypatch.setattr(PostgresStore, "REQUEST_STATEMENT_TIMEOUT", usual)
     wait_until(lambda: post(client, second).status_code == 200, 20, "the retry is accepted")
     assert post(client, second).status_code == 200  # a duplicate now
     pending = get_outbox(app).store.pending()
@@ -449,7 +452,6 @@ def test_a_claim_cut_while_the_server_runs_it_leaves_no_batch_stranded(postgres:
     """Cutting the connection does not stop the statement on the server: a claim kept waiting by a lock
     may still lease its rows, to a claim nobody sends. The next claim of the process takes them back."""
     store = postgres.store()
-    store.SENDER_STATEMENT_TIMEOUT = 0.3  # type: ignore[attr-defined]  (a PostgresStore)
     for n in range(3):
         store.add(f"e{n}", "{}")
     first = store.claim(100, 600.0, 3600.0)  # a first claim, given back: the events are free again
@@ -459,7 +461,9 @@ def test_a_claim_cut_while_the_server_runs_it_leaves_no_batch_stranded(postgres:
     with psycopg.connect(postgres_url()) as blocker:
         # Beats (and a claim's own beat) wait; reading who beat does not.
         blocker.execute(f'LOCK TABLE "{postgres.table}_senders" IN EXCLUSIVE MODE')
+        store.SENDER_STATEMENT_TIMEOUT = 0.3  # type: ignore[attr-defined]  (a PostgresStore; this claim only)
         failed = outcome_of(lambda: store.claim(100, 600.0, 3600.0))
+        del store.SENDER_STATEMENT_TIMEOUT  # type: ignore[attr-defined]
         assert isinstance(failed, StoreUnavailable) and "did not answer" in str(failed), failed
         blocker.rollback()  # the cut claim now runs on the server, leasing the three events
 
@@ -481,7 +485,8 @@ def test_upgrading_an_older_releases_table_is_not_cut_at_the_web_requests_bound(
 
     admin(OLD_TABLE.format(table=f'"{postgres.table}"'))
     store = postgres.store()
-    store.REQUEST_STATEMENT_TIMEOUT = 0.2  # type: ignore[attr-defined]  (a PostgresStore)
+    # Below the second the upgrade waits (below), above what the lookup after it takes on a busy machine.
+    store.REQUEST_STATEMENT_TIMEOUT = 0.5  # type: ignore[attr-defined]  (a PostgresStore)
     import psycopg
 
     with psycopg.connect(postgres_url()) as blocker:  # another process upgrading, or starting to

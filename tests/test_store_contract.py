@@ -494,7 +494,7 @@ def test_a_batch_held_by_a_live_process_stays_held_and_is_free_once_the_process_
 ) -> None:
     """SQLite: the holder's process is gone, so at once; PostgreSQL: when its heartbeat stops, in seconds."""
     store = backend.store()
-    store.HEARTBEAT, store.HEARTBEAT_TIMEOUT = 0.2, 1.0  # type: ignore[attr-defined]  (PostgreSQL's; SQLite ignores them)
+    store.HEARTBEAT, store.HEARTBEAT_TIMEOUT = 0.2, 3.0  # type: ignore[attr-defined]  (PostgreSQL's; SQLite ignores them)
     for n in range(8):
         store.add(f"e{n}", stored(f"e{n}"))
     holder = subprocess.Popen(

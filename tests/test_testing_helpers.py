@@ -97,7 +97,7 @@ def test_fake_data_plane_refuses_requests_over_4000_kb(data_plane: FakeDataPlane
 def test_fake_data_plane_misbehaves_on_request(data_plane: FakeDataPlane) -> None:
     data_plane.fail_next(500, times=2)
     data_plane.reset_next()
-    data_plane.hang_next(1.0)
+    data_plane.hang_next(60)  # answered (and its batch stored) only when the plane stops
     assert post_batch(data_plane, [EVENT]).status_code == 500
     assert post_batch(data_plane, [EVENT]).status_code == 500
     with pytest.raises(requests.ConnectionError):
