@@ -17,10 +17,13 @@ _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_age(text: str) -> float:
-    """``"7d"``, ``"12h"``, ``"30m"``, ``"45s"`` or plain seconds, as seconds."""
+    """``"7d"``, ``"12h"``, ``"30m"`` or ``"45s"``, as seconds.
+
+    A bare number is refused: ``--older-than 7`` meant as days would delete nearly everything.
+    """
     unit = _UNITS.get(text[-1:].lower())
     try:
-        seconds = float(text[:-1]) * unit if unit else float(text)
+        seconds = float(text[:-1]) * unit if unit else math.nan
     except ValueError:
         seconds = math.nan
     if not (seconds >= 0 and math.isfinite(seconds)):

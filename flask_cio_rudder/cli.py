@@ -283,7 +283,7 @@ def requeue(event_ids: tuple[str, ...], everything: bool, match: Match, dry_run:
 
 @cli.command("purge")
 @click.option(
-    "--older-than", "older_than", help="Delete delivered events delivered longer ago (30d, 12h, seconds)."
+    "--older-than", "older_than", help="Delete delivered events delivered longer ago (30d, 12h, 90m, 3600s)."
 )
 @click.option(
     "--dead-letters", "dead", is_flag=True, help="Delete dead letters (those that match the filters)."

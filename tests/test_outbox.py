@@ -906,7 +906,7 @@ def test_cli_status_flush_dead_letters_requeue_and_purge(
     dry = runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s", "--dry-run"])
     assert "would purge 3 events delivered" in dry.output
     assert "purged 3" in runner.invoke(args=["cio-rudder", "purge", "--older-than", "0s", "-y"]).output
-    for age in ("soon", "-1d", "nan"):
+    for age in ("soon", "-1d", "nan", "7"):  # a bare 7 (days? seconds?) would delete almost everything
         refused = runner.invoke(args=["cio-rudder", "purge", "--older-than", age, "-y"])
         assert (
             refused.exit_code == 2 and "is not an age" in refused.output and "--older-than" in refused.output
