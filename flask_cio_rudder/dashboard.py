@@ -11,7 +11,8 @@ mounts it, as with RQ Dashboard::
         if request.blueprint == dashboard.name:
             ...  # the host's own authentication
 
-(A hook on ``dashboard`` itself would apply to every app in the process that registers it.)
+(``request.blueprint`` is the name it was registered under: dotted inside another Blueprint. A hook
+on ``dashboard`` itself follows it under any name, and applies in every app that registers it.)
 
 Pages are server-rendered (Jinja, no front-end build, no external assets): the overview,
 the dead letters (search, body, requeue, purge) and what became of an event or an address.
