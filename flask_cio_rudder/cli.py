@@ -174,7 +174,7 @@ def flush(timeout: float) -> None:
 
 def _describe(letter: DeadLetter) -> str:
     """One line per dead letter: id, time, event, address, reason."""
-    when = datetime.fromtimestamp(letter.accepted_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    when = datetime.fromtimestamp(letter.accepted_at, timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")  # UTC
     note = "" if letter.requeueable else "  [rejected at validation: cannot be requeued]"
     return (
         f"{letter.event_id}  {when}  {letter.event_name or '-'}  {letter.email or '-'}  {letter.reason}{note}"

@@ -956,6 +956,9 @@ def test_cli_dead_letters_and_requeue_filter_and_requeue_asks_first(
     assert invoke("dead-letters", "--since", "1h").output.count("\n") == 2
     assert invoke("dead-letters", "--since", "2999-01-01").output == "no dead letters match\n"
     assert invoke("dead-letters", "--since", "2999-01-01", "--json").output == ""
+    shown = re.search(r"  (\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ)  ", invoke("dead-letters").output)
+    assert shown, "each line shows its time in UTC, marked so"
+    assert invoke("dead-letters", "--since", shown.group(1)).output.count("\n") == 2  # and --since takes it
     yesterday = invoke("dead-letters", "--since", "yesterday")
     assert yesterday.exit_code == 2 and "Invalid value for --since" in yesterday.output
     for limit in ("0", "-1"):  # 0 said "no dead letters" while there were some; -1 listed all, or failed
