@@ -208,7 +208,17 @@ def _signing_keys(value: object) -> tuple[str, ...]:
         return (value,)
     if isinstance(value, (list, tuple)) and all(isinstance(key, str) and key for key in value):
         return tuple(value)
-    raise RuntimeError("CIO_RUDDER_SIGNING_KEY must be a string or a list of non-empty strings.")
+    # Never the value: it is a secret.
+    hint = (
+        ": app.config.from_prefixed_env() reads FLASK_CIO_RUDDER_SIGNING_KEY as JSON, so a key of digits "
+        """becomes a number; write it as a JSON string there ('"0123..."')"""
+        if isinstance(value, (int, float))
+        else ""
+    )
+    kind = type(value).__name__
+    raise RuntimeError(
+        f"CIO_RUDDER_SIGNING_KEY must be a string or a list of non-empty strings, not {kind}{hint}."
+    )
 
 
 def _exempt_from_csrf(app: Flask) -> None:

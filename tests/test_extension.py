@@ -136,6 +136,19 @@ def test_a_missing_signing_key_fails_fast_naming_the_key() -> None:
         CioRudder(bare_app(CIO_RUDDER_FORWARDER="none"))
 
 
+def test_a_signing_key_of_digits_read_from_the_environment_gets_a_hint_not_its_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("FLASK_CIO_RUDDER_SIGNING_KEY", "20240501")
+    app = bare_app(CIO_RUDDER_FORWARDER="none")
+    app.config.from_prefixed_env()  # JSON: the number 20240501
+    with pytest.raises(
+        RuntimeError, match=r"not int: .* reads FLASK_CIO_RUDDER_SIGNING_KEY as JSON"
+    ) as failed:
+        CioRudder(app)
+    assert "20240501" not in str(failed.value)
+
+
 def test_no_signing_key_is_fine_when_verification_is_off(caplog: pytest.LogCaptureFixture) -> None:
     CioRudder(bare_app(CIO_RUDDER_FORWARDER="none", CIO_RUDDER_VERIFY_SIGNATURE=False))
     assert "CIO_RUDDER_VERIFY_SIGNATURE is off" in caplog.text
