@@ -42,6 +42,9 @@ def verify(
     constant-time and tries every key, so keys can be rotated without downtime.
     ``max_age`` (seconds), when given, also bounds how far ``timestamp`` may be from now.
     """
+    if timestamp is not None:  # some servers keep a header's surrounding spaces, others do not
+        timestamp = timestamp.strip(" \t")
+    signature = signature.strip(" \t") if signature else signature
     if not signature:
         raise SignatureError("missing X-CIO-Signature header")
     if timestamp is None:

@@ -15,12 +15,13 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import orjson
 from flask import Blueprint, Flask, Request, Response, current_app, jsonify, request
 from werkzeug.exceptions import (
     BadRequest,
+    ClientDisconnected,
     HTTPException,
     RequestEntityTooLarge,
     ServiceUnavailable,
@@ -50,6 +51,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("flask_cio_rudder")
+
+#: Bytes per read of a body without a ``Content-Length`` (chunked).
+_CHUNK = 65536
 
 # The RudderStack event name of each first-class email event, and its signal.
 _EMAIL_SIGNALS = {
@@ -106,7 +110,8 @@ class RetryLater(WebhookError, ServiceUnavailable):
 def create_blueprint(path: str) -> Blueprint:
     """A Blueprint with the one webhook route, at ``path``."""
     blueprint = Blueprint("cio_rudder", __name__)
-    blueprint.add_url_rule(path, view_func=receive, methods=["POST"])
+    # Either way with or without a trailing slash: a 404 or a redirect stalls Customer.io's stream.
+    blueprint.add_url_rule(path, view_func=receive, methods=["POST"], strict_slashes=False)
     return blueprint
 
 
@@ -121,9 +126,6 @@ def receive() -> Response:
         return response
     except WebhookError as error:
         outcome = error.outcome
-        raise
-    except RequestEntityTooLarge:  # werkzeug's, for Flask's MAX_CONTENT_LENGTH below our own limit
-        outcome = BodyTooLarge.outcome
         raise
     finally:
         announce_answer(app, outcome, started, event)
@@ -224,15 +226,50 @@ def _read_body(incoming: Request, limit: int) -> bytes:
     length = get_content_length(environ)
     if length is not None and length > limit:
         raise BodyTooLarge(f"the body is larger than CIO_RUDDER_MAX_BODY_BYTES ({limit} bytes)")
-    if length is not None and not environ.get("wsgi.input_terminated"):
-        flask_limit = incoming.max_content_length
-        if flask_limit is None or length <= flask_limit:
-            data: bytes = environ["wsgi.input"].read(length)
-            return data if len(data) == length else _checked(incoming.get_data(cache=True), limit)
-    body = _checked(incoming.stream.read(limit + 1), limit)
-    if not body or (length is not None and len(body) < length):
-        return _checked(incoming.get_data(cache=True), limit)
+    try:
+        if length is not None and not environ.get("wsgi.input_terminated"):
+            flask_limit = incoming.max_content_length
+            if flask_limit is None or length <= flask_limit:
+                data: bytes = environ["wsgi.input"].read(length)
+                return data if len(data) == length else _kept(incoming, length, limit)
+        body = _checked(_read_to_end(incoming.stream, limit + 1), limit)
+        if not body or (length is not None and len(body) < length):
+            return _kept(incoming, length, limit)
+        return body
+    except BodyTooLarge:
+        raise
+    except ClientDisconnected:  # werkzeug's, for a body that ends before its Content-Length
+        raise _cut_short(length) from None
+    except RequestEntityTooLarge:  # werkzeug's, for Flask's MAX_CONTENT_LENGTH below our own limit
+        raise BodyTooLarge(
+            f"the body is larger than Flask's MAX_CONTENT_LENGTH ({incoming.max_content_length} bytes)"
+        ) from None
+
+
+def _read_to_end(stream: IO[bytes], most: int) -> bytes:
+    """Up to ``most`` bytes, reading until the stream ends: one read may return less than asked
+    (a chunked body), and werkzeug's stream answers 413 for Flask's limit only on the read past it."""
+    chunks, size = [], 0
+    while size < most:
+        chunk = stream.read(min(_CHUNK, most - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _kept(incoming: Request, length: int | None, limit: int) -> bytes:
+    """The body ``request.get_data()`` kept, for a body a host app's ``before_request`` hook read first;
+    400 if there is none and the client sent less than its ``Content-Length`` (it hung up)."""
+    body = _checked(incoming.get_data(cache=True), limit)
+    if length is not None and len(body) < length:
+        raise _cut_short(length)
     return body
+
+
+def _cut_short(length: int | None) -> MalformedBody:
+    return MalformedBody(f"the body ended before its Content-Length ({length} bytes): the client hung up")
 
 
 def _checked(body: bytes, limit: int) -> bytes:

@@ -162,6 +162,64 @@ def test_flasks_own_max_content_length_still_answers_413(make_app: Callable[...,
     assert post(roomy.test_client(), sample("opened")).json["status"] == "accepted"
 
 
+def test_a_chunked_body_over_flasks_max_content_length_is_413_not_a_bad_signature(
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Werkzeug's stream stops at MAX_CONTENT_LENGTH and says so only on the read past it: the
+    signature was checked over the cut body, a 401 logged as a forgery, for an authentic event."""
+    app = make_app(MAX_CONTENT_LENGTH=100)
+    raw = encode(sample("opened"))
+    response = app.test_client().post(
+        WEBHOOK,
+        headers={**signature_headers(raw, SIGNING_KEY), "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input": io.BytesIO(raw), "wsgi.input_terminated": True},
+    )
+    assert response.status_code == 413
+    assert response.json == {"error": "the body is larger than Flask's MAX_CONTENT_LENGTH (100 bytes)"}
+    assert "Refused" not in caplog.text
+
+
+def test_a_body_shorter_than_its_content_length_is_400_not_a_forgery(
+    make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client hung up mid-body. Before, the fast path accepted what came; the route checked the
+    signature over an empty body and logged a refused forgery."""
+    app = make_app()
+    raw = encode(sample("opened"))
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
+        response = app.test_client().post(
+            WEBHOOK,
+            headers=signature_headers(raw, SIGNING_KEY),
+            environ_overrides={"wsgi.input": io.BytesIO(raw), "CONTENT_LENGTH": str(len(raw) + 20)},
+        )
+    assert response.status_code == 400
+    assert response.json == {
+        "error": f"the body ended before its Content-Length ({len(raw) + 20} bytes): the client hung up"
+    }
+    assert recorder == [] and "Refused" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("configured", "posted"), [("/hooks/cio", "/hooks/cio/"), ("/hooks/cio/", "/hooks/cio")]
+)
+def test_the_webhook_answers_with_or_without_a_trailing_slash(
+    make_app: Callable[..., Flask], configured: str, posted: str
+) -> None:
+    """A slash more or less in the URL pasted into Customer.io was a 404 or a redirect: either stalls
+    every later event for an hour."""
+    app = make_app(CIO_RUDDER_WEBHOOK_PATH=configured)
+    raw = encode(sample("opened"))
+    response = app.test_client().post(posted, data=raw, headers=signature_headers(raw, SIGNING_KEY))
+    assert (response.status_code, response.json["status"]) == (200, "accepted")
+
+
+def test_spaces_around_the_signature_headers_are_not_part_of_them(make_app: Callable[..., Flask]) -> None:
+    """gunicorn strips them, werkzeug's server keeps them: the answer must not depend on the server."""
+    raw = encode(sample("opened"))
+    headers = {name: f"  {value}\t" for name, value in signature_headers(raw, SIGNING_KEY).items()}
+    assert make_app().test_client().post(WEBHOOK, data=raw, headers=headers).json["status"] == "accepted"
+
+
 @pytest.mark.parametrize(
     ("raw", "problem"),
     [
