@@ -232,7 +232,7 @@ def _read_body(incoming: Request, limit: int) -> bytes:
             if flask_limit is None or length <= flask_limit:
                 data: bytes = environ["wsgi.input"].read(length)
                 return data if len(data) == length else _kept(incoming, length, limit)
-        body = _checked(_read_to_end(incoming.stream, limit + 1), limit)
+        body = _checked(_read_to_end(incoming.stream, limit + 1 if length is None else length), limit)
         if not body or (length is not None and len(body) < length):
             return _kept(incoming, length, limit)
         return body
