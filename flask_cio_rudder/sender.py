@@ -7,7 +7,7 @@ the bad events are alone and kept as dead letters; 401, 403 and 404 keep
 everything and log one error naming the setting to check; anything else (429,
 5xx, timeouts, refused or reset connections) gives the events back and backs off.
 A store that cannot be reached (PostgreSQL down, a locked disk) is backed off the same way.
-A ``Retry-After`` on a 429 or 503 sets the wait instead (at most ``RETRY_CAP``), and an
+A ``Retry-After`` on a 429 or 503 sets the wait instead (at most ``RETRY_AFTER_CAP``), and an
 optional :class:`Pacer` spaces requests (``CIO_RUDDER_MAX_REQUESTS_PER_SECOND``).
 While an operator has paused sending, nothing is claimed and the sender only polls.
 
@@ -108,8 +108,12 @@ class Sender:
     """Sends what the outbox store holds, from a daemon thread started in each process that uses it."""
 
     #: First and largest wait after a failed attempt, in seconds (the wait doubles, with jitter).
+    #: The largest is short: a data plane that is back after an outage gets the events within a
+    #: minute, not five, while the senders' tries every minute cost it next to nothing.
     RETRY_BASE = 1.0
-    RETRY_CAP = 300.0
+    RETRY_CAP = 60.0
+    #: The longest wait a ``Retry-After`` sets, in seconds.
+    RETRY_AFTER_CAP = 300.0
     #: How long an idle sender sleeps before looking for due events again.
     IDLE_WAIT = 5.0
     #: After being woken by a new event, how long the sender lets a batch build up before
@@ -130,7 +134,7 @@ class Sender:
         batch_size: int = 100,
         lease: float = 60.0,
         max_age: float = 7 * 24 * 3600,
-        shutdown_timeout: float = 5.0,
+        shutdown_timeout: float = 2.0,
         max_requests_per_second: float | None = None,
     ) -> None:
         self.app = app
@@ -221,15 +225,17 @@ class Sender:
     def stop(self, *, flush: bool = True) -> None:
         """Flush what can be sent within ``shutdown_timeout`` seconds (unless told not to), then stop.
 
-        Never hangs: a batch in flight is given ``shutdown_timeout`` seconds to finish.
+        Never hangs: the threads get ``shutdown_timeout`` seconds in all (and one more to mark what
+        they sent), a post still running then goes on in the background (see :meth:`close_after`).
         """
         self._final_flush = flush
         self._stopping.set()
         self._wake.set()
         if self._pid == os.getpid():
+            deadline = time.monotonic() + self.shutdown_timeout + 1.0
             for thread in (self._thread, self._watcher):
                 if thread is not None and thread.is_alive():
-                    thread.join(self.shutdown_timeout + 1.0)
+                    thread.join(max(0.0, deadline - time.monotonic()))
         self.close_after(self.data_plane.close)
 
     def close_after(self, close: Callable[[], object]) -> None:
@@ -288,12 +294,12 @@ class Sender:
     def retry_delay(self) -> float:
         """Seconds to wait after a failed attempt: what RudderStack asked for, else jittered backoff.
 
-        Both are capped at ``RETRY_CAP``. A wait asked for that is shorter than ``RETRY_BASE``
-        (``Retry-After: 0``, a date passed) gets the backoff instead: on every answer, it would
-        make the sender ask again and again at once.
+        They are capped at ``RETRY_AFTER_CAP`` and ``RETRY_CAP``. A wait asked for that is shorter
+        than ``RETRY_BASE`` (``Retry-After: 0``, a date passed) gets the backoff instead: on every
+        answer, it would make the sender ask again and again at once.
         """
         if self._retry_after is not None and self._retry_after >= self.RETRY_BASE:
-            return min(self.RETRY_CAP, self._retry_after)
+            return min(self.RETRY_AFTER_CAP, self._retry_after)
         ceiling = min(self.RETRY_CAP, self.RETRY_BASE * 2 ** min(max(self._failures, 1) - 1, 30))
         return random.uniform(ceiling / 2, ceiling)
 

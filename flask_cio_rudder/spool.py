@@ -391,22 +391,33 @@ class Spool:
             if self._wake.wait(self.ADOPT_EVERY):
                 self._stopping.wait(self.LINGER)
             self._wake.clear()
+        self._last_move()
+
+    def _last_move(self) -> None:
+        try:
+            self.move(adopt=False)
+        except StoreError as error:
+            logger.warning("Accepted events stay in the spool for the next start: %s", error)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the mover, move what is left, and close this process's files (deleting the moved ones).
 
-        A file whose records could not be moved stays, unlocked: the next mover adopts it.
+        The mover's thread makes the last move, waited for ``timeout`` seconds: behind another
+        process's write lock (a bulk ``purge``) it could wait as long as that runs, and gunicorn
+        starts no worker in place of one that has not exited. A file whose records were not moved
+        stays, unlocked once the process exits: the next mover adopts it.
         """
         self._stopping.set()
         self._wake.set()
         if self._pid != os.getpid():
             return
-        if self._thread is not None and self._thread.is_alive():
-            self._thread.join(timeout)
-        try:
-            self.move(adopt=False)
-        except StoreError as error:
-            logger.warning("Accepted events stay in the spool for the next start: %s", error)
+        thread = self._thread
+        if thread is None:  # no mover ran (nothing was spooled by this process, as a rule)
+            self._last_move()
+        else:
+            thread.join(timeout)
+            if thread.is_alive():
+                return  # its move waits for the store: the files close with the process
         if not self._move_lock.acquire(timeout=timeout):
             return  # a move is stuck in the store: the files close with the process
         try:

@@ -271,18 +271,32 @@ def test_transient_failures_keep_the_events_and_retry(
     assert len(data_plane.events) == 5
 
 
+def test_after_a_long_outage_the_sender_tries_again_within_a_minute(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any]
+) -> None:
+    """The backoff doubles from a second; capped at five minutes, a data plane back after an outage
+    got nothing for up to five more (a review measured 175 s)."""
+    app = make_app(**{**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": f"http://127.0.0.1:{free_port()}"})
+    accept(app, 1)
+    for _ in range(12):  # refused twelve times: 2**11 s of backoff, uncapped
+        assert "could not reach RudderStack" in (get_outbox(app).flush().error or "")
+    sender = get_outbox(app).sender
+    assert min(sender.retry_delay() for _ in range(50)) >= 30.0
+    assert max(sender.retry_delay() for _ in range(50)) <= 60.0
+
+
 @pytest.mark.parametrize("status", [429, 503])
 @pytest.mark.parametrize(
     ("header", "wait"),
     [
         ("30", 30.0),
-        ("86400", Sender.RETRY_CAP),
+        ("86400", Sender.RETRY_AFTER_CAP),
         ("Tue, 14 Nov 2023 22:15:20 GMT", 120.0),
         ("soon", None),
         ("²", None),
     ],
 )
-def test_retry_after_sets_the_wait_before_the_next_attempt_capped_by_the_backoff_cap(
+def test_retry_after_sets_the_wait_before_the_next_attempt_capped_at_five_minutes(
     outbox_app: Flask, data_plane: FakeDataPlane, status: int, header: str, wait: float | None
 ) -> None:
     sender = get_outbox(outbox_app).sender

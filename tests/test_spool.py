@@ -109,6 +109,30 @@ def test_moved_events_are_pending_in_the_store_and_the_file_is_emptied(store: Ou
     assert os.listdir(spool.directory) == []  # a clean exit leaves nothing to adopt
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the outbox's write lock uses flock, which Windows lacks")
+def test_stopping_behind_another_processs_write_lock_returns_and_loses_nothing(
+    store: OutboxStore, tmp_path: Path
+) -> None:
+    """A bulk purge holds the write lock while gunicorn recycles a worker: the worker must still exit,
+    as none replaces it until then. What it could not move is moved once the lock is free."""
+    import fcntl
+
+    store.add("warm", "{}")  # the tables exist
+    spool = make_spool(store)
+    spool.ensure_running()
+    with open(str(tmp_path / "outbox.sqlite3") + ".lock", "ab") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # as another process would
+        try:
+            spool.append("e0", "{}")
+            stopping = threading.Thread(target=spool.stop, kwargs={"timeout": 0.5})
+            stopping.start()
+            stopping.join(10)
+            assert not stopping.is_alive(), "stop() waited for the other process's lock"
+        finally:
+            fcntl.flock(other, fcntl.LOCK_UN)
+    wait_until(lambda: store.is_known("e0"), 10, "the mover's last move, once the lock is free")
+
+
 def test_a_file_of_a_dead_process_that_cannot_be_opened_does_not_stop_the_others(
     store: OutboxStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
