@@ -249,10 +249,12 @@ class Outbox:
 
     def close(self) -> None:
         """Move what is spooled, stop the sender (sending what it can within the shutdown timeout), close."""
-        if self.spool is not None:
-            self.spool.stop(self.sender.shutdown_timeout)
+        moved = self.spool is None or self.spool.stop(self.sender.shutdown_timeout)
         self.sender.stop()
-        self.sender.close_after(self.store.close)  # a post that outlived the stop keeps its lease
+        if moved:
+            self.sender.close_after(self.store.close)  # a post that outlived the stop keeps its lease
+        # Else the spool's last move still waits for the store (another process's write lock):
+        # closing the store would wait for it too. The process is exiting: its connections go with it.
 
 
 def _loaded_by_a_flask_command() -> bool:

@@ -75,6 +75,9 @@ _BODY_START = struct.Struct("<dI")
 _MAX_RECORD = 16 * 1024 * 1024
 
 #: A spool file of a live process ends in this; a file being created (not yet locked) in ``.new``.
+#: Seconds stop() waits for the mover's last move even when told 0 (CIO_RUDDER_SHUTDOWN_TIMEOUT = 0
+#: means not waiting on RudderStack; a move into the store takes milliseconds).
+_LEAST_STOP_WAIT = 1.0
 _SUFFIX = ".spool"
 _CREATING = ".new"
 
@@ -392,6 +395,7 @@ class Spool:
                 self._stopping.wait(self.LINGER)
             self._wake.clear()
         self._last_move()
+        self._close_files()  # also when stop() stopped waiting: the files are then adoptable
 
     def _last_move(self) -> None:
         try:
@@ -399,27 +403,33 @@ class Spool:
         except StoreError as error:
             logger.warning("Accepted events stay in the spool for the next start: %s", error)
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
         """Stop the mover, move what is left, and close this process's files (deleting the moved ones).
 
-        The mover's thread makes the last move, waited for ``timeout`` seconds: behind another
-        process's write lock (a bulk ``purge``) it could wait as long as that runs, and gunicorn
-        starts no worker in place of one that has not exited. A file whose records were not moved
-        stays, unlocked once the process exits: the next mover adopts it.
+        The mover's thread makes the last move, waited for ``timeout`` seconds (one at least):
+        behind another process's write lock (a bulk ``purge``) it could wait as long as that runs,
+        and gunicorn starts no worker in place of one that has not exited. Says whether it ended;
+        if not, the thread closes the files once its move is done, and a file whose records were
+        not moved stays, unlocked: the next mover adopts it.
         """
         self._stopping.set()
         self._wake.set()
         if self._pid != os.getpid():
-            return
+            return True
         thread = self._thread
-        if thread is None:  # no mover ran (nothing was spooled by this process, as a rule)
+        if thread is None or thread.ident is None:  # no mover ran (nothing was spooled here, as a rule)
             self._last_move()
         else:
-            thread.join(timeout)
+            thread.join(max(timeout, _LEAST_STOP_WAIT))
             if thread.is_alive():
-                return  # its move waits for the store: the files close with the process
-        if not self._move_lock.acquire(timeout=timeout):
-            return  # a move is stuck in the store: the files close with the process
+                return False
+        return self._close_files(timeout)
+
+    def _close_files(self, timeout: float | None = None) -> bool:
+        """Close this process's files, deleting those whose records were all moved; False if a move
+        still ran after ``timeout`` seconds (the files then close with the process)."""
+        if not self._move_lock.acquire(timeout=-1 if timeout is None else timeout):
+            return False
         try:
             with self._lock:
                 files, self._files = self._files, []
@@ -430,6 +440,7 @@ class Spool:
                         os.close(file.fd)
         finally:
             self._move_lock.release()
+        return True
 
     def _after_fork(self) -> None:
         """In a child: let go of the parent's files (the parent keeps their locks) and start afresh."""

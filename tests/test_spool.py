@@ -133,6 +133,40 @@ def test_stopping_behind_another_processs_write_lock_returns_and_loses_nothing(
     wait_until(lambda: store.is_known("e0"), 10, "the mover's last move, once the lock is free")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the outbox's write lock uses flock, which Windows lacks")
+def test_closing_a_web_process_that_does_not_send_returns_behind_another_processs_write_lock(
+    tmp_path: Path, make_app: Callable[..., Flask], post: Callable[..., TestResponse]
+) -> None:
+    """CIO_RUDDER_OUTBOX_SENDER = False (a worker process sends): closing the store waited for the
+    spool's stuck last move, so the web worker still did not exit while a bulk purge ran."""
+    import fcntl
+
+    app = make_app(
+        CIO_RUDDER_FORWARDER="outbox",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        CIO_RUDDER_WRITE_KEY="write-key",
+        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        CIO_RUDDER_SHUTDOWN_TIMEOUT=0,  # the spool's last move is still waited for, a second
+    )
+    outbox = get_outbox(app)
+    assert post(app.test_client(), sample("opened")).json["status"] == "accepted"
+    wait_until(lambda: outbox.store.is_known(sample("opened")["event_id"]), 10, "the first event is moved")
+    with open(str(tmp_path / "outbox.sqlite3") + ".lock", "ab") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)  # as another process would
+        try:
+            body = sample("clicked")
+            assert post(app.test_client(), body).json["status"] == "accepted"
+            closing = threading.Thread(target=outbox.close)
+            closing.start()
+            closing.join(10)
+            assert not closing.is_alive(), "close() waited for the other process's lock"
+        finally:
+            fcntl.flock(other, fcntl.LOCK_UN)
+    wait_until(lambda: outbox.store.is_known(body["event_id"]), 10, "the last move, once the lock is free")
+    wait_until(lambda: os.listdir(outbox.spool.directory) == [], 10, "its moved file is deleted")
+
+
 def test_a_file_of_a_dead_process_that_cannot_be_opened_does_not_stop_the_others(
     store: OutboxStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
