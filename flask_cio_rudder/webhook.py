@@ -232,7 +232,10 @@ def _read_body(incoming: Request, limit: int) -> bytes:
             if flask_limit is None or length <= flask_limit:
                 data: bytes = environ["wsgi.input"].read(length)
                 return data if len(data) == length else _kept(incoming, length, limit)
-        body = _checked(_read_to_end(incoming.stream, limit + 1 if length is None else length), limit)
+        stream = incoming.stream
+        body = _checked(_read_to_end(stream, limit + 1 if length is None else length), limit)
+        if length is None and getattr(stream, "is_exhausted", False) and environ["wsgi.input"].read(1):
+            raise RequestEntityTooLarge()  # werkzeug's stream stopped at Flask's limit, and more came
         if not body or (length is not None and len(body) < length):
             return _kept(incoming, length, limit)
         return body
@@ -247,10 +250,11 @@ def _read_body(incoming: Request, limit: int) -> bytes:
 
 
 def _read_to_end(stream: IO[bytes], most: int) -> bytes:
-    """Up to ``most`` bytes, reading until the stream ends: one read may return less than asked
-    (a chunked body), and werkzeug's stream answers 413 for Flask's limit only on the read past it."""
+    """Up to ``most`` bytes, reading until the stream ends, as one read may return less than asked
+    (a chunked body). It stops where werkzeug's stream is exhausted: at Flask's MAX_CONTENT_LENGTH,
+    a read past it raises 413 even when the body is exactly that long."""
     chunks, size = [], 0
-    while size < most:
+    while size < most and not getattr(stream, "is_exhausted", False):
         chunk = stream.read(min(_CHUNK, most - size))
         if not chunk:
             break

@@ -179,6 +179,19 @@ def test_a_chunked_body_over_flasks_max_content_length_is_413_not_a_bad_signatur
     assert "Refused" not in caplog.text
 
 
+def test_a_chunked_body_of_exactly_flasks_max_content_length_is_accepted(
+    make_app: Callable[..., Flask],
+) -> None:
+    raw = encode(sample("opened"))
+    app = make_app(MAX_CONTENT_LENGTH=len(raw))
+    response = app.test_client().post(
+        WEBHOOK,
+        headers={**signature_headers(raw, SIGNING_KEY), "Transfer-Encoding": "chunked"},
+        environ_overrides={"wsgi.input": io.BytesIO(raw), "wsgi.input_terminated": True},
+    )
+    assert (response.status_code, response.json["status"]) == (200, "accepted")
+
+
 def test_a_body_shorter_than_its_content_length_is_400_not_a_forgery(
     make_app: Callable[..., Flask], caplog: pytest.LogCaptureFixture
 ) -> None:
