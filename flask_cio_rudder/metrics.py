@@ -167,6 +167,10 @@ class _OutboxCollector(Collector):
                 logger.warning("Metrics: the outbox of app %r could not be read: %s", name, error)
                 up.add_metric([name], 0.0)
                 continue
+            except Exception:  # a bug, or the spool's files unreadable: the counters are still scraped
+                logger.exception("Metrics: the outbox of app %r could not be read", name)
+                up.add_metric([name], 0.0)
+                continue
             up.add_metric([name], 1.0)
             pending.add_metric([name], status.pending)
             oldest.add_metric([name], status.oldest_pending_age or 0.0)

@@ -269,3 +269,22 @@ def answers(url: str) -> bool:
         return requests.get(url, timeout=2).status_code == 200
     except requests.RequestException:
         return False
+
+
+def test_an_unexpected_failure_to_read_the_outbox_still_serves_the_counters(
+    metered: Flask, post: Post, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from flask_cio_rudder.metrics import metrics_response
+
+    post(metered.test_client(), sample("opened"))
+
+    def unreadable() -> None:
+        raise OSError(5, "Input/output error")  # a spool file on a failing disk, say
+
+    monkeypatch.setattr(get_outbox(metered), "status", unreadable)
+    with metered.app_context():
+        response = metrics_response()
+    text = response.get_data(as_text=True)
+    assert response.status_code == 200 and "cio_rudder_webhooks_total{" in text
+    assert f'cio_rudder_outbox_up{{app="{metered.name}"}} 0.0' in text
+    assert "Input/output error" in caplog.text
