@@ -128,22 +128,6 @@ class _Unanswered(StoreUnavailable):
     """The server did not answer a statement in time, and its connection was cut."""
 
 
-def _configure_session(conn: Connection[Any]) -> None:
-    """Settings every connection of the store needs, whatever the database's defaults.
-
-    READ COMMITTED: claims and the duplicate check rely on its re-check of rows changed meanwhile;
-    under REPEATABLE READ concurrent duplicates and claims fail with serialization errors.
-    ``client_connection_check_interval`` (PostgreSQL 14+): a statement whose connection the
-    watchdog cut, waiting on a lock, ends within a second instead of holding its server session
-    until the lock is gone; else each retry would add one, up to ``max_connections``.
-    """
-    conn.execute("SET default_transaction_isolation = 'read committed'")
-    try:
-        conn.execute("SET client_connection_check_interval = 1000")
-    except psycopg.Error:  # an older server, or a platform without the check: left as it was
-        logger.debug("PostgreSQL has no client_connection_check_interval; cut statements run on")
-
-
 def _quote(name: str) -> str:
     return ".".join(f'"{part}"' for part in name.split("."))
 
@@ -282,12 +266,31 @@ class PostgresStore(OutboxStore):
                         # Short, so that a pool that lost the server retries soon once it is back.
                         reconnect_timeout=5.0,
                         kwargs={"autocommit": True, "connect_timeout": self.CONNECT_TIMEOUT},
-                        configure=_configure_session,
+                        configure=self._configure,
                         name=f"cio-rudder-{self.table}",
                     )
                     pool.open(wait=False)
                     self._pool = pool
         return pool
+
+    def _configure(self, conn: Connection[Any]) -> None:
+        """Settings every connection of the store needs, whatever the database's defaults (within
+        ``CONNECT_TIMEOUT``, as connecting: a server that does not answer gets the connection cut).
+
+        READ COMMITTED: claims and the duplicate check rely on its re-check of rows changed meanwhile;
+        under REPEATABLE READ concurrent duplicates and claims fail with serialization errors.
+        ``client_connection_check_interval`` (PostgreSQL 14+): a statement whose connection the
+        watchdog cut, waiting on a lock, ends within a second instead of holding its server session
+        until the lock is gone; else each retry would add one, up to ``max_connections``.
+        """
+        with self._watchdog.watch(conn.pgconn.socket, self.CONNECT_TIMEOUT):
+            conn.execute("SET default_transaction_isolation = 'read committed'")
+            try:
+                conn.execute("SET client_connection_check_interval = 1000")
+            except psycopg.Error:  # an older server, or a platform without the check: left as it was
+                if conn.closed:
+                    raise
+                logger.debug("PostgreSQL has no client_connection_check_interval; cut statements run on")
 
     @contextmanager
     def _connection(self, timeout: float | None = None) -> Iterator[Connection[Any]]:
@@ -416,7 +419,7 @@ class PostgresStore(OutboxStore):
             heartbeat.join(self.POOL_TIMEOUT + 1)
         pool = self._pool
         if pool is not None:
-            if self._has_claimed:
+            if self._has_claimed and self._reaching_since is not None:  # not when the server is out of reach
                 # If this fails, the heartbeat stops all the same: the batches are free seconds later.
                 with contextlib.suppress(StoreUnavailable):
                     self._forget_holder()
@@ -459,7 +462,7 @@ class PostgresStore(OutboxStore):
                         conn = psycopg.connect(
                             self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT
                         )
-                        _configure_session(conn)
+                        self._configure(conn)
                     with self._watchdog.watch(conn.pgconn.socket, self.HEARTBEAT_TIMEOUT):  # late is dead
                         conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
                     if not closing.is_set():  # after close() this is another state's
