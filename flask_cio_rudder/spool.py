@@ -74,10 +74,11 @@ _BODY_START = struct.Struct("<dI")
 #: No record is near this long (events are at most 32 KB); a longer length means a torn header.
 _MAX_RECORD = 16 * 1024 * 1024
 
-#: A spool file of a live process ends in this; a file being created (not yet locked) in ``.new``.
 #: Seconds stop() waits for the mover's last move even when told 0 (CIO_RUDDER_SHUTDOWN_TIMEOUT = 0
 #: means not waiting on RudderStack; a move into the store takes milliseconds).
 _LEAST_STOP_WAIT = 1.0
+
+#: A spool file of a live process ends in this; a file being created (not yet locked) in ``.new``.
 _SUFFIX = ".spool"
 _CREATING = ".new"
 

@@ -2,10 +2,10 @@
 
 ``handle`` runs the steps, each one function below: ``read_body``, ``check_signature``,
 ``parse_json``, then ``process`` (validate, ``keep``: duplicate check, signals, forwarder)
-or ``reject``. The answers follow the response policy in the README: Customer.io holds back every later
-webhook while one is failing, so only a request that is not authentic, too large,
-not JSON, whose receivers raised, or that the outbox could not keep (503) gets a
-non-2xx answer.
+or ``reject``. The answers follow the response policy in the README: Customer.io holds
+back every later webhook while one is failing, so only a request that is not authentic,
+too large, not JSON, whose receivers raised, or that the outbox could not keep (503)
+gets a non-2xx answer.
 """
 
 from __future__ import annotations
@@ -273,7 +273,8 @@ def _kept(incoming: Request, length: int | None, limit: int) -> bytes:
 
 
 def _cut_short(length: int | None) -> MalformedBody:
-    return MalformedBody(f"the body ended before its Content-Length ({length} bytes): the client hung up")
+    announced = "" if length is None else f" ({length} bytes)"
+    return MalformedBody(f"the body ended before its Content-Length{announced}: the client hung up")
 
 
 def _checked(body: bytes, limit: int) -> bytes:
