@@ -155,7 +155,7 @@ class _OutboxCollector(Collector):
         )
         up = GaugeMetricFamily(
             "cio_rudder_outbox_up",
-            "1 when the outbox could be read for this scrape, 0 when not (its database is down or locked).",
+            "1 when the outbox could be read for this scrape, 0 when not (its database is down or gone).",
             labels=["app"],
         )
         for name, app in sorted(_apps.items()):

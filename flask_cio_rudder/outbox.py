@@ -243,9 +243,7 @@ class Outbox:
         self.sender.ensure_running()
         while not stopping.wait(1.0):  # a timeout, so that signal handlers run promptly
             pass
-        if self.spool is not None:
-            self.spool.stop(self.sender.shutdown_timeout)
-        self.sender.stop()
+        self.close()  # at exit, closing again finds everything stopped and waits for nothing
 
     def close(self) -> None:
         """Move what is spooled, stop the sender (sending what it can within the shutdown timeout), close."""

@@ -229,9 +229,10 @@ class Sender:
         they sent), a post still running then goes on in the background (see :meth:`close_after`).
         """
         self._final_flush = flush
+        stopped_before = self._stopping.is_set()  # then it was waited for already
         self._stopping.set()
         self._wake.set()
-        if self._pid == os.getpid():
+        if self._pid == os.getpid() and not stopped_before:
             deadline = time.monotonic() + self.shutdown_timeout + 1.0
             for thread in (self._thread, self._watcher):
                 if thread is not None and thread.is_alive():

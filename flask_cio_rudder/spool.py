@@ -370,8 +370,9 @@ class Spool:
         self._check_process()
         with self._lock:
             if self._thread is None and not self._stopping.is_set():
-                self._thread = threading.Thread(target=self._run, name="cio-rudder-spool", daemon=True)
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="cio-rudder-spool", daemon=True)
+                thread.start()  # if it cannot start, the next call tries again
+                self._thread = thread
 
     def _run(self) -> None:
         next_adoption = 0.0  # at once: a restarted server takes over what its predecessor left
@@ -413,15 +414,17 @@ class Spool:
         if not, the thread closes the files once its move is done, and a file whose records were
         not moved stays, unlocked: the next mover adopts it.
         """
+        stopped_before = self._stopping.is_set()  # then it was waited for already
         self._stopping.set()
         self._wake.set()
         if self._pid != os.getpid():
             return True
         thread = self._thread
-        if thread is None or thread.ident is None:  # no mover ran (nothing was spooled here, as a rule)
+        if thread is None:  # no mover ran (nothing was spooled here, as a rule)
             self._last_move()
         else:
-            thread.join(max(timeout, _LEAST_STOP_WAIT))
+            if not stopped_before:
+                thread.join(max(timeout, _LEAST_STOP_WAIT))
             if thread.is_alive():
                 return False
         return self._close_files(timeout)

@@ -167,6 +167,26 @@ def test_closing_a_web_process_that_does_not_send_returns_behind_another_process
     wait_until(lambda: os.listdir(outbox.spool.directory) == [], 10, "its moved file is deleted")
 
 
+def test_a_mover_that_could_not_start_is_started_by_the_next_request(
+    store: OutboxStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Out of threads for a moment (RuntimeError: can't start new thread): the spool must not be
+    left unmoved for the process's life, its file locked against adoption."""
+    spool = make_spool(store)
+    spool.append("e0", "{}")
+
+    def out_of_threads(thread: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(threading.Thread, "start", out_of_threads)
+        with pytest.raises(RuntimeError):
+            spool.ensure_running()
+    spool.ensure_running()  # the next request's
+    wait_until(lambda: store.is_known("e0"), 10, "the mover moves the event")
+    spool.stop()
+
+
 def test_a_file_of_a_dead_process_that_cannot_be_opened_does_not_stop_the_others(
     store: OutboxStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -419,7 +419,8 @@ class PostgresStore(OutboxStore):
             heartbeat.join(self.POOL_TIMEOUT + 1)
         pool = self._pool
         if pool is not None:
-            if self._has_claimed and self._reaching_since is not None:  # not when the server is out of reach
+            reaching = self._reaching_since is not None and (heartbeat is None or not heartbeat.is_alive())
+            if self._has_claimed and reaching:  # no farewell to a server out of reach: it would wait on it
                 # If this fails, the heartbeat stops all the same: the batches are free seconds later.
                 with contextlib.suppress(StoreUnavailable):
                     self._forget_holder()
