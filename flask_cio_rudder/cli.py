@@ -272,11 +272,10 @@ def requeue(event_ids: tuple[str, ...], everything: bool, match: Match, dry_run:
         if ids:  # named ids that are not there to send: a script should know
             raise SystemExit(1)
         return
-    question = f"Requeue {counted(count, 'event')} ({what}) to be sent to RudderStack again?"
-    if ids is None:
-        _confirm(question, yes, count, lambda: outbox.count_dead_letters(sendable))
-    else:
-        _confirm(question, yes)
+    recount = None if ids else lambda: outbox.count_dead_letters(sendable)  # named ids cannot grow
+    _confirm(
+        f"Requeue {counted(count, 'event')} ({what}) to be sent to RudderStack again?", yes, count, recount
+    )
     requeued = _store_call(lambda: outbox.requeue(ids, match=None if everything or ids else match))
     click.echo(f"requeued {counted(requeued, 'event')}{left}")
 

@@ -163,12 +163,13 @@ class _OutboxCollector(Collector):
                 continue  # another forwarder keeps nothing to report
             try:
                 status = get_outbox(app).status()
-            except StoreError as error:  # the other gauges are left out: a 0 would read as "all delivered"
-                logger.warning("Metrics: the outbox of app %r could not be read: %s", name, error)
-                up.add_metric([name], 0.0)
-                continue
-            except Exception:  # a bug, or the spool's files unreadable: the counters are still scraped
-                logger.exception("Metrics: the outbox of app %r could not be read", name)
+            except Exception as error:  # the other gauges are left out: a 0 would read as "all delivered"
+                # A StoreError says what is wrong; anything else (a bug, an unreadable spool file) needs
+                # its traceback. Either way the counters are still scraped.
+                unexpected = not isinstance(error, StoreError)
+                logger.warning(
+                    "Metrics: the outbox of app %r could not be read: %s", name, error, exc_info=unexpected
+                )
                 up.add_metric([name], 0.0)
                 continue
             up.add_metric([name], 1.0)
