@@ -89,6 +89,20 @@ def refuse(app: Flask, data_plane: FakeDataPlane, *bodies: dict[str, Any]) -> No
     assert get_outbox(app).count_dead_letters() == before + len(bodies)
 
 
+@contextmanager
+def write_lock_held(database: object) -> Iterator[None]:
+    """The SQLite outbox ``database``'s write lock (its ``.lock`` file), held as another process would
+    hold it: a bulk ``purge``, say."""
+    import fcntl
+
+    with open(f"{database}.lock", "ab") as other:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(other, fcntl.LOCK_UN)
+
+
 class FreezingProxy:
     """A loopback TCP proxy to ``target`` that can stop passing bytes on, as a frozen server does.
 

@@ -31,7 +31,7 @@ from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import sample
-from .helpers import wait_until
+from .helpers import wait_until, write_lock_held
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,21 +115,15 @@ def test_stopping_behind_another_processs_write_lock_returns_and_loses_nothing(
 ) -> None:
     """A bulk purge holds the write lock while gunicorn recycles a worker: the worker must still exit,
     as none replaces it until then. What it could not move is moved once the lock is free."""
-    import fcntl
-
     store.add("warm", "{}")  # the tables exist
     spool = make_spool(store)
     spool.ensure_running()
-    with open(str(tmp_path / "outbox.sqlite3") + ".lock", "ab") as other:
-        fcntl.flock(other, fcntl.LOCK_EX)  # as another process would
-        try:
-            spool.append("e0", "{}")
-            stopping = threading.Thread(target=spool.stop, kwargs={"timeout": 0.5})
-            stopping.start()
-            stopping.join(10)
-            assert not stopping.is_alive(), "stop() waited for the other process's lock"
-        finally:
-            fcntl.flock(other, fcntl.LOCK_UN)
+    with write_lock_held(tmp_path / "outbox.sqlite3"):
+        spool.append("e0", "{}")
+        stopping = threading.Thread(target=spool.stop, kwargs={"timeout": 0.5})
+        stopping.start()
+        stopping.join(10)
+        assert not stopping.is_alive(), "stop() waited for the other process's lock"
     wait_until(lambda: store.is_known("e0"), 10, "the mover's last move, once the lock is free")
 
 
@@ -139,8 +133,6 @@ def test_closing_a_web_process_that_does_not_send_returns_behind_another_process
 ) -> None:
     """CIO_RUDDER_OUTBOX_SENDER = False (a worker process sends): closing the store waited for the
     spool's stuck last move, so the web worker still did not exit while a bulk purge ran."""
-    import fcntl
-
     app = make_app(
         CIO_RUDDER_FORWARDER="outbox",
         CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
@@ -152,17 +144,13 @@ def test_closing_a_web_process_that_does_not_send_returns_behind_another_process
     outbox = get_outbox(app)
     assert post(app.test_client(), sample("opened")).json["status"] == "accepted"
     wait_until(lambda: outbox.store.is_known(sample("opened")["event_id"]), 10, "the first event is moved")
-    with open(str(tmp_path / "outbox.sqlite3") + ".lock", "ab") as other:
-        fcntl.flock(other, fcntl.LOCK_EX)  # as another process would
-        try:
-            body = sample("clicked")
-            assert post(app.test_client(), body).json["status"] == "accepted"
-            closing = threading.Thread(target=outbox.close)
-            closing.start()
-            closing.join(10)
-            assert not closing.is_alive(), "close() waited for the other process's lock"
-        finally:
-            fcntl.flock(other, fcntl.LOCK_UN)
+    with write_lock_held(tmp_path / "outbox.sqlite3"):
+        body = sample("clicked")
+        assert post(app.test_client(), body).json["status"] == "accepted"
+        closing = threading.Thread(target=outbox.close)
+        closing.start()
+        closing.join(10)
+        assert not closing.is_alive(), "close() waited for the other process's lock"
     wait_until(lambda: outbox.store.is_known(body["event_id"]), 10, "the last move, once the lock is free")
     wait_until(lambda: os.listdir(outbox.spool.directory) == [], 10, "its moved file is deleted")
 

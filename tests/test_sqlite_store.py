@@ -22,7 +22,7 @@ from flask_cio_rudder.store.forkguard import ForkGuard
 from flask_cio_rudder.store.sqlite import SQLiteStore, holder_alive, this_process
 
 from .conftest import sample
-from .helpers import in_function, wait_until
+from .helpers import in_function, wait_until, write_lock_held
 
 Post = Callable[..., TestResponse]
 
@@ -318,8 +318,6 @@ def test_while_another_process_holds_the_write_lock_webhooks_are_answered_withou
     """A bulk change (``flask cio-rudder purge``) or an ``sqlite3`` shell may hold it for long; Customer.io
     waits 4 s. A new thread's first event (a new worker, ``flask run``) is spooled without the lock, and a
     body to keep as a dead letter gets a 503 within seconds, for Customer.io to send again."""
-    import fcntl
-
     path = tmp_path / "outbox.sqlite3"
     app = _sqlite_app(make_app, path)
     answers: list[tuple[str, int]] = []
@@ -334,15 +332,13 @@ def test_while_another_process_holds_the_write_lock_webhooks_are_answered_withou
         assert not thread.is_alive(), "the request waits for the lock"
 
     rejected = {"event_id": "01NOIDENTITY", "metric": "opened", "data": {}}
-    with open(str(path) + ".lock", "ab") as other:
-        fcntl.flock(other, fcntl.LOCK_EX)  # as another process would
+    with write_lock_held(path):
         on_a_new_thread(sample("delivered"))
         # Its thread's connection is left to close, as each request's is under flask run; while the lock
         # is held elsewhere no thread can close it, so the next new thread finds it there.
         wait_until(lambda: bool(sqlite._ended), 10, "the ended thread's connection is queued for closing")
         on_a_new_thread(sample("opened"))
         on_a_new_thread(rejected)
-        fcntl.flock(other, fcntl.LOCK_UN)
     assert answers == [
         (sample("delivered")["event_id"], 200),
         (sample("opened")["event_id"], 200),
