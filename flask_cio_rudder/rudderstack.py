@@ -58,6 +58,11 @@ class DataPlane:
         self.session = requests.Session()
         self.session.auth = (write_key, "")
         self.session.headers.update({"Content-Type": "application/json", "Content-Encoding": "gzip"})
+        # The proxies and CA bundle from the environment, read once: requests would read them (every
+        # variable, twice) on each post, a fifth of the post's CPU in the web worker's sender thread.
+        found = self.session.merge_environment_settings(self.batch_url, {}, None, None, None)
+        self.session.proxies, self.session.verify = found["proxies"], found["verify"]
+        self.session.trust_env = False
 
     def post_batch(self, events_json: Sequence[str], timeout: Timeout | None = None) -> Answer:
         """Send events already encoded as JSON in one batch; what RudderStack answered.
@@ -69,7 +74,8 @@ class DataPlane:
         body = ('{"batch":[' + ",".join(events_json) + "]}").encode("utf-8")
         response = self.session.post(
             self.batch_url,
-            data=gzip.compress(body, 6),
+            # Level 1: a third of level 6's CPU for a body about a tenth larger (sample traffic).
+            data=gzip.compress(body, 1),
             timeout=timeout or self.timeout,
             allow_redirects=False,
             stream=True,  # read below, up to ANSWER_LIMIT: a proxy's endless answer must not fill memory

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Callable
 
 import pytest
@@ -17,7 +18,7 @@ from flask_cio_rudder import signals, transform
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, sample
-from .helpers import record_signals
+from .helpers import odd_data_plane, record_signals
 
 Post = Callable[..., TestResponse]
 DATA_PLANE = "https://dp.example.com"
@@ -173,6 +174,39 @@ def test_a_wrong_write_key_is_503_and_the_event_is_not_lost(
     assert response.status_code == 503
     assert "RudderStack answered 401" in response.json["error"]
     assert data_plane.events == []
+
+
+@pytest.mark.parametrize("bypassed", [False, True], ids=["through HTTP_PROXY", "NO_PROXY names it"])
+def test_the_proxy_the_environment_names_carries_the_batches(
+    make_app: Callable[..., Flask], post: Post, monkeypatch: pytest.MonkeyPatch, bypassed: bool
+) -> None:
+    """Behind a corporate proxy, ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY`` work as they do for
+    requests: the sender reads them once, at start-up, not on every post."""
+    seen: list[str] = []
+
+    def answer(handler: BaseHTTPRequestHandler) -> None:
+        seen.append(handler.path)
+        handler.send_response(200)
+        handler.send_header("Content-Length", "2")
+        handler.end_headers()
+        handler.wfile.write(b"OK")
+
+    with odd_data_plane(answer) as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy)
+        monkeypatch.delenv("http_proxy", raising=False)  # the lower-case one would win
+        monkeypatch.setenv("NO_PROXY", "rudderstack.invalid" if bypassed else "")
+        app = make_app(
+            CIO_RUDDER_FORWARDER="sync",
+            CIO_RUDDER_WRITE_KEY=WRITE_KEY,
+            CIO_RUDDER_DATA_PLANE_URL="http://rudderstack.invalid",  # resolves nowhere but in the proxy
+            CIO_RUDDER_TIMEOUT=(1, 10),
+            PROPAGATE_EXCEPTIONS=False,
+        )
+        response = post(app.test_client(), sample("opened"))
+    if bypassed:
+        assert (response.status_code, seen) == (503, [])
+    else:
+        assert (response.status_code, seen) == (200, ["http://rudderstack.invalid/v1/batch"])
 
 
 @responses.activate
