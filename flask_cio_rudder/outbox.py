@@ -349,7 +349,9 @@ class OutboxForwarder(Forwarder):
     def accept(self, event: CioEvent) -> None:
         if self.spool is not None:
             try:
-                self.spool.append(event.event_id, event.payload_json)
+                self.spool.append(
+                    event.event_id, event.payload_json, event_name=event.name, email=event.email
+                )
             except OSError as error:
                 raise _not_kept("write the outbox's spool", error) from error
             self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store

@@ -173,7 +173,9 @@ class Spool:
         self._lock = threading.Lock()  # appends, and the bookkeeping of what was moved
         self._move_lock = threading.Lock()  # one move at a time
         self._files: list[_File] = []  # oldest first; appends go to the last one
-        self._unmoved: set[str] = set()  # ids appended here and not yet in the store
+        # Ids appended here and not yet in the store, with their search columns (name, email):
+        # the mover then need not decode each event again to fill them.
+        self._unmoved: dict[str, tuple[str | None, str | None]] = {}
         self._thread: threading.Thread | None = None
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -186,8 +188,12 @@ class Spool:
 
     # -- the web request's side ----------------------------------------------------------------
 
-    def append(self, event_id: str, payload_json: str) -> None:
+    def append(
+        self, event_id: str, payload_json: str, *, event_name: str | None = None, email: str | None = None
+    ) -> None:
         """Keep an accepted event in this process's file; durable as the store's durability asks on return.
+
+        ``event_name`` and ``email`` go to the store's search columns (as with ``OutboxStore.add``).
 
         Raises ``OSError`` (disk full, say) with nothing kept: a failed append is cut off again.
         """
@@ -203,7 +209,7 @@ class Spool:
                 self._cut_back(file)
                 raise
             file.end += len(record)
-            self._unmoved.add(event_id)
+            self._unmoved[event_id] = (event_name, email)
         if not self._wake.is_set():  # set already while the mover lingers: setting it again costs a notify
             self._wake.set()
 
@@ -270,6 +276,7 @@ class Spool:
             if self._files and self._files[-1].end >= self.ROTATE_BYTES:
                 self._files[-1].retired = True  # appends go to a new file; this one is deleted once moved
             spans = [(file, file.moved, file.end) for file in self._files]
+            searched = dict(self._unmoved)
         moved = 0
         for file, start, end in spans:
             records: list[Pending] = []
@@ -277,11 +284,17 @@ class Spool:
                 records, torn = decode_records(os.pread(file.fd, end - start, start))
                 if torn:  # appends are whole or cut back, so this is a bug: say so, and skip them
                     logger.error("The spool file %s holds %d bytes that are no record", file.path, torn)
+                unknown = (None, None)
+                records = [
+                    Pending(r.event_id, r.payload_json, r.accepted_at, *searched.get(r.event_id, unknown))
+                    for r in records
+                ]
                 self._add(records, own=True)
                 moved += len(records)
             with self._lock:
                 file.moved = end
-                self._unmoved.difference_update(record.event_id for record in records)
+                for record in records:
+                    self._unmoved.pop(record.event_id, None)
                 if file.moved == file.end:
                     self._forget(file)
         return moved

@@ -138,7 +138,7 @@ def test_an_outbox_that_cannot_be_written_answers_503_to_accepted_and_rejected_b
     def broken(*args: Any, **options: Any) -> Any:
         raise StoreUnavailable("the SQLite outbox x cannot be used: disk I/O error")
 
-    def disk_full(*args: Any) -> Any:
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
         raise OSError(28, "No space left on device")
 
     store = get_outbox(outbox_app).store

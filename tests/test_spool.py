@@ -109,6 +109,16 @@ def test_moved_events_are_pending_in_the_store_and_the_file_is_emptied(store: Ou
     assert os.listdir(spool.directory) == []  # a clean exit leaves nothing to adopt
 
 
+def test_moved_events_keep_the_search_columns_the_webhook_gave(store: OutboxStore) -> None:
+    """The webhook passes each event's name and address along, so the mover does not decode it again."""
+    spool = make_spool(store)
+    spool.append("e1", json.dumps({"n": 1}), event_name="Email Bounced", email="Ann@example.com")
+    assert spool.move() == 1
+    (found,) = store.find(email="ann@example.com")
+    assert (found.event_id, found.event_name) == ("e1", "Email Bounced")
+    spool.stop()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="the outbox's write lock uses flock, which Windows lacks")
 def test_stopping_behind_another_processs_write_lock_returns_and_loses_nothing(
     store: OutboxStore, tmp_path: Path

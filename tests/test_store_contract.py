@@ -431,6 +431,18 @@ def test_bulk_adds_count_only_new_events_and_pending_pages_in_id_order(
     assert first[0].accepted_at == clock.now - 10 and first[0].payload_json == stored("e000")
 
 
+def test_bulk_adds_keep_the_search_columns_given_else_read_them_from_the_event(backend: Backend) -> None:
+    """The spool's mover passes what the webhook knew; a dead process's file gives only the events."""
+    store = backend.store()
+    given = Pending("given", json.dumps({"n": 1}), event_name="Email Bounced", email=" Ann@Example.com")
+    assert store.add_many([given, Pending("read", stored("read"))]) == 2
+    (found,) = store.find(email="ann@example.com")
+    assert (found.event_id, found.event_name) == ("given", "Email Bounced")
+    (read,) = store.find(event_id="read")
+    traits = json.loads(stored("read"))["context"]["traits"]
+    assert (read.event_name, read.email) == ("Email Opened", traits["email"].lower())
+
+
 def test_new_events_wake_a_watcher_when_the_backend_notifies(backend: Backend) -> None:
     store, other = backend.store(), backend.store()
     woken, stopping = threading.Event(), threading.Event()

@@ -86,11 +86,17 @@ class Claim:
 @dataclass(frozen=True)
 class Pending:
     """An event to add with :meth:`OutboxStore.add_many` (the spool's mover, copies between stores,
-    benchmarks); ``accepted_at`` defaults to now."""
+    benchmarks); ``accepted_at`` defaults to now.
+
+    ``event_name`` and ``email`` are kept for operators' searches, as with :meth:`OutboxStore.add`;
+    when ``event_name`` is not given both are read from ``payload_json`` (which costs a decode).
+    """
 
     event_id: str
     payload_json: str
     accepted_at: float | None = None
+    event_name: str | None = None
+    email: str | None = None
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,6 @@ from .base import (
     clean_text,
     match_conditions,
     minute_of,
-    payload_summary,
     per_minute,
     redact_url,
     rejected_key,
@@ -566,7 +565,7 @@ class PostgresStore(OutboxStore):
         added = 0
 
         def flush(conn: Connection[Any]) -> int:
-            summaries = [payload_summary(event.payload_json) for event in batch]
+            summaries = [search_columns(event.payload_json, event.event_name, event.email) for event in batch]
             params = {
                 "ids": [storage_key(event.event_id) for event in batch],
                 "payloads": [event.payload_json for event in batch],

@@ -56,7 +56,6 @@ from .base import (
     clean_text,
     match_conditions,
     minute_of,
-    payload_summary,
     per_minute,
     redact_url,
     rejected_key,
@@ -588,7 +587,7 @@ class SQLiteStore(OutboxStore):
         added = []
         for event in events:
             accepted_at = now if event.accepted_at is None else event.accepted_at
-            name, email = payload_summary(event.payload_json)
+            name, email = search_columns(event.payload_json, event.event_name, event.email)
             key = storage_key(event.event_id)
             leased = accepted_at >= oldest
             holder = held if leased else unleased
