@@ -131,7 +131,7 @@ class SyncForwarder(Forwarder):
             reason, retry = f"could not reach RudderStack ({type(error).__name__})", True
             answered = reason
         else:
-            if response.status_code == 200:
+            if response.stored:
                 duration = time.perf_counter() - started
                 signals.send_logged(
                     signals.event_forwarded, self.app, payloads=[event.payload], duration=duration
@@ -141,6 +141,8 @@ class SyncForwarder(Forwarder):
             # (its receivers ran), so it is reported as the outbox reports dead letters; nothing is kept.
             reason, retry = self.data_plane.describe(response), response.status_code not in (400, 413)
             answered = f"RudderStack answered {response.status_code}"  # its words go to the log only
+            if response.status_code == 200:  # a web page: see Answer.stored
+                answered += " with a web page: check CIO_RUDDER_DATA_PLANE_URL"
         logger.error("Forwarding to RudderStack failed: %s", reason)
         duration = time.perf_counter() - started
         signals.send_logged(

@@ -33,6 +33,10 @@ Timeout = Union[float, tuple[float, float]]
 #: was wrong, and what a proxy sends beyond this (a page, or an endless stream) is not read.
 ANSWER_LIMIT = 4096
 
+#: What web pages are served as. RudderStack answers in plain text: a 200 with a page comes from
+#: something else at the data plane's URL (a website, a parked domain, a proxy's login page).
+_PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
+
 
 @dataclass(frozen=True)
 class Answer:
@@ -42,6 +46,18 @@ class Answer:
     headers: Mapping[str, str]
     #: At most :data:`ANSWER_LIMIT` bytes of the body, decoded.
     text: str
+
+    @property
+    def is_page(self) -> bool:
+        """Whether the answer is a web page, which RudderStack never sends."""
+        content_type = self.headers.get("Content-Type") or ""
+        return content_type.split(";")[0].strip().lower() in _PAGE_TYPES
+
+    @property
+    def stored(self) -> bool:
+        """Whether RudderStack stored the batch: a 200, and not a web page (taking one for a
+        delivery would drop the events)."""
+        return self.status_code == 200 and not self.is_page
 
 
 class DataPlane:
@@ -90,11 +106,13 @@ class DataPlane:
         return Answer(response.status_code, response.headers, text)
 
     def describe(self, response: Answer) -> str:
-        """A short account of a non-200 answer, for logs and operators, with the write key masked
+        """A short account of an answer that is no delivery, for logs and operators, with the write key masked
         wherever the answer quotes it (as is, or as the Basic credentials that carry it)."""
         text = response.text.strip().replace("\n", " ")
         if 300 <= response.status_code < 400:
             text = f"a redirect to {response.headers.get('Location') or 'nowhere given'}"
+        elif response.status_code == 200 and response.is_page:  # not stored: see Answer.stored
+            text = "a web page, where RudderStack answers in plain text"
         write_key = self.session.auth[0] if isinstance(self.session.auth, tuple) else ""
         if write_key:
             credentials = base64.b64encode(f"{write_key}:".encode()).decode()

@@ -43,6 +43,7 @@ __all__ = ["Delivery", "Pacer", "Sender"]
 logger = logging.getLogger("flask_cio_rudder")
 
 _CONFIGURATION_ERRORS = {
+    200: "check CIO_RUDDER_DATA_PLANE_URL: what answers there is not RudderStack",  # a web page
     401: "check CIO_RUDDER_WRITE_KEY: RudderStack does not know this write key",
     403: "check CIO_RUDDER_WRITE_KEY: RudderStack refused this write key",
     404: "check CIO_RUDDER_DATA_PLANE_URL and that the RudderStack source is enabled",
@@ -401,7 +402,7 @@ class Sender:
             return
         duration = time.perf_counter() - started
         status = response.status_code
-        if status == 200:
+        if response.stored:
             self.store.mark_delivered(owner, ids)
             outcome.delivered += len(ids)
             self._signal(signals.event_forwarded, events, duration=duration)

@@ -121,6 +121,20 @@ def test_an_unreachable_data_plane_is_503(sync_app: Flask, post: Post, error: Ex
 
 
 @responses.activate
+def test_a_web_page_answered_with_200_is_503_so_customerio_retries(
+    sync_app: Flask, post: Post, outcomes: list[Any]
+) -> None:
+    """Whatever serves a page at the data plane's URL is not RudderStack: the event is not stored."""
+    responses.post(
+        f"{DATA_PLANE}/v1/batch", body="<!doctype html><title>Welcome</title>", content_type="text/html"
+    )
+    response = post(sync_app.test_client(), sample("delivered"))
+    assert response.status_code == 503
+    assert "with a web page: check CIO_RUDDER_DATA_PLANE_URL" in response.json["error"]
+    assert (outcomes[0][0], outcomes[0][1]["retry"]) == ("forward-failed", True)
+
+
+@responses.activate
 @pytest.mark.parametrize("status", [400, 413])
 def test_an_event_rudderstack_refuses_is_2xx_and_reported_as_a_failed_delivery_not_a_rejection(
     sync_app: Flask, post: Post, status: int

@@ -575,6 +575,33 @@ def test_a_redirecting_data_plane_keeps_the_events_and_names_the_setting(
     assert [record.levelno for record in caplog.records].count(logging.ERROR) == 1
 
 
+def test_a_web_page_answered_with_200_keeps_the_events_and_names_the_setting(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A website, a parked domain or a proxy's login page at the data plane's URL may answer any
+    POST with 200 and a page: taken for a delivery, the events would be lost."""
+
+    def answer(request: BaseHTTPRequestHandler) -> None:
+        page = b"<!doctype html><title>Welcome</title>"
+        request.send_response(200)
+        request.send_header("Content-Type", "text/html; charset=utf-8")
+        request.send_header("Content-Length", str(len(page)))
+        request.end_headers()
+        request.wfile.write(page)
+
+    with odd_data_plane(answer) as url:
+        app = make_app(**{**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url})
+        accept(app, 3)
+        with caplog.at_level(logging.WARNING, "flask_cio_rudder"):
+            assert get_outbox(app).flush().delivered == 0
+    outbox_status = get_outbox(app).status()
+    assert (outbox_status.pending, outbox_status.delivered) == (3, 0)
+    assert outbox_status.last_error is not None
+    assert "RudderStack answered 200: a web page" in outbox_status.last_error
+    assert "check CIO_RUDDER_DATA_PLANE_URL" in outbox_status.last_error
+    assert [record.levelno for record in caplog.records].count(logging.ERROR) == 1
+
+
 def test_an_endless_answer_is_read_no_further_than_its_start(
     make_app: Callable[..., Flask], outbox_config: dict[str, Any]
 ) -> None:
