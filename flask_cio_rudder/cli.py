@@ -116,9 +116,14 @@ def status(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"outbox": outbox.url, **asdict(current)}))
         return
+    now = time.time()
     last_error = current.last_error or "-"
     if current.last_error_at is not None:
-        last_error += f" ({format_age(time.time() - current.last_error_at)} ago)"
+        since = "; events were delivered since" if current.delivered_since_error else ""
+        last_error += f" ({format_age(now - current.last_error_at)} ago{since})"
+    last_delivery = "-"
+    if current.last_delivered_at is not None:
+        last_delivery = f"{format_age(now - current.last_delivered_at)} ago"
     click.echo(f"outbox:             {outbox.url}")
     click.echo(f"pending:            {current.pending}")
     click.echo(
@@ -127,6 +132,7 @@ def status(as_json: bool) -> None:
     )
     click.echo(f"oldest pending age: {format_age(current.oldest_pending_age)}")
     click.echo(f"delivered:          {current.delivered}")
+    click.echo(f"last delivery:      {last_delivery}")
     click.echo(f"dead letters:       {current.dead}")
     click.echo(f"last error:         {last_error}")
     click.echo(f"sending:            {'PAUSED (flask cio-rudder resume)' if current.paused else 'on'}")

@@ -6,6 +6,7 @@ The same pages in a real browser, on the example app, are in ``test_dashboard_br
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +15,7 @@ import pytest
 from flask import Flask
 from werkzeug.test import TestResponse
 
-from flask_cio_rudder import get_outbox
+from flask_cio_rudder import get_outbox, transform
 from flask_cio_rudder.dashboard import dashboard
 from flask_cio_rudder.testing import FakeDataPlane
 
@@ -85,6 +86,23 @@ def test_the_overview_shows_the_counters_and_a_chart_of_the_last_hour(admin: Fla
     assert 'id="sending">on<' in page and "Pause sending" in page
     assert page.count('<rect class="accepted"') == 60
     assert "accepted: 2" in page  # the event and the rejected body, this minute
+
+
+def test_the_overview_shows_an_error_events_were_delivered_after_as_over(admin: Flask) -> None:
+    store = get_outbox(admin).store
+    for event_id in ("e1", "e2"):
+        store.add(event_id, json.dumps(transform(sample("opened") | {"event_id": event_id})))
+    claim = store.claim(1, 60, 3600)
+    store.release(claim.owner, [event.event_id for event in claim.events], "RudderStack answered 503")
+    page = text(admin.test_client().get(f"{PREFIX}/"))
+    assert '<p class="bad" id="last-error">RudderStack answered 503' in page
+    assert 'id="last-delivery">last: -<' in page and "delivered since" not in page
+    claim = store.claim(2, 60, 3600)
+    store.mark_delivered(claim.owner, [event.event_id for event in claim.events])
+    page = text(admin.test_client().get(f"{PREFIX}/"))
+    assert '<p class="muted" id="last-error">RudderStack answered 503' in page
+    assert "; events were delivered since)" in page
+    assert re.search(r'id="last-delivery">last: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC<', page)
 
 
 def test_pause_and_resume_are_posts_with_the_sessions_csrf_token(admin: Flask) -> None:

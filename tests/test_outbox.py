@@ -954,6 +954,25 @@ def test_cli_status_flush_dead_letters_requeue_and_purge(
         )
 
 
+def test_cli_status_tells_an_error_that_is_over_from_one_that_is_not(
+    outbox_app: Flask, data_plane: FakeDataPlane
+) -> None:
+    """Read as the current state, an error RudderStack has long recovered from sends an operator
+    chasing a problem that is gone."""
+    runner = outbox_app.test_cli_runner()
+    data_plane.fail_next(503)
+    accept(outbox_app, 1)
+    assert get_outbox(outbox_app).flush().delivered == 0
+    failing = runner.invoke(args=["cio-rudder", "status"]).output
+    assert "last delivery:      -\n" in failing
+    assert re.search(r"last error: +RudderStack answered 503.* \(\d+s ago\)\n", failing)
+    assert get_outbox(outbox_app).flush().delivered == 1
+    over = runner.invoke(args=["cio-rudder", "status"]).output
+    assert re.search(r"last delivery: +\d+s ago\n", over)
+    since = r"last error: +RudderStack answered 503.* \(\d+s ago; events were delivered since\)\n"
+    assert re.search(since, over)
+
+
 def test_cli_pause_stops_sending_everywhere_and_status_shows_it(
     outbox_app: Flask,
     make_app: Callable[..., Flask],

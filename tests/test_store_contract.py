@@ -158,6 +158,27 @@ def test_a_released_event_is_pending_again_with_the_error(backend: Backend, cloc
     assert len(store.claim(100, LEASE, MAX_AGE).events) == 1
 
 
+def test_status_tells_whether_events_were_delivered_after_the_last_error(
+    backend: Backend, clock: Clock
+) -> None:
+    store = backend.store(clock=clock)
+    store.add("e1", stored("e1"))
+    assert store.status().last_delivered_at is None
+    claim = store.claim(100, LEASE, MAX_AGE)
+    store.release(claim.owner, ["e1"], "RudderStack answered 503")
+    assert not store.status().delivered_since_error
+    clock.now += 5
+    claim = store.claim(100, LEASE, MAX_AGE)
+    store.mark_delivered(claim.owner, ["e1"])
+    status = store.status()
+    assert (status.last_delivered_at, status.delivered_since_error) == (clock.now, True)
+    clock.now += 5
+    store.add("e2", stored("e2"))
+    claim = store.claim(100, LEASE, MAX_AGE)
+    store.release(claim.owner, ["e2"], "RudderStack answered 502")  # failing again
+    assert not store.status().delivered_since_error
+
+
 def test_an_event_older_than_the_maximum_age_becomes_a_dead_letter(backend: Backend, clock: Clock) -> None:
     store = backend.store(clock=clock)
     store.add("old", stored("old"))

@@ -189,6 +189,16 @@ class OutboxStatus:
     holders: tuple[str, ...] = ()
     #: Whether an operator paused sending (``flask cio-rudder pause``); events are still accepted.
     paused: bool = False
+    #: When the newest delivered event the outbox still keeps was delivered: later than
+    #: ``last_error_at``, the error is over.
+    last_delivered_at: float | None = None
+
+    @property
+    def delivered_since_error(self) -> bool:
+        """Whether events were delivered after the last error (so it is not the current state)."""
+        if self.last_error_at is None or self.last_delivered_at is None:
+            return False
+        return self.last_delivered_at > self.last_error_at
 
 
 class OutboxStore(ABC):

@@ -741,15 +741,18 @@ class PostgresStore(OutboxStore):
                 f"SELECT min(accepted_at), {_NOW} FROM {self._events} WHERE state = 'pending'", params
             ).fetchone() or (None, 0.0)
             meta = dict(conn.execute(f"SELECT key, value FROM {self._meta}").fetchall())
+            (delivered_at,) = conn.execute(
+                f"SELECT max(delivered_at) FROM {self._events} WHERE state = 'delivered'"
+            ).fetchone() or (None,)
             held = conn.execute(
                 f"SELECT c.lease_holder, count(*) FROM {self._events} c JOIN {self._senders} s "
                 f"ON s.holder = c.lease_holder AND s.beat_at >= {_NOW} - %(stale)s "
                 f"WHERE c.state = 'pending' AND c.lease_until >= {_NOW} GROUP BY c.lease_holder",
                 params,
             ).fetchall()
-            return counts, oldest, now, meta, held
+            return counts, oldest, now, meta, held, delivered_at
 
-        counts, oldest, now, meta, held = self._run(read, self.READ_STATEMENT_TIMEOUT)
+        counts, oldest, now, meta, held, delivered_at = self._run(read, self.READ_STATEMENT_TIMEOUT)
         return OutboxStatus(
             pending=counts.get("pending", 0),
             delivered=counts.get("delivered", 0),
@@ -760,6 +763,7 @@ class PostgresStore(OutboxStore):
             in_flight=sum(count for _, count in held),
             holders=tuple(sorted(_describe_holder(holder) for holder, _ in held)),
             paused="paused" in meta,
+            last_delivered_at=delivered_at,
         )
 
     def set_paused(self, paused: bool) -> None:

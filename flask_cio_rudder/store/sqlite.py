@@ -705,6 +705,9 @@ class SQLiteStore(OutboxStore):
         with self._connected() as db:
             counts = dict(db.execute(f"SELECT state, COUNT(*) FROM {t} GROUP BY state").fetchall())
             (oldest,) = db.execute(f"SELECT MIN(accepted_at) FROM {t} WHERE state = 'pending'").fetchone()
+            (delivered_at,) = db.execute(
+                f"SELECT MAX(delivered_at) FROM {t} WHERE state = 'delivered'"
+            ).fetchone()
             meta = dict(db.execute(f"SELECT key, value FROM {self._meta}").fetchall())
             held = db.execute(
                 f"SELECT lease_holder, COUNT(*) FROM {t} WHERE lease_holder IS NOT NULL "
@@ -722,6 +725,7 @@ class SQLiteStore(OutboxStore):
             in_flight=sum(count for _, count in live),
             holders=tuple(sorted("pid " + holder.partition(":")[0] for holder, _ in live)),
             paused="paused" in meta,
+            last_delivered_at=delivered_at,
         )
 
     def set_paused(self, paused: bool) -> None:
