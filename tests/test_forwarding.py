@@ -195,7 +195,7 @@ def test_the_proxy_the_environment_names_carries_the_batches(
     make_app: Callable[..., Flask], post: Post, monkeypatch: pytest.MonkeyPatch, bypassed: bool
 ) -> None:
     """Behind a corporate proxy, ``HTTP_PROXY`` / ``HTTPS_PROXY`` / ``NO_PROXY`` work as they do for
-    requests: the sender reads them once, at start-up, not on every post."""
+    requests (which the sender asks once, at start-up)."""
     seen: list[str] = []
 
     def answer(handler: BaseHTTPRequestHandler) -> None:
@@ -206,8 +206,9 @@ def test_the_proxy_the_environment_names_carries_the_batches(
         handler.wfile.write(b"OK")
 
     with odd_data_plane(answer) as proxy:
+        for variable in ("http_proxy", "no_proxy", "all_proxy", "ALL_PROXY"):  # lower case would win
+            monkeypatch.delenv(variable, raising=False)
         monkeypatch.setenv("HTTP_PROXY", proxy)
-        monkeypatch.delenv("http_proxy", raising=False)  # the lower-case one would win
         monkeypatch.setenv("NO_PROXY", "rudderstack.invalid" if bypassed else "")
         app = make_app(
             CIO_RUDDER_FORWARDER="sync",
