@@ -33,10 +33,6 @@ Timeout = Union[float, tuple[float, float]]
 #: was wrong, and what a proxy sends beyond this (a page, or an endless stream) is not read.
 ANSWER_LIMIT = 4096
 
-#: What web pages are served as. RudderStack answers in plain text: a 200 with a page comes from
-#: something else at the data plane's URL (a website, a parked domain, a proxy's login page).
-_PAGE_TYPES = frozenset({"text/html", "application/xhtml+xml"})
-
 
 @dataclass(frozen=True)
 class Answer:
@@ -49,9 +45,10 @@ class Answer:
 
     @property
     def is_page(self) -> bool:
-        """Whether the answer is a web page, which RudderStack never sends."""
-        content_type = self.headers.get("Content-Type") or ""
-        return content_type.split(";")[0].strip().lower() in _PAGE_TYPES
+        """Whether the answer is a web page (HTML or XML: it starts with ``<``), which RudderStack
+        never sends: it answers in plain text. Its type is not asked: a stand-in data plane written
+        in Flask sends its ``"OK"`` as ``text/html``; a parked domain may send a page as anything."""
+        return self.text.lstrip().startswith("<")
 
     @property
     def stored(self) -> bool:

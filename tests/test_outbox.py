@@ -575,16 +575,29 @@ def test_a_redirecting_data_plane_keeps_the_events_and_names_the_setting(
     assert [record.levelno for record in caplog.records].count(logging.ERROR) == 1
 
 
+@pytest.mark.parametrize(
+    ("content_type", "page"),
+    [
+        ("text/html; charset=utf-8", b"<!doctype html><title>Welcome</title>"),
+        (None, b"\n  <HTML><body>This domain is for sale</body></HTML>"),
+        ("text/plain", b"<html><body>Log in to continue</body></html>"),
+    ],
+    ids=["as text/html", "with no type", "as text/plain"],
+)
 def test_a_web_page_answered_with_200_keeps_the_events_and_names_the_setting(
-    make_app: Callable[..., Flask], outbox_config: dict[str, Any], caplog: pytest.LogCaptureFixture
+    make_app: Callable[..., Flask],
+    outbox_config: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+    content_type: str | None,
+    page: bytes,
 ) -> None:
     """A website, a parked domain or a proxy's login page at the data plane's URL may answer any
     POST with 200 and a page: taken for a delivery, the events would be lost."""
 
     def answer(request: BaseHTTPRequestHandler) -> None:
-        page = b"<!doctype html><title>Welcome</title>"
         request.send_response(200)
-        request.send_header("Content-Type", "text/html; charset=utf-8")
+        if content_type is not None:
+            request.send_header("Content-Type", content_type)
         request.send_header("Content-Length", str(len(page)))
         request.end_headers()
         request.wfile.write(page)
@@ -600,6 +613,27 @@ def test_a_web_page_answered_with_200_keeps_the_events_and_names_the_setting(
     assert "RudderStack answered 200: a web page" in outbox_status.last_error
     assert "check CIO_RUDDER_DATA_PLANE_URL" in outbox_status.last_error
     assert [record.levelno for record in caplog.records].count(logging.ERROR) == 1
+
+
+def test_a_stand_in_data_plane_that_answers_ok_as_html_is_delivered_to(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any]
+) -> None:
+    """A data plane stubbed in Flask (``return "OK"``) answers ``text/html``: it is no web page."""
+    stub = Flask("stub")
+    stub.post("/v1/batch")(lambda: "OK")
+
+    def answer(request: BaseHTTPRequestHandler) -> None:
+        response = stub.test_client().post("/v1/batch")
+        request.send_response(response.status_code)
+        request.send_header("Content-Type", response.content_type)
+        request.send_header("Content-Length", str(len(response.data)))
+        request.end_headers()
+        request.wfile.write(response.data)
+
+    with odd_data_plane(answer) as url:
+        app = make_app(**{**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url})
+        accept(app, 2)
+        assert get_outbox(app).flush().delivered == 2
 
 
 def test_an_endless_answer_is_read_no_further_than_its_start(
