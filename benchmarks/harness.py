@@ -313,9 +313,10 @@ def bound_app(background: bool = True) -> Flask:
         except SignatureError:
             abort(401)
         body = parse_json(raw)
-        event_id, (_, payload_json) = body["event_id"], build(body)
+        event_id, (payload, payload_json) = body["event_id"], build(body)
         if not (spool.holds(event_id) or store.is_known(event_id)):
-            spool.append(event_id, payload_json)
+            email = payload.get("context", {}).get("traits", {}).get("email")  # the search columns
+            spool.append(event_id, payload_json, event_name=payload["event"], email=email)
         return Response(b'{"status":"accepted"}', content_type="application/json")
 
     return app

@@ -42,6 +42,7 @@ from .store import (
     StoreError,
     StoreUnavailable,
     redact_url,
+    searched_fields,
     store_from_url,
 )
 from .transform import describe_body
@@ -347,11 +348,10 @@ class OutboxForwarder(Forwarder):
             raise _not_kept("read the outbox", error) from error
 
     def accept(self, event: CioEvent) -> None:
+        event_name, email = searched_fields(event.payload)  # as a mover or a copy would read them
         if self.spool is not None:
             try:
-                self.spool.append(
-                    event.event_id, event.payload_json, event_name=event.name, email=event.email
-                )
+                self.spool.append(event.event_id, event.payload_json, event_name=event_name, email=email)
             except OSError as error:
                 raise _not_kept("write the outbox's spool", error) from error
             self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store
@@ -359,9 +359,7 @@ class OutboxForwarder(Forwarder):
                 self.outbox.sender.ensure_running()
             return
         try:
-            self.outbox.store.add(
-                event.event_id, event.payload_json, event_name=event.name, email=event.email
-            )
+            self.outbox.store.add(event.event_id, event.payload_json, event_name=event_name, email=email)
         except StoreError as error:
             raise _not_kept("write the outbox", error) from error
         if self.background:

@@ -26,9 +26,12 @@ from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import get_outbox
+from flask_cio_rudder.samples import email_sample
 from flask_cio_rudder.spool import Spool, decode_records, encode_record, spool_for
-from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
+from flask_cio_rudder.store import OutboxStore, Pending, searched_fields, store_from_url
+from flask_cio_rudder.store.base import payload_summary, search_columns
 from flask_cio_rudder.testing import FakeDataPlane
+from flask_cio_rudder.validation import Validation
 
 from .conftest import sample
 from .helpers import wait_until, write_lock_held
@@ -117,6 +120,24 @@ def test_moved_events_keep_the_search_columns_the_webhook_gave(store: OutboxStor
     (found,) = store.find(email="ann@example.com")
     assert (found.event_id, found.event_name) == ("e1", "Email Bounced")
     spool.stop()
+
+
+@given(
+    st.one_of(
+        st.text(max_size=30),
+        st.integers(),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.booleans(),
+        st.none(),
+    )
+)
+def test_the_webhook_gives_the_columns_an_adopter_reads_from_the_event(email: object) -> None:
+    """Searches find an event alike whether its own process moved it or another adopted its file."""
+    body = email_sample("bounced")
+    body["data"]["identifiers"]["email"] = email
+    event = Validation()(body)
+    given = searched_fields(event.payload)  # what OutboxForwarder.accept passes to the spool
+    assert search_columns(event.payload_json, *given) == payload_summary(event.payload_json)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the outbox's write lock uses flock, which Windows lacks")

@@ -27,6 +27,7 @@ from .base import (
     StoreUnavailable,
     check_durability,
     redact_url,
+    searched_fields,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "StoreError",
     "StoreUnavailable",
     "redact_url",
+    "searched_fields",
     "store_from_url",
 ]
 

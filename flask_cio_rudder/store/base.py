@@ -42,6 +42,7 @@ __all__ = [
     "StoreUnavailable",
     "bare_in_password",
     "redact_url",
+    "searched_fields",
     "storage_key",
 ]
 
@@ -494,13 +495,20 @@ def payload_summary(payload_json: str) -> tuple[str | None, str | None]:
             payload = json.loads(payload_json)
         except ValueError:
             return None, None
+    name, email = searched_fields(payload)
+    return name, search_email(email)
+
+
+def searched_fields(payload: object) -> tuple[str | None, str | None]:
+    """The RudderStack event name and the email address in an event, each only if it is text: what
+    the ``event_name`` and ``email`` columns keep, however the event reached the store."""
     if not isinstance(payload, dict):
         return None, None
     name = payload.get("event")
     context = payload.get("context")
     traits = context.get("traits") if isinstance(context, dict) else None
     email = traits.get("email") if isinstance(traits, dict) else None
-    return (name if isinstance(name, str) else None), search_email(email)
+    return (name if isinstance(name, str) else None), (email if isinstance(email, str) else None)
 
 
 def search_email(email: object) -> str | None:
