@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import codecs
 import gzip
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -99,7 +100,8 @@ class DataPlane:
                 start += chunk
                 if len(start) >= ANSWER_LIMIT:
                     break
-        text = start[:ANSWER_LIMIT].decode(response.encoding or "utf-8", "replace")
+        start = start[:ANSWER_LIMIT].removeprefix(codecs.BOM_UTF8)  # a page may start with one: see is_page
+        text = start.decode(response.encoding or "utf-8", "replace")
         return Answer(response.status_code, response.headers, text)
 
     def describe(self, response: Answer) -> str:

@@ -581,8 +581,10 @@ def test_a_redirecting_data_plane_keeps_the_events_and_names_the_setting(
         ("text/html; charset=utf-8", b"<!doctype html><title>Welcome</title>"),
         (None, b"\n  <HTML><body>This domain is for sale</body></HTML>"),
         ("text/plain", b"<html><body>Log in to continue</body></html>"),
+        ("text/html", b"\xef\xbb\xbf<!DOCTYPE html><title>Parked</title>"),  # a byte order mark first
+        (None, b"\xef\xbb\xbf<html></html>"),
     ],
-    ids=["as text/html", "with no type", "as text/plain"],
+    ids=["as text/html", "with no type", "as text/plain", "BOM, as text/html", "BOM, no type"],
 )
 def test_a_web_page_answered_with_200_keeps_the_events_and_names_the_setting(
     make_app: Callable[..., Flask],
