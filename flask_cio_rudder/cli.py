@@ -114,7 +114,8 @@ def status(as_json: bool) -> None:
     outbox = outbox_of_current_app()
     current = _store_call(outbox.status)
     if as_json:
-        click.echo(json.dumps({"outbox": outbox.url, **asdict(current)}))
+        since = current.delivered_since_error
+        click.echo(json.dumps({"outbox": outbox.url, **asdict(current), "delivered_since_error": since}))
         return
     now = time.time()
     last_error = current.last_error or "-"

@@ -173,6 +173,8 @@ def test_status_tells_whether_events_were_delivered_after_the_last_error(
     status = store.status()
     assert (status.last_delivered_at, status.delivered_since_error) == (clock.now, True)
     clock.now += 5
+    assert store.purge_delivered(older_than=1) == 1  # a scheduled purge in a quiet hour
+    assert store.status().last_delivered_at == clock.now - 5 and store.status().delivered_since_error
     store.add("e2", stored("e2"))
     claim = store.claim(100, LEASE, MAX_AGE)
     store.release(claim.owner, ["e2"], "RudderStack answered 502")  # failing again

@@ -477,6 +477,14 @@ def per_minute(rows: Iterable[tuple[int, int]], minutes: int) -> list[int]:
     return counts
 
 
+def newest_delivery(kept: float | None, meta: dict[str, str]) -> float | None:
+    """When the last delivery was: the newest delivered row kept, or the newest a purge deleted."""
+    times = [kept] if kept is not None else []
+    if "purged_delivered_at" in meta:
+        times.append(float(meta["purged_delivered_at"]))
+    return max(times, default=None)
+
+
 def search_columns(
     payload_json: str, event_name: str | None, email: str | None
 ) -> tuple[str | None, str | None]:

@@ -58,6 +58,7 @@ from .base import (
     clean_text,
     match_conditions,
     minute_of,
+    newest_delivery,
     per_minute,
     redact_url,
     rejected_key,
@@ -763,7 +764,7 @@ class PostgresStore(OutboxStore):
             in_flight=sum(count for _, count in held),
             holders=tuple(sorted(_describe_holder(holder) for holder, _ in held)),
             paused="paused" in meta,
-            last_delivered_at=delivered_at,
+            last_delivered_at=newest_delivery(delivered_at, meta),
         )
 
     def set_paused(self, paused: bool) -> None:
@@ -894,10 +895,17 @@ class PostgresStore(OutboxStore):
         )
 
     def purge_delivered(self, older_than: float) -> int:
-        query = f"DELETE FROM {self._events} {self._OLD_DELIVERED}"
+        query = (  # remembering the newest delivery it deletes, which status() still tells
+            f"WITH gone AS (DELETE FROM {self._events} {self._OLD_DELIVERED} RETURNING delivered_at), "
+            f"kept AS (INSERT INTO {self._meta} AS m (key, value) "
+            "SELECT 'purged_delivered_at', max(delivered_at)::text FROM gone HAVING count(*) > 0 "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value "
+            "WHERE m.value::float8 < excluded.value::float8) "
+            "SELECT count(*) FROM gone"
+        )
         params = {"now": self._now(), "age": older_than}
-        count: int = self._run(lambda conn: conn.execute(query, params).rowcount)
-        return count
+        row = self._run(lambda conn: conn.execute(query, params).fetchone())
+        return int(row[0])
 
     def schema_sql(self) -> str:
         return self._schema_sql

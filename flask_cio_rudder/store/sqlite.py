@@ -56,6 +56,7 @@ from .base import (
     clean_text,
     match_conditions,
     minute_of,
+    newest_delivery,
     per_minute,
     redact_url,
     rejected_key,
@@ -705,8 +706,8 @@ class SQLiteStore(OutboxStore):
         with self._connected() as db:
             counts = dict(db.execute(f"SELECT state, COUNT(*) FROM {t} GROUP BY state").fetchall())
             (oldest,) = db.execute(f"SELECT MIN(accepted_at) FROM {t} WHERE state = 'pending'").fetchone()
-            (delivered_at,) = db.execute(
-                f"SELECT MAX(delivered_at) FROM {t} WHERE state = 'delivered'"
+            (delivered_at,) = db.execute(  # without INDEXED BY, SQLite would read every delivered row
+                f"SELECT MAX(delivered_at) FROM {t} INDEXED BY {t}_delivered WHERE state = 'delivered'"
             ).fetchone()
             meta = dict(db.execute(f"SELECT key, value FROM {self._meta}").fetchall())
             held = db.execute(
@@ -725,7 +726,7 @@ class SQLiteStore(OutboxStore):
             in_flight=sum(count for _, count in live),
             holders=tuple(sorted("pid " + holder.partition(":")[0] for holder, _ in live)),
             paused="paused" in meta,
-            last_delivered_at=delivered_at,
+            last_delivered_at=newest_delivery(delivered_at, meta),
         )
 
     def set_paused(self, paused: bool) -> None:
@@ -838,11 +839,24 @@ class SQLiteStore(OutboxStore):
         return int(count)
 
     def purge_delivered(self, older_than: float) -> int:
+        cutoff = self.clock() - older_than
+        t = self.table
         with self._transaction() as db:
-            return db.execute(
-                f"DELETE FROM {self.table} WHERE state = 'delivered' AND delivered_at < ?",
-                (self.clock() - older_than,),
+            (newest,) = db.execute(
+                f"SELECT MAX(delivered_at) FROM {t} INDEXED BY {t}_delivered "
+                "WHERE state = 'delivered' AND delivered_at < ?",
+                (cutoff,),
+            ).fetchone()
+            count: int = db.execute(
+                f"DELETE FROM {t} WHERE state = 'delivered' AND delivered_at < ?", (cutoff,)
             ).rowcount
+            if newest is not None:  # status() still tells when the last delivery was
+                db.execute(
+                    f"INSERT INTO {self._meta} (key, value) VALUES ('purged_delivered_at', ?) ON CONFLICT "
+                    "(key) DO UPDATE SET value = excluded.value WHERE CAST(value AS REAL) < excluded.value",
+                    (repr(newest),),
+                )
+        return count
 
     def schema_sql(self) -> str:
         return (
