@@ -49,7 +49,7 @@ from flask_cio_rudder import CioRudder, get_outbox, signals
 from flask_cio_rudder.event import CioEvent
 from flask_cio_rudder.samples import email_sample
 from flask_cio_rudder.signature import sign
-from flask_cio_rudder.store import OutboxStore, Pending, store_from_url
+from flask_cio_rudder.store import OutboxStore, Pending, searched_fields, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane, encode
 from flask_cio_rudder.validation import Validation
 
@@ -315,8 +315,8 @@ def bound_app(background: bool = True) -> Flask:
         body = parse_json(raw)
         event_id, (payload, payload_json) = body["event_id"], build(body)
         if not (spool.holds(event_id) or store.is_known(event_id)):
-            email = payload.get("context", {}).get("traits", {}).get("email")  # the search columns
-            spool.append(event_id, payload_json, event_name=payload["event"], email=email)
+            event_name, email = searched_fields(payload)  # as the extension does
+            spool.append(event_id, payload_json, event_name=event_name, email=email)
         return Response(b'{"status":"accepted"}', content_type="application/json")
 
     return app
