@@ -93,6 +93,20 @@ def make_spool(store: OutboxStore, **options: Any) -> Spool:
     return spool
 
 
+def app_not_sending(
+    make_app: Callable[..., Flask], tmp_path: Path, data_plane: FakeDataPlane, **config: Any
+) -> Flask:
+    """An app with its SQLite outbox in ``tmp_path`` and no sender: what it accepts stays there."""
+    return make_app(
+        CIO_RUDDER_FORWARDER="outbox",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        CIO_RUDDER_WRITE_KEY=data_plane.write_key,
+        CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        **config,
+    )
+
+
 def pending_ids(store: OutboxStore) -> list[str]:
     return [event.event_id for event in store.pending(10_000)]
 
@@ -129,13 +143,7 @@ def test_the_webhook_fills_the_columns_an_adopter_would_read_from_the_event(
     email: object,
 ) -> None:
     """Searches find an event alike whether its own process moved it or another adopted its file."""
-    app = make_app(
-        CIO_RUDDER_FORWARDER="outbox",
-        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
-        CIO_RUDDER_WRITE_KEY=data_plane.write_key,
-        CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
-        CIO_RUDDER_OUTBOX_SENDER=False,
-    )
+    app = app_not_sending(make_app, tmp_path, data_plane)
     body = sample("bounced")
     body["data"]["identifiers"]["email"] = email
     assert post(app.test_client(), body).get_json()["status"] == "accepted"
@@ -296,14 +304,7 @@ def test_power_loss_durability_fsyncs_each_append_before_the_webhook_answers(
         real_fsync(fd)
         synced.append(os.fstat(fd).st_ino)
 
-    app = make_app(
-        CIO_RUDDER_FORWARDER="outbox",
-        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
-        CIO_RUDDER_WRITE_KEY=data_plane.write_key,
-        CIO_RUDDER_DATA_PLANE_URL=data_plane.url,
-        CIO_RUDDER_OUTBOX_SENDER=False,
-        CIO_RUDDER_OUTBOX_DURABILITY="power-loss",
-    )
+    app = app_not_sending(make_app, tmp_path, data_plane, CIO_RUDDER_OUTBOX_DURABILITY="power-loss")
     spool = get_outbox(app).spool
     assert spool is not None and spool.fsync
     monkeypatch.setattr(os, "fsync", recording_fsync)
