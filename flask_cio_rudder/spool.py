@@ -78,6 +78,9 @@ _MAX_RECORD = 16 * 1024 * 1024
 #: means not waiting on RudderStack; a move into the store takes milliseconds).
 _LEAST_STOP_WAIT = 1.0
 
+#: How many new files ``_open`` makes before it gives up, each taken by another mover before its lock.
+_OPEN_TRIES = 5
+
 #: A spool file of a live process ends in this; a file being created (not yet locked) in ``.new``.
 _SUFFIX = ".spool"
 _CREATING = ".new"
@@ -224,17 +227,30 @@ class Spool:
 
         Were it locked after, another mover could take the still-unlocked empty file for
         a dead process's, delete it, and this process would append to a deleted file.
+        Another mover can still take it in the instant between its creation and its lock
+        (it then deletes it, as a dead process's ``.new`` file): then a new one is made.
         """
         searchable = (self.file_mode & 0o444) >> 2  # whoever may read the files may list the folder
         os.makedirs(self.directory, mode=self.file_mode | searchable, exist_ok=True)
-        name = f"{os.getpid()}-{uuid.uuid4().hex}"
-        creating = os.path.join(self.directory, name + _CREATING)
-        path = os.path.join(self.directory, name + _SUFFIX)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(creating, flags, self.file_mode)
+        for tries_left in reversed(range(_OPEN_TRIES)):
+            name = f"{os.getpid()}-{uuid.uuid4().hex}"
+            creating = os.path.join(self.directory, name + _CREATING)
+            path = os.path.join(self.directory, name + _SUFFIX)
+            fd = os.open(creating, flags, self.file_mode)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.rename(creating, path)
+            except (BlockingIOError, FileNotFoundError):  # taken, or deleted, by another mover
+                os.close(fd)
+                if tries_left:
+                    continue
+                raise
+            except BaseException:
+                os.close(fd)
+                raise
+            break
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.rename(creating, path)
             if self.fsync:  # the file's name must survive a power loss too, not only its bytes
                 _fsync_directory(self.directory)
         except BaseException:

@@ -397,6 +397,44 @@ def test_events_of_a_process_killed_at_any_point_are_adopted_once(store: OutboxS
     assert sorted(event.event_id for event in claim.events) == pending_ids(store)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="spool files are locked with flock, which Windows lacks")
+@pytest.mark.parametrize("step", ["before the lock", "after the other mover deleted it"])
+def test_a_new_file_another_mover_takes_before_its_lock_is_replaced_not_an_error(
+    store: OutboxStore, monkeypatch: pytest.MonkeyPatch, step: str
+) -> None:
+    """Workers forked together (gunicorn --preload) start their movers, which adopt any file not
+    locked, while each opens its first file: one may take another's file between its creation
+    and its lock, and delete it as a dead process's. The webhook answered 503 for that."""
+    import fcntl
+
+    first, other = make_spool(store), make_spool(store)
+    real_open, real_flock = os.open, fcntl.flock
+    held: list[int] = []
+
+    def open_and_let_the_other_look(path: str, flags: int, mode: int = 0o777) -> int:
+        fd = real_open(path, flags, mode)
+        if path.endswith(".new") and flags & os.O_CREAT and not held:
+            if step == "before the lock":  # the other mover has it locked while it looks
+                held.append(real_open(path, os.O_RDWR))
+                real_flock(held[0], fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:
+                held.append(-1)
+                other.move()  # takes it for a dead process's, deletes it, lets go of it
+        return fd
+
+    monkeypatch.setattr(os, "open", open_and_let_the_other_look)
+    try:
+        first.append("e1", json.dumps({"n": 1}))
+    finally:
+        if held and held[0] >= 0:
+            os.close(held[0])
+    monkeypatch.undo()
+    assert held and first.holds("e1")
+    assert first.move() == 1 and pending_ids(store) == ["e1"]
+    first.stop()
+    other.stop()
+
+
 @pytest.mark.slow
 def test_a_live_process_keeps_its_file_until_it_dies(store: OutboxStore) -> None:
     child = subprocess.Popen(
