@@ -190,7 +190,7 @@ class OutboxStatus:
     holders: tuple[str, ...] = ()
     #: Whether an operator paused sending (``flask cio-rudder pause``); events are still accepted.
     paused: bool = False
-    #: When the newest delivered event the outbox still keeps was delivered: later than
+    #: When the last delivery was (a purge of the delivered events remembers it): later than
     #: ``last_error_at``, the error is over.
     last_delivered_at: float | None = None
 
