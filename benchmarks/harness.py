@@ -515,13 +515,17 @@ def stop_process(process: subprocess.Popen[Any], timeout: float = 15.0) -> None:
 class Gunicorn:
     """``gunicorn -w N`` (sync workers) serving ``factory`` on a loopback port; restartable on that port."""
 
-    def __init__(self, factory: str, env: Mapping[str, str], log: Path, workers: int = 2) -> None:
+    def __init__(
+        self, factory: str, env: Mapping[str, str], log: Path, workers: int = 2, root: Path = ROOT
+    ) -> None:
+        """``root``: the checkout whose ``benchmarks/harness.py`` and package are served
+        (another commit's: :func:`checkout`)."""
         from gunicorn.config import Config  # type: ignore[import-untyped]  # no type hints
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}{WEBHOOK_PATH}"
         self.log, self.workers, self.env = log, workers, {**os.environ, **env}
-        self.command = [sys.executable, "-m", "gunicorn", "--pythonpath", f"{HERE},{ROOT}"]
+        self.command = [sys.executable, "-m", "gunicorn", "--pythonpath", f"{root / 'benchmarks'},{root}"]
         self.command += [
             "--bind",
             f"127.0.0.1:{self.port}",
@@ -578,6 +582,18 @@ class Gunicorn:
 
     def log_tail(self, lines: int = 20) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextlib.contextmanager
+def checkout(rev: str, into: Path) -> Iterator[Path]:
+    """This repository at ``rev`` (a commit, a tag, ``HEAD~1``), as a git worktree in ``into``:
+    to serve the code before a change beside the code after it, in the same run."""
+    git = ["git", "-C", str(ROOT), "worktree"]
+    subprocess.run([*git, "add", "--detach", "--quiet", str(into), rev], check=True, timeout=60)
+    try:
+        yield into
+    finally:
+        subprocess.run([*git, "remove", "--force", str(into)], check=False, timeout=60)
 
 
 def _answers_http(port: int) -> bool:

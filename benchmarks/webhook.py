@@ -8,6 +8,7 @@
     python benchmarks/webhook.py --scenario fast --scenario fast-paced     # the opt-in fast path
     python benchmarks/webhook.py --scenario quiet-paced   # the paced tail without moving and sending
     python benchmarks/webhook.py --outbox-url postgresql://127.0.0.1/test   # another outbox, same runs
+    python benchmarks/webhook.py --scenario paced --against HEAD~3   # and the extension of 3 commits ago
 
 Scenarios (the apps take turns, each round starting one later: A B C, B C A, C A B...; tables
 report medians):
@@ -44,6 +45,10 @@ gunicorn workers and the worker process, if any; "of it requests'" the workers' 
 which serve the requests (the rest is the spool movers' and senders', or the SDK's consumer
 threads'); "db CPU" PostgreSQL's server processes that
 serve the run's connections (``application_name=cio-rudder-bench``), kept out of "others'".
+``--against REV`` adds, beside the extension in each scenario that has it, the extension as it
+was at commit ``REV`` (a git worktree, served by its own ``benchmarks/harness.py``), and the
+ratios between the two: a change measured side by side with the code before it.
+
 Each body is sent at most once in a run (distinct ``event_id``), so the extension keeps every
 request. The SDK route and the extension's senders post to the same data plane, in its own
 process; "forwarded" is what it stored during the measured run.
@@ -173,6 +178,12 @@ class Run:
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path, stack: ExitStack) -> None:
         self.args, self.workdir, self.runs = args, workdir, 0
+        #: ``--against``: the label of the extension at that commit, and its checkout.
+        self.against: str | None = None
+        self.against_root: Path | None = None
+        if args.against:
+            self.against = f"{EXT} @ {args.against}"
+            self.against_root = stack.enter_context(h.checkout(args.against, workdir / "against"))
         self.plane = h.DataPlane()
         stack.callback(self.plane.stop)
         closed = stack.enter_context(socket.socket())
@@ -197,7 +208,8 @@ class Bench:
             env["FLOOR_PATH"] = str(self.workdir / f"floor-{self.runs}.sqlite3")
         h.wait_until_quiet(args.quiet_wait)
         log = self.workdir / f"gunicorn-{self.runs}.log"
-        server = h.Gunicorn(f"harness:{FACTORIES.get(label, 'ext_app()')}", env, log)
+        root = self.against_root if label == self.against and self.against_root is not None else h.ROOT
+        server = h.Gunicorn(f"harness:{FACTORIES.get(label, 'ext_app()')}", env, log, root=root)
         sender = h.start_worker(env, log.with_suffix(".worker.log")) if label in WORKERS else None
         try:
             h.wrk(server.url, self.warm_bodies, args.warmup, args.connections)
@@ -326,6 +338,8 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=8, help="wrk connections (2 threads)")
     parser.add_argument("--pace-ms", type=float, default=5.0, help="paced: each connection's pause")
     parser.add_argument("--max-rate", type=int, default=8000, help="req/s to generate distinct bodies for")
+    against_help = "also serve the extension as it was at this commit, beside it (a git worktree)"
+    parser.add_argument("--against", metavar="REV", help=against_help)
     quiet_help = "before each run, wait at most this long for a second with others under 0.3 cores"
     parser.add_argument("--quiet-wait", type=float, default=30, help=quiet_help)
     args = parser.parse_args()
@@ -339,6 +353,10 @@ def main() -> int:
         bench = Bench(args, workdir, stack)
         for name in args.scenario or ["peer", "paced"]:
             labels, paced, comparisons = SCENARIOS[name]
+            if bench.against and EXT in labels:
+                labels = (*labels, bench.against)
+                figures = ("p99",) if paced else ("req/s", "p99")
+                comparisons = [*comparisons, *[(figure, EXT, bench.against, "") for figure in figures]]
             print(f"{name}:", flush=True)
             runs = h.interleave(labels, args.rounds, functools.partial(bench.measure, paced=paced))
             out.append(report(name, runs, comparisons))
