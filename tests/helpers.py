@@ -158,6 +158,18 @@ class FreezingProxy:
             pass
 
 
+def send_answer(
+    request: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str | None = None
+) -> None:
+    """Answer ``request`` with ``status`` and ``body`` (and a ``Content-Type`` if given)."""
+    request.send_response(status)
+    if content_type is not None:
+        request.send_header("Content-Type", content_type)
+    request.send_header("Content-Length", str(len(body)))
+    request.end_headers()
+    request.wfile.write(body)
+
+
 @contextmanager
 def odd_data_plane(answer: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[str]:
     """A loopback server whose every request ``answer`` answers, as a proxy or a misconfigured data

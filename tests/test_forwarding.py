@@ -18,7 +18,7 @@ from flask_cio_rudder import signals, transform
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, sample
-from .helpers import odd_data_plane, record_signals
+from .helpers import odd_data_plane, record_signals, send_answer
 
 Post = Callable[..., TestResponse]
 DATA_PLANE = "https://dp.example.com"
@@ -200,10 +200,7 @@ def test_the_proxy_the_environment_names_carries_the_batches(
 
     def answer(handler: BaseHTTPRequestHandler) -> None:
         seen.append(handler.path)
-        handler.send_response(200)
-        handler.send_header("Content-Length", "2")
-        handler.end_headers()
-        handler.wfile.write(b"OK")
+        send_answer(handler, 200, b"OK")
 
     with odd_data_plane(answer) as proxy:
         for variable in ("http_proxy", "no_proxy", "all_proxy", "ALL_PROXY"):  # lower case would win

@@ -37,7 +37,16 @@ from flask_cio_rudder.store import Pending, StoreUnavailable, store_from_url
 from flask_cio_rudder.testing import FakeDataPlane
 
 from .conftest import EMAIL_EVENTS, sample
-from .helpers import Clock, free_port, in_function, odd_data_plane, record_signals, refuse, wait_until
+from .helpers import (
+    Clock,
+    free_port,
+    in_function,
+    odd_data_plane,
+    record_signals,
+    refuse,
+    send_answer,
+    wait_until,
+)
 from .stores import Backend, backend_fixture, postgres_fixture  # noqa: F401  (fixtures)
 
 Post = Callable[..., TestResponse]
@@ -596,15 +605,7 @@ def test_a_web_page_answered_with_200_keeps_the_events_and_names_the_setting(
     """A website, a parked domain or a proxy's login page at the data plane's URL may answer any
     POST with 200 and a page: taken for a delivery, the events would be lost."""
 
-    def answer(request: BaseHTTPRequestHandler) -> None:
-        request.send_response(200)
-        if content_type is not None:
-            request.send_header("Content-Type", content_type)
-        request.send_header("Content-Length", str(len(page)))
-        request.end_headers()
-        request.wfile.write(page)
-
-    with odd_data_plane(answer) as url:
+    with odd_data_plane(lambda request: send_answer(request, 200, page, content_type)) as url:
         app = make_app(**{**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url})
         accept(app, 3)
         with caplog.at_level(logging.WARNING, "flask_cio_rudder"):
@@ -623,16 +624,11 @@ def test_a_stand_in_data_plane_that_answers_ok_as_html_is_delivered_to(
     """A data plane stubbed in Flask (``return "OK"``) answers ``text/html``: it is no web page."""
     stub = Flask("stub")
     stub.post("/v1/batch")(lambda: "OK")
+    ok = stub.test_client().post("/v1/batch")
 
-    def answer(request: BaseHTTPRequestHandler) -> None:
-        response = stub.test_client().post("/v1/batch")
-        request.send_response(response.status_code)
-        request.send_header("Content-Type", response.content_type)
-        request.send_header("Content-Length", str(len(response.data)))
-        request.end_headers()
-        request.wfile.write(response.data)
-
-    with odd_data_plane(answer) as url:
+    with odd_data_plane(
+        lambda request: send_answer(request, ok.status_code, ok.data, ok.content_type)
+    ) as url:
         app = make_app(**{**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url})
         accept(app, 2)
         assert get_outbox(app).flush().delivered == 2
