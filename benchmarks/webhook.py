@@ -178,12 +178,11 @@ class Run:
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: Path, stack: ExitStack) -> None:
         self.args, self.workdir, self.runs = args, workdir, 0
-        #: ``--against``: the label of the extension at that commit, and its checkout.
-        self.against: str | None = None
-        self.against_root: Path | None = None
-        if args.against:
-            self.against = f"{EXT} @ {args.against}"
-            self.against_root = stack.enter_context(h.checkout(args.against, workdir / "against"))
+        #: ``--against``: the label of the extension at that commit; the checkout each label is served from.
+        self.against = f"{EXT} @ {args.against}" if args.against else None
+        self.roots: dict[str, Path] = {}
+        if self.against:
+            self.roots[self.against] = stack.enter_context(h.checkout(args.against, workdir / "against"))
         self.plane = h.DataPlane()
         stack.callback(self.plane.stop)
         closed = stack.enter_context(socket.socket())
@@ -208,7 +207,7 @@ class Bench:
             env["FLOOR_PATH"] = str(self.workdir / f"floor-{self.runs}.sqlite3")
         h.wait_until_quiet(args.quiet_wait)
         log = self.workdir / f"gunicorn-{self.runs}.log"
-        root = self.against_root if label == self.against and self.against_root is not None else h.ROOT
+        root = self.roots.get(label, h.ROOT)
         server = h.Gunicorn(f"harness:{FACTORIES.get(label, 'ext_app()')}", env, log, root=root)
         sender = h.start_worker(env, log.with_suffix(".worker.log")) if label in WORKERS else None
         try:
