@@ -634,6 +634,29 @@ def test_a_stand_in_data_plane_that_answers_ok_as_html_is_delivered_to(
         assert get_outbox(app).flush().delivered == 2
 
 
+def test_a_cookie_the_data_plane_sets_comes_back_with_the_next_batch(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any]
+) -> None:
+    """A load balancer in front of the data plane that pins its clients with a cookie (sticky
+    sessions) gets it back, as from any HTTP client."""
+    cookies: list[str | None] = []
+
+    def answer(request: BaseHTTPRequestHandler) -> None:
+        cookies.append(request.headers.get("Cookie"))
+        request.send_response(200)
+        request.send_header("Set-Cookie", "AWSALB=pinned; Path=/")
+        request.send_header("Content-Length", "2")
+        request.end_headers()
+        request.wfile.write(b"OK")
+
+    with odd_data_plane(answer) as url:
+        config = {**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url, "CIO_RUDDER_OUTBOX_BATCH_SIZE": 1}
+        app = make_app(**config)
+        accept(app, 2)
+        assert get_outbox(app).flush().delivered == 2
+    assert cookies == [None, "AWSALB=pinned"]
+
+
 def test_an_endless_answer_is_read_no_further_than_its_start(
     make_app: Callable[..., Flask], outbox_config: dict[str, Any]
 ) -> None:
