@@ -226,6 +226,83 @@ def no_background() -> None:
     Sender.ensure_running = stay_idle  # type: ignore[method-assign]
 
 
+def probed_app() -> Flask:
+    """``ext_app()`` timing each request inside the worker, and whether background work overlapped it.
+
+    Background work is the mover's insert and the sender's post and mark of a batch. At exit each
+    worker writes ``[started, seconds, overlapped]`` per request (``started``: ``time.time()``) to
+    ``$PROBE_DIR/<pid>.json``.
+    """
+    from flask_cio_rudder.rudderstack import DataPlane as Client
+    from flask_cio_rudder.spool import Spool
+    from flask_cio_rudder.store.sqlite import SQLiteStore
+
+    stages = {"running": 0, "started": 0}  # background stages running now, and started so far
+    samples: list[tuple[float, float, bool]] = []
+
+    def staged(method: Callable[..., Any]) -> Callable[..., Any]:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            stages["running"] += 1
+            stages["started"] += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                stages["running"] -= 1
+
+        return run
+
+    Spool._add = staged(Spool._add)  # type: ignore[method-assign]
+    Client.post_batch = staged(Client.post_batch)  # type: ignore[method-assign]
+    SQLiteStore.mark_delivered = staged(SQLiteStore.mark_delivered)  # type: ignore[method-assign]
+    app = ext_app()
+    inner = app.wsgi_app
+
+    def timed(environ: Any, start_response: Any) -> Any:
+        running, started, when, began = stages["running"], stages["started"], time.time(), time.perf_counter()
+        try:
+            return inner(environ, start_response)
+        finally:
+            overlapped = bool(running or stages["running"] or stages["started"] != started)
+            samples.append((when, time.perf_counter() - began, overlapped))
+
+    def write() -> None:
+        with open(Path(os.environ["PROBE_DIR"]) / f"{os.getpid()}.json", "w") as out:
+            json.dump(samples, out)
+
+    atexit.register(write)
+    app.wsgi_app = timed  # type: ignore[method-assign]
+    return app
+
+
+def probe_figures(directory: Path, since: float, until: float) -> dict[str, float]:
+    """What ``probed_app``'s workers wrote of the requests started between ``since`` and ``until``
+    (``time.time()``): the share that background work overlapped, the p99 (ms) of all, the p50 and
+    p99 of the others and of those, and the share of the slowest 1 % they make."""
+    samples = [
+        (seconds, overlapped)
+        for path in directory.glob("*.json")
+        for started, seconds, overlapped in json.loads(path.read_text())
+        if since <= started <= until
+    ]
+
+    def quantile(values: list[float], q: float) -> float:
+        values = sorted(values)
+        return values[min(len(values) - 1, int(q * len(values)))] * 1e3 if values else float("nan")
+
+    overlapped = [seconds for seconds, hit in samples if hit]
+    clean = [seconds for seconds, hit in samples if not hit]
+    slowest = sorted(samples, reverse=True)[: max(1, len(samples) // 100)]
+    return {
+        "overlapped %": 100 * len(overlapped) / len(samples),
+        "p99 ms": quantile([seconds for seconds, _ in samples], 0.99),
+        "others' p50 ms": quantile(clean, 0.5),
+        "others' p99 ms": quantile(clean, 0.99),
+        "overlapped p50 ms": quantile(overlapped, 0.5),
+        "overlapped p99 ms": quantile(overlapped, 0.99),
+        "of the slowest 1 %, overlapped %": 100 * sum(hit for _, hit in slowest) / len(slowest),
+    }
+
+
 def sdk_app(send: bool = True) -> Flask:
     """The route a user writes instead: verify, map the body by hand, ``track()`` (memory only).
 

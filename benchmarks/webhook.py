@@ -7,6 +7,7 @@
     python benchmarks/webhook.py --scenario bound --scenario bound-paced   # the design's floor
     python benchmarks/webhook.py --scenario fast --scenario fast-paced     # the opt-in fast path
     python benchmarks/webhook.py --scenario quiet-paced   # the paced tail without moving and sending
+    python benchmarks/webhook.py --scenario tail          # requests that background work overlapped
     python benchmarks/webhook.py --outbox-url postgresql://127.0.0.1/test   # another outbox, same runs
     python benchmarks/webhook.py --scenario paced --against HEAD~3   # and the extension of 3 commits ago
 
@@ -35,6 +36,11 @@ report medians):
   load; ``fast-paced``: bare Flask, the SDK route, the fast path with a sender in each web worker
   and with one ``flask cio-rudder worker`` process, and the fast path with no background work at
   all (no spool mover, no sender: ``harness.fast_app(background=False)``), paced.
+- ``tail``: where the paced tail comes from. Bare Flask, the extension, and the extension timing
+  each request inside its worker (``harness.probed_app``), paced. A last table gives, per round,
+  the share of requests that the mover's insert or the sender's post or mark overlapped, the p50
+  and p99 inside the worker of those and of the others, and the share of the slowest 1 % that
+  were overlapped, beside wrk's p99.
 - ``quiet-paced``: what the request path alone costs the paced tail. Bare Flask, the extension,
   and with no spool mover and no sender (their events stay spooled): the extension on Flask's
   route, the floor of its design (``bound_app``) and the fast path, paced.
@@ -72,6 +78,7 @@ WORKER, PG, PG_WORKER = "ext, sender in worker", "ext, PostgreSQL", "ext, Postgr
 BOUND, FAST, FAST_WORKER = "guarantees only", "ext, fast path", "fast path, sender in worker"
 QUIET = "fast path, no mover or sender"
 EXT_QUIET, BOUND_QUIET = "ext, no mover or sender", "guarantees only, no mover or sender"
+PROBED = "ext, timed inside"
 #: The apps' gunicorn factories in harness.py; any other label is ext_app().
 FACTORIES = {
     BARE: "bare_app()",
@@ -83,6 +90,7 @@ FACTORIES = {
     QUIET: "fast_app(background=False)",
     EXT_QUIET: "ext_app(background=False)",
     BOUND_QUIET: "bound_app(background=False)",
+    PROBED: "probed_app()",
 }
 NO_OUTBOX = (BARE, SDK, FLOOR)
 WORKERS = (WORKER, PG_WORKER, FAST_WORKER)  # a `flask cio-rudder worker` process sends
@@ -153,6 +161,11 @@ SCENARIOS = {
         True,
         [("p99", EXT, BARE, "<= 1.5"), *[("p99", app, BARE, "") for app in (EXT_QUIET, BOUND_QUIET, QUIET)]],
     ),
+    "tail": (
+        (BARE, EXT, PROBED),
+        True,
+        [("p99", EXT, BARE, "<= 1.5"), ("p99", PROBED, BARE, ""), ("p99", PROBED, EXT, "")],
+    ),
     "worker-paced": (
         (BARE, SDK, EXT, WORKER),
         True,
@@ -173,6 +186,7 @@ class Run:
     forwarded: int  # events the data plane stored during the measured run
     pending: int | None  # in the outbox after gunicorn stopped (the extension only)
     trouble: str
+    probe: dict[str, float] | None = None  # probed_app's own timing (harness.probe_figures)
 
 
 class Bench:
@@ -205,6 +219,10 @@ class Bench:
             env["CIO_RUDDER_OUTBOX_SENDER"] = "false"
         if label == FLOOR:
             env["FLOOR_PATH"] = str(self.workdir / f"floor-{self.runs}.sqlite3")
+        probes = self.workdir / f"probe-{self.runs}"
+        if label == PROBED:
+            probes.mkdir()
+            env["PROBE_DIR"] = str(probes)
         h.wait_until_quiet(args.quiet_wait)
         log = self.workdir / f"gunicorn-{self.runs}.log"
         root = self.roots.get(label, h.ROOT)
@@ -220,7 +238,9 @@ class Bench:
             others = h.Others([*workers, server.process.pid, self.plane.process.pid, *db.start])
             self.plane.reset()
             pace = args.pace_ms if paced else 0
+            since = time.time()
             n = h.wrk(server.url, self.bodies, args.duration, args.connections, pace_ms=pace)
+            until = time.time()
             db_cpu, db_pids = db.used()
             others.pids += [pid for pid in db_pids if pid not in db.start]
             cpu, cores, forwarded = h.cpu_seconds(workers) - cpu, others.cores(), self.plane.stats()["stored"]
@@ -248,6 +268,7 @@ class Bench:
             forwarded,
             pending,
             trouble,
+            h.probe_figures(probes, since, until) if label == PROBED else None,
         )
         print(
             f"  {round_} {label:<23} {run.rps:7,.0f} req/s  p50 {run.p50:6.2f} ms  p99 {run.p99:6.2f} ms"
@@ -308,6 +329,14 @@ def report(name: str, runs: dict[str, list[Run]], comparisons: list[tuple[str, s
                 target,
             ]
         )
+    probed = [
+        [label, str(i + 1), f"{r.p99:.2f}", *(f"{value:.2f}" for value in r.probe.values())]
+        for label, rs in runs.items()
+        for i, r in enumerate(rs)
+        if r.probe
+    ]
+    first = next((r.probe for rs in runs.values() for r in rs if r.probe), {})
+    inside = h.table(["app", "round", "wrk's p99 ms", *[f"inside: {name}" for name in first]], probed)
     troubles = [
         f"{label} round {i + 1}: {r.trouble}"
         for label, rs in runs.items()
@@ -315,7 +344,13 @@ def report(name: str, runs: dict[str, list[Run]], comparisons: list[tuple[str, s
         if r.trouble
     ]
     return "\n\n".join(
-        [f"### {name}", apps, h.table(["ratio", "of the medians", "per round", "target"], rows), *troubles]
+        [
+            f"### {name}",
+            apps,
+            h.table(["ratio", "of the medians", "per round", "target"], rows),
+            *([inside] if probed else []),
+            *troubles,
+        ]
     )
 
 
