@@ -8,7 +8,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager, suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
@@ -159,12 +159,18 @@ class FreezingProxy:
 
 
 def send_answer(
-    request: BaseHTTPRequestHandler, status: int, body: bytes, content_type: str | None = None
+    request: BaseHTTPRequestHandler,
+    status: int,
+    body: bytes,
+    content_type: str | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> None:
-    """Answer ``request`` with ``status`` and ``body`` (and a ``Content-Type`` if given)."""
+    """Answer ``request`` with ``status`` and ``body`` (and a ``Content-Type`` and ``headers`` if given)."""
     request.send_response(status)
     if content_type is not None:
         request.send_header("Content-Type", content_type)
+    for name, value in (headers or {}).items():
+        request.send_header(name, value)
     request.send_header("Content-Length", str(len(body)))
     request.end_headers()
     request.wfile.write(body)

@@ -643,11 +643,7 @@ def test_a_cookie_the_data_plane_sets_comes_back_with_the_next_batch(
 
     def answer(request: BaseHTTPRequestHandler) -> None:
         cookies.append(request.headers.get("Cookie"))
-        request.send_response(200)
-        request.send_header("Set-Cookie", "AWSALB=pinned; Path=/")
-        request.send_header("Content-Length", "2")
-        request.end_headers()
-        request.wfile.write(b"OK")
+        send_answer(request, 200, b"OK", headers={"Set-Cookie": "AWSALB=pinned; Path=/"})
 
     with odd_data_plane(answer) as url:
         config = {**outbox_config, "CIO_RUDDER_DATA_PLANE_URL": url, "CIO_RUDDER_OUTBOX_BATCH_SIZE": 1}
