@@ -329,14 +329,17 @@ def report(name: str, runs: dict[str, list[Run]], comparisons: list[tuple[str, s
                 target,
             ]
         )
-    probed = [
-        [label, str(i + 1), f"{r.p99:.2f}", *(f"{value:.2f}" for value in r.probe.values())]
-        for label, rs in runs.items()
-        for i, r in enumerate(rs)
-        if r.probe
+    inside = [  # probed_app's own timing, a row per round, beside wrk's p99
+        (label, i + 1, r.p99, r.probe) for label, rs in runs.items() for i, r in enumerate(rs) if r.probe
     ]
-    first = next((r.probe for rs in runs.values() for r in rs if r.probe), {})
-    inside = h.table(["app", "round", "wrk's p99 ms", *[f"inside: {name}" for name in first]], probed)
+    probes = []
+    if inside:
+        names = [f"inside: {name}" for name in inside[0][3]]
+        cells = [
+            [label, str(i), f"{p99:.2f}", *(f"{v:.2f}" for v in probe.values())]
+            for label, i, p99, probe in inside
+        ]
+        probes.append(h.table(["app", "round", "wrk's p99 ms", *names], cells))
     troubles = [
         f"{label} round {i + 1}: {r.trouble}"
         for label, rs in runs.items()
@@ -348,7 +351,7 @@ def report(name: str, runs: dict[str, list[Run]], comparisons: list[tuple[str, s
             f"### {name}",
             apps,
             h.table(["ratio", "of the medians", "per round", "target"], rows),
-            *([inside] if probed else []),
+            *probes,
             *troubles,
         ]
     )
