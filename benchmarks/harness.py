@@ -348,6 +348,51 @@ def sdk_app(send: bool = True) -> Flask:
     return app
 
 
+def relay_app(send: bool = True) -> Flask:
+    """The least a forwarding receiver does: bare Flask's work, the event made, kept in memory, posted.
+
+    Each request parses the body, makes the RudderStack event (``transform.build``) and puts
+    it in a list; a thread in the worker posts the list, 0.1 s after the first event of a
+    batch came in (as the spool's mover lingers), with the extension's ``DataPlane``. No
+    signature, no duplicate lookup, nothing kept on disk: what forwarding itself costs
+    beside the web workers. ``send=False``: nothing kept or posted, the request path alone.
+    """
+    from flask import jsonify, request
+
+    from flask_cio_rudder.rudderstack import DataPlane
+    from flask_cio_rudder.transform import build
+
+    app = _configured("relay")
+    config = app.config
+    plane = DataPlane(config["CIO_RUDDER_DATA_PLANE_URL"], config["CIO_RUDDER_WRITE_KEY"], (3.0, 10.0))
+    pending: list[str] = []
+    lock, wake = threading.Lock(), threading.Event()
+
+    def post_forever() -> None:
+        while True:
+            wake.wait()
+            time.sleep(0.1)
+            wake.clear()
+            with lock:
+                batch, pending[:] = pending[:], []
+            for start in range(0, len(batch), 100):
+                plane.post_batch(batch[start : start + 100])
+
+    if send:
+        threading.Thread(target=post_forever, name="relay", daemon=True).start()
+
+    @app.post(WEBHOOK_PATH)
+    def receive() -> Any:
+        payload_json = build(request.get_json(force=True))[1]
+        if send:
+            with lock:
+                pending.append(payload_json)
+            wake.set()
+        return jsonify(status="accepted")
+
+    return app
+
+
 def bound_app(background: bool = True) -> Flask:
     """The floor of this design: only the work every guarantee needs, with the extension's own parts.
 

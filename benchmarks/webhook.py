@@ -8,6 +8,7 @@
     python benchmarks/webhook.py --scenario fast --scenario fast-paced     # the opt-in fast path
     python benchmarks/webhook.py --scenario quiet-paced   # the paced tail without moving and sending
     python benchmarks/webhook.py --scenario tail          # requests that background work overlapped
+    python benchmarks/webhook.py --scenario relay-paced   # what forwarding from memory alone costs
     python benchmarks/webhook.py --outbox-url postgresql://127.0.0.1/test   # another outbox, same runs
     python benchmarks/webhook.py --scenario paced --against HEAD~3   # and the extension of 3 commits ago
 
@@ -44,6 +45,11 @@ report medians):
 - ``quiet-paced``: what the request path alone costs the paced tail. Bare Flask, the extension,
   and with no spool mover and no sender (their events stay spooled): the extension on Flask's
   route, the floor of its design (``bound_app``) and the fast path, paced.
+- ``relay-paced``: what forwarding itself costs the paced tail, nothing kept on disk. Bare
+  Flask; the least forwarding receiver (``harness.relay_app``: bare Flask's work, the event
+  made with ``transform.build`` and kept in a list that a thread in the worker posts every 0.1
+  s with the extension's ``DataPlane``), and the same posting nothing; the SDK route; the
+  extension; paced.
 
 Each run: a fresh gunicorn (``-w 2``, sync workers) and a fresh outbox (a new SQLite file, or a
 new table dropped after the run), a warm-up wrk run, then the measured one. "app CPU" counts the
@@ -79,6 +85,7 @@ BOUND, FAST, FAST_WORKER = "guarantees only", "ext, fast path", "fast path, send
 QUIET = "fast path, no mover or sender"
 EXT_QUIET, BOUND_QUIET = "ext, no mover or sender", "guarantees only, no mover or sender"
 PROBED = "ext, timed inside"
+RELAY, RELAY_QUIET = "relay from memory", "relay, nothing sent"
 #: The apps' gunicorn factories in harness.py; any other label is ext_app().
 FACTORIES = {
     BARE: "bare_app()",
@@ -91,8 +98,10 @@ FACTORIES = {
     EXT_QUIET: "ext_app(background=False)",
     BOUND_QUIET: "bound_app(background=False)",
     PROBED: "probed_app()",
+    RELAY: "relay_app()",
+    RELAY_QUIET: "relay_app(send=False)",
 }
-NO_OUTBOX = (BARE, SDK, FLOOR)
+NO_OUTBOX = (BARE, SDK, FLOOR, RELAY, RELAY_QUIET)
 WORKERS = (WORKER, PG_WORKER, FAST_WORKER)  # a `flask cio-rudder worker` process sends
 #: scenario -> (apps, paced, [(figure, candidate, baseline, target)])
 SCENARIOS = {
@@ -165,6 +174,11 @@ SCENARIOS = {
         (BARE, EXT, PROBED),
         True,
         [("p99", EXT, BARE, "<= 1.5"), ("p99", PROBED, BARE, ""), ("p99", PROBED, EXT, "")],
+    ),
+    "relay-paced": (
+        (BARE, RELAY_QUIET, RELAY, SDK, EXT),
+        True,
+        [("p99", EXT, BARE, "<= 1.5"), *[("p99", app, BARE, "") for app in (RELAY, RELAY_QUIET, SDK)]],
     ),
     "worker-paced": (
         (BARE, SDK, EXT, WORKER),
