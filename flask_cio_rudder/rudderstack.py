@@ -43,13 +43,18 @@ class Answer:
     headers: Mapping[str, str]
     #: At most :data:`ANSWER_LIMIT` bytes of the body, decoded.
     text: str
+    #: Whether ``text`` is the whole body: ``False`` when the reading stopped at the limit.
+    complete: bool = True
 
     @property
     def is_page(self) -> bool:
         """Whether the answer is a web page (HTML or XML: it starts with ``<``), which RudderStack
         never sends: it answers in plain text. Its type is not asked: a stand-in data plane written
-        in Flask sends its ``"OK"`` as ``text/html``; a parked domain may send a page as anything."""
-        return self.text.lstrip().startswith("<")
+        in Flask sends its ``"OK"`` as ``text/html``; a parked domain may send a page as anything.
+        An answer whose start, as far as it is read, is all blank counts as one too: a template's
+        page may start with that much white space, and RudderStack's "OK" never does."""
+        start = self.text.lstrip()
+        return start.startswith("<") or (not start and not self.complete)
 
     @property
     def stored(self) -> bool:
@@ -105,9 +110,10 @@ class DataPlane:
                 start += chunk
                 if len(start) >= ANSWER_LIMIT:
                     break
+        complete = len(start) < ANSWER_LIMIT  # or the reading stopped there
         start = start[:ANSWER_LIMIT].removeprefix(codecs.BOM_UTF8)  # a page may start with one: see is_page
         text = start.decode(response.encoding or "utf-8", "replace")
-        return Answer(response.status_code, response.headers, text)
+        return Answer(response.status_code, response.headers, text, complete)
 
     def describe(self, response: Answer) -> str:
         """A short account of an answer that is no delivery, for logs and operators, with the write key masked

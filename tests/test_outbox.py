@@ -592,8 +592,16 @@ def test_a_redirecting_data_plane_keeps_the_events_and_names_the_setting(
         ("text/plain", b"<html><body>Log in to continue</body></html>"),
         ("text/html", b"\xef\xbb\xbf<!DOCTYPE html><title>Parked</title>"),  # a byte order mark first
         (None, b"\xef\xbb\xbf<html></html>"),
+        ("text/html", b"\r\n  \t" * 1500 + b"<!DOCTYPE html><title>Welcome</title>"),  # past what is read
     ],
-    ids=["as text/html", "with no type", "as text/plain", "BOM, as text/html", "BOM, no type"],
+    ids=[
+        "as text/html",
+        "with no type",
+        "as text/plain",
+        "BOM, as text/html",
+        "BOM, no type",
+        "7 KB blank first",
+    ],
 )
 def test_a_web_page_answered_with_200_keeps_the_events_and_names_the_setting(
     make_app: Callable[..., Flask],
