@@ -110,7 +110,7 @@ class DataPlane:
                 start += chunk
                 if len(start) >= ANSWER_LIMIT:
                     break
-        complete = len(start) < ANSWER_LIMIT  # or the reading stopped there
+        complete = len(start) < ANSWER_LIMIT  # else the reading stopped at the limit, perhaps before the end
         start = start[:ANSWER_LIMIT].removeprefix(codecs.BOM_UTF8)  # a page may start with one: see is_page
         text = start.decode(response.encoding or "utf-8", "replace")
         return Answer(response.status_code, response.headers, text, complete)
