@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
 
+import requests
 from flask import Flask
 
 from flask_cio_rudder import CioRudder, get_outbox, signals
@@ -376,7 +377,10 @@ def relay_app(send: bool = True) -> Flask:
             with lock:
                 batch, pending[:] = pending[:], []
             for start in range(0, len(batch), 100):
-                plane.post_batch(batch[start : start + 100])
+                try:
+                    plane.post_batch(batch[start : start + 100])
+                except requests.RequestException:  # lost, as from any memory-only relay: "forwarded" shows it
+                    continue  # a thread that died here would leave the relay less work to do than it should
 
     if send:
         threading.Thread(target=post_forever, name="relay", daemon=True).start()
