@@ -117,7 +117,7 @@ def status(as_json: bool) -> None:
         since = current.delivered_since_error
         click.echo(json.dumps({"outbox": outbox.url, **asdict(current), "delivered_since_error": since}))
         return
-    now = time.time()
+    now = time.time() if current.read_at is None else current.read_at  # the store's clock, as its times
     last_error = current.last_error or "-"
     if current.last_error_at is not None:
         since = "; events were delivered since" if current.delivered_since_error else ""

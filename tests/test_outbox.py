@@ -1032,6 +1032,20 @@ def test_cli_status_tells_an_error_that_is_over_from_one_that_is_not(
     assert re.search(since, over)
 
 
+def test_cli_status_counts_ages_by_the_outboxs_clock(outbox_app: Flask, data_plane: FakeDataPlane) -> None:
+    """A PostgreSQL server's clock an hour ahead of the web server's made "last error" read "-3600s ago"."""
+    store = get_outbox(outbox_app).store
+    store.clock = lambda: time.time() + 3600  # the times the outbox keeps, as a server ahead of us keeps them
+    data_plane.fail_next(503)
+    accept(outbox_app, 1)
+    assert get_outbox(outbox_app).flush().delivered == 0
+    assert get_outbox(outbox_app).flush().delivered == 1
+    shown = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "status"]).output
+    since = r"last error: +RudderStack answered 503.* \(\d+s ago; events were delivered since\)\n"
+    assert re.search(since, shown)
+    assert re.search(r"last delivery: +\d+s ago\n", shown)
+
+
 def test_cli_pause_stops_sending_everywhere_and_status_shows_it(
     outbox_app: Flask,
     make_app: Callable[..., Flask],

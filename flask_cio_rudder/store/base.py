@@ -193,6 +193,9 @@ class OutboxStatus:
     #: When the last delivery was (a purge of the delivered events remembers it): later than
     #: ``last_error_at``, the error is over.
     last_delivered_at: float | None = None
+    #: The store's clock when this was read (PostgreSQL's is the server's): ages of the times above
+    #: are counted from it, so a web server's clock that differs never shows them negative.
+    read_at: float | None = None
 
     @property
     def delivered_since_error(self) -> bool:

@@ -765,6 +765,7 @@ class PostgresStore(OutboxStore):
             holders=tuple(sorted(_describe_holder(holder) for holder, _ in held)),
             paused="paused" in meta,
             last_delivered_at=newest_delivery(delivered_at, meta),
+            read_at=now,
         )
 
     def set_paused(self, paused: bool) -> None:

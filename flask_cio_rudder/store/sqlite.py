@@ -727,6 +727,7 @@ class SQLiteStore(OutboxStore):
             holders=tuple(sorted("pid " + holder.partition(":")[0] for holder, _ in live)),
             paused="paused" in meta,
             last_delivered_at=newest_delivery(delivered_at, meta),
+            read_at=now,
         )
 
     def set_paused(self, paused: bool) -> None:
