@@ -68,7 +68,9 @@ class DataPlane:
 
     HTTP Basic auth with the write key as user name and an empty password, gzip
     bodies. The write key lives only in the session's auth, never in a message:
-    :meth:`describe` masks it where an answer quotes it.
+    :meth:`describe` masks it where an answer quotes it. The session's URL, auth, headers,
+    proxies and CA bundle are read here, once (only its cookies on each post): a change to
+    them afterwards does not reach the posts.
     """
 
     def __init__(self, url: str, write_key: str, timeout: Timeout) -> None:
