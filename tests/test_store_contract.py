@@ -390,10 +390,14 @@ OLD_TABLE = """CREATE TABLE {table} (event_id TEXT PRIMARY KEY, state TEXT NOT N
 
 
 def test_a_table_made_by_the_previous_release_is_migrated_in_place(backend: Backend) -> None:
+    numeric = json.loads(event_of("clicked", "numeric", "x"))  # an address given as a number, forwarded as is
+    numeric["context"]["traits"]["email"] = 12345
     rows = [
         ("kept", "pending", event_of("bounced", "kept", "Eve@example.com"), None, None, 1.0),
         ("refused", "dead", event_of("opened", "refused", "eve@example.com"), None, "400", 2.0),
         ("rejected", "dead", None, "{}", "invalid", 3.0),
+        ("numeric", "dead", json.dumps(numeric), None, "400", 4.0),
+        ("blank", "dead", event_of("spammed", "blank", "  "), None, "400", 5.0),
     ]
     insert = f"INSERT INTO {backend.table} (event_id, state, payload, body, reason, accepted_at) VALUES "
     if backend.name == "sqlite":
@@ -415,6 +419,13 @@ def test_a_table_made_by_the_previous_release_is_migrated_in_place(backend: Back
         ("refused", "Email Opened"),
     ]
     assert [letter.event_id for letter in store.dead_letters(match=Match(event="opened"))] == ["refused"]
+    # Kept as an event added today would be: a number or blanks are no address to search by.
+    assert [record.email for record in store.find(event_id="numeric") + store.find(event_id="blank")] == [
+        None,
+        None,
+    ]
+    assert store.find(email="12345") == []
+    assert [letter.event_id for letter in store.dead_letters(match=Match(event="clicked"))] == ["numeric"]
     assert store.add("new", stored("new")) and len(store.claim(100, LEASE, 1e12).events) == 2
     assert "event_name" in store.schema_sql() and "email" in store.schema_sql()
 

@@ -77,6 +77,17 @@ DEFAULT_TABLE = "cio_rudder_outbox"
 #: The time of a statement: the given clock's, else the server's.
 _NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
 
+#: Fills the search columns of rows an older release kept: each only from text, as search_columns()
+#: fills them for new rows (a number where an address goes is no address to search by).
+_BACKFILL = (
+    "UPDATE {events} SET "
+    "event_name = CASE WHEN json_typeof(payload::json -> 'event') = 'string' "
+    "THEN payload::json ->> 'event' END, "
+    "email = CASE WHEN json_typeof(payload::json -> 'context' -> 'traits' -> 'email') = 'string' "
+    "THEN NULLIF(lower(btrim(payload::json -> 'context' -> 'traits' ->> 'email')), '') END "
+    "WHERE payload IS NOT NULL"
+)
+
 _SCHEMA = """\
 CREATE TABLE IF NOT EXISTS {events} (
     event_id     text PRIMARY KEY,
@@ -382,11 +393,7 @@ class PostgresStore(OutboxStore):
                     with (
                         conn.transaction()
                     ):  # a savepoint: a payload PostgreSQL cannot read leaves all unfilled
-                        conn.execute(
-                            f"UPDATE {self._events} SET event_name = payload::json ->> 'event', "
-                            "email = lower(btrim(payload::json -> 'context' -> 'traits' ->> 'email')) "
-                            "WHERE payload IS NOT NULL"
-                        )
+                        conn.execute(_BACKFILL.format(events=self._events))
                 except psycopg.DataError as error:
                     logger.warning("Old outbox rows stay unsearchable by email: %s", _first_line(error))
 

@@ -334,9 +334,12 @@ CREATE INDEX IF NOT EXISTS {events}_delivered ON {events} (delivered_at) WHERE s
 _ADDED_COLUMNS = {"lease_holder": "TEXT", "event_name": "TEXT", "email": "TEXT"}
 
 #: Fills the search columns of rows kept before they existed (SQLite's JSON functions).
-_BACKFILL = (
-    "UPDATE {events} SET event_name = json_extract(payload, '$.event'), "
-    "email = lower(trim(json_extract(payload, '$.context.traits.email'))) "
+_BACKFILL = (  # each column only from text, as search_columns() fills them for new rows
+    "UPDATE {events} SET "
+    "event_name = CASE WHEN json_type(payload, '$.event') = 'text' "
+    "THEN json_extract(payload, '$.event') END, "
+    "email = CASE WHEN json_type(payload, '$.context.traits.email') = 'text' "
+    "THEN NULLIF(lower(trim(json_extract(payload, '$.context.traits.email'))), '') END "
     "WHERE payload IS NOT NULL AND event_name IS NULL AND json_valid(payload)"
 )
 
