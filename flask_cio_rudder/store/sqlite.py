@@ -333,8 +333,9 @@ CREATE INDEX IF NOT EXISTS {events}_delivered ON {events} (delivered_at) WHERE s
 #: Columns added after the first release, with their type: old files get them on first use.
 _ADDED_COLUMNS = {"lease_holder": "TEXT", "event_name": "TEXT", "email": "TEXT"}
 
-#: Fills the search columns of rows kept before they existed (SQLite's JSON functions).
-_BACKFILL = (  # each column only from text, as search_columns() fills them for new rows
+#: Fills the search columns of rows kept before they existed (SQLite's JSON functions): each only
+#: from text, as search_columns() fills them for new rows.
+_BACKFILL = (
     "UPDATE {events} SET "
     "event_name = CASE WHEN json_type(payload, '$.event') = 'text' "
     "THEN json_extract(payload, '$.event') END, "
