@@ -438,10 +438,10 @@ class Spool:
         """Stop the mover, move what is left, and close this process's files (deleting the moved ones).
 
         The mover's thread makes the last move, waited for ``timeout`` seconds (one at least):
-        behind another process's write lock (a bulk ``purge``) it could wait as long as that runs,
-        and gunicorn starts no worker in place of one that has not exited. Says whether it ended;
-        if not, the thread closes the files once its move is done, and a file whose records were
-        not moved stays, unlocked: the next mover adopts it.
+        behind another process's write lock (a process stopped inside a transaction, an ``sqlite3``
+        shell's open one) it waits as long as that lasts, and gunicorn starts no worker in place of
+        one that has not exited. Says whether it ended; if not, the thread closes the files once its
+        move is done, and a file whose records were not moved stays, unlocked: the next mover adopts it.
         """
         stopped_before = self._stopping.is_set()  # then it was waited for already
         self._stopping.set()

@@ -92,7 +92,7 @@ def refuse(app: Flask, data_plane: FakeDataPlane, *bodies: dict[str, Any]) -> No
 @contextmanager
 def write_lock_held(database: object) -> Iterator[None]:
     """The SQLite outbox ``database``'s write lock (its ``.lock`` file), held as another process would
-    hold it: a bulk ``purge``, say."""
+    hold it: one stopped inside a transaction, say."""
     import fcntl
 
     with open(f"{database}.lock", "ab") as other:

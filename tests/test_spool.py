@@ -177,7 +177,7 @@ def test_closing_a_web_process_that_does_not_send_returns_behind_another_process
     tmp_path: Path, make_app: Callable[..., Flask], post: Callable[..., TestResponse]
 ) -> None:
     """CIO_RUDDER_OUTBOX_SENDER = False (a worker process sends): closing the store waited for the
-    spool's stuck last move, so the web worker still did not exit while a bulk purge ran."""
+    spool's stuck last move, so the web worker did not exit while another process held the lock."""
     app = make_app(
         CIO_RUDDER_FORWARDER="outbox",
         CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
