@@ -114,8 +114,7 @@ class DataPlane:
                     break
         complete = len(start) < ANSWER_LIMIT  # else the reading stopped at the limit, perhaps before the end
         start = start[:ANSWER_LIMIT].removeprefix(codecs.BOM_UTF8)  # a page may start with one: see is_page
-        text = start.decode(response.encoding or "utf-8", "replace")
-        return Answer(response.status_code, response.headers, text, complete)
+        return Answer(response.status_code, response.headers, _text(start, response.encoding), complete)
 
     def describe(self, response: Answer) -> str:
         """A short account of an answer that is no delivery, for logs and operators, with the write key masked
@@ -140,6 +139,15 @@ class DataPlane:
 #: Characters Unicode calls printable that RudderStack's gateway still drops before it looks for
 #: an id (rudder-go-kit's ``sanitize.Unicode``); every character that is not printable it drops too.
 _INVISIBLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
+
+
+def _text(start: bytes, charset: str | None) -> str:
+    """The answer's text in its charset; in UTF-8 when it names none, or one Python does not know
+    (a proxy's ``utf8mb4``, say): it is read for logs and for ``is_page``, never to decide a delivery."""
+    try:
+        return start.decode(charset or "utf-8", "replace")
+    except LookupError:
+        return start.decode("utf-8", "replace")
 
 
 def identifiable(event: Mapping[str, Any]) -> bool:
@@ -174,6 +182,12 @@ def data_plane_settings(config: Mapping[str, Any], default_timeout: Timeout) -> 
         raise RuntimeError(
             "CIO_RUDDER_WRITE_KEY is not set: set it to the write key of a RudderStack "
             "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
+        )
+    if not write_key.isascii() or not write_key.isprintable() or write_key != write_key.strip():
+        # HTTP Basic auth carries it as Latin-1: requests would fail on each post, its error holding the key
+        raise RuntimeError(
+            "CIO_RUDDER_WRITE_KEY starts or ends with a space, or holds an invisible or non-ASCII character "
+            "(pasted with it?): set it to the write key exactly as RudderStack's source page shows it."
         )
     url = check_url(config.get("CIO_RUDDER_DATA_PLANE_URL"), "CIO_RUDDER_DATA_PLANE_URL")
     return url, write_key, check_timeout(config.get("CIO_RUDDER_TIMEOUT")) or default_timeout

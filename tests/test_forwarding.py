@@ -121,6 +121,19 @@ def test_an_unreachable_data_plane_is_503(sync_app: Flask, post: Post, error: Ex
 
 
 @responses.activate
+def test_an_answer_in_a_charset_python_does_not_know_is_still_read(
+    sync_app: Flask, post: Post, outcomes: list[Any]
+) -> None:
+    """A proxy's ``charset=utf8mb4`` raised LookupError after RudderStack had stored the batch."""
+    headers = {"Content-Type": "text/plain; charset=utf8mb4"}
+    responses.post(f"{DATA_PLANE}/v1/batch", body="OK", headers=headers)
+    assert post(sync_app.test_client(), sample("opened")).json["status"] == "accepted"
+    responses.replace(responses.POST, f"{DATA_PLANE}/v1/batch", body="busy", status=503, headers=headers)
+    assert post(sync_app.test_client(), sample("clicked")).status_code == 503
+    assert outcomes[-1][1]["reason"] == "RudderStack answered 503: busy"
+
+
+@responses.activate
 def test_a_web_page_answered_with_200_is_503_so_customerio_retries(
     sync_app: Flask, post: Post, outcomes: list[Any]
 ) -> None:

@@ -440,6 +440,16 @@ def test_a_setting_of_the_wrong_kind_fails_at_init_saying_what_it_must_be(
     assert "123456" not in str(raised.value)  # a write key is a secret, even a wrong one
 
 
+@pytest.mark.parametrize("pasted", ["2bXyWriteKey\u200bSECRET", "2bXyWriteKeySECRET\n", "2bXyWriteKéySECRET"])
+def test_a_write_key_pasted_with_a_stray_character_fails_at_init_naming_the_key_not_quoting_it(
+    make_app: Callable[..., Flask], data_plane: FakeDataPlane, pasted: str
+) -> None:
+    """Not a UnicodeEncodeError from requests on each post, which held the whole key."""
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_WRITE_KEY starts or ends with a space") as raised:
+        make_app(**base_config(data_plane) | {"CIO_RUDDER_WRITE_KEY": pasted})
+    assert "SECRET" not in str(raised.value) and raised.value.__cause__ is None
+
+
 def test_a_paused_outbox_keeps_accepting_and_sends_once_resumed(
     outbox_app: Flask,
     make_app: Callable[..., Flask],
