@@ -9,7 +9,9 @@ everything and log one error naming the setting to check; anything else (429,
 A store that cannot be reached (PostgreSQL down, a locked disk) is backed off the same way.
 A ``Retry-After`` on a 429 or 503 sets the wait instead (at most ``RETRY_AFTER_CAP``), and an
 optional :class:`Pacer` spaces requests (``CIO_RUDDER_MAX_REQUESTS_PER_SECOND``).
-While an operator has paused sending, nothing is claimed and the sender only polls.
+While an operator has paused sending, nothing is claimed and the sender only polls; what the
+spool's mover handed it before the pause waits too (it learns of a pause at its next claim from
+the store, within ``STORE_EVERY``).
 
 No request is meant to outlive the claim's lease: its connect and read timeouts are each
 cut to what is left of it, so a live sender's batch is not taken over (and sent twice at
@@ -164,6 +166,7 @@ class Sender:
         #: Claims the spool's mover made for this sender, with when their leases end (monotonic).
         self._offers: deque[tuple[float, Claim]] = deque()
         self._store_due = 0.0  # when (time.monotonic()) the store is to be claimed from, offers or not
+        self._paused = False  # the last claim from the store found sending paused: offers wait too
         self._failures = 0
         self._retry_after: float | None = None  # seconds RudderStack last asked us to wait
         #: How the sender waits after a failure; returns early when stopping.
@@ -350,10 +353,14 @@ class Sender:
     def _next_claim(self) -> tuple[Claim, float]:
         """The next batch, and when the requests for it must be done (``time.monotonic()``: the
         lease's end less the margin): a claim from the store when one is due (``STORE_EVERY``)
-        and finds events, else the next offer with time left on its lease, else a claim."""
-        if not self._offers or time.monotonic() >= self._store_due:
+        and finds events, else the next offer with time left on its lease, else a claim.
+
+        While the store says sending is paused, offers wait as the store's events do: they are
+        sent after a resume if their lease has not run out, else claimed again from the store.
+        """
+        if not self._offers or self._paused or time.monotonic() >= self._store_due:
             claim, deadline = self._claim_from_store()
-            if claim.events or not self._offers:
+            if claim.events or claim.paused or not self._offers:
                 return claim, deadline
         while True:
             try:
@@ -366,6 +373,7 @@ class Sender:
     def _claim_from_store(self) -> tuple[Claim, float]:
         started = time.monotonic()  # the lease runs from the claim, however long the claim takes
         claim = self.store.claim(self.batch_size, self.lease, self.max_age)
+        self._paused = claim.paused
         self._store_due = started + (0.0 if len(claim.events) >= self.batch_size else self.STORE_EVERY)
         return claim, started + self.lease - _LEASE_MARGIN
 

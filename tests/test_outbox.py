@@ -263,6 +263,32 @@ def test_events_only_the_store_holds_are_sent_while_the_mover_keeps_handing_even
     assert (store.status().delivered, store.status().pending) == (9, 0)
 
 
+def test_what_the_mover_handed_over_before_a_pause_is_not_sent_until_the_resume(
+    make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause before RudderStack's maintenance: the sender kept posting every batch the spool's mover
+    had handed it, as long as it had one, though each claim from the store said paused."""
+    import flask_cio_rudder.sender as sender_module
+
+    outbox_app = make_app(
+        **base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'o.sqlite3'}")
+    )
+    outbox = get_outbox(outbox_app)
+    store, sender, week = outbox.store, outbox.sender, 7 * 24 * 3600.0
+    now = [1000.0]  # the sender's monotonic clock, moved by hand
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter, time=time.time)
+    monkeypatch.setattr(sender_module, "time", clock)
+    for n in range(3):  # what the spool's mover does with each event it moves
+        sender.offer(store.add_claimed([Pending(f"handed-{n}", stored(f"handed-{n}"))], 60.0, week))
+    outbox.pause()
+    for _ in range(3):
+        assert sender.send_batch().paused
+        now[0] += 0.4  # the store's turn comes again after STORE_EVERY, offers or not
+    assert data_plane.batches == []
+    outbox.resume()
+    assert outbox.flush().delivered == 3 and len(data_plane.events) == 3
+
+
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
 def test_transient_failures_keep_the_events_and_retry(
     outbox_app: Flask, data_plane: FakeDataPlane, outcomes: list[tuple[str, dict[str, Any]]], status: int
