@@ -250,8 +250,8 @@ class Outbox:
         """Move what is spooled, stop the sender (sending what it can within the shutdown timeout), close."""
         moved = self.spool is None or self.spool.stop(self.sender.shutdown_timeout)
         self.sender.stop()
-        if moved:
-            self.sender.close_after(self.store.close)  # a post that outlived the stop keeps its lease
+        if moved:  # a post that outlived the stop keeps its lease; another process's lock is not waited out
+            self.sender.close_after(lambda: self.store.close(within=self.sender.shutdown_timeout))
         # Else the spool's last move still waits for the store (another process's write lock):
         # closing the store would wait for it too. The process is exiting: its connections go with it.
 

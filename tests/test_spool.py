@@ -200,6 +200,30 @@ def test_closing_a_web_process_that_does_not_send_returns_behind_another_process
     wait_until(lambda: os.listdir(outbox.spool.directory) == [], 10, "its moved file is deleted")
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the outbox's write lock uses flock, which Windows lacks")
+def test_closing_a_web_process_with_nothing_left_to_move_returns_behind_another_processs_write_lock(
+    tmp_path: Path, make_app: Callable[..., Flask], post: Callable[..., TestResponse]
+) -> None:
+    """CIO_RUDDER_OUTBOX_SENDER = False: closing the store's connections (which takes the write lock, to
+    checkpoint) waited without end for a process stopped inside a transaction (docker pause, SIGSTOP)."""
+    app = make_app(
+        CIO_RUDDER_FORWARDER="outbox",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        CIO_RUDDER_WRITE_KEY="write-key",
+        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        CIO_RUDDER_SHUTDOWN_TIMEOUT=0.5,
+    )
+    outbox = get_outbox(app)
+    assert post(app.test_client(), sample("opened")).json["status"] == "accepted"
+    wait_until(lambda: outbox.store.is_known(sample("opened")["event_id"]), 10, "the event is moved")
+    with write_lock_held(tmp_path / "outbox.sqlite3"):
+        closing = threading.Thread(target=outbox.close)
+        closing.start()
+        closing.join(10)
+        assert not closing.is_alive(), "close() waited for the other process's lock"
+
+
 def test_a_mover_that_could_not_start_is_started_by_the_next_request(
     store: OutboxStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -397,8 +397,12 @@ class OutboxStore(ABC):
     # -- lifecycle -----------------------------------------------------------------------------
 
     @abstractmethod
-    def close(self) -> None:
-        """Release this process's connections (and leases, heartbeats); reopened on next use."""
+    def close(self, within: float | None = None) -> None:
+        """Release this process's connections (and leases, heartbeats); reopened on next use.
+
+        ``within``: the longest wait, in seconds, for what another process holds (``None``: as long as
+        it takes); what cannot be closed by then is left for the process's exit.
+        """
 
     @abstractmethod
     def after_fork(self) -> None:

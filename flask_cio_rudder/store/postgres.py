@@ -415,8 +415,12 @@ class PostgresStore(OutboxStore):
         ).fetchone()
         return row is not None
 
-    def close(self) -> None:
-        """Stop the heartbeat (freeing this process's batches at once) and close the pool."""
+    def close(self, within: float | None = None) -> None:
+        """Stop the heartbeat (freeing this process's batches at once) and close the pool.
+
+        Every wait here is bounded already (``POOL_TIMEOUT``, the statement timeouts), so ``within``
+        changes nothing: no other process's lock holds up a close.
+        """
         if self._pid != os.getpid():
             self.after_fork()
             return

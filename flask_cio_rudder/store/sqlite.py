@@ -258,10 +258,11 @@ def _close(db: sqlite3.Connection | None, lock_file: int | None, within: float |
 _ended: deque[tuple[int, sqlite3.Connection, int | None]] = deque()
 
 
-def _close_ended(*, waiting: bool = True) -> None:
+def _close_ended(within: float | None = None) -> None:
     """Close what threads that ended left, if this process opened it (a forked child leaves the
-    parent's alone: its lock file's ``flock`` is shared with the parent). Unless ``waiting``, only
-    while the write lock is free at once: a web request must not wait for another process's writer."""
+    parent's alone: its lock file's ``flock`` is shared with the parent). Each waits for the write
+    lock at most ``within`` seconds (``None``: as long as it takes); a web request passes 0: it must
+    not wait for another process's writer."""
     while _ended:
         try:
             ended = _ended.popleft()
@@ -271,7 +272,7 @@ def _close_ended(*, waiting: bool = True) -> None:
         if pid != os.getpid():
             continue
         try:
-            _close(db, lock_file, None if waiting else 0)
+            _close(db, lock_file, within)
         except TimeoutError:  # held elsewhere: left for the next thread to start, or the next close()
             _ended.appendleft(ended)
             return
@@ -474,7 +475,7 @@ class SQLiteStore(OutboxStore):
             except BaseException:
                 _close(db, lock_file)
                 raise
-            _close_ended(waiting=False)  # a new thread: perhaps one that ended left its connection
+            _close_ended(0)  # a new thread: perhaps one that ended left its connection
             connection = _ThreadConnection(db, lock_file)
             self._local.db, self._local.lock_file, self._local.pid = db, lock_file, os.getpid()
             self._local.file = file
@@ -530,15 +531,19 @@ class SQLiteStore(OutboxStore):
                 raise
             db.execute("COMMIT")
 
-    def close(self) -> None:
-        """Close every connection of this process; each thread reopens its own on next use."""
+    def close(self, within: float | None = None) -> None:
+        """Close every connection of this process; each thread reopens its own on next use.
+
+        Closing waits for the write lock (the last connection checkpoints the WAL): at most ``within``
+        seconds, after which the connections stay queued for the next close, or the process's exit.
+        """
         with _fork_guard.exclusive():
             with self._opened_lock:
                 opened, self._opened = list(self._opened), weakref.WeakSet()
             self._local = threading.local()
             for connection in opened:
                 connection.close()
-            _close_ended()
+            _close_ended(within)
 
     def after_fork(self) -> None:
         """Drop the parent's connections unclosed (the fork hook closed them already where it ran)."""
