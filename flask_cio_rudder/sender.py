@@ -56,6 +56,8 @@ _REDIRECTED = "set CIO_RUDDER_DATA_PLANE_URL to where it leads: redirects are no
 _LEASE_MARGIN = 2.0
 #: The shortest time a request to RudderStack is given (seconds).
 _SHORTEST_REQUEST = 0.1
+#: The shortest lease (``CIO_RUDDER_OUTBOX_LEASE``): the margin, and a second for each request.
+SHORTEST_LEASE = _LEASE_MARGIN + 1.0
 
 
 @dataclass

@@ -183,6 +183,7 @@ def test_a_limit_that_is_not_a_positive_number_fails_at_init_naming_the_key(key:
         ("CIO_RUDDER_TIMEOUT", (3, "10")),
         ("CIO_RUDDER_OUTBOX_MAX_AGE", "604800"),
         ("CIO_RUDDER_OUTBOX_LEASE", 0),
+        ("CIO_RUDDER_OUTBOX_LEASE", 2),  # each post was cut to 0.1 s, timed out and was sent again
         ("CIO_RUDDER_SHUTDOWN_TIMEOUT", "5"),
         ("CIO_RUDDER_SHUTDOWN_TIMEOUT", -1),
         ("CIO_RUDDER_OUTBOX_SENDER", "false"),  # would read as on
