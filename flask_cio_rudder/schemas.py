@@ -226,9 +226,17 @@ EMAIL_ENVELOPES: dict[str, Envelope] = {
 
 
 def envelope_schema_for(body: Mapping[str, Any]) -> Envelope:
-    """Pick the schema for this body: a strict one for the six email events, else the generic one."""
+    """Pick the schema for this body: a strict one for the six email events, else the generic one.
+
+    An email ``unsubscribed`` with no ``data.delivery_id`` is no message's event: it is the person's
+    subscription change that an email triggered (Customer.io's ``person_unsubscribed``, reported
+    with the email channel as ``object_type``), which has no recipient nor subject to require.
+    """
     object_type = body.get("object_type")
     metric = body.get("metric")
     if isinstance(object_type, str) and object_type.lower() == "email" and isinstance(metric, str):
+        data = body.get("data")
+        if metric == "unsubscribed" and not (isinstance(data, Mapping) and "delivery_id" in data):
+            return GENERIC_ENVELOPE
         return EMAIL_ENVELOPES.get(metric, GENERIC_ENVELOPE)
     return GENERIC_ENVELOPE

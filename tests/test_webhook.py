@@ -306,6 +306,32 @@ def test_in_strict_mode_a_body_that_breaks_the_schema_is_2xx_rejected_with_the_f
     assert rejected["errors"] == answer["errors"]
 
 
+@pytest.mark.parametrize("mode", ["compatible", "strict"])
+def test_an_unsubscribe_an_email_triggered_is_an_email_unsubscribe_with_no_message_fields_to_require(
+    make_app: Callable[..., Flask], post: Post, mode: str
+) -> None:
+    """Customer.io's person_unsubscribed, sent with the email channel as its object_type: strict mode
+    rejected it for lacking a delivery_id, recipient and subject, and no suppression list heard of it."""
+    app = make_app(CIO_RUDDER_VALIDATION=mode)
+    body = {
+        "event_id": "01E4C4CT6YDC7Y5M7FE1GWWPQK",
+        "object_type": "email",
+        "metric": "unsubscribed",
+        "timestamp": 1613063089,
+        "data": {
+            "customer_id": "42",
+            "email_address": "test@example.com",
+            "identifiers": {"id": "42", "email": "test@example.com", "cio_id": "d9c106000001"},
+        },
+    }
+    with record_signals(app, *EVERY_SIGNAL) as recorder:
+        assert post(app.test_client(), body).json["status"] == "accepted"
+    assert names(recorder) == ["event-received", "email-unsubscribed"]
+    event = recorder[0][1]["event"]
+    assert event.problems == {} and event.payload["event"] == "Email Unsubscribed"
+    assert event.email == "test@example.com"
+
+
 def test_an_unknown_validation_mode_fails_fast_naming_the_key(make_app: Callable[..., Flask]) -> None:
     with pytest.raises(RuntimeError, match="CIO_RUDDER_VALIDATION must be 'compatible' or 'strict'"):
         make_app(CIO_RUDDER_VALIDATION="lenient")
