@@ -109,18 +109,33 @@ def event_name(object_type: object, metric: object) -> str:
 def _as_javascript_text(value: object) -> str | None:
     """``value`` as RudderStack's transformer writes it into its table's key, where that can name a
     metric: a string as it is, a list as JavaScript joins one (``["clicked"]`` is ``"clicked"``).
-    ``None`` for the rest (numbers, booleans, null, objects), which never name a metric."""
+    ``None`` for the rest (numbers, booleans, null, objects), which never name a metric.
+
+    A join of nested lists is the join of their strings in order, where null and an empty list
+    each count as one empty string: walked with a stack, as a body can nest a thousand deep.
+    """
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
         return None
     texts = []
-    for item in value:
-        text = "" if item is None else _as_javascript_text(item)
-        if text is None:
+    unjoined = [iter(value)]  # the lists being joined, the innermost last
+    while unjoined:
+        item = next(unjoined[-1], _JOINED)
+        if item is _JOINED:
+            unjoined.pop()
+        elif isinstance(item, list) and item:
+            unjoined.append(iter(item))
+        elif item is None or isinstance(item, list):
+            texts.append("")
+        elif isinstance(item, str):
+            texts.append(item)
+        else:
             return None
-        texts.append(text)
     return ",".join(texts)
+
+
+_JOINED = object()  # what a list being joined gives once its items are all taken
 
 
 def describe_body(body: object) -> tuple[str | None, str | None]:
@@ -463,7 +478,19 @@ def transform(body: Mapping[str, Any]) -> dict[str, Any]:
     Whether RudderStack would take the event (an identity, at most 32 KB) is the
     webhook's decision, not this function's.
     """
-    return build(dict(body) if isinstance(body, Mapping) else body)[0]
+    try:
+        return build(_decoded(body))[0]
+    except RecursionError:
+        raise InvalidEvent("the body is nested too deeply") from None
+
+
+def _decoded(value: Any) -> Any:
+    """``value`` as JSON decoding gives it, every mapping a ``dict`` (the transform reads dicts only)."""
+    if isinstance(value, Mapping):
+        return {key: _decoded(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_decoded(item) for item in value]
+    return value
 
 
 def _json_type(value: object) -> str:

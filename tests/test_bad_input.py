@@ -613,6 +613,16 @@ def test_deep_nesting_is_answered_at_every_depth(
                 assert outcome.response.get_json() == {"status": "accepted", "event_id": f"deep-{depth}"}
                 assert len(outcome.received) == 1
 
+            metric = b"[" * depth + b'"delivered"' + b"]" * depth  # JavaScript joins it to "delivered"
+            event = f'{{"event_id":"metric-{depth}","object_type":"email","metric":'.encode() + metric
+            event += b',"data":{"customer_id":"42"}}'
+            outcome = webhook.post(event, signed(event))
+            if depth > 100 and outcome.response.status_code == 400:
+                assert_refused(outcome, 400)
+            else:  # named as RudderStack names it, however deep: it crashed the route with a 500
+                assert outcome.response.get_json() == {"status": "accepted", "event_id": f"metric-{depth}"}
+                assert [event.name for event in outcome.received] == ["Email Delivered"]
+
 
 @pytest.mark.slow
 @settings(REPRODUCIBLE, max_examples=300)

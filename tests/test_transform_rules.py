@@ -7,6 +7,7 @@ reading the library's tables, so that a slip in either place shows up as a failu
 
 from __future__ import annotations
 
+import collections
 import copy
 import json
 import math
@@ -233,6 +234,14 @@ def test_upstream_case_is_reproduced_key_for_key(case: dict[str, Any]) -> None:
     assert without_message_id(event) == case["expected_output"]
     assert source == case["input"], "transform must not change the body it is given"
     assert json.loads(json.dumps(event, allow_nan=False)) == event
+
+
+@pytest.mark.parametrize("case", CASES[:6], ids=[case["name"].split(" | ")[0] for case in CASES[:6]])
+def test_any_mapping_is_read_as_a_json_object(case: dict[str, Any]) -> None:
+    """transform() takes a mapping: nested OrderedDicts (json.loads with object_pairs_hook) lost
+    everything below the top level, the userId and the traits included, without a word."""
+    ordered = json.loads(json.dumps(case["input"]), object_pairs_hook=collections.OrderedDict)
+    assert transform(ordered) == transform(case["input"])
 
 
 def test_message_id_is_a_uuid_that_depends_only_on_event_id() -> None:
