@@ -46,10 +46,11 @@ class FastPath:
         self.app = app
         self.state = state_of(app)
         self.wsgi_app = wsgi_app
-        self.path = path.rstrip("/")  # the route takes it with or without a trailing slash
+        self.path = path.rstrip("/")
+        self.paths = {self.path, self.path + "/"}  # as the route: with or without one trailing slash
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if environ.get("PATH_INFO", "").rstrip("/") == self.path and environ.get("REQUEST_METHOD") == "POST":
+        if environ.get("PATH_INFO", "") in self.paths and environ.get("REQUEST_METHOD") == "POST":
             body = self.read_body(environ)
             if body is not None:
                 answered = self.serve(environ, body)

@@ -218,6 +218,17 @@ def test_the_webhook_answers_with_or_without_a_trailing_slash(
     assert (response.status_code, response.json["status"]) == (200, "accepted")
 
 
+def test_two_trailing_slashes_get_flasks_answer_with_the_fast_path_too(
+    make_app: Callable[..., Flask],
+) -> None:
+    """Werkzeug redirects "//" to "/" on the route; the fast path, which took every trailing slash
+    away, answered 200 to the same request."""
+    app = make_app(CIO_RUDDER_WEBHOOK_PATH="/hooks/cio")
+    raw = encode(sample("opened"))
+    response = app.test_client().post("/hooks/cio//", data=raw, headers=signature_headers(raw, SIGNING_KEY))
+    assert (response.status_code, response.location) == (308, "http://localhost/hooks/cio/")
+
+
 def test_spaces_around_the_signature_headers_are_not_part_of_them(make_app: Callable[..., Flask]) -> None:
     """gunicorn strips them, werkzeug's server keeps them: the answer must not depend on the server."""
     raw = encode(sample("opened"))
@@ -345,6 +356,16 @@ def test_an_event_without_any_identity_is_rejected_not_forwarded(app: Flask, pos
     assert response.json["status"] == "rejected"
     assert "no userId or anonymousId" in response.json["reason"]
     assert names(recorder) == ["event-rejected"]
+
+
+def test_a_blank_customer_id_is_rejected_saying_it_is_blank_not_missing(app: Flask, post: Post) -> None:
+    """A deleted person's events: RudderStack takes the blank customer_id as the userId, and then
+    neither the identifiers' id nor the email; the reason said the body had none of the three."""
+    body = sample("delivered")
+    body["data"] |= {"customer_id": "", "identifiers": {"id": "42", "email": "gone@example.com"}}
+    response = post(app.test_client(), body)
+    assert response.json["status"] == "rejected"
+    assert response.json["reason"].startswith("no usable userId: the body's data.customer_id")
 
 
 @pytest.mark.parametrize("platform", ["ios", None], ids=["no null", "a null"])
