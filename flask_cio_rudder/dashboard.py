@@ -23,6 +23,7 @@ else one kept in the session (so the app needs a ``SECRET_KEY``).
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import secrets
@@ -333,10 +334,12 @@ def event() -> str:
 
 
 def _pretty(text: str | None) -> str | None:
-    """JSON indented for reading (as text: the template escapes it); anything else as it is."""
+    """JSON indented for reading (as text: the template escapes it); anything else as it is.
+
+    A lone surrogate, which JSON can carry (``"\\ud800"``) and a page cannot, is shown as that escape.
+    """
     if text is None:
         return None
-    try:
-        return json.dumps(json.loads(text), indent=2, ensure_ascii=False, sort_keys=True)
-    except (ValueError, RecursionError):
-        return text
+    with contextlib.suppress(ValueError, RecursionError):  # not JSON: shown as it is
+        text = json.dumps(json.loads(text), indent=2, ensure_ascii=False, sort_keys=True)
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -324,6 +324,25 @@ def test_everything_from_a_body_is_escaped(admin: Flask, post: Post, data_plane:
     assert response.headers["Cache-Control"] == "no-store"
 
 
+def test_a_lone_surrogate_in_a_body_is_shown_escaped_not_a_500(admin: Flask, post: Post) -> None:
+    """JSON can carry "\\ud800", which is no text UTF-8 can encode: the event's page failed with a
+    UnicodeEncodeError, for an accepted event and for the dead letter of a rejected body alike."""
+    client = admin.test_client()
+    accepted = sample("opened") | {"event_id": "01LONE"}
+    accepted["data"] = accepted["data"] | {"identifiers": {"id": "42", "email": "\ud800@example.com"}}
+    post(client, accepted)
+    post(client, b'{"event_id":"\\ud800","metric":"bounced","data":{"subject":"\\udfff"}}')
+    (rejected,) = get_outbox(admin).dead_letters()
+    shown = []
+    for event_id in ("01LONE", rejected.event_id):
+        response = client.get(f"{PREFIX}/event", query_string={"id": event_id})
+        assert response.status_code == 200
+        shown.append(text(response))
+    assert "\\ud800@example.com" in shown[0] and "\\udfff" in shown[1]
+    assert client.get(f"{PREFIX}/events", query_string={"q": "01LONE"}).status_code == 200
+    assert client.get(f"{PREFIX}/dead-letters").status_code == 200
+
+
 def test_an_outbox_that_cannot_be_used_gets_a_page_saying_so_not_a_500(admin: Flask, tmp_path: Path) -> None:
     client = admin.test_client()
     csrf = token(client.get(f"{PREFIX}/"))  # the pause button's form
