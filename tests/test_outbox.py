@@ -454,6 +454,9 @@ def test_a_bad_request_rate_cap_fails_at_init_naming_the_key(
         ("CIO_RUDDER_OUTBOX_BATCH_SIZE", 101, "CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number"),
         ("CIO_RUDDER_OUTBOX_PATH", 5, "CIO_RUDDER_OUTBOX_PATH must be a file path"),
         ("CIO_RUDDER_WRITE_KEY", 123456, "CIO_RUDDER_WRITE_KEY must be text"),
+        # An unset variable: not the default SQLite file on a container's disk that goes with it.
+        ("CIO_RUDDER_OUTBOX_URL", "", "CIO_RUDDER_OUTBOX_URL is empty"),
+        ("CIO_RUDDER_OUTBOX_URL", None, "CIO_RUDDER_OUTBOX_URL is empty"),
     ],
 )
 def test_a_setting_of_the_wrong_kind_fails_at_init_saying_what_it_must_be(
