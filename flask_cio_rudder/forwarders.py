@@ -22,7 +22,7 @@ from flask import Flask
 
 from . import signals
 from .event import CioEvent
-from .rudderstack import data_plane_from_config
+from .rudderstack import configuration_hint, data_plane_from_config
 
 __all__ = [
     "ForwardError",
@@ -128,8 +128,8 @@ class SyncForwarder(Forwarder):
         try:
             response = self.data_plane.post_batch([event.payload_json])
         except requests.RequestException as error:
-            reason, retry = f"could not reach RudderStack ({type(error).__name__})", True
-            answered = reason
+            reason, retry = self.data_plane.unreachable(error), True
+            answered = f"could not reach RudderStack ({type(error).__name__})"  # the address to the log only
         else:
             if response.stored:
                 duration = time.perf_counter() - started
@@ -140,6 +140,9 @@ class SyncForwarder(Forwarder):
             # 400 and 413 are about the event itself: sending it again cannot help. It was accepted
             # (its receivers ran), so it is reported as the outbox reports dead letters; nothing is kept.
             reason, retry = self.data_plane.describe(response), response.status_code not in (400, 413)
+            hint = configuration_hint(response.status_code)
+            if hint is not None:
+                reason = f"{reason}; {hint}"
             answered = f"RudderStack answered {response.status_code}"  # its words go to the log only
             if response.status_code == 200:  # a web page: see Answer.stored
                 answered += " with a web page: check CIO_RUDDER_DATA_PLANE_URL"

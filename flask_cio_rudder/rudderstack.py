@@ -21,6 +21,7 @@ __all__ = [
     "DataPlane",
     "Timeout",
     "check_url",
+    "configuration_hint",
     "data_plane_from_config",
     "data_plane_settings",
     "identifiable",
@@ -28,6 +29,21 @@ __all__ = [
 ]
 
 Timeout = Union[float, tuple[float, float]]
+
+
+#: What to check when RudderStack answers with these statuses: the settings, not the events, are wrong.
+_CONFIGURATION_ERRORS = {
+    200: "check CIO_RUDDER_DATA_PLANE_URL: what answers there is not RudderStack",  # a web page
+    401: "check CIO_RUDDER_WRITE_KEY: RudderStack does not know this write key",
+    403: "check CIO_RUDDER_WRITE_KEY: RudderStack refused this write key",
+    404: "check CIO_RUDDER_DATA_PLANE_URL and that the RudderStack source is enabled",
+}
+_REDIRECTED = "set CIO_RUDDER_DATA_PLANE_URL to where it leads: redirects are not followed"
+
+
+def configuration_hint(status: int) -> str | None:
+    """What to check after an answer with this ``status`` that no retry can help, if it is one."""
+    return _CONFIGURATION_ERRORS.get(status, _REDIRECTED if 300 <= status < 400 else None)
 
 
 #: The most of an answer's body that is read (bytes): RudderStack answers "OK" or a line saying what
@@ -75,6 +91,8 @@ class DataPlane:
 
     def __init__(self, url: str, write_key: str, timeout: Timeout) -> None:
         self.batch_url = url.rstrip("/") + "/v1/batch"
+        parts = urlsplit(url)  # for messages: the scheme, host and port, no credentials nor path
+        self.address = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
         self.timeout = timeout
         self.session = requests.Session()
         self.session.auth = (write_key, "")
@@ -131,6 +149,13 @@ class DataPlane:
                 text = text.replace(secret, "***")
         text = text[:200]  # after masking: a cut must not leave part of the key behind
         return f"RudderStack answered {response.status_code}" + (f": {text}" if text else "")
+
+    def unreachable(self, error: requests.RequestException) -> str:
+        """Why a post got no answer, for logs and operators: where it went, and what to check."""
+        return (
+            f"could not reach RudderStack at {self.address} ({type(error).__name__}): "
+            "check CIO_RUDDER_DATA_PLANE_URL, and that the data plane is up"
+        )
 
     def close(self) -> None:
         self.session.close()

@@ -37,20 +37,13 @@ import requests
 from flask import Flask
 
 from . import signals
-from .rudderstack import DataPlane, retry_after
+from .rudderstack import DataPlane, configuration_hint, retry_after
 from .store import Claim, Claimed, OutboxStore, StoreError
 
 __all__ = ["Delivery", "Pacer", "Sender"]
 
 logger = logging.getLogger("flask_cio_rudder")
 
-_CONFIGURATION_ERRORS = {
-    200: "check CIO_RUDDER_DATA_PLANE_URL: what answers there is not RudderStack",  # a web page
-    401: "check CIO_RUDDER_WRITE_KEY: RudderStack does not know this write key",
-    403: "check CIO_RUDDER_WRITE_KEY: RudderStack refused this write key",
-    404: "check CIO_RUDDER_DATA_PLANE_URL and that the RudderStack source is enabled",
-}
-_REDIRECTED = "set CIO_RUDDER_DATA_PLANE_URL to where it leads: redirects are not followed"
 
 #: Seconds of a lease kept back from a request's timeout, for marking the batch afterwards.
 _LEASE_MARGIN = 2.0
@@ -407,7 +400,7 @@ class Sender:
             )
         except requests.RequestException as error:
             self._retry_after = None
-            reason = f"could not reach RudderStack ({type(error).__name__})"
+            reason = self.data_plane.unreachable(error)
             self._retry_later(owner, events, reason, outcome, time.perf_counter() - started)
             return
         duration = time.perf_counter() - started
@@ -438,7 +431,7 @@ class Sender:
         self._retry_after = retry_after(response, self.clock())
         if self._retry_after is not None:
             reason = f"{reason}; it asked to wait {self._retry_after:.0f} s (Retry-After)"
-        hint = _CONFIGURATION_ERRORS.get(status, _REDIRECTED if 300 <= status < 400 else None)
+        hint = configuration_hint(status)
         if hint is not None:
             reason = f"{reason}; {hint}"
             if not self._reported_configuration_error:

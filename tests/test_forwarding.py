@@ -112,12 +112,31 @@ def test_a_transient_or_configuration_failure_is_503_so_customerio_retries(
 @pytest.mark.parametrize(
     "error", [requests.ConnectionError("refused"), requests.Timeout("slow")], ids=["refused", "timeout"]
 )
-def test_an_unreachable_data_plane_is_503(sync_app: Flask, post: Post, error: Exception) -> None:
+def test_an_unreachable_data_plane_is_503(
+    sync_app: Flask, post: Post, outcomes: list[Any], error: Exception
+) -> None:
     responses.post(f"{DATA_PLANE}/v1/batch", body=error)
     response = post(sync_app.test_client(), sample("delivered"))
     assert response.status_code == 503
     assert "could not reach RudderStack" in response.json["error"]
     assert WRITE_KEY not in response.get_data(as_text=True)
+    # The log and the signal say where, and what to check: a mistyped host read as a network failure.
+    assert outcomes[0][1]["reason"] == (
+        f"could not reach RudderStack at {DATA_PLANE} ({type(error).__name__}): "
+        "check CIO_RUDDER_DATA_PLANE_URL, and that the data plane is up"
+    )
+
+
+@responses.activate
+@pytest.mark.parametrize(
+    ("status", "key"), [(401, "CIO_RUDDER_WRITE_KEY"), (404, "CIO_RUDDER_DATA_PLANE_URL")]
+)
+def test_a_configuration_failure_names_the_setting_to_check(
+    sync_app: Flask, post: Post, outcomes: list[Any], status: int, key: str
+) -> None:
+    responses.post(f"{DATA_PLANE}/v1/batch", body="nope", status=status)
+    assert post(sync_app.test_client(), sample("delivered")).status_code == 503
+    assert outcomes[0][1]["reason"].startswith(f"RudderStack answered {status}: nope; check {key}")
 
 
 @responses.activate
