@@ -12,13 +12,17 @@ import hmac
 import time
 from collections.abc import Sequence
 
-__all__ = ["SignatureError", "sign", "verify"]
+__all__ = ["SignatureError", "SignatureMismatch", "sign", "verify"]
 
 _SIGNATURE_HEX_LENGTH = 64  # SHA-256 digest as hex
 
 
 class SignatureError(Exception):
     """The request is not provably from Customer.io; the message says why (never a secret)."""
+
+
+class SignatureMismatch(SignatureError):
+    """A well-formed signature that no configured key makes: a forgery, or the wrong key configured."""
 
 
 def sign(body: bytes, timestamp: str, key: str) -> str:
@@ -67,7 +71,7 @@ def verify(
         mac.update(body)
         matched |= hmac.compare_digest(mac.digest(), expected)
     if not matched:
-        raise SignatureError("X-CIO-Signature does not match the body for any configured signing key")
+        raise SignatureMismatch("X-CIO-Signature does not match the body for any configured signing key")
     if max_age is not None:
         _check_age(timestamp, max_age, time.time() if now is None else now)
 

@@ -33,7 +33,7 @@ from . import jsoncodec, signals
 from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
 from .schemas import is_text
-from .signature import SignatureError, verify
+from .signature import SignatureError, SignatureMismatch, verify
 from .state import State, state_of
 from .transform import InvalidEvent
 
@@ -294,8 +294,16 @@ def check_signature(incoming: Request, body: bytes, keys: Iterable[str], max_age
             max_age=max_age,
         )
     except SignatureError as error:
-        logger.warning("Refused a Customer.io webhook from %s: %s", incoming.remote_addr, error)
+        hint = _WRONG_KEY if isinstance(error, SignatureMismatch) else ""
+        logger.warning("Refused a Customer.io webhook from %s: %s%s", incoming.remote_addr, error, hint)
         raise InvalidSignature(str(error)) from None
+
+
+#: For the log only: the answer tells whoever sent the request nothing of the app's settings.
+_WRONG_KEY = (
+    "; if Customer.io sent it, set CIO_RUDDER_SIGNING_KEY to the signing key of this reporting webhook "
+    "(Customer.io: Data & Integrations, Reporting Webhooks)"
+)
 
 
 def _no_constants(name: str) -> None:

@@ -102,6 +102,9 @@ def test_a_missing_or_wrong_signature_is_401_and_nothing_happens(
     assert recorder == []
     assert "Refused a Customer.io webhook" in caplog.text
     assert SIGNING_KEY not in caplog.text + response.get_data(as_text=True)
+    # A well-formed signature the key does not make: the operator learns which setting to check.
+    assert ("set CIO_RUDDER_SIGNING_KEY" in caplog.text) is (headers == {"X-CIO-Signature": "0" * 64})
+    assert "CIO_RUDDER" not in response.get_data(as_text=True)
 
 
 def test_a_body_signed_with_another_key_is_401(app: Flask, post: Post) -> None:
