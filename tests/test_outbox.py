@@ -1298,9 +1298,15 @@ def test_cli_copy_pending_refuses_a_missing_file_and_takes_in_what_the_sources_s
     refused = runner.invoke(args=["cio-rudder", "copy-pending", f"sqlite:///{missing}"])
     assert refused.exit_code == 1 and "does not exist" in refused.output
     assert not missing.parent.exists()  # nothing made where the mistyped path points
+    folder = runner.invoke(args=["cio-rudder", "copy-pending", f"sqlite:///{tmp_path}"])
+    assert folder.exit_code == 1 and "a folder, not an SQLite file" in folder.output
     other = tmp_path / "app.sqlite3"  # some other database, named by mistake
     with closing(sqlite3.connect(other)) as db:
         db.execute("CREATE TABLE users (id INTEGER)")
+    bad_table = runner.invoke(args=["cio-rudder", "copy-pending", f"sqlite:///{other}", "--table", "a-b"])
+    assert bad_table.exit_code == 2 and "Invalid value for --table: --table must be a table name" in (
+        bad_table.output
+    )
     wrong_file = runner.invoke(args=["cio-rudder", "copy-pending", f"sqlite:///{other}"])
     assert wrong_file.exit_code == 1 and "has no outbox table 'events'" in wrong_file.output
     with closing(sqlite3.connect(other)) as db:  # left as it was: not switched to WAL, no lock file
