@@ -55,9 +55,9 @@ class Validation:
         if not identifiable(payload):
             if payload.get("userId") is not None:  # there, but blank: it stops the look for an email too
                 raise InvalidEvent(
-                    "no usable userId: the body's data.customer_id (else data.identifiers.id) is blank, "
-                    "as Customer.io sends it for a person who was deleted; RudderStack takes it as the "
-                    "userId, so it sets no anonymousId from the email, and refuses the event"
+                    "no userId or anonymousId: the body's data.customer_id (else data.identifiers.id) is "
+                    "blank, as Customer.io sends it for a person who was deleted; RudderStack takes it as "
+                    "the userId all the same, so it sets no anonymousId from the email, and refuses the event"
                 )
             raise InvalidEvent(
                 "no userId or anonymousId: the body has no data.customer_id, data.identifiers.id "

@@ -368,7 +368,7 @@ def test_a_blank_customer_id_is_rejected_saying_it_is_blank_not_missing(app: Fla
     body["data"] |= {"customer_id": "", "identifiers": {"id": "42", "email": "gone@example.com"}}
     response = post(app.test_client(), body)
     assert response.json["status"] == "rejected"
-    assert response.json["reason"].startswith("no usable userId: the body's data.customer_id")
+    assert response.json["reason"].startswith("no userId or anonymousId: the body's data.customer_id")
 
 
 @pytest.mark.parametrize("platform", ["ios", None], ids=["no null", "a null"])
