@@ -137,6 +137,18 @@ def test_no_password_reaches_an_error_or_the_url_shown(postgres: Backend) -> Non
         assert "s3cret" not in str(refused.value) and "CIO_RUDDER_OUTBOX_URL" in str(refused.value)
 
 
+def test_a_store_started_afresh_after_a_fork_is_not_started_afresh_again(postgres: Backend) -> None:
+    """Two fork hooks reset the store in a child (the senders', which also starts the sender, then the
+    store module's): the second took a new holder name and heartbeat under the first claim's rows,
+    and another server sent the batch while the child still posted it."""
+    store = postgres.store()
+    store.add("e1", "{}")
+    assert store.claim(10, lease=60, max_age=3600).events
+    holder = store.holder
+    store.after_fork()  # in the process that claimed: as the second hook finds it
+    assert store.holder == holder  # its batch keeps the holder its heartbeat beats for
+
+
 def test_a_holder_keeps_beating_while_its_web_requests_fill_the_pool(postgres: Backend) -> None:
     """Requests queued behind a lock hold every pooled connection; the heartbeat must still go out,
     or another server takes the live holder's batch and both send it at once."""

@@ -440,7 +440,14 @@ class PostgresStore(OutboxStore):
         self._fresh_process_state()
 
     def after_fork(self) -> None:
-        """Leave the parent's pool alone (kept referenced, never closed) and start afresh."""
+        """Leave the parent's pool alone (kept referenced, never closed) and start afresh, once per process.
+
+        The senders' fork hook calls it, then starts the child's sender; this module's own hook
+        calls it again. Starting afresh a second time would take a new holder name under the
+        child's first claim, whose rows would then lose their heartbeat while it posts them.
+        """
+        if self._pid == os.getpid():
+            return
         if self._pool is not None:
             _abandoned.append(self._pool)
         self._fresh_process_state()
