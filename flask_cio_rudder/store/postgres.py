@@ -196,8 +196,10 @@ class PostgresStore(OutboxStore):
         try:  # here, not at the first connection: libpq's parse errors quote the whole URL
             conninfo_to_dict(self.conninfo)
         except psycopg.Error as error:
-            reason = str(error).split("\n")[0].partition(" in URI")[0]  # the rest quotes the URL
-            raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL {self.url!r} cannot be read: {reason}.") from None
+            # Neither the URL nor what libpq quotes of it (in double quotes): either may hold the password,
+            # which a URL libpq cannot read is no safe place to find and mask.
+            reason = re.sub(r'"[^"]{2,}"', "(not shown)", str(error).split("\n")[0].partition(" in URI")[0])
+            raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL cannot be read: {reason}.") from None
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
         self.clock = clock
         self.pool_size = pool_size
