@@ -154,6 +154,38 @@ def test_a_store_started_afresh_after_a_fork_is_not_started_afresh_again(postgre
     assert store.holder == holder  # its batch keeps the holder its heartbeat beats for
 
 
+def test_status_counts_from_one_snapshot(postgres: Backend, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its reads were separate statements: an event added and claimed between the counts and the
+    look at what is held showed more in flight than pending, and the CLI a negative 'not sent'."""
+    store, another_server = postgres.store(), postgres.store()
+    run = store._run  # type: ignore[attr-defined]
+
+    def a_claim_between_the_reads(work: Any, timeout: float | None = None) -> Any:
+        def between(conn: Any) -> Any:
+            execute = conn.execute
+
+            def execute_then_claim(query: Any, *args: Any) -> Any:
+                result = execute(query, *args)
+                if str(query).startswith("SELECT state, count(*)"):
+                    another_server.add("e1", "{}")
+                    assert another_server.claim(10, lease=60, max_age=3600).events
+                return result
+
+            conn.execute = execute_then_claim
+            try:
+                return work(conn)
+            finally:
+                del conn.execute
+
+        return run(between, timeout)
+
+    monkeypatch.setattr(store, "_run", a_claim_between_the_reads)
+    status = store.status()
+    assert (status.pending, status.in_flight) == (0, 0)  # as it was when the reading began
+    monkeypatch.undo()
+    assert (store.status().pending, store.status().in_flight) == (1, 1)
+
+
 def test_a_holder_keeps_beating_while_its_web_requests_fill_the_pool(postgres: Backend) -> None:
     """Requests queued behind a lock hold every pooled connection; the heartbeat must still go out,
     or another server takes the live holder's batch and both send it at once."""

@@ -754,6 +754,13 @@ class PostgresStore(OutboxStore):
 
     def status(self) -> OutboxStatus:
         def read(conn: Connection[Any]) -> tuple[Any, ...]:
+            with (
+                conn.transaction()
+            ):  # one snapshot: else a claim between two reads counts more in flight than pending
+                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                return read_all(conn)
+
+        def read_all(conn: Connection[Any]) -> tuple[Any, ...]:
             params = {"now": self._now(), "stale": self.HEARTBEAT_TIMEOUT}
             counts = dict(
                 conn.execute(f"SELECT state, count(*) FROM {self._events} GROUP BY state").fetchall()
