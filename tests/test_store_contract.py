@@ -392,12 +392,17 @@ OLD_TABLE = """CREATE TABLE {table} (event_id TEXT PRIMARY KEY, state TEXT NOT N
 def test_a_table_made_by_the_previous_release_is_migrated_in_place(backend: Backend) -> None:
     numeric = json.loads(event_of("clicked", "numeric", "x"))  # an address given as a number, forwarded as is
     numeric["context"]["traits"]["email"] = 12345
+    nul = json.loads(
+        event_of("delivered", "nul", "nul@example.com")
+    )  # "\u0000": PostgreSQL's json refuses it
+    nul["properties"]["emailSubject"] = "Hello\x00"
     rows = [
         ("kept", "pending", event_of("bounced", "kept", "Eve@example.com"), None, None, 1.0),
         ("refused", "dead", event_of("opened", "refused", "eve@example.com"), None, "400", 2.0),
         ("rejected", "dead", None, "{}", "invalid", 3.0),
         ("numeric", "dead", json.dumps(numeric), None, "400", 4.0),
         ("blank", "dead", event_of("spammed", "blank", "  "), None, "400", 5.0),
+        ("nul", "pending", json.dumps(nul), None, None, 6.0),
     ]
     insert = f"INSERT INTO {backend.table} (event_id, state, payload, body, reason, accepted_at) VALUES "
     if backend.name == "sqlite":
@@ -426,7 +431,7 @@ def test_a_table_made_by_the_previous_release_is_migrated_in_place(backend: Back
     ]
     assert store.find(email="12345") == []
     assert [letter.event_id for letter in store.dead_letters(match=Match(event="clicked"))] == ["numeric"]
-    assert store.add("new", stored("new")) and len(store.claim(100, LEASE, 1e12).events) == 2
+    assert store.add("new", stored("new")) and len(store.claim(100, LEASE, 1e12).events) == 3
     assert "event_name" in store.schema_sql() and "email" in store.schema_sql()
 
 

@@ -78,14 +78,16 @@ DEFAULT_TABLE = "cio_rudder_outbox"
 _NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
 
 #: Fills the search columns of rows an older release kept: each only from text, as search_columns()
-#: fills them for new rows (a number where an address goes is no address to search by).
+#: fills them for new rows (a number where an address goes is no address to search by). A payload
+#: with a ``\u0000`` or a surrogate escape anywhere is left unfilled: PostgreSQL's json operators
+#: refuse the whole document, and one such row would fail the update of every other.
 _BACKFILL = (
     "UPDATE {events} SET "
     "event_name = CASE WHEN json_typeof(payload::json -> 'event') = 'string' "
     "THEN payload::json ->> 'event' END, "
     "email = CASE WHEN json_typeof(payload::json -> 'context' -> 'traits' -> 'email') = 'string' "
     "THEN NULLIF(lower(btrim(payload::json -> 'context' -> 'traits' ->> 'email')), '') END "
-    "WHERE payload IS NOT NULL"
+    "WHERE payload IS NOT NULL AND payload !~ '\\\\u(0000|[dD][89a-fA-F])'"
 )
 
 _SCHEMA = """\
