@@ -188,7 +188,7 @@ class FirstOf(fields.Field):  # type: ignore[type-arg]
         for keys in self.paths:
             value = obj
             for key in keys:  # walk down nested JSON objects; anything else means absent
-                value = value.get(key) if type(value) is dict else None
+                value = value.get(key) if isinstance(value, dict) else None
             if value is not None:
                 return value
         return missing
@@ -341,7 +341,7 @@ def compile_dump(schema: Schema) -> Callable[[dict[str, Any]], dict[str, Any]]:
 
     def dump_body(body: dict[str, Any]) -> dict[str, Any]:
         data = body.get("data")
-        return _run(table, body, data if type(data) is dict else _EMPTY)
+        return _run(table, body, data if isinstance(data, dict) else _EMPTY)
 
     return dump_body
 
@@ -385,7 +385,7 @@ def _first_of(paths: list[tuple[str, ...]]) -> _Lookup:
         for from_data, keys in starts:
             value: Any = data if from_data else body
             for key in keys:
-                value = value.get(key) if type(value) is dict else None
+                value = value.get(key) if isinstance(value, dict) else None
             if value is not None:
                 return value
         return missing
@@ -476,21 +476,10 @@ def transform(body: Mapping[str, Any]) -> dict[str, Any]:
     Pure: no I/O, no app needed; the result is always valid for ``json.dumps``. Raises
     :class:`InvalidEvent` for bodies no event can be made from (see :func:`build`).
     Whether RudderStack would take the event (an identity, at most 32 KB) is the
-    webhook's decision, not this function's.
+    webhook's decision, not this function's. Nested objects are read as dicts (an
+    ``OrderedDict`` too), as JSON decoding gives them.
     """
-    try:
-        return build(_decoded(body))[0]
-    except RecursionError:
-        raise InvalidEvent("the body is nested too deeply") from None
-
-
-def _decoded(value: Any) -> Any:
-    """``value`` as JSON decoding gives it, every mapping a ``dict`` (the transform reads dicts only)."""
-    if isinstance(value, Mapping):
-        return {key: _decoded(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_decoded(item) for item in value]
-    return value
+    return build(dict(body) if isinstance(body, Mapping) else body)[0]
 
 
 def _json_type(value: object) -> str:
