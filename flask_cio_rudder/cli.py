@@ -363,12 +363,12 @@ def copy_pending(source_url: str, table: str | None) -> None:
     an SQLite source first takes in what its stopped processes left in its spool.
     """
     outbox = outbox_of_current_app()
-    if source_url.lower().startswith("sqlite:"):
-        path = sqlite_path(source_url, current_app.instance_path)
-        if not os.path.isfile(path):
-            problem = "a folder, not an SQLite file" if os.path.isdir(path) else "which does not exist"
-            raise click.ClickException(f"SOURCE_URL names {path}, {problem}: check the path")
     try:
+        if source_url.lower().startswith("sqlite:"):
+            path = sqlite_path(source_url, current_app.instance_path)
+            if not os.path.isfile(path):
+                problem = "a folder, not an SQLite file" if os.path.isdir(path) else "which does not exist"
+                raise click.ClickException(f"SOURCE_URL names {path}, {problem}: check the path")
         source = store_from_url(
             source_url, instance_path=current_app.instance_path, table=table, create=False
         )

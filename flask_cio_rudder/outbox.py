@@ -405,15 +405,16 @@ def get_outbox(app: Flask | None = None) -> Outbox:
 def outbox_url(config: Mapping[str, Any]) -> str:
     """``CIO_RUDDER_OUTBOX_URL``, or the deprecated ``CIO_RUDDER_OUTBOX_PATH`` turned into one."""
     url: str = config.get("CIO_RUDDER_OUTBOX_URL", DEFAULT_URL)
-    if not url:  # an unset variable, most likely: the default would keep events on this server's disk
-        raise RuntimeError(
-            f"CIO_RUDDER_OUTBOX_URL is empty ({url!r}): set it to where the outbox keeps events "
-            "(postgresql://user:password@host/database, sqlite:////absolute/path.sqlite3), or leave it "
-            "out for the default, a file in the instance folder."
-        )
     path = config.get("CIO_RUDDER_OUTBOX_PATH")
     if path is None:
+        if not url:  # an unset variable, most likely: the default would keep events on this server's disk
+            raise RuntimeError(
+                f"CIO_RUDDER_OUTBOX_URL is empty ({url!r}): set it to where the outbox keeps events "
+                "(postgresql://user:password@host/database, sqlite:////absolute/path.sqlite3), or leave "
+                "it out for the default, a file in the instance folder."
+            )
         return url
+    url = url or DEFAULT_URL  # the deprecated path names the file
     if not isinstance(path, (str, os.PathLike)) or not str(path):
         raise RuntimeError(
             f"CIO_RUDDER_OUTBOX_PATH must be a file path, not {path!r}; better, set CIO_RUDDER_OUTBOX_URL."

@@ -864,6 +864,10 @@ def test_the_old_path_setting_still_works_with_a_deprecation_warning(
     with pytest.warns(DeprecationWarning, match="CIO_RUDDER_OUTBOX_URL"):
         app = make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_PATH=str(tmp_path / "old.sqlite3")))
     assert get_outbox(app).path == str(tmp_path / "old.sqlite3")
+    with pytest.warns(DeprecationWarning):  # an unset variable beside it: the path still names the file
+        unset = base_config(data_plane, CIO_RUDDER_OUTBOX_PATH=str(tmp_path / "old.sqlite3"))
+        app = make_app(**unset | {"CIO_RUDDER_OUTBOX_URL": None})
+    assert get_outbox(app).path == str(tmp_path / "old.sqlite3")
     with pytest.raises(RuntimeError, match="keep CIO_RUDDER_OUTBOX_URL only"):
         make_app(
             **base_config(
@@ -1300,6 +1304,8 @@ def test_cli_copy_pending_refuses_a_missing_file_and_takes_in_what_the_sources_s
     assert not missing.parent.exists()  # nothing made where the mistyped path points
     folder = runner.invoke(args=["cio-rudder", "copy-pending", f"sqlite:///{tmp_path}"])
     assert folder.exit_code == 1 and "a folder, not an SQLite file" in folder.output
+    remote = runner.invoke(args=["cio-rudder", "copy-pending", "sqlite://oldhost/outbox.sqlite3"])
+    assert remote.exit_code == 2 and "Invalid value for SOURCE_URL: SOURCE_URL" in remote.output
     other = tmp_path / "app.sqlite3"  # some other database, named by mistake
     with closing(sqlite3.connect(other)) as db:
         db.execute("CREATE TABLE users (id INTEGER)")
