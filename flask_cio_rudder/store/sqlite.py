@@ -883,17 +883,23 @@ class SQLiteStore(OutboxStore):
     ) -> int:
         """``{change} WHERE {where}``, committed ``BULK_ROWS`` rows at a time; returns how many rows changed.
 
-        ``change`` must take each row out of ``where`` (a ``DELETE``, or an ``UPDATE`` of its state),
-        so that each chunk finds the next rows. What a commit changed stays if a later one fails.
+        The chunks follow the rows' order (``rowid``), each starting after the last: a row is changed
+        once, even if it matches again meanwhile (a requeued event a sender makes a dead letter again).
+        What a commit changed stays if a later one fails.
         """
-        chunk = f"{change} WHERE rowid IN (SELECT rowid FROM {self.table} WHERE {where} LIMIT ?)"
-        count = 0
+        chunk = f"SELECT rowid FROM {self.table} WHERE rowid > ? AND {where} ORDER BY rowid LIMIT ?"
+        after, count = -(2**63), 0  # below every rowid
         while True:
             with self._transaction() as db:
-                changed: int = db.execute(chunk, (*change_params, *params, self.BULK_ROWS)).rowcount
+                chunk_params = (after, *params, self.BULK_ROWS)
+                (last,) = db.execute(f"SELECT max(rowid) FROM ({chunk})", chunk_params).fetchone()
+                changed: int = db.execute(
+                    f"{change} WHERE rowid IN ({chunk})", (*change_params, *chunk_params)
+                ).rowcount
             count += changed
             if changed < self.BULK_ROWS:
                 return count
+            after = last
 
     def schema_sql(self) -> str:
         return (
