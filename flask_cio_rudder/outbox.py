@@ -28,7 +28,7 @@ from werkzeug.serving import is_running_from_reloader
 from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
 from .rudderstack import DataPlane, data_plane_settings
-from .sender import SHORTEST_LEASE, Delivery, Sender
+from .sender import Delivery, Sender, check_lease
 from .settings import check_seconds
 from .spool import Spool, spool_for
 from .state import state_of
@@ -306,13 +306,7 @@ class OutboxForwarder(Forwarder):
         batch_size = config["CIO_RUDDER_OUTBOX_BATCH_SIZE"]
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or not 1 <= batch_size <= 100:
             raise RuntimeError("CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number from 1 to 100.")
-        lease = check_seconds(config, "CIO_RUDDER_OUTBOX_LEASE")
-        if lease < SHORTEST_LEASE:  # each post would time out before RudderStack answered, and be sent again
-            raise RuntimeError(
-                f"CIO_RUDDER_OUTBOX_LEASE must be at least {SHORTEST_LEASE:g} seconds, not {lease:g}: each "
-                f"request to RudderStack gets the lease less {SHORTEST_LEASE - 1:g} s (kept for marking "
-                "the batch), and needs a second at least."
-            )
+        lease = check_lease(check_seconds(config, "CIO_RUDDER_OUTBOX_LEASE"))
         max_age = check_seconds(config, "CIO_RUDDER_OUTBOX_MAX_AGE")
         shutdown_timeout = check_seconds(config, "CIO_RUDDER_SHUTDOWN_TIMEOUT", zero=True)
         try:

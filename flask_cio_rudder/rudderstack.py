@@ -167,11 +167,12 @@ _INVISIBLE = frozenset("\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0")
 
 
 def _text(start: bytes, charset: str | None) -> str:
-    """The answer's text in its charset; in UTF-8 when it names none, or one Python does not know
-    (a proxy's ``utf8mb4``, say): it is read for logs and for ``is_page``, never to decide a delivery."""
+    """The answer's text in its charset; in UTF-8 when it names none, one Python does not know (a
+    proxy's ``utf8mb4``, say) or one that cannot replace what it cannot decode (``idna``): it is read
+    for logs and for ``is_page``, never to decide a delivery."""
     try:
         return start.decode(charset or "utf-8", "replace")
-    except LookupError:
+    except (LookupError, UnicodeError):
         return start.decode("utf-8", "replace")
 
 
@@ -209,7 +210,8 @@ def data_plane_settings(config: Mapping[str, Any], default_timeout: Timeout) -> 
             "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
         )
     if not write_key.isascii() or not write_key.isprintable() or write_key != write_key.strip():
-        # HTTP Basic auth carries it as Latin-1: requests would fail on each post, its error holding the key
+        # No write key holds one. Outside Latin-1, requests would fail on each post with an error holding
+        # the key (HTTP Basic auth carries it as Latin-1); any other would get a 401 from RudderStack.
         raise RuntimeError(
             "CIO_RUDDER_WRITE_KEY starts or ends with a space, or holds an invisible or non-ASCII character "
             "(pasted with it?): set it to the write key exactly as RudderStack's source page shows it."

@@ -40,7 +40,7 @@ from . import signals
 from .rudderstack import DataPlane, configuration_hint, retry_after
 from .store import Claim, Claimed, OutboxStore, StoreError
 
-__all__ = ["Delivery", "Pacer", "Sender"]
+__all__ = ["Delivery", "Pacer", "Sender", "check_lease"]
 
 logger = logging.getLogger("flask_cio_rudder")
 
@@ -50,7 +50,19 @@ _LEASE_MARGIN = 2.0
 #: The shortest time a request to RudderStack is given (seconds).
 _SHORTEST_REQUEST = 0.1
 #: The shortest lease (``CIO_RUDDER_OUTBOX_LEASE``): the margin, and a second for each request.
-SHORTEST_LEASE = _LEASE_MARGIN + 1.0
+_SHORTEST_LEASE = _LEASE_MARGIN + 1.0
+
+
+def check_lease(lease: float) -> float:
+    """``lease`` if it leaves each request to RudderStack a second once the margin is kept, else fail
+    naming the key: each post would time out before RudderStack answered, and be sent again."""
+    if lease < _SHORTEST_LEASE:
+        raise RuntimeError(
+            f"CIO_RUDDER_OUTBOX_LEASE must be at least {_SHORTEST_LEASE:g} seconds, not {lease:g}: each "
+            f"request to RudderStack gets the lease less {_LEASE_MARGIN:g} s (kept for marking the "
+            "batch), and needs a second at least."
+        )
+    return lease
 
 
 @dataclass

@@ -140,11 +140,13 @@ def test_a_configuration_failure_names_the_setting_to_check(
 
 
 @responses.activate
-def test_an_answer_in_a_charset_python_does_not_know_is_still_read(
-    sync_app: Flask, post: Post, outcomes: list[Any]
+@pytest.mark.parametrize("charset", ["utf8mb4", "idna"])
+def test_an_answer_in_a_charset_python_cannot_read_is_still_read(
+    sync_app: Flask, post: Post, outcomes: list[Any], charset: str
 ) -> None:
-    """A proxy's ``charset=utf8mb4`` raised LookupError after RudderStack had stored the batch."""
-    headers = {"Content-Type": "text/plain; charset=utf8mb4"}
+    """A proxy's ``charset=utf8mb4`` raised LookupError (``idna``, UnicodeError) after RudderStack had
+    stored the batch."""
+    headers = {"Content-Type": f"text/plain; charset={charset}"}
     responses.post(f"{DATA_PLANE}/v1/batch", body="OK", headers=headers)
     assert post(sync_app.test_client(), sample("opened")).json["status"] == "accepted"
     responses.replace(responses.POST, f"{DATA_PLANE}/v1/batch", body="busy", status=503, headers=headers)
