@@ -218,6 +218,39 @@ def test_a_holder_keeps_beating_while_its_web_requests_fill_the_pool(postgres: B
     assert other.claim(100, 600.0, 3600.0).events == []  # the live holder keeps its batch
 
 
+def test_a_holder_refused_a_connection_of_its_own_beats_on_a_pooled_one(
+    postgres: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's or the role's connection limit reached once the pool's were open (a rolling
+    restart): the heartbeat never connected, and another server sent the live holder's batch too."""
+    import psycopg
+
+    clock = Clock()
+    holder, other = postgres.store(clock=clock), postgres.store(clock=clock)
+    for n in range(3):
+        holder.add(f"e{n}", "{}")
+    connect = psycopg.connect
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise psycopg.OperationalError("FATAL:  too many connections for role")
+
+    monkeypatch.setattr(psycopg, "connect", refused)
+    assert len(holder.claim(100, 600.0, 3600.0).events) == 3
+    clock.now += 10  # well past the heartbeat timeout since the claim
+    senders = f'"{postgres.table}_senders"'
+
+    def beaten_since() -> bool:
+        with connect(postgres.url, autocommit=True) as conn:
+            row = conn.execute(
+                f"SELECT beat_at FROM {senders} WHERE holder = %s", (holder.holder,)
+            ).fetchone()
+        return row is not None and row[0] >= clock.now
+
+    wait_until(beaten_since, 10, "the holder beats on a pooled connection")
+    monkeypatch.undo()
+    assert other.claim(100, 600.0, 3600.0).events == []  # the live holder keeps its batch
+
+
 def _known(store: OutboxStore) -> None:
     """A web request's duplicate lookup; it fails once the pool gives up waiting, as a 503 would."""
     with contextlib.suppress(StoreUnavailable):

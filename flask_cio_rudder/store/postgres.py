@@ -22,6 +22,7 @@ Every driver error leaves as :class:`StoreUnavailable`, with no password in it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -480,17 +481,18 @@ class PostgresStore(OutboxStore):
         conn: Connection[Any] | None = None
         try:
             while not closing.wait(self.HEARTBEAT):
+                params = {"holder": self.holder, "now": self._now()}
                 try:
                     if conn is None or conn.closed:
-                        conn = psycopg.connect(
-                            self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT
-                        )
-                        self._configure(conn)
-                    with self._watchdog.watch(conn.pgconn.socket, self.HEARTBEAT_TIMEOUT):  # late is dead
-                        conn.execute(self._beat_sql(), {"holder": self.holder, "now": self._now()})
+                        conn = self._heartbeat_connection()
+                    if conn is None:  # refused one of its own: a pooled one beats, as best it can
+                        self._run(functools.partial(self._beat, params=params), self.HEARTBEAT_TIMEOUT)
+                    else:
+                        with self._watchdog.watch(conn.pgconn.socket, self.HEARTBEAT_TIMEOUT):  # late is dead
+                            self._beat(conn, params)
                     if not closing.is_set():  # after close() this is another state's
                         self._reached_server()
-                except psycopg.Error as error:
+                except (psycopg.Error, StoreUnavailable) as error:
                     logger.debug("Outbox heartbeat failed: %s", _first_line(error))
                     if not closing.is_set():
                         self._reaching_since = None
@@ -500,6 +502,24 @@ class PostgresStore(OutboxStore):
         finally:
             if conn is not None:
                 conn.close()
+
+    def _beat(self, conn: Connection[Any], params: dict[str, Any]) -> None:
+        """Tell the server this process's holder is alive, now."""
+        conn.execute(self._beat_sql(), params)
+
+    def _heartbeat_connection(self) -> Connection[Any] | None:
+        """A connection for the heartbeat alone, or ``None`` when the server refuses one (its or the
+        role's connection limit reached, say, while the pool's are open): a holder whose beat stopped
+        would have its batch taken by another server while it still posts it."""
+        try:
+            conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT)
+        except psycopg.OperationalError as error:
+            logger.debug(
+                "Outbox heartbeat has no connection of its own (%s): it uses the pool's", _first_line(error)
+            )
+            return None
+        self._configure(conn)
+        return conn
 
     def _local_now(self) -> float:
         return time.monotonic() if self.clock is None else self.clock()
