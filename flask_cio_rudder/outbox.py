@@ -151,7 +151,12 @@ class Outbox:
         return self.store.status()
 
     def flush(self, timeout: float = 30.0) -> FlushReport:
-        """Send what is due now, from this thread, for at most ``timeout`` seconds; says what is left."""
+        """Send what is due now, from this thread, for at most ``timeout`` seconds; says what is left.
+
+        A store that does not answer is waited for within its own bounds, which ``timeout`` does not
+        cut: PostgreSQL's statement timeouts (30 s for a claim, 10 s for the status), SQLite's 30 s
+        for a lock another program (an ``sqlite3`` shell) holds.
+        """
         try:
             self._move_spooled()
             outcome = self.sender.flush(timeout)

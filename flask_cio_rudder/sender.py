@@ -321,7 +321,8 @@ class Sender:
         """Send batches from this thread until nothing is due, a send fails, or ``timeout`` passes.
 
         Each request's own timeout is cut to what is left, so this returns within about
-        ``timeout`` seconds. Raises :class:`~flask_cio_rudder.store.StoreError` if the store is down.
+        ``timeout`` seconds, and the store's own bounds on a claim or a mark that it does not answer.
+        Raises :class:`~flask_cio_rudder.store.StoreError` if the store is down.
         """
         deadline = time.monotonic() + timeout
         total = Delivery()
