@@ -311,6 +311,7 @@ def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: 
     outbox = outbox_of_current_app()
     if older_than is not None:
         age = _parsed(ages.parse_age, older_than, "--older-than")
+        counted_at = time.monotonic()
         old = _store_call(outbox.count_delivered, age)
         if dry_run or not old:
             click.echo(
@@ -320,7 +321,8 @@ def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: 
             )
             return
         _confirm(f"Delete the {counted(old, 'event')} delivered more than {older_than} ago?", yes)
-        count = _store_call(outbox.purge_delivered, age)
+        # Those delivered before the moment counted, not also those the wait for an answer made old.
+        count = _store_call(outbox.purge_delivered, age + (time.monotonic() - counted_at))
         click.echo(f"purged {counted(count, 'delivered event')}")
         return
     matching = _store_call(outbox.count_dead_letters, match)

@@ -1202,6 +1202,38 @@ def test_cli_bulk_changes_stop_when_more_match_than_the_operator_confirmed(
     assert (get_outbox(outbox_app).count_dead_letters(), get_outbox(outbox_app).status().pending) == (2, 0)
 
 
+def test_cli_purge_of_old_deliveries_deletes_no_more_than_it_asked_about(
+    outbox_app: Flask, data_plane: FakeDataPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The question counted the events delivered more than 10 s before it was asked; the purge then
+    took a cutoff of its own, 10 s before the answer, and deleted those delivered meanwhile too."""
+    import click
+
+    import flask_cio_rudder.cli as cli_module
+
+    clock = Clock()
+    outbox = get_outbox(outbox_app)
+    monkeypatch.setattr(outbox.store, "clock", clock)
+    monkeypatch.setattr(cli_module, "time", types.SimpleNamespace(monotonic=clock))
+    accept(outbox_app, 1)
+    assert outbox.flush().delivered == 1
+    clock.now += 15
+
+    def answered_after_a_while(question: str, **options: Any) -> bool:
+        assert question == "Delete the 1 event delivered more than 10s ago?"
+        outbox.store.add(
+            "01LATER", stored("01LATER")
+        )  # delivered while the question waited, 20 s before the answer
+        assert outbox.flush().delivered == 1
+        clock.now += 20
+        return True
+
+    monkeypatch.setattr(click, "confirm", answered_after_a_while)
+    result = outbox_app.test_cli_runner().invoke(args=["cio-rudder", "purge", "--older-than", "10s"])
+    assert result.exit_code == 0 and "purged 1 delivered event" in result.output
+    assert outbox.status().delivered == 1
+
+
 def test_cli_flush_says_why_events_are_still_pending(outbox_app: Flask, data_plane: FakeDataPlane) -> None:
     accept(outbox_app, 2)
     data_plane.fail_next(503)
