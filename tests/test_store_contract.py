@@ -278,6 +278,16 @@ def test_dead_letters_filter_by_time_reason_event_id_and_email_a_page_at_a_time(
     assert (first.event_name, first.email) == ("Email Bounced", "ann@example.com")
 
 
+def test_a_reason_filter_ignores_the_case_of_every_letter(backend: Backend, clock: Clock) -> None:
+    """SQLite's lower() lowers ASCII letters only: "Über" found no dead letter there, typed as it is."""
+    store = backend.store(clock=clock)
+    store.add("d1", event_of("bounced", "d1", "ann@example.com"))
+    kill(store, "RudderStack answered 400: Über invalid", "d1")
+    for needle in ("Über", "über", "ÜBER INVALID"):
+        assert [letter.event_id for letter in store.dead_letters(match=Match(reason=needle))] == ["d1"]
+    assert store.count_dead_letters(Match(reason="über")) == 1
+
+
 def test_requeue_and_purge_take_the_same_filter(letters: OutboxStore) -> None:
     bob = Match(email="bob@example.com")
     assert letters.requeue(match=Match(reason="413", event="opened")) == 0

@@ -232,6 +232,11 @@ def _lock_within(lock_file: int, seconds: float) -> None:
             time.sleep(_LOCK_POLL)
 
 
+def _lower(value: object) -> object:
+    """SQL's ``lower()`` as Python's: every letter, not only ASCII ones."""
+    return value.lower() if isinstance(value, str) else value
+
+
 def _file_id(path: str) -> tuple[int, int] | None:
     """Which file ``path`` names (device, inode), or ``None`` if none."""
     try:
@@ -472,6 +477,8 @@ class SQLiteStore(OutboxStore):
                     with _locked(lock_file):
                         db.execute("PRAGMA journal_mode=WAL")
                 db.execute(f"PRAGMA synchronous={self._synchronous}")
+                # SQLite's lower() lowers ASCII only: searches ignore every letter's case, as on PostgreSQL.
+                db.create_function("lower", 1, _lower, deterministic=True)
             except BaseException:
                 _close(db, lock_file)
                 raise
