@@ -232,9 +232,9 @@ def _lock_within(lock_file: int, seconds: float) -> None:
             time.sleep(_LOCK_POLL)
 
 
-def _lower(value: object) -> object:
-    """SQL's ``lower()`` as Python's: every letter, not only ASCII ones."""
-    return value.lower() if isinstance(value, str) else value
+def _lower(value: str | None) -> str | None:
+    """SQL's ``lower()`` as Python's: every letter, not only ASCII ones (used on text columns only)."""
+    return None if value is None else str(value).lower()
 
 
 def _file_id(path: str) -> tuple[int, int] | None:
