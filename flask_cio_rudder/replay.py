@@ -53,19 +53,27 @@ def read_bodies(text: str) -> list[tuple[str, bytes]]:
 
     Blank lines are skipped. Raises ``ValueError`` when text that starts with ``[`` is not a JSON array.
     """
+    text = text.removeprefix("\ufeff")  # a byte order mark, which some editors write
     if text.lstrip().startswith("["):
         items = json.loads(text)
         if not isinstance(items, list):
             raise ValueError("the file starts with [ but is not one JSON array")
-        return [
-            (f"item {number}", json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
-            for number, item in enumerate(items, 1)
-        ]
+        return [(f"item {number}", _as_body(item)) for number, item in enumerate(items, 1)]
+    # Lines end at \n (and \r\n) only: jq -c and json.dumps leave U+2028 and the like unescaped in strings.
     return [
-        (f"line {number}", line.encode("utf-8", "surrogateescape"))
-        for number, line in enumerate(text.splitlines(), 1)
+        (f"line {number}", line.removesuffix("\r").encode("utf-8", "surrogateescape"))
+        for number, line in enumerate(text.split("\n"), 1)
         if line.strip()
     ]
+
+
+def _as_body(item: object) -> bytes:
+    """An item of a JSON array as a webhook body: its JSON in UTF-8, with a lone surrogate (which JSON
+    can carry and UTF-8 cannot) escaped."""
+    try:
+        return json.dumps(item, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(item, separators=(",", ":")).encode("ascii")
 
 
 def replay(app: Flask, bodies: Iterable[tuple[str, bytes]], *, announce: bool = False) -> ReplaySummary:

@@ -73,6 +73,33 @@ def test_replay_of_a_json_array_with_signals_announces_what_it_accepts(
     assert "0 accepted, 1 duplicate, 1 rejected" in again.output  # safe to run twice
 
 
+def test_replay_reads_what_jq_and_editors_write(
+    outbox_app: Flask, tmp_path: Path, data_plane: FakeDataPlane
+) -> None:
+    """Lines split at a U+2028 that jq -c leaves unescaped in a string; an array after a byte order
+    mark was one bad body; an array holding a lone surrogate escape was refused whole."""
+    subjects = ["Hello\u2028world", "Sale \x85 today", "Bad \ud800 surrogate"]
+    bodies = [sample("opened") | {"event_id": f"01LINE{n}"} for n in range(3)]
+    for body, subject in zip(bodies, subjects):
+        body["data"] = body["data"] | {"subject": subject}
+    lines = tmp_path / "jq.jsonl"
+    lines.write_text(
+        "\r\n".join(json.dumps(body, ensure_ascii=False) for body in bodies[:2]), encoding="utf-8"
+    )
+    array = tmp_path / "array.json"
+    array.write_text(
+        "\ufeff" + json.dumps([body | {"event_id": f"01ITEM{n}"} for n, body in enumerate(bodies)])
+    )
+    run = outbox_app.test_cli_runner().invoke
+    for path, count in ((lines, 2), (array, 3)):
+        result = run(args=["cio-rudder", "replay", str(path)])
+        assert result.exit_code == 0, result.output
+        assert f"{count} accepted, 0 duplicate, 0 rejected, 0 not JSON objects" in result.output
+    assert get_outbox(outbox_app).flush().delivered == 5
+    sent = sorted(event["properties"]["emailSubject"] for event in data_plane.events)
+    assert sent == sorted(subjects[:2] + subjects)
+
+
 def test_a_receiver_that_raises_stops_the_replay_saying_where_and_what_is_done(
     outbox_app: Flask, tmp_path: Path
 ) -> None:
