@@ -278,7 +278,8 @@ def bulk(action: str) -> Any:
         confirmed = request.form.get("expected", type=int)
         if confirmed == matching:
             if action == "requeue":
-                flash(f"Requeued {counted(outbox.requeue(match=match), 'event')} for the senders to deliver.")
+                requeued = counted(outbox.requeue(match=match), "event")
+                flash(f"Requeued {requeued}: the senders deliver them {_sent_when(outbox)}.")
             else:
                 flash(f"Deleted {counted(outbox.purge_dead(match), 'dead letter')}.")
             return redirect(url_for(".dead_letters", **query))
@@ -298,13 +299,19 @@ def bulk(action: str) -> Any:
 def requeue_one() -> Any:
     """Requeue the one dead letter named in the form, then show what became of it."""
     event_id = request.form.get("event_id", "")
-    count = _outbox().requeue([event_id])
+    outbox = _outbox()
+    count = outbox.requeue([event_id])
     flash(
-        "Requeued: the senders deliver it now."
+        f"Requeued: the senders deliver it {_sent_when(outbox)}."
         if count
         else "Nothing to requeue: it is not a dead letter that can be sent."
     )
     return redirect(url_for(".event", id=event_id))
+
+
+def _sent_when(outbox: Outbox) -> str:
+    """When requeued events go out: now, or once an operator resumes sending."""
+    return "once sending is resumed (it is paused)" if outbox.status().paused else "now"
 
 
 # -- events ---------------------------------------------------------------------------------------

@@ -216,11 +216,20 @@ def test_dead_letters_are_searched_shown_and_requeued_one_at_a_time(
         data={"csrf_token": token(listing), "event_id": bounced["event_id"]},
         follow_redirects=True,
     )
-    assert "Requeued" in text(answered) and 'id="outcome">pending<' in text(answered)
+    assert "Requeued: the senders deliver it now." in text(answered) and 'id="outcome">pending<' in text(
+        answered
+    )
     get_outbox(admin).flush()
     delivered = text(client.get(f"{PREFIX}/events", query_string={"q": bounced["event_id"]}))
     assert '<span class="pill delivered">delivered</span>' in delivered
     assert [event["event"] for event in data_plane.events] == ["Email Bounced"]
+    get_outbox(admin).pause()  # an operator who paused sending is not told it goes out now
+    answered = client.post(
+        f"{PREFIX}/dead-letters/requeue-one",
+        data={"csrf_token": token(listing), "event_id": opened["event_id"]},
+        follow_redirects=True,
+    )
+    assert "Requeued: the senders deliver it once sending is resumed (it is paused)." in text(answered)
 
 
 def test_requeue_all_and_purge_go_through_a_confirmation_page(
