@@ -439,10 +439,14 @@ def test_a_requeue_in_chunks_requeues_each_dead_letter_once(
     monkeypatch.setattr(store, "BULK_ROWS", 2)
     one_transaction = store._transaction
 
+    commits = []
+
     @contextmanager
     def refused_again_between_commits() -> Iterator[Any]:
         with one_transaction() as db:
             yield db
+        commits.append(1)
+        assert len(commits) < 10, "the requeue keeps finding the events it requeued"
         again = sender.claim(100, lease=60, max_age=3600)
         sender.mark_dead(again.owner, [event.event_id for event in again.events], "RudderStack answered 400")
 

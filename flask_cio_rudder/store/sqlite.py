@@ -890,23 +890,23 @@ class SQLiteStore(OutboxStore):
     ) -> int:
         """``{change} WHERE {where}``, committed ``BULK_ROWS`` rows at a time; returns how many rows changed.
 
-        The chunks follow the rows' order (``rowid``), each starting after the last: a row is changed
-        once, even if it matches again meanwhile (a requeued event a sender makes a dead letter again).
+        It changes the rows that match when it starts, each once (a requeued event that a sender makes
+        a dead letter again meanwhile stays one), and each only if it still matches at its commit.
         What a commit changed stays if a later one fails.
         """
-        chunk = f"SELECT rowid FROM {self.table} WHERE rowid > ? AND {where} ORDER BY rowid LIMIT ?"
-        after, count = -(2**63), 0  # below every rowid
-        while True:
+        with self._connected() as db:
+            rows = [
+                (rowid,) for (rowid,) in db.execute(f"SELECT rowid FROM {self.table} WHERE {where}", params)
+            ]
+        one = f"{change} WHERE rowid = ? AND {where}"
+        count = 0
+        for start in range(0, len(rows), self.BULK_ROWS):
             with self._transaction() as db:
-                chunk_params = (after, *params, self.BULK_ROWS)
-                (last,) = db.execute(f"SELECT max(rowid) FROM ({chunk})", chunk_params).fetchone()
-                changed: int = db.execute(
-                    f"{change} WHERE rowid IN ({chunk})", (*change_params, *chunk_params)
-                ).rowcount
-            count += changed
-            if changed < self.BULK_ROWS:
-                return count
-            after = last
+                changed = db.executemany(
+                    one, [(*change_params, *row, *params) for row in rows[start : start + self.BULK_ROWS]]
+                )
+                count += changed.rowcount
+        return count
 
     def schema_sql(self) -> str:
         return (
