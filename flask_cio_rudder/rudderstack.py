@@ -172,7 +172,7 @@ def _text(start: bytes, charset: str | None) -> str:
     for logs and for ``is_page``, never to decide a delivery."""
     try:
         return start.decode(charset or "utf-8", "replace")
-    except (LookupError, UnicodeError):
+    except (LookupError, ValueError):  # ValueError: UnicodeError, or a NUL in the name
         return start.decode("utf-8", "replace")
 
 

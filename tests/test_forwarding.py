@@ -140,7 +140,7 @@ def test_a_configuration_failure_names_the_setting_to_check(
 
 
 @responses.activate
-@pytest.mark.parametrize("charset", ["utf8mb4", "idna"])
+@pytest.mark.parametrize("charset", ["utf8mb4", "idna", "utf\x008"])
 def test_an_answer_in_a_charset_python_cannot_read_is_still_read(
     sync_app: Flask, post: Post, outcomes: list[Any], charset: str
 ) -> None:

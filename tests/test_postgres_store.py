@@ -137,7 +137,7 @@ def test_no_password_reaches_an_error_or_the_url_shown(postgres: Backend) -> Non
         assert "s3cret" not in str(refused.value) and "CIO_RUDDER_OUTBOX_URL" in str(refused.value)
     # Passwords libpq cannot read (one with spaces, only the newer ones), whose errors quoted them, or
     # that the URL's masking missed.
-    for password in ("s3cret/x?Xq7", "s3cret w1th Xq7", "s3cret%00Xq7"):
+    for password in ("s3cret/x?Xq7", "s3cret w1th Xq7", "s3cret%00Xq7", 's3c"ret w1th Xq7'):
         try:
             readable = store_from_url(f"postgresql://app:{password}@db.internal:5432/app")
         except RuntimeError as refused:
@@ -146,7 +146,7 @@ def test_no_password_reaches_an_error_or_the_url_shown(postgres: Backend) -> Non
         else:
             shown = readable.url
             readable.close()
-        assert "s3cret" not in shown and "Xq7" not in shown
+        assert "s3c" not in shown and "Xq7" not in shown
 
 
 def test_a_store_started_afresh_after_a_fork_is_not_started_afresh_again(postgres: Backend) -> None:

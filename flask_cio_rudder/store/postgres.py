@@ -75,6 +75,9 @@ logger = logging.getLogger("flask_cio_rudder")
 
 DEFAULT_TABLE = "cio_rudder_outbox"
 
+#: What PostgreSQL says when it has no connection slot left for a role or anyone (SQLSTATE 53300).
+_NO_SLOT_LEFT = ("too many connections", "remaining connection slots are reserved")
+
 #: The time of a statement: the given clock's, else the server's.
 _NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
 
@@ -201,7 +204,7 @@ class PostgresStore(OutboxStore):
         except psycopg.Error as error:
             # Neither the URL nor what libpq quotes of it (in double quotes): either may hold the password,
             # which a URL libpq cannot read is no safe place to find and mask.
-            reason = re.sub(r'"[^"]{2,}"', "(not shown)", str(error).split("\n")[0].partition(" in URI")[0])
+            reason = re.sub(r'".*"', "(not shown)", str(error).split("\n")[0].partition(" in URI")[0])
             raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL cannot be read: {reason}.") from None
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
         self.clock = clock
@@ -485,7 +488,9 @@ class PostgresStore(OutboxStore):
                 try:
                     if conn is None or conn.closed:
                         conn = self._heartbeat_connection()
-                    if conn is None:  # refused one of its own: a pooled one beats, as best it can
+                    if conn is None:  # no connection slot of its own: a pooled one beats, as best it can
+                        if closing.is_set():  # the pool is closed: a new one would stay open
+                            break
                         self._run(functools.partial(self._beat, params=params), self.HEARTBEAT_TIMEOUT)
                     else:
                         with self._watchdog.watch(conn.pgconn.socket, self.HEARTBEAT_TIMEOUT):  # late is dead
@@ -508,12 +513,15 @@ class PostgresStore(OutboxStore):
         conn.execute(self._beat_sql(), params)
 
     def _heartbeat_connection(self) -> Connection[Any] | None:
-        """A connection for the heartbeat alone, or ``None`` when the server refuses one (its or the
-        role's connection limit reached, say, while the pool's are open): a holder whose beat stopped
-        would have its batch taken by another server while it still posts it."""
+        """A connection for the heartbeat alone, or ``None`` when the server has no connection slot
+        left for it (its or the role's limit reached while the pool's are open): a holder whose beat
+        stopped would have its batch taken by another server while it still posts it. Any other
+        failure (the server down) raises, as a failed beat."""
         try:
             conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT)
         except psycopg.OperationalError as error:
+            if not any(words in str(error) for words in _NO_SLOT_LEFT):
+                raise
             logger.debug(
                 "Outbox heartbeat has no connection of its own (%s): it uses the pool's", _first_line(error)
             )
