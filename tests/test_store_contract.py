@@ -406,6 +406,8 @@ def test_a_table_made_by_the_previous_release_is_migrated_in_place(backend: Back
         event_of("delivered", "nul", "nul@example.com")
     )  # "\u0000": PostgreSQL's json refuses it
     nul["properties"]["emailSubject"] = "Hello\x00"
+    emoji = json.loads(event_of("delivered", "emoji", "emoji@example.com"))  # written as \ud83d\ude00
+    emoji["properties"]["emailSubject"] = "Sale \U0001f600"
     rows = [
         ("kept", "pending", event_of("bounced", "kept", "Eve@example.com"), None, None, 1.0),
         ("refused", "dead", event_of("opened", "refused", "eve@example.com"), None, "400", 2.0),
@@ -413,6 +415,7 @@ def test_a_table_made_by_the_previous_release_is_migrated_in_place(backend: Back
         ("numeric", "dead", json.dumps(numeric), None, "400", 4.0),
         ("blank", "dead", event_of("spammed", "blank", "  "), None, "400", 5.0),
         ("nul", "pending", json.dumps(nul), None, None, 6.0),
+        ("emoji", "pending", json.dumps(emoji), None, None, 7.0),
     ]
     insert = f"INSERT INTO {backend.table} (event_id, state, payload, body, reason, accepted_at) VALUES "
     if backend.name == "sqlite":
@@ -441,7 +444,8 @@ def test_a_table_made_by_the_previous_release_is_migrated_in_place(backend: Back
     ]
     assert store.find(email="12345") == []
     assert [letter.event_id for letter in store.dead_letters(match=Match(event="clicked"))] == ["numeric"]
-    assert store.add("new", stored("new")) and len(store.claim(100, LEASE, 1e12).events) == 3
+    assert [record.event_id for record in store.find(email="emoji@example.com")] == ["emoji"]
+    assert store.add("new", stored("new")) and len(store.claim(100, LEASE, 1e12).events) == 4
     assert "event_name" in store.schema_sql() and "email" in store.schema_sql()
 
 

@@ -82,16 +82,14 @@ _NO_SLOT_LEFT = ("too many connections", "remaining connection slots are reserve
 _NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
 
 #: Fills the search columns of rows an older release kept: each only from text, as search_columns()
-#: fills them for new rows (a number where an address goes is no address to search by). A payload
-#: with a ``\u0000`` or a surrogate escape anywhere is left unfilled: PostgreSQL's json operators
-#: refuse the whole document, and one such row would fail the update of every other.
+#: fills them for new rows (a number where an address goes is no address to search by).
 _BACKFILL = (
     "UPDATE {events} SET "
     "event_name = CASE WHEN json_typeof(payload::json -> 'event') = 'string' "
     "THEN payload::json ->> 'event' END, "
     "email = CASE WHEN json_typeof(payload::json -> 'context' -> 'traits' -> 'email') = 'string' "
     "THEN NULLIF(lower(btrim(payload::json -> 'context' -> 'traits' ->> 'email')), '') END "
-    "WHERE payload IS NOT NULL AND payload !~ '\\\\u(0000|[dD][89a-fA-F])'"
+    "WHERE payload IS NOT NULL"
 )
 
 _SCHEMA = """\
@@ -397,13 +395,43 @@ class PostgresStore(OutboxStore):
             had_names = exists is not None and exists[0] and self._has_column(conn, "event_name")
             conn.execute(self._schema_sql.encode())
             if exists is not None and exists[0] and not had_names:
+                self._backfill(conn)
+
+    def _backfill(self, conn: Connection[Any]) -> None:
+        """Fill the search columns of the rows an older release kept, in one ``UPDATE``. An event
+        PostgreSQL's json functions cannot read (a ``\\u0000``, a lone surrogate escape) fails that
+        statement whole: then a thousand rows at a time, and those of a failing thousand one by one,
+        so that only the rows it cannot read stay unsearchable."""
+        fill = _BACKFILL.format(events=self._events)
+        try:
+            with conn.transaction():  # a savepoint
+                conn.execute(fill)
+            return
+        except psycopg.DataError:
+            pass
+        keys = [
+            key for (key,) in conn.execute(f"SELECT event_id FROM {self._events} WHERE payload IS NOT NULL")
+        ]
+        unreadable = 0
+        for start in range(0, len(keys), 1000):
+            batch = keys[start : start + 1000]
+            try:
+                with conn.transaction():
+                    conn.execute(fill + " AND event_id = ANY(%s)", (batch,))
+                continue
+            except psycopg.DataError:
+                pass
+            for key in batch:
                 try:
-                    with (
-                        conn.transaction()
-                    ):  # a savepoint: a payload PostgreSQL cannot read leaves all unfilled
-                        conn.execute(_BACKFILL.format(events=self._events))
-                except psycopg.DataError as error:
-                    logger.warning("Old outbox rows stay unsearchable by email: %s", _first_line(error))
+                    with conn.transaction():
+                        conn.execute(fill + " AND event_id = %s", (key,))
+                except psycopg.DataError:
+                    unreadable += 1
+        logger.warning(
+            "%d old outbox rows stay unsearchable by email: PostgreSQL cannot read their events "
+            "(a \\u0000 or a lone surrogate escape)",
+            unreadable,
+        )
 
     def _tables_are_current(self, conn: Connection[Any]) -> bool:
         """Whether every table and column the schema makes is there."""
