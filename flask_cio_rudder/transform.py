@@ -476,10 +476,28 @@ def transform(body: Mapping[str, Any]) -> dict[str, Any]:
     Pure: no I/O, no app needed; the result is always valid for ``json.dumps``. Raises
     :class:`InvalidEvent` for bodies no event can be made from (see :func:`build`).
     Whether RudderStack would take the event (an identity, at most 32 KB) is the
-    webhook's decision, not this function's. Nested objects are read as dicts (an
-    ``OrderedDict`` too), as JSON decoding gives them.
+    webhook's decision, not this function's. Any mapping is read as a JSON object.
     """
-    return build(dict(body) if isinstance(body, Mapping) else body)[0]
+    return build(_as_decoded(body) if isinstance(body, Mapping) else body)[0]
+
+
+def _as_decoded(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``body`` as JSON decoding gives it: every mapping in it a ``dict``, every array a
+    ``list``. Walked with a stack: a body may nest a thousand deep."""
+    top = dict(body)
+    unwalked: list[dict[Any, Any] | list[Any]] = [top]
+    while unwalked:
+        container = unwalked.pop()
+        for key in list(container.keys() if isinstance(container, dict) else range(len(container))):
+            value = container[key]
+            if isinstance(value, Mapping):
+                container[key] = value = dict(value)
+            elif isinstance(value, list):
+                container[key] = value = list(value)
+            else:
+                continue
+            unwalked.append(value)
+    return top
 
 
 def _json_type(value: object) -> str:

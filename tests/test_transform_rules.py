@@ -11,6 +11,7 @@ import collections
 import copy
 import json
 import math
+import types
 import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -242,6 +243,9 @@ def test_any_mapping_is_read_as_a_json_object(case: dict[str, Any]) -> None:
     everything below the top level, the userId and the traits included, without a word."""
     ordered = json.loads(json.dumps(case["input"]), object_pairs_hook=collections.OrderedDict)
     assert transform(ordered) == transform(case["input"])
+    read_only = json.loads(json.dumps(case["input"]), object_hook=types.MappingProxyType)  # no dict at all
+    event = transform(read_only)
+    assert event == transform(case["input"]) and json.loads(json.dumps(event)) == event
 
 
 def test_message_id_is_a_uuid_that_depends_only_on_event_id() -> None:
