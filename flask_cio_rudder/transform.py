@@ -483,20 +483,21 @@ def transform(body: Mapping[str, Any]) -> dict[str, Any]:
 
 def _as_decoded(body: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of ``body`` as JSON decoding gives it: every mapping in it a ``dict``, every array a
-    ``list``. Walked with a stack: a body may nest a thousand deep."""
+    ``list``. Walked with a stack, as a body may nest a thousand deep; each object is copied once,
+    so one met again (or containing itself, which the JSON encoder then refuses) is not walked again."""
     top = dict(body)
+    copies: dict[int, Any] = {id(body): top}
     unwalked: list[dict[Any, Any] | list[Any]] = [top]
     while unwalked:
         container = unwalked.pop()
         for key in list(container.keys() if isinstance(container, dict) else range(len(container))):
             value = container[key]
-            if isinstance(value, Mapping):
-                container[key] = value = dict(value)
-            elif isinstance(value, list):
-                container[key] = value = list(value)
-            else:
-                continue
-            unwalked.append(value)
+            if id(value) in copies:
+                container[key] = copies[id(value)]
+            elif isinstance(value, (Mapping, list)):
+                copy = copies[id(value)] = dict(value) if isinstance(value, Mapping) else list(value)
+                container[key] = copy
+                unwalked.append(copy)
     return top
 
 

@@ -231,21 +231,27 @@ def test_a_batch_handed_over_by_the_mover_is_sent_once_and_never_after_its_lease
     ]
 
 
+def app_with_a_sender_clock(
+    make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Flask, list[float]]:
+    """An app on an SQLite outbox whose sender's monotonic clock is ``now[0]``, moved by hand."""
+    import flask_cio_rudder.sender as sender_module
+
+    app = make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'o.sqlite3'}"))
+    now = [1000.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter, time=time.time)
+    monkeypatch.setattr(sender_module, "time", clock)
+    return app, now
+
+
 def test_events_only_the_store_holds_are_sent_while_the_mover_keeps_handing_events_over(
     make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Adopted from a dead process, accepted while sending failed, requeued: the sender claims them
     from the store at least every STORE_EVERY seconds, not only once traffic pauses."""
-    import flask_cio_rudder.sender as sender_module
-
-    outbox_app = make_app(
-        **base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'o.sqlite3'}")
-    )
+    outbox_app, now = app_with_a_sender_clock(make_app, data_plane, tmp_path, monkeypatch)
     outbox = get_outbox(outbox_app)
     store, sender, week = outbox.store, outbox.sender, 7 * 24 * 3600.0
-    now = [1000.0]  # the sender's monotonic clock, moved by hand
-    clock = types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter, time=time.time)
-    monkeypatch.setattr(sender_module, "time", clock)
 
     def hand_over(name: str) -> None:  # what the spool's mover does with each event it moves
         sender.offer(store.add_claimed([Pending(name, stored(name))], 60.0, week))
@@ -268,16 +274,9 @@ def test_what_the_mover_handed_over_before_a_pause_is_not_sent_until_the_resume(
 ) -> None:
     """A pause before RudderStack's maintenance: the sender kept posting every batch the spool's mover
     had handed it, as long as it had one, though each claim from the store said paused."""
-    import flask_cio_rudder.sender as sender_module
-
-    outbox_app = make_app(
-        **base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'o.sqlite3'}")
-    )
+    outbox_app, now = app_with_a_sender_clock(make_app, data_plane, tmp_path, monkeypatch)
     outbox = get_outbox(outbox_app)
     store, sender, week = outbox.store, outbox.sender, 7 * 24 * 3600.0
-    now = [1000.0]  # the sender's monotonic clock, moved by hand
-    clock = types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=time.perf_counter, time=time.time)
-    monkeypatch.setattr(sender_module, "time", clock)
     for n in range(3):  # what the spool's mover does with each event it moves
         sender.offer(store.add_claimed([Pending(f"handed-{n}", stored(f"handed-{n}"))], 60.0, week))
     outbox.pause()

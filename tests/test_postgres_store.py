@@ -7,6 +7,7 @@ are in test_postgres_faults.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 import uuid
 from collections.abc import Iterator
@@ -137,7 +138,13 @@ def test_no_password_reaches_an_error_or_the_url_shown(postgres: Backend) -> Non
         assert "s3cret" not in str(refused.value) and "CIO_RUDDER_OUTBOX_URL" in str(refused.value)
     # Passwords libpq cannot read (one with spaces, only the newer ones), whose errors quoted them, or
     # that the URL's masking missed.
-    for password in ("s3cret/x?Xq7", "s3cret w1th Xq7", "s3cret%00Xq7", 's3c"ret w1th Xq7'):
+    for password in (
+        "s3cret/x?Xq7",
+        "s3cret w1th Xq7",
+        "s3cret%00Xq7",
+        's3c"ret w1th Xq7',
+        "s3cret w1th\nXq7",
+    ):
         try:
             readable = store_from_url(f"postgresql://app:{password}@db.internal:5432/app")
         except RuntimeError as refused:
@@ -209,16 +216,8 @@ def test_a_holder_keeps_beating_while_its_web_requests_fill_the_pool(postgres: B
         for request in requests:
             request.start()
         clock.now += 10  # well past the heartbeat timeout since the claim
-        senders = f'"{postgres.table}_senders"'
-
-        def beaten_since() -> bool:
-            with psycopg.connect(postgres_url(), autocommit=True) as conn:
-                row = conn.execute(
-                    f"SELECT beat_at FROM {senders} WHERE holder = %s", (holder.holder,)
-                ).fetchone()
-            return row is not None and row[0] >= clock.now
-
-        wait_until(beaten_since, 10, "the holder beats while its pool is taken")
+        beaten = functools.partial(beaten_since, postgres, holder, clock.now, psycopg.connect)
+        wait_until(beaten, 10, "the holder beats while its pool is taken")
         blocker.rollback()
     for request in requests:
         request.join(10)
@@ -244,18 +243,23 @@ def test_a_holder_refused_a_connection_of_its_own_beats_on_a_pooled_one(
     monkeypatch.setattr(psycopg, "connect", refused)
     assert len(holder.claim(100, 600.0, 3600.0).events) == 3
     clock.now += 10  # well past the heartbeat timeout since the claim
-    senders = f'"{postgres.table}_senders"'
-
-    def beaten_since() -> bool:
-        with connect(postgres.url, autocommit=True) as conn:
-            row = conn.execute(
-                f"SELECT beat_at FROM {senders} WHERE holder = %s", (holder.holder,)
-            ).fetchone()
-        return row is not None and row[0] >= clock.now
-
-    wait_until(beaten_since, 10, "the holder beats on a pooled connection")
+    wait_until(
+        functools.partial(beaten_since, postgres, holder, clock.now, connect),
+        10,
+        "the holder beats on a pooled connection",
+    )
     monkeypatch.undo()
     assert other.claim(100, 600.0, 3600.0).events == []  # the live holder keeps its batch
+
+
+def beaten_since(postgres: Backend, holder: OutboxStore, moment: float, connect: Callable[..., Any]) -> bool:
+    """Whether ``holder``'s heartbeat row says it beat at ``moment`` or later (read with ``connect``)."""
+    with connect(postgres.url, autocommit=True) as conn:
+        row = conn.execute(
+            f'SELECT beat_at FROM "{postgres.table}_senders" WHERE holder = %s',
+            (holder.holder,),
+        ).fetchone()
+    return row is not None and row[0] >= moment
 
 
 def _known(store: OutboxStore) -> None:

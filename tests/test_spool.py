@@ -172,20 +172,29 @@ def test_stopping_behind_another_processs_write_lock_returns_and_loses_nothing(
     wait_until(lambda: store.is_known("e0"), 10, "the mover's last move, once the lock is free")
 
 
+def web_process_that_does_not_send(
+    make_app: Callable[..., Flask], tmp_path: Path, shutdown_timeout: float
+) -> Flask:
+    """An app on an SQLite outbox with CIO_RUDDER_OUTBOX_SENDER = False: a worker process sends."""
+    return make_app(
+        CIO_RUDDER_FORWARDER="outbox",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        CIO_RUDDER_WRITE_KEY="write-key",
+        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        CIO_RUDDER_SHUTDOWN_TIMEOUT=shutdown_timeout,
+    )
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="the outbox's write lock uses flock, which Windows lacks")
 def test_closing_a_web_process_that_does_not_send_returns_behind_another_processs_write_lock(
     tmp_path: Path, make_app: Callable[..., Flask], post: Callable[..., TestResponse]
 ) -> None:
     """CIO_RUDDER_OUTBOX_SENDER = False (a worker process sends): closing the store waited for the
     spool's stuck last move, so the web worker did not exit while another process held the lock."""
-    app = make_app(
-        CIO_RUDDER_FORWARDER="outbox",
-        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
-        CIO_RUDDER_WRITE_KEY="write-key",
-        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
-        CIO_RUDDER_OUTBOX_SENDER=False,
-        CIO_RUDDER_SHUTDOWN_TIMEOUT=0,  # the spool's last move is still waited for, a second
-    )
+    app = web_process_that_does_not_send(
+        make_app, tmp_path, 0
+    )  # the spool's last move is still waited for, a second
     outbox = get_outbox(app)
     assert post(app.test_client(), sample("opened")).json["status"] == "accepted"
     wait_until(lambda: outbox.store.is_known(sample("opened")["event_id"]), 10, "the first event is moved")
@@ -206,14 +215,7 @@ def test_closing_a_web_process_with_nothing_left_to_move_returns_behind_another_
 ) -> None:
     """CIO_RUDDER_OUTBOX_SENDER = False: closing the store's connections (which takes the write lock, to
     checkpoint) waited without end for a process stopped inside a transaction (docker pause, SIGSTOP)."""
-    app = make_app(
-        CIO_RUDDER_FORWARDER="outbox",
-        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
-        CIO_RUDDER_WRITE_KEY="write-key",
-        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
-        CIO_RUDDER_OUTBOX_SENDER=False,
-        CIO_RUDDER_SHUTDOWN_TIMEOUT=0.5,
-    )
+    app = web_process_that_does_not_send(make_app, tmp_path, 0.5)
     outbox = get_outbox(app)
     assert post(app.test_client(), sample("opened")).json["status"] == "accepted"
     wait_until(lambda: outbox.store.is_known(sample("opened")["event_id"]), 10, "the event is moved")

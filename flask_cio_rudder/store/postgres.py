@@ -76,7 +76,7 @@ logger = logging.getLogger("flask_cio_rudder")
 DEFAULT_TABLE = "cio_rudder_outbox"
 
 #: What PostgreSQL says when it has no connection slot left for a role or anyone (SQLSTATE 53300).
-_NO_SLOT_LEFT = ("too many connections", "remaining connection slots are reserved")
+_NO_SLOT_LEFT = ("too many clients", "too many connections", "remaining connection slots are reserved")
 
 #: The time of a statement: the given clock's, else the server's.
 _NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
@@ -202,7 +202,8 @@ class PostgresStore(OutboxStore):
         except psycopg.Error as error:
             # Neither the URL nor what libpq quotes of it (in double quotes): either may hold the password,
             # which a URL libpq cannot read is no safe place to find and mask.
-            reason = re.sub(r'".*"', "(not shown)", str(error).split("\n")[0].partition(" in URI")[0])
+            quoted = re.compile(r'".*"', re.DOTALL)  # a password may hold a quote, or a line break
+            reason = quoted.sub("(not shown)", str(error)).split("\n")[0].partition(" in URI")[0]
             raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL cannot be read: {reason}.") from None
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
         self.clock = clock
@@ -400,8 +401,8 @@ class PostgresStore(OutboxStore):
     def _backfill(self, conn: Connection[Any]) -> None:
         """Fill the search columns of the rows an older release kept, in one ``UPDATE``. An event
         PostgreSQL's json functions cannot read (a ``\\u0000``, a lone surrogate escape) fails that
-        statement whole: then a thousand rows at a time, and those of a failing thousand one by one,
-        so that only the rows it cannot read stay unsearchable."""
+        statement whole: then a thousand rows at a time, a failing thousand halved until the rows it
+        cannot read are alone, so that only they stay unsearchable."""
         fill = _BACKFILL.format(events=self._events)
         try:
             with conn.transaction():  # a savepoint
@@ -413,20 +414,18 @@ class PostgresStore(OutboxStore):
             key for (key,) in conn.execute(f"SELECT event_id FROM {self._events} WHERE payload IS NOT NULL")
         ]
         unreadable = 0
-        for start in range(0, len(keys), 1000):
-            batch = keys[start : start + 1000]
+        batches = [keys[start : start + 1000] for start in range(0, len(keys), 1000)]
+        while batches:
+            batch = batches.pop()
             try:
                 with conn.transaction():
                     conn.execute(fill + " AND event_id = ANY(%s)", (batch,))
-                continue
             except psycopg.DataError:
-                pass
-            for key in batch:
-                try:
-                    with conn.transaction():
-                        conn.execute(fill + " AND event_id = %s", (key,))
-                except psycopg.DataError:
+                if len(batch) == 1:
                     unreadable += 1
+                else:
+                    half = len(batch) // 2
+                    batches += [batch[:half], batch[half:]]
         logger.warning(
             "%d old outbox rows stay unsearchable by email: PostgreSQL cannot read their events "
             "(a \\u0000 or a lone surrogate escape)",
