@@ -75,6 +75,10 @@ logger = logging.getLogger("flask_cio_rudder")
 
 DEFAULT_TABLE = "cio_rudder_outbox"
 
+#: What libpq quotes in a parse error, from the first double quote to the last: a password may hold
+#: a quote, or a line break.
+_QUOTED = re.compile(r'".*"', re.DOTALL)
+
 #: What PostgreSQL says when it has no connection slot left for a role or anyone (SQLSTATE 53300).
 _NO_SLOT_LEFT = ("too many clients", "too many connections", "remaining connection slots are reserved")
 
@@ -202,8 +206,7 @@ class PostgresStore(OutboxStore):
         except psycopg.Error as error:
             # Neither the URL nor what libpq quotes of it (in double quotes): either may hold the password,
             # which a URL libpq cannot read is no safe place to find and mask.
-            quoted = re.compile(r'".*"', re.DOTALL)  # a password may hold a quote, or a line break
-            reason = quoted.sub("(not shown)", str(error)).split("\n")[0].partition(" in URI")[0]
+            reason = _QUOTED.sub("(not shown)", str(error)).split("\n")[0].partition(" in URI")[0]
             raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL cannot be read: {reason}.") from None
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
         self.clock = clock

@@ -895,15 +895,16 @@ class SQLiteStore(OutboxStore):
         What a commit changed stays if a later one fails.
         """
         with self._connected() as db:
-            rows = [
-                (rowid,) for (rowid,) in db.execute(f"SELECT rowid FROM {self.table} WHERE {where}", params)
+            rowids = [
+                rowid for (rowid,) in db.execute(f"SELECT rowid FROM {self.table} WHERE {where}", params)
             ]
         one = f"{change} WHERE rowid = ? AND {where}"
         count = 0
-        for start in range(0, len(rows), self.BULK_ROWS):
+        for start in range(0, len(rowids), self.BULK_ROWS):
             with self._transaction() as db:
                 changed = db.executemany(
-                    one, [(*change_params, *row, *params) for row in rows[start : start + self.BULK_ROWS]]
+                    one,
+                    [(*change_params, rowid, *params) for rowid in rowids[start : start + self.BULK_ROWS]],
                 )
                 count += changed.rowcount
         return count
