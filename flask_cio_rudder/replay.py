@@ -1,8 +1,8 @@
 """Replay: Customer.io webhook bodies from a file, through the webhook's own stages.
 
 For backfills and for re-driving events from logs. Each body goes through
-:func:`flask_cio_rudder.webhook.parse_json` and :func:`flask_cio_rudder.webhook.process`:
-the same validation, transform, deduplication and forwarder as a webhook request, minus
+:func:`flask_cio_rudder.webhook.process`: the same decoding, validation, transform,
+deduplication and forwarder as a webhook request, minus
 the signature (the file is trusted) and, unless asked, the signals.
 """
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from flask import Flask
 
 from .state import state_of
-from .webhook import MalformedBody, RetryLater, parse_json, process
+from .webhook import MalformedBody, RetryLater, process
 
 __all__ = ["ReplayStopped", "ReplaySummary", "read_bodies", "replay"]
 
@@ -86,12 +86,10 @@ def replay(app: Flask, bodies: Iterable[tuple[str, bytes]], *, announce: bool = 
     summary = ReplaySummary()
     for where, raw in bodies:
         try:
-            decoded = parse_json(raw)
+            outcome = process(app, state, raw, announce=announce)
         except MalformedBody as error:
             summary.malformed.append(f"{where}: {error.description}")
             continue
-        try:
-            outcome = process(app, state, raw, decoded, announce=announce)
         except RetryLater as error:
             raise ReplayStopped(where, str(error.description), summary) from error
         except Exception as error:  # where the webhook answers 500: a receiver raised, say

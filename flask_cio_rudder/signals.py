@@ -45,7 +45,8 @@ email_spammed = _signals.signal("email-spammed")
 email_unsubscribed = _signals.signal("email-unsubscribed")
 
 #: An authentic body that could not be accepted: ``reason=`` (one line),
-#: ``errors=`` (field name to messages, may be empty), ``body=`` (the decoded body).
+#: ``errors=`` (field name to messages, may be empty), ``body=`` (the decoded body; ``{}`` for
+#: an object nested too deeply to decode).
 event_rejected = _signals.signal("event-rejected")
 
 #: RudderStack stored a batch: ``payloads=`` the list of RudderStack events sent,

@@ -1,7 +1,7 @@
 """The webhook route: raw body -> signature -> JSON -> event -> signals -> forwarder.
 
 ``handle`` runs the steps, each one function below: ``read_body``, ``check_signature``,
-``parse_json``, then ``process`` (validate, ``keep``: duplicate check, signals, forwarder)
+then ``process`` (``parse_json``, validate, ``keep``: duplicate check, signals, forwarder)
 or ``reject``. The answers follow the response policy in the README: Customer.io holds
 back every later webhook while one is failing, so only a request that is not authentic,
 too large, not JSON, whose receivers raised, or that the outbox could not keep (503)
@@ -158,7 +158,7 @@ def handle(app: Flask, state: State) -> tuple[Response, str, CioEvent | None]:
     body = read_body(incoming, state.max_body_bytes)
     if state.verify_signature:
         check_signature(incoming, body, state.signing_keys, state.max_timestamp_age)
-    outcome = process(app, state, body, parse_json(body))
+    outcome = process(app, state, body)
     if outcome.status == "rejected":
         answer = jsonify(
             status="rejected", event_id=outcome.event_id, reason=outcome.reason, errors=outcome.errors
@@ -167,14 +167,17 @@ def handle(app: Flask, state: State) -> tuple[Response, str, CioEvent | None]:
     return _answer(outcome.status, outcome.event_id or ""), outcome.status, outcome.event
 
 
-def process(
-    app: Flask, state: State, body: bytes, decoded: dict[str, Any], *, announce: bool = True
-) -> Outcome:
-    """Validate, deduplicate, signal and keep one decoded body: the webhook's stages after parsing.
+def process(app: Flask, state: State, body: bytes, *, announce: bool = True) -> Outcome:
+    """Decode, validate, deduplicate, signal and keep one body: the webhook's stages after the signature.
 
     ``flask cio-rudder replay`` runs bodies from a file through here too, with ``announce=False``
-    unless asked for signals. Raises :class:`RetryLater` when the outbox cannot be written.
+    unless asked for signals. Raises :class:`MalformedBody` when the body is not a JSON object,
+    :class:`RetryLater` when the outbox cannot be written.
     """
+    try:
+        decoded = parse_json(body)
+    except InvalidEvent as error:  # an object nested too deeply to decode: kept, as below
+        return reject(app, state.forwarder, body, {}, error, announce=announce)
     try:
         event = state.validation(decoded)
     except InvalidEvent as error:
@@ -325,17 +328,27 @@ def parse_json(body: bytes) -> dict[str, Any]:
     """Decode the body; anything but a JSON object is a 400 that names the problem.
 
     Decoded as :func:`_json_loads` decodes it, through orjson where that gives the same
-    (see :mod:`flask_cio_rudder.jsoncodec`).
+    (see :mod:`flask_cio_rudder.jsoncodec`). An object nested deeper than the decoder
+    reads (about a thousand levels before Python 3.12) raises :class:`InvalidEvent`: it is
+    an authentic object the pipeline cannot carry, which a 400 would stall Customer.io on.
     """
     try:
         decoded = jsoncodec.loads(body, _json_loads)
     except RecursionError:
-        raise MalformedBody("the body is not valid JSON: nested too deeply") from None
+        if _starts_an_object(body):
+            raise InvalidEvent("the body is nested too deeply to be read") from None
+        raise MalformedBody("the body must be a JSON object, one Customer.io event") from None
     except ValueError as error:
         raise MalformedBody(f"the body is not valid JSON: {error}") from None
     if not isinstance(decoded, dict):
         raise MalformedBody("the body must be a JSON object, one Customer.io event")
     return decoded
+
+
+def _starts_an_object(body: bytes) -> bool:
+    """Whether the body's JSON text, in the encoding ``json`` reads it in, starts with ``{``."""
+    text = body.decode(json.detect_encoding(body), "replace")
+    return text.lstrip(" \t\n\r").startswith("{")
 
 
 def send_signals(app: Flask, event: CioEvent) -> None:

@@ -590,38 +590,64 @@ def test_deep_nesting_is_answered_at_every_depth(
             array = b"[" * depth + b"]" * depth
             assert_refused(webhook.post(array, signed(array)), 400)
 
-            nested = b'{"a":' * depth + b"1" + b"}" * depth
-            outcome = webhook.post(nested, signed(nested))
-            if depth > 100 and outcome.response.status_code == 400:
-                assert_refused(outcome, 400)  # too deep for the decoder: acceptable, never a crash
-            else:
-                assert_answered(webhook, outcome, {"a": "no event_id"})
+            nested = b'{"a":' * depth + b"1" + b"}" * depth  # an object, however deep: never a 400
+            assert_answered(webhook, webhook.post(nested, signed(nested)), {"a": "no event_id"})
 
             prefix = f'{{"event_id":"deep-{depth}","object_type":"push","metric":"sent",'.encode()
             event = prefix + b'"data":{"customer_id":"42","recipients":' + array + b"}}"
             outcome = webhook.post(event, signed(event))
-            if depth > 100 and outcome.response.status_code == 400:
-                assert_refused(outcome, 400)
-            elif outcome.response.get_json()["status"] == "rejected":
-                # Decoded, but too deep to encode again for RudderStack: rejected, never a crash.
-                assert (
-                    outcome.response.get_json()["reason"]
-                    == "the event is nested too deeply to be sent as JSON"
-                )
+            answer = outcome.response.get_json()
+            if answer["status"] == "rejected":
+                # Too deep to decode, or to encode again for RudderStack: rejected, never a 400 or a crash.
+                assert depth > 100
+                assert (answer["event_id"], answer["reason"]) in {
+                    (None, TOO_DEEP_TO_READ),
+                    (f"deep-{depth}", "the event is nested too deeply to be sent as JSON"),
+                }
                 assert outcome.received == []
+                assert len(outcome.rejected) == 1
             else:
-                assert outcome.response.get_json() == {"status": "accepted", "event_id": f"deep-{depth}"}
+                assert answer == {"status": "accepted", "event_id": f"deep-{depth}"}
                 assert len(outcome.received) == 1
 
             metric = b"[" * depth + b'"delivered"' + b"]" * depth  # JavaScript joins it to "delivered"
             event = f'{{"event_id":"metric-{depth}","object_type":"email","metric":'.encode() + metric
             event += b',"data":{"customer_id":"42"}}'
             outcome = webhook.post(event, signed(event))
-            if depth > 100 and outcome.response.status_code == 400:
-                assert_refused(outcome, 400)
+            answer = outcome.response.get_json()
+            if answer["status"] == "rejected":
+                assert depth > 100
+                assert (answer["event_id"], answer["reason"]) == (None, TOO_DEEP_TO_READ)
             else:  # named as RudderStack names it, however deep: it crashed the route with a 500
-                assert outcome.response.get_json() == {"status": "accepted", "event_id": f"metric-{depth}"}
+                assert answer == {"status": "accepted", "event_id": f"metric-{depth}"}
                 assert [event.name for event in outcome.received] == ["Email Delivered"]
+
+
+TOO_DEEP_TO_READ = "the body is nested too deeply to be read"
+
+
+@pytest.mark.parametrize("forwarder", ["none", "outbox"])
+def test_an_object_too_deep_to_decode_is_rejected_and_kept(
+    make_app: Callable[..., Flask], post: Callable[..., TestResponse], tmp_path: Path, forwarder: str
+) -> None:
+    """Customer.io would hold back every later event behind a 400: a 2xx rejection, the body kept."""
+    depth = max(decoder_depth_limit(), 1024) + 50  # deeper than json and orjson (1,024) decode
+    app = make_app(**forwarder_config(forwarder, tmp_path))
+    raw = b' \r\n{"event_id":"E1","object_type":"email","metric":"sent","data":{"customer_id":"42",'
+    raw += b'"attributes":' + b"[" * depth + b"]" * depth + b"}}"
+    with record_signals(app, signals.event_received, signals.event_rejected) as calls:
+        response = post(app.test_client(), raw)
+    assert response.status_code == 200
+    rejected = {"status": "rejected", "event_id": None, "reason": TOO_DEEP_TO_READ, "errors": {}}
+    assert response.get_json() == rejected
+    assert calls == [("event-rejected", {"reason": TOO_DEEP_TO_READ, "errors": {}, "body": {}})]
+    if forwarder == "outbox":
+        [letter] = get_outbox(app).dead_letters()
+        assert letter.body == raw.decode()
+        assert not letter.requeueable
+
+    too_deep_array = b"[" * depth + b"]" * depth
+    assert post(app.test_client(), too_deep_array).status_code == 400  # not an object: nothing kept
 
 
 @pytest.mark.slow
