@@ -116,10 +116,12 @@ def _outbox_unavailable(error: StoreError) -> tuple[str, int]:
 
 @dashboard.after_request
 def _protect_response(response: Response) -> Response:
-    """Pages hold personal data: never cached, never framed, nothing loaded from elsewhere."""
+    """Pages hold personal data: never cached, never framed, nothing loaded from elsewhere, their
+    addresses never told to other sites (but to the app itself: Flask-WTF refuses a form posted
+    over HTTPS without a Referer from the same site)."""
     response.headers["Cache-Control"] = "no-store"
     response.headers["X-Frame-Options"] = "DENY"
-    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Referrer-Policy"] = "same-origin"
     response.headers["X-Content-Type-Options"] = "nosniff"
     response.headers["Content-Security-Policy"] = (
         "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; form-action 'self'; "

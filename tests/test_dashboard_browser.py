@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 from flask import Flask
+from werkzeug.serving import make_server
 
 from example_app import create_app
 from example_app.admin import PREFIX, USER
 from example_app.demo import serve
-from flask_cio_rudder import get_outbox
+from flask_cio_rudder import CioRudder, get_outbox
+from flask_cio_rudder.dashboard import dashboard
 from flask_cio_rudder.testing import FakeDataPlane, encode, signature_headers
 
 from .conftest import EMAIL_EVENTS, sample
@@ -169,3 +174,66 @@ def test_an_operator_finds_a_dead_letter_requeues_it_and_sees_it_delivered(
     assert "Deleted 1 dead letter." in page.locator(".flash").inner_text()
     context.close()
     assert get_outbox(app).count_dead_letters() == 0
+
+
+@contextmanager
+def dashboard_site(tmp_path: Path, **config: Any) -> Iterator[tuple[Flask, str]]:
+    """An app with the outbox (sender off) and the dashboard, served on a loopback port in a thread;
+    ``ssl_context`` serves it over HTTPS. Yields the app and the dashboard's URL."""
+    ssl_context = config.pop("ssl_context", None)
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY="browser-test-secret",
+        CIO_RUDDER_SIGNING_KEY=KEY,
+        CIO_RUDDER_WRITE_KEY="browser-test-write-key",
+        CIO_RUDDER_DATA_PLANE_URL="http://127.0.0.1:9",
+        CIO_RUDDER_OUTBOX_URL=f"sqlite:///{tmp_path / 'outbox.sqlite3'}",
+        CIO_RUDDER_OUTBOX_SENDER=False,
+        **config,
+    )
+    CioRudder(app)
+    server = make_server("127.0.0.1", 0, app, ssl_context=ssl_context)
+    thread = threading.Thread(target=server.serve_forever, name="dashboard-site", daemon=True)
+    thread.start()
+    scheme = "http" if ssl_context is None else "https"
+    try:
+        yield app, f"{scheme}://127.0.0.1:{server.server_port}{PREFIX}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+        app.extensions["cio_rudder"].forwarder.close()
+
+
+@pytest.fixture
+def https_certificate(tmp_path: Path) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command."""
+    if not shutil.which("openssl"):
+        unavailable("no openssl command: apt-get install openssl", "the HTTPS browser test")
+    cert, key = str(tmp_path / "cert.pem"), str(tmp_path / "key.pem")
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", key]
+    subprocess.run(
+        ["openssl", "req", "-x509", *new_key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1"],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+def test_with_flask_wtf_over_https_the_actions_work_in_a_browser(
+    browser: Any, https_certificate: tuple[str, str], tmp_path: Path
+) -> None:
+    """Flask-WTF refuses a form posted over HTTPS without a same-origin Referer: the pages must let
+    the browser send one."""
+    from flask_wtf.csrf import CSRFProtect
+
+    with dashboard_site(tmp_path, ssl_context=https_certificate) as (app, dashboard_url):
+        CSRFProtect(app)
+        app.register_blueprint(dashboard, url_prefix=PREFIX)
+        context = browser.new_context(ignore_https_errors=True)
+        page = context.new_page()
+        page.goto(dashboard_url + "/")
+        page.click("button:has-text('Pause sending')")
+        assert "paused" in page.locator(".flash").inner_text()
+        context.close()
+        assert get_outbox(app).status().paused
