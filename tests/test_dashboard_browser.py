@@ -237,3 +237,24 @@ def test_with_flask_wtf_over_https_the_actions_work_in_a_browser(
         assert "paused" in page.locator(".flash").inner_text()
         context.close()
         assert get_outbox(app).status().paused
+
+
+def test_a_long_address_leaves_the_reasons_readable_and_the_buttons_on_the_page(
+    browser: Any, tmp_path: Path
+) -> None:
+    """An address can be 254 characters long: it wraps, and every column stays on screen."""
+    long_email = "firstname.lastname." + "x" * 222 + "@example.com"
+    with dashboard_site(tmp_path) as (app, dashboard_url):
+        app.register_blueprint(dashboard, url_prefix=PREFIX)
+        store = get_outbox(app).store
+        for n, email in enumerate([long_email, "ada@example.com"]):
+            store.add_rejected(
+                f"01LONGADDRESS{n}", b"{}", "no userId or anonymousId: " + "why " * 20, email=email
+            )
+        page = browser.new_page(viewport={"width": 1100, "height": 640})
+        for path in ["/dead-letters", "/events?q=example.com", "/event?id=01LONGADDRESS0"]:
+            page.goto(dashboard_url + path)
+            assert page.evaluate("document.documentElement.scrollWidth") <= 1100, path
+            for reason in page.locator("td.reason").all():
+                assert reason.bounding_box()["width"] >= 200, path
+        page.close()
