@@ -188,7 +188,13 @@ def _blank_id(value: object) -> bool:
         return value is None
     if value.isascii() and value.isprintable():  # the usual id: nothing in it for the gateway to drop
         return not value.strip(" ")
-    return all(char == " " or char in _INVISIBLE or not char.isprintable() for char in value)
+    return all(_dropped(char) for char in value)
+
+
+def _dropped(char: str) -> bool:
+    """Whether the gateway drops ``char`` from an id before it looks for one. Not a lone surrogate
+    (``"\\ud800"``, which JSON can carry): its JSON decoder reads that as U+FFFD, which is printable."""
+    return char == " " or char in _INVISIBLE or not (char.isprintable() or "\ud800" <= char <= "\udfff")
 
 
 def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) -> DataPlane:

@@ -234,10 +234,17 @@ def is_real_text(value: object) -> bool:
 def blank(value: object) -> bool:
     """Missing, null or blank, as RudderStack's gateway counts an id (docs: rudderstack.md, Identity):
     it drops the characters Unicode calls other or separators (but the ASCII space) and those
-    invisible-characters.com lists, then trims spaces."""
+    invisible-characters.com lists, then trims spaces. Its JSON decoder has read a lone surrogate
+    as U+FFFD, which it keeps."""
     if not isinstance(value, str):
         return value is None
-    return all(char == " " or char in INVISIBLE or unicodedata.category(char)[0] in "CZ" for char in value)
+    return all(
+        char == " " or char in INVISIBLE or gateway_drops(unicodedata.category(char)) for char in value
+    )
+
+
+def gateway_drops(category: str) -> bool:
+    return category[0] in "CZ" and category != "Cs"
 
 
 #: Ids RudderStack's gateway counts as blank.

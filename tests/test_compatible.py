@@ -255,6 +255,20 @@ def test_what_rudderstack_would_refuse_is_still_rejected_in_compatible_mode(
     assert letter.event_id == "01NOBODY"
 
 
+def test_an_id_holding_a_lone_surrogate_is_forwarded_as_the_gateway_takes_it(
+    outbox_app: Flask, post: Post, data_plane: FakeDataPlane
+) -> None:
+    """The gateway's JSON decoder reads ``"\\ud800"`` as U+FFFD, an id it keeps: RudderStack's source
+    forwards such an event, so it must be forwarded from here too."""
+    raw = (
+        b'{"event_id":"01SURROGATE","object_type":"email","metric":"opened","data":{"customer_id":"\\ud800"}}'
+    )
+    response = post(outbox_app.test_client(), raw)
+    assert response.json == {"status": "accepted", "event_id": "01SURROGATE"}
+    [event] = delivered(outbox_app, data_plane)
+    assert event["userId"] == "\ud800"
+
+
 def test_strict_mode_rejects_the_same_minimal_body_as_a_dead_letter(
     make_app: Callable[..., Flask], tmp_path: Path, post: Post, data_plane: FakeDataPlane
 ) -> None:
