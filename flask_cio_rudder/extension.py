@@ -16,7 +16,7 @@ from .cli import cli
 from .fastpath import FastPath
 from .forwarders import Forwarder, ForwarderFactory, NullForwarder, SyncForwarder
 from .outbox import DEFAULT_URL, OutboxForwarder
-from .settings import check_switch, is_positive_number
+from .settings import check_pasted, check_switch, is_positive_number, number_hint
 from .state import State
 from .validation import Validation
 from .webhook import create_blueprint
@@ -205,20 +205,18 @@ def _signing_keys(value: object) -> tuple[str, ...]:
     if value is None or value == "":
         return ()
     if isinstance(value, str):
-        return (value,)
-    if isinstance(value, (list, tuple)) and all(isinstance(key, str) and key for key in value):
-        return tuple(value)
-    # Never the value: it is a secret.
-    hint = (
-        ": app.config.from_prefixed_env() reads FLASK_CIO_RUDDER_SIGNING_KEY as JSON, so a key of digits "
-        """becomes a number; write it as a JSON string there ('"0123..."')"""
-        if isinstance(value, (int, float))
-        else ""
-    )
-    kind = type(value).__name__
-    raise RuntimeError(
-        f"CIO_RUDDER_SIGNING_KEY must be a string or a list of non-empty strings, not {kind}{hint}."
-    )
+        keys: tuple[str, ...] = (value,)
+    elif isinstance(value, (list, tuple)) and all(isinstance(key, str) and key for key in value):
+        keys = tuple(value)
+    else:  # never the value: it is a secret
+        hint = number_hint("CIO_RUDDER_SIGNING_KEY", value)
+        kind = type(value).__name__
+        raise RuntimeError(
+            f"CIO_RUDDER_SIGNING_KEY must be a string or a list of non-empty strings, not {kind}{hint}."
+        )
+    for key in keys:  # else every webhook would be refused (401), and send-test, signing alike, pass
+        check_pasted(key, "CIO_RUDDER_SIGNING_KEY", "the reporting webhook's signing key in Customer.io")
+    return keys
 
 
 def _exempt_from_csrf(app: Flask) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import codecs
 import gzip
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timezone
@@ -14,7 +15,7 @@ from urllib.parse import urlsplit
 
 import requests
 
-from .settings import check_timeout
+from .settings import check_pasted, check_timeout, number_hint
 
 __all__ = [
     "Answer",
@@ -38,7 +39,9 @@ _CONFIGURATION_ERRORS = {
     403: "check CIO_RUDDER_WRITE_KEY: RudderStack refused this write key",
     404: "check CIO_RUDDER_DATA_PLANE_URL and that the RudderStack source is enabled",
 }
-_REDIRECTED = "set CIO_RUDDER_DATA_PLANE_URL to where it leads: redirects are not followed"
+_REDIRECTED = (
+    "set CIO_RUDDER_DATA_PLANE_URL to the address it leads to, without /v1/batch: redirects are not followed"
+)
 
 
 def configuration_hint(status: int) -> str | None:
@@ -207,34 +210,47 @@ def data_plane_settings(config: Mapping[str, Any], default_timeout: Timeout) -> 
     :func:`data_plane_from_config`): what a process needs to make its own :class:`DataPlane`."""
     write_key = config.get("CIO_RUDDER_WRITE_KEY")
     if write_key and not isinstance(write_key, str):  # its value is a secret: not in the message
-        raise RuntimeError(
-            f"CIO_RUDDER_WRITE_KEY must be text, the source's write key, not a {type(write_key).__name__}."
-        )
+        kind, hint = type(write_key).__name__, number_hint("CIO_RUDDER_WRITE_KEY", write_key)
+        raise RuntimeError(f"CIO_RUDDER_WRITE_KEY must be text, the source's write key, not a {kind}{hint}.")
     if not write_key:
         raise RuntimeError(
             "CIO_RUDDER_WRITE_KEY is not set: set it to the write key of a RudderStack "
             "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
         )
-    if not write_key.isascii() or not write_key.isprintable() or write_key != write_key.strip():
-        # No write key holds one. Outside Latin-1, requests would fail on each post with an error holding
-        # the key (HTTP Basic auth carries it as Latin-1); any other would get a 401 from RudderStack.
+    # No write key holds one of these. Outside Latin-1, requests would fail on each post with an error
+    # holding the key (HTTP Basic auth carries it as Latin-1); any other would get a 401 from RudderStack.
+    check_pasted(write_key, "CIO_RUDDER_WRITE_KEY", "the write key of RudderStack's source page")
+    if not write_key.isascii():
         raise RuntimeError(
-            "CIO_RUDDER_WRITE_KEY starts or ends with a space, or holds an invisible or non-ASCII character "
-            "(pasted with it?): set it to the write key exactly as RudderStack's source page shows it."
+            "CIO_RUDDER_WRITE_KEY holds a character that is not ASCII, which no write key does: "
+            "set it to the write key exactly as RudderStack's source page shows it."
         )
     url = check_url(config.get("CIO_RUDDER_DATA_PLANE_URL"), "CIO_RUDDER_DATA_PLANE_URL")
     return url, write_key, check_timeout(config.get("CIO_RUDDER_TIMEOUT")) or default_timeout
 
 
 def check_url(url: object, key: str) -> str:
-    """Return ``url`` if it is an http(s) URL, else fail naming the config ``key``."""
+    """Return ``url`` if it is the http(s) address of a data plane, else fail naming the config ``key``
+    (never quoting it: a URL may hold a password)."""
+    example = "such as https://example-dataplane.rudderstack.com"
+    if isinstance(url, str) and (not url.isprintable() or any(char.isspace() for char in url)):
+        raise RuntimeError(  # checked first: urlsplit() drops line breaks and tabs without a word
+            f"{key} holds a space, a line break or an invisible character (copied with it?): "
+            f"set it to the data plane's URL alone, {example}"
+        )
     parts = urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise RuntimeError(f"{key} must be the http(s) URL of your RudderStack data plane, {example}")
+    if parts.query or parts.fragment or _ENDPOINT.search(parts.path):
         raise RuntimeError(
-            f"{key} must be the http(s) URL of your RudderStack data plane, "
-            "such as https://example-dataplane.rudderstack.com"
+            f"{key} must be the data plane's address alone, {example}: no /v1/... path and no query, "
+            "as the events go to its /v1/batch, with CIO_RUDDER_WRITE_KEY"
         )
     return url  # type: ignore[return-value]
+
+
+#: The end of a path that names one of the data plane's endpoints (``/v1/batch``), not the data plane.
+_ENDPOINT = re.compile(r"/v1(/[^/]*)?/*$")
 
 
 def retry_after(response: Answer, now: float) -> float | None:

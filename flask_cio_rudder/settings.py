@@ -9,7 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["check_seconds", "check_switch", "check_timeout", "is_positive_number"]
+__all__ = [
+    "check_pasted",
+    "check_seconds",
+    "check_switch",
+    "check_timeout",
+    "is_positive_number",
+    "number_hint",
+]
 
 #: Said of any string where another kind was wanted: the usual cause.
 _FROM_ENVIRONMENT = (
@@ -53,6 +60,26 @@ def check_timeout(value: Any) -> Any:
     raise RuntimeError(
         "CIO_RUDDER_TIMEOUT must be None, a number of seconds above zero, or (connect, read) seconds, "
         f"not {value!r}{_hint(value)}."
+    )
+
+
+def check_pasted(value: str, key: str, what: str) -> None:
+    """Fail naming ``key`` if ``value`` starts or ends with white space or holds an invisible character:
+    a key copied, or read from a file, with one never matches. ``value`` is a secret: never quoted."""
+    if value != value.strip() or not value.isprintable():
+        raise RuntimeError(
+            f"{key} starts or ends with a space or a line break, or holds an invisible character "
+            f"(copied, or read from a file, with it?): set it to {what} exactly as shown there."
+        )
+
+
+def number_hint(key: str, value: object) -> str:
+    """Where text was wanted and ``value`` is a number: how ``from_prefixed_env`` made one of it."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return ""
+    return (
+        f": app.config.from_prefixed_env() reads FLASK_{key} as JSON, so a key of digits becomes a "
+        """number; write it as a JSON string there ('"0123..."')"""
     )
 
 

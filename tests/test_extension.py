@@ -161,6 +161,19 @@ def test_a_malformed_signing_key_fails_fast(value: Any) -> None:
 
 
 @pytest.mark.parametrize(
+    "pasted", ["whsec-SECRET\n", " whsec-SECRET", "whsec-\u200bSECRET", ["whsec-other", "whsec-SECRET\r\n"]]
+)
+def test_a_signing_key_read_with_a_stray_character_fails_at_init_naming_the_key_not_quoting_it(
+    pasted: Any,
+) -> None:
+    """Read from a secret file with its newline, the key would sign nothing Customer.io sends: every
+    webhook refused (401), while send-test, signing with the same key, passes."""
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_SIGNING_KEY starts or ends with a space") as failed:
+        CioRudder(bare_app(CIO_RUDDER_FORWARDER="none", CIO_RUDDER_SIGNING_KEY=pasted))
+    assert "SECRET" not in str(failed.value)
+
+
+@pytest.mark.parametrize(
     ("key", "value"),
     [
         ("CIO_RUDDER_MAX_TIMESTAMP_AGE", "300"),  # as read from an environment variable
@@ -246,7 +259,20 @@ def test_the_sync_forwarder_needs_a_write_key() -> None:
         CioRudder(app)
 
 
-@pytest.mark.parametrize("url", [None, "", "dp.example.com", "ftp://dp.example.com"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        None,
+        "",
+        "dp.example.com",
+        "ftp://dp.example.com",
+        "https://dp.example.com\n",  # from an environment file with its line break
+        "https://dp.example.com /",
+        "https://dp.example.com/v1/batch",  # the events would go to /v1/batch/v1/batch
+        "https://dp.example.com/v1/webhook?writeKey=secret-write-key",
+        "https://dp.example.com/v1/",
+    ],
+)
 def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
     app = bare_app(
         CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
@@ -256,6 +282,20 @@ def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
     with pytest.raises(RuntimeError, match="CIO_RUDDER_DATA_PLANE_URL") as failure:
         CioRudder(app)
     assert "secret-write-key" not in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    "url", ["https://dp.example.com", "http://127.0.0.1:8080/", "https://example.com/rudder/"]
+)
+def test_a_data_plane_address_with_or_without_a_path_prefix_is_taken(url: str) -> None:
+    app = bare_app(
+        CIO_RUDDER_SIGNING_KEY=SIGNING_KEY,
+        CIO_RUDDER_FORWARDER="sync",
+        CIO_RUDDER_WRITE_KEY="secret-write-key",
+        CIO_RUDDER_DATA_PLANE_URL=url,
+    )
+    CioRudder(app)
+    assert app.extensions["cio_rudder"].forwarder.data_plane.batch_url == url.rstrip("/") + "/v1/batch"
 
 
 def test_the_outbox_is_the_default_forwarder_kept_in_the_instance_folder(tmp_path: Path) -> None:
