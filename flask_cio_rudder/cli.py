@@ -302,7 +302,9 @@ def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: 
 
     Deleted events are forgotten: Customer.io sending one again would be accepted again.
     """
-    if (older_than is None) == (not dead):
+    if older_than is not None and dead:
+        raise click.UsageError("pass --older-than AGE or --dead-letters, not both: run purge once for each")
+    if older_than is None and not dead:
         raise click.UsageError(
             "pass --older-than AGE (delivered events) or --dead-letters (with any filters)"
         )

@@ -1173,6 +1173,8 @@ def test_cli_purge_dead_letters_by_filter_after_confirmation(
     refuse(outbox_app, data_plane, sample("opened"))
     post(outbox_app.test_client(), {"event_id": "01NOBODY", "object_type": "email", "metric": "sent"})
     assert invoke("purge", "--reason", "userId").exit_code == 2  # filters are for dead letters
+    both = invoke("purge", "--older-than", "30d", "--dead-letters")
+    assert (both.exit_code, "not both" in both.output) == (2, True)
     assert (
         "would purge 1 dead letter"
         in invoke("purge", "--dead-letters", "--reason", "userid", "--dry-run").output
