@@ -146,7 +146,15 @@ class SyncForwarder(Forwarder):
             answered = f"RudderStack answered {response.status_code}"  # its words go to the log only
             if response.status_code == 200:  # a web page: see Answer.stored
                 answered += " with a web page: check CIO_RUDDER_DATA_PLANE_URL"
-        logger.error("Forwarding to RudderStack failed: %s", reason)
+        if retry:
+            logger.error("Forwarding to RudderStack failed: %s", reason)
+        else:
+            logger.error(
+                "RudderStack refused Customer.io event %s, which is not sent again: %s (the sync forwarder "
+                "keeps nothing; the outbox forwarder keeps such events as dead letters)",
+                event.event_id,
+                reason,
+            )
         duration = time.perf_counter() - started
         signals.send_logged(
             signals.forward_failed,

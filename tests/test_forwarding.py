@@ -171,10 +171,11 @@ def test_a_web_page_answered_with_200_is_503_so_customerio_retries(
 @responses.activate
 @pytest.mark.parametrize("status", [400, 413])
 def test_an_event_rudderstack_refuses_is_2xx_and_reported_as_a_failed_delivery_not_a_rejection(
-    sync_app: Flask, post: Post, status: int
+    sync_app: Flask, post: Post, status: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The event passed every check and its receivers ran: it was accepted, so it is not also "rejected".
-    RudderStack refusing it is a delivery outcome (``forward_failed``, ``retry=False``), as in the outbox."""
+    RudderStack refusing it is a delivery outcome (``forward_failed``, ``retry=False``), as in the outbox;
+    the log says which event is lost, where a failure that is retried says nothing of the kind."""
     responses.post(f"{DATA_PLANE}/v1/batch", body="Invalid request body", status=status)
     body = sample("delivered")
     every = [signals.event_received, signals.email_delivered, signals.event_rejected, signals.forward_failed]
@@ -187,6 +188,7 @@ def test_an_event_rudderstack_refuses_is_2xx_and_reported_as_a_failed_delivery_n
     assert failed["retry"] is False
     assert failed["reason"] == f"RudderStack answered {status}: Invalid request body"
     assert [payload["properties"]["eventId"] for payload in failed["payloads"]] == [body["event_id"]]
+    assert f"RudderStack refused Customer.io event {body['event_id']}, which is not sent again" in caplog.text
 
 
 # Not sync's default (1, 2): a loaded machine may take 2 s to answer (the default is checked offline).
