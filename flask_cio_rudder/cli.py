@@ -525,6 +525,11 @@ def send_test(url: str, timeout: float) -> None:
     accepted = sum(answer.ok for answer in answers)
     if any(answer.status_code == 401 for answer in answers):
         click.echo("the webhook refused the signature: is CIO_RUDDER_SIGNING_KEY the same here and there?")
+    if any(answer.status_code in (404, 405) for answer in answers):
+        click.echo(
+            "no webhook answers at that URL: is its path the app's CIO_RUDDER_WEBHOOK_PATH "
+            f"({current_app.config['CIO_RUDDER_WEBHOOK_PATH']} here)?"
+        )
     if accepted != len(answers):
         raise click.ClickException(f"{accepted} of {len(answers)} accepted")
     click.echo(f"OK: {accepted} of {len(answers)} accepted")

@@ -142,6 +142,9 @@ def test_send_test_posts_six_signed_samples_with_fresh_ids_and_reports_each_answ
         fine = make_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY).test_cli_runner()
         first = fine.invoke(args=["cio-rudder", "send-test", url])
         second = fine.invoke(args=["cio-rudder", "send-test", url])
+        wrong_path = fine.invoke(args=["cio-rudder", "send-test", base_url + "/webhook/customerio"])
+    assert wrong_path.exit_code == 1
+    assert "is its path the app's CIO_RUDDER_WEBHOOK_PATH (/webhooks/customerio here)?" in wrong_path.output
     assert wrong_key.exit_code == 1 and "0 of 6 accepted" in wrong_key.output
     assert "the first key of the list" in wrong_key.output and "refused the signature" in wrong_key.output
     for result in (first, second):
