@@ -84,11 +84,13 @@ def match_options(command: F) -> F:
     return decorated  # type: ignore[no-any-return]
 
 
-def outbox_of_current_app(*, keep_sender: bool = False) -> Outbox:
+def outbox_of_current_app(*, keep_sender: bool = False, making: bool = False) -> Outbox:
     """The current app's outbox; this process's own background sender is stopped unless ``keep_sender``.
 
     A command's process is short-lived: its sender would only race the command (and,
     at exit, spend the shutdown timeout sending) while the app's real senders run elsewhere.
+    Unless ``making`` one is the command's job, it says when loading the app made a new outbox that
+    is still empty: the command then works on no outbox the app uses.
     """
     try:
         outbox = get_outbox()
@@ -96,7 +98,19 @@ def outbox_of_current_app(*, keep_sender: bool = False) -> Outbox:
         raise click.ClickException(f"{error} These commands work on the outbox.") from None
     if not keep_sender:
         outbox.sender.stop(flush=False)
+    if outbox.store.made_new and not making and _holds_nothing(outbox):
+        click.echo(
+            f"note: there was no outbox at {outbox.url}, so this command made a new, empty one: if the app "
+            "keeps its outbox elsewhere, run the command with the app's CIO_RUDDER_OUTBOX_URL",
+            err=True,
+        )
     return outbox
+
+
+def _holds_nothing(outbox: Outbox) -> bool:
+    """Whether the outbox holds no event at all (an app that uses it has put some in)."""
+    status = _store_call(outbox.store.status)
+    return not (status.pending or status.delivered or status.dead)
 
 
 def _store_call(action: Any, *args: Any) -> Any:
@@ -349,7 +363,7 @@ def purge(older_than: str | None, dead: bool, match: Match, dry_run: bool, yes: 
 @click.option("--sql", "print_sql", is_flag=True, help="Print the SQL instead of running it.")
 def create_table(print_sql: bool) -> None:
     """Create the outbox's tables now (they are also created on first use), or print their SQL."""
-    outbox = outbox_of_current_app()
+    outbox = outbox_of_current_app(making=True)
     if print_sql:
         click.echo(outbox.store.schema_sql(), nl=False)
         return
@@ -366,7 +380,7 @@ def copy_pending(source_url: str, table: str | None) -> None:
     Safe to run again: events already here are skipped. The source is only read, except that
     an SQLite source first takes in what its stopped processes left in its spool.
     """
-    outbox = outbox_of_current_app()
+    outbox = outbox_of_current_app(making=True)  # a new outbox is what events are moved to
     try:
         if source_url.lower().startswith("sqlite:"):
             path = sqlite_path(source_url, current_app.instance_path)
@@ -412,7 +426,7 @@ def worker() -> None:
     Use it with CIO_RUDDER_OUTBOX_SENDER = False in the web app, so that web workers only
     write to the outbox. On SIGTERM it sends what it can within CIO_RUDDER_SHUTDOWN_TIMEOUT.
     """
-    outbox = outbox_of_current_app(keep_sender=True)
+    outbox = outbox_of_current_app(keep_sender=True, making=True)  # may start before any web process
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

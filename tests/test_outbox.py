@@ -1417,3 +1417,18 @@ def test_pending_events_move_from_an_sqlite_outbox_to_postgresql_without_loss(
     counts = Counter(event["properties"]["eventId"] for event in data_plane.events)
     assert set(counts) == set(ids[1:]) | {"01NEW"}
     assert set(counts.values()) == {1}
+
+
+def test_a_command_says_when_it_found_no_outbox_and_made_an_empty_one(
+    make_app: Callable[..., Flask], tmp_path: Path, data_plane: FakeDataPlane
+) -> None:
+    """A mistyped path, or a file moved away while the app ran: "pending: 0" alone would say all is well."""
+    config = base_config(data_plane) | {
+        "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{tmp_path / 'typo' / 'outbox.sqlite3'}"
+    }
+    first = make_app(**config).test_cli_runner().invoke(args=["cio-rudder", "status"])
+    assert first.exit_code == 0
+    assert "note: there was no outbox at sqlite:///" in first.output
+    assert "run the command with the app's CIO_RUDDER_OUTBOX_URL" in first.output
+    again = make_app(**config).test_cli_runner().invoke(args=["cio-rudder", "status"])  # it is there now
+    assert again.exit_code == 0 and "note:" not in again.output

@@ -220,6 +220,9 @@ class OutboxStore(ABC):
     url: str
     #: The table that holds the events.
     table: str
+    #: Whether this process found nothing where the store lives and made it, empty (an SQLite file):
+    #: a command that finds it ``True`` was pointed at no outbox the app uses.
+    made_new: bool = False
 
     @classmethod
     @abstractmethod

@@ -173,12 +173,15 @@ def holder_alive(holder: str) -> bool:
 # -- files and locks ------------------------------------------------------------------------------
 
 
-def _create_private(database: str) -> None:
-    """Create the database file readable by its owner only, unless it exists: it holds people's
-    addresses and events. SQLite gives its ``-wal`` and ``-shm`` files the same mode, the
-    lock file and the spool take it too; an operator may widen it for a group."""
-    with contextlib.suppress(FileExistsError):
+def _create_private(database: str) -> bool:
+    """Create the database file readable by its owner only, unless it exists (then ``False``): it
+    holds people's addresses and events. SQLite gives its ``-wal`` and ``-shm`` files the same mode,
+    the lock file and the spool take it too; an operator may widen it for a group."""
+    try:
         os.close(os.open(database, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _open_lock_file(database: str, *, create: bool = True) -> int | None:
@@ -456,7 +459,8 @@ class SQLiteStore(OutboxStore):
             directory = os.path.dirname(os.path.abspath(self.path))
             if self._creates:
                 os.makedirs(directory, mode=0o700, exist_ok=True)  # a new folder is private, as the file is
-                _create_private(self.path)
+                if _create_private(self.path):
+                    self.made_new = True
             elif not os.path.isfile(self.path):  # sqlite3.connect would make it
                 raise FileNotFoundError(f"no file {self.path}")
             lock_file = _open_lock_file(self.path, create=self._creates)
