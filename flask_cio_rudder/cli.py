@@ -211,7 +211,7 @@ def _describe(letter: DeadLetter) -> str:
 def dead_letters(match: Match, limit: int, as_json: bool) -> None:
     """List dead letters (those that match the filters), oldest first, with their reasons."""
     outbox = outbox_of_current_app()
-    letters = _store_call(lambda: outbox.dead_letters(limit, match=match))
+    letters = _store_call(lambda: outbox.dead_letters(limit, match=match, bodies=as_json))
     for letter in letters:
         click.echo(json.dumps(asdict(letter)) if as_json else _describe(letter))
     if as_json:  # JSON lines only, for scripts
@@ -225,7 +225,7 @@ def dead_letters(match: Match, limit: int, as_json: bool) -> None:
 
 
 def _one_letter(outbox: Outbox, event_id: str) -> list[DeadLetter]:
-    return outbox.dead_letters(1, match=Match(event_id=event_id))
+    return outbox.dead_letters(1, match=Match(event_id=event_id), bodies=False)
 
 
 def _confirm(
@@ -268,7 +268,7 @@ def requeue(event_ids: tuple[str, ...], everything: bool, match: Match, dry_run:
     ids = list(dict.fromkeys(event_ids)) or None  # each named once, however often it is given
     if ids is None:
         sendable = replace(match, sendable=True)
-        shown = _store_call(lambda: outbox.dead_letters(100, match=sendable))
+        shown = _store_call(lambda: outbox.dead_letters(100, match=sendable, bodies=False))
         count = _store_call(outbox.count_dead_letters, sendable)
         others = _store_call(outbox.count_dead_letters, match) - count
         what = "every dead letter" if everything else "the dead letters that match"

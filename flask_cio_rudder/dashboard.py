@@ -252,7 +252,8 @@ def dead_letters() -> str:
     sendable = outbox.count_dead_letters(replace(match, sendable=True)) if total else 0
     pages = max(1, -(-total // PAGE_SIZE))
     page = min(max(1, request.args.get("page", 1, type=int) or 1), pages)
-    letters = outbox.dead_letters(PAGE_SIZE, match=match, offset=(page - 1) * PAGE_SIZE, newest_first=True)
+    offset = (page - 1) * PAGE_SIZE
+    letters = outbox.dead_letters(PAGE_SIZE, match=match, offset=offset, newest_first=True, bodies=False)
     return render_template(
         "cio_rudder/dead_letters.html",
         letters=letters,

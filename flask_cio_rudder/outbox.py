@@ -178,10 +178,19 @@ class Outbox:
         self.sender.wake()
 
     def dead_letters(
-        self, limit: int = 100, *, match: Match | None = None, offset: int = 0, newest_first: bool = False
+        self,
+        limit: int = 100,
+        *,
+        match: Match | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
+        bodies: bool = True,
     ) -> list[DeadLetter]:
-        """Dead letters with their reasons, oldest first; those that ``match``, a page at a time."""
-        return self.store.dead_letters(limit, match=match, offset=offset, newest_first=newest_first)
+        """Dead letters with their reasons, oldest first; those that ``match``, a page at a time (with
+        the rejected bodies unless ``bodies=False``)."""
+        return self.store.dead_letters(
+            limit, match=match, offset=offset, newest_first=newest_first, bodies=bodies
+        )
 
     def count_dead_letters(self, match: Match | None = None) -> int:
         """How many dead letters ``match`` (all by default)."""

@@ -333,9 +333,18 @@ class OutboxStore(ABC):
 
     @abstractmethod
     def dead_letters(
-        self, limit: int = 100, *, match: Match | None = None, offset: int = 0, newest_first: bool = False
+        self,
+        limit: int = 100,
+        *,
+        match: Match | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
+        bodies: bool = True,
     ) -> list[DeadLetter]:
-        """Dead letters that ``match`` (all by default), oldest first: ``limit`` of them after ``offset``."""
+        """Dead letters that ``match`` (all by default), oldest first: ``limit`` of them after ``offset``.
+
+        ``bodies=False`` leaves out the rejected bodies (``body`` is ``None``), which a list does not
+        show: each can be as large as ``CIO_RUDDER_MAX_BODY_BYTES``."""
 
     @abstractmethod
     def count_dead_letters(self, match: Match | None = None) -> int:

@@ -878,12 +878,19 @@ class PostgresStore(OutboxStore):
         )
 
     def dead_letters(
-        self, limit: int = 100, *, match: Match | None = None, offset: int = 0, newest_first: bool = False
+        self,
+        limit: int = 100,
+        *,
+        match: Match | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
+        bodies: bool = True,
     ) -> list[DeadLetter]:
         narrow, params = match_conditions(match, "%s", "strpos")
         order = "DESC" if newest_first else "ASC"
+        body = "body" if bodies else "NULL"
         query = (
-            "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body, event_name, email "
+            f"SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, {body}, event_name, email "
             f"FROM {self._events} WHERE state = 'dead'{narrow} "
             f"ORDER BY accepted_at {order}, event_id {order} LIMIT %s OFFSET %s"
         )

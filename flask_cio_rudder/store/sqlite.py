@@ -763,13 +763,20 @@ class SQLiteStore(OutboxStore):
             db.execute(f"DELETE FROM {self._meta} WHERE key = 'paused'")
 
     def dead_letters(
-        self, limit: int = 100, *, match: Match | None = None, offset: int = 0, newest_first: bool = False
+        self,
+        limit: int = 100,
+        *,
+        match: Match | None = None,
+        offset: int = 0,
+        newest_first: bool = False,
+        bodies: bool = True,
     ) -> list[DeadLetter]:
         narrow, params = match_conditions(match, "?", "instr")
         order = "DESC" if newest_first else "ASC"
+        body = "body" if bodies else "NULL"
         with self._connected() as db:
             rows = db.execute(
-                "SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, body, event_name, "
+                f"SELECT event_id, reason, accepted_at, attempts, payload IS NOT NULL, {body}, event_name, "
                 f"email FROM {self.table} WHERE state = 'dead'{narrow} "
                 f"ORDER BY accepted_at {order}, event_id {order} LIMIT ? OFFSET ?",
                 (*params, limit, offset),
