@@ -98,13 +98,19 @@ def outbox_of_current_app(*, keep_sender: bool = False, making: bool = False) ->
         raise click.ClickException(f"{error} These commands work on the outbox.") from None
     if not keep_sender:
         outbox.sender.stop(flush=False)
-    if outbox.store.made_new and not making and _holds_nothing(outbox):
+    if not making:
+        _note_if_new(outbox)
+    return outbox
+
+
+def _note_if_new(outbox: Outbox) -> None:
+    """Say (on stderr) when loading the app made the outbox, and it is still empty: no app uses it."""
+    if outbox.store.made_new and _holds_nothing(outbox):
         click.echo(
             f"note: there was no outbox at {outbox.url}, so this command made a new, empty one: if the app "
             "keeps its outbox elsewhere, run the command with the app's CIO_RUDDER_OUTBOX_URL",
             err=True,
         )
-    return outbox
 
 
 def _holds_nothing(outbox: Outbox) -> bool:
@@ -462,10 +468,11 @@ def replay_command(file: Any, announce: bool) -> None:
     forwarder = state_of(app).forwarder
     if isinstance(forwarder, OutboxForwarder):
         forwarder.outbox.sender.stop(flush=False)  # the app's own senders deliver what this keeps
+        _note_if_new(forwarder.outbox)
     try:
         bodies = read_bodies(file.read())
     except ValueError as error:
-        raise click.ClickException(f"{file.name} is not a JSON array: {error}") from None
+        raise click.ClickException(f"cannot read {file.name}: {error}") from None
     with click.progressbar(bodies, label="replaying", show_pos=True) as progress:
         try:
             summary = replay(app, progress, announce=announce)

@@ -51,13 +51,22 @@ class ReplayStopped(Exception):
 def read_bodies(text: str) -> list[tuple[str, bytes]]:
     """The bodies in ``text`` as (where, raw bytes): one JSON array, or one JSON object per line.
 
-    Blank lines are skipped. Raises ``ValueError`` when text that starts with ``[`` is not a JSON array.
+    Blank lines are skipped. Raises ``ValueError``, saying why, when text that starts with ``[`` cannot
+    be read as one JSON array.
     """
     text = text.removeprefix("\ufeff")  # a byte order mark, which some editors write
     if text.lstrip().startswith("["):
-        items = json.loads(text)
+        try:
+            items = json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"it starts with [ but is not one JSON array ({error})") from None
+        except RecursionError:
+            raise ValueError(
+                "it is one JSON array nested too deeply to be read whole: write one body per line "
+                "(jq -c '.[]' FILE); a body too deep to decode is then kept as a dead letter"
+            ) from None
         if not isinstance(items, list):
-            raise ValueError("the file starts with [ but is not one JSON array")
+            raise ValueError("it starts with [ but is not one JSON array")
         return [(f"item {number}", _as_body(item)) for number, item in enumerate(items, 1)]
     # Lines end at \n (and \r\n) only: jq -c and json.dumps leave U+2028 and the like unescaped in strings.
     return [

@@ -241,7 +241,7 @@ def check_url(url: object, key: str) -> str:
     parts = urlsplit(url) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise RuntimeError(f"{key} must be the http(s) URL of your RudderStack data plane, {example}")
-    if parts.query or parts.fragment or _ENDPOINT.search(parts.path):
+    if "?" in url or "#" in url or _ENDPOINT.search(parts.path):
         raise RuntimeError(
             f"{key} must be the data plane's address alone, {example}: no /v1/... path and no query, "
             "as the events go to its /v1/batch, with CIO_RUDDER_WRITE_KEY"
@@ -249,8 +249,9 @@ def check_url(url: object, key: str) -> str:
     return url  # type: ignore[return-value]
 
 
-#: The end of a path that names one of the data plane's endpoints (``/v1/batch``), not the data plane.
-_ENDPOINT = re.compile(r"/v1(/[^/]*)?/*$")
+#: The end of a path that names one of the data plane's endpoints (``/v1/batch``), not the data plane
+#: (a proxy's prefix, even one ending in ``/v1``, is the data plane's address there).
+_ENDPOINT = re.compile(r"/v1/(batch|track|identify|page|screen|group|alias|import|webhook)/*$", re.IGNORECASE)
 
 
 def retry_after(response: Answer, now: float) -> float | None:

@@ -270,7 +270,9 @@ def test_the_sync_forwarder_needs_a_write_key() -> None:
         "https://dp.example.com /",
         "https://dp.example.com/v1/batch",  # the events would go to /v1/batch/v1/batch
         "https://dp.example.com/v1/webhook?writeKey=secret-write-key",
-        "https://dp.example.com/v1/",
+        "https://dp.example.com/V1/Track/",
+        "https://dp.example.com/?",  # an empty query: the posts would go to /?/v1/batch
+        "https://dp.example.com#",
     ],
 )
 def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
@@ -285,7 +287,15 @@ def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["https://dp.example.com", "http://127.0.0.1:8080/", "https://example.com/rudder/"]
+    "url",
+    [
+        "https://dp.example.com",
+        "http://127.0.0.1:8080/",
+        "http://[::1]:8080",
+        "https://example.com/rudder/",
+        "https://gateway.example.com/v1/rudderstack",  # a proxy's prefix, whatever it is called
+        "https://api.example.com/analytics/v1",
+    ],
 )
 def test_a_data_plane_address_with_or_without_a_path_prefix_is_taken(url: str) -> None:
     app = bare_app(

@@ -100,6 +100,41 @@ def test_replay_reads_what_jq_and_editors_write(
     assert sent == sorted(subjects[:2] + subjects)
 
 
+def test_replay_keeps_a_body_too_deep_to_decode_and_says_why_a_file_cannot_be_read(
+    make_app: Callable[..., Flask], tmp_path: Path, data_plane: FakeDataPlane
+) -> None:
+    """Line by line, as the webhook does: kept as a dead letter. A whole array that deep cannot be
+    read at all: one line saying what to do, not a traceback. And a new outbox is no outbox the app uses."""
+    config = {
+        "CIO_RUDDER_FORWARDER": "outbox",
+        "CIO_RUDDER_OUTBOX_URL": f"sqlite:///{tmp_path / 'typo' / 'outbox.sqlite3'}",
+        "CIO_RUDDER_OUTBOX_SENDER": False,
+        "CIO_RUDDER_WRITE_KEY": data_plane.write_key,
+        "CIO_RUDDER_DATA_PLANE_URL": data_plane.url,
+    }
+    deep = '{"event_id":"E1","data":{"customer_id":"42","list":' + "[" * 20_000 + "]" * 20_000 + "}}"
+    lines = write_lines(tmp_path / "bodies.jsonl", deep)
+    result = make_app(**config).test_cli_runner().invoke(args=["cio-rudder", "replay", str(lines)])
+    assert "note: there was no outbox at sqlite:///" in result.output
+    assert "0 accepted, 0 duplicate, 1 rejected" in result.output
+    assert "the body is nested too deeply to be read" in result.output
+    app = make_app(**config)
+    assert get_outbox(app).count_dead_letters() == 1
+
+    for text, said in (
+        (
+            "[" + deep + "]",
+            "it is one JSON array nested too deeply to be read whole: write one body per line",
+        ),
+        ("[{}, oops]", "it starts with [ but is not one JSON array (Expecting value"),
+    ):
+        broken = tmp_path / "bodies.json"
+        broken.write_text(text)
+        result = app.test_cli_runner().invoke(args=["cio-rudder", "replay", str(broken)])
+        assert result.exit_code == 1 and f"cannot read {broken}: {said}" in result.output
+        assert "Traceback" not in result.output
+
+
 def test_a_receiver_that_raises_stops_the_replay_saying_where_and_what_is_done(
     outbox_app: Flask, tmp_path: Path
 ) -> None:
