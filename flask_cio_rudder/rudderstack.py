@@ -233,20 +233,19 @@ def check_url(url: object, key: str) -> str:
     """Return ``url`` if it is the http(s) address of a data plane, else fail naming the config ``key``
     (never quoting it: a URL may hold a password)."""
     example = "such as https://example-dataplane.rudderstack.com"
-    if isinstance(url, str) and (not url.isprintable() or any(char.isspace() for char in url)):
-        raise RuntimeError(  # checked first: urlsplit() drops line breaks and tabs without a word
+    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+        raise RuntimeError(f"{key} must be the http(s) URL of your RudderStack data plane, {example}")
+    if not url.isprintable() or any(char.isspace() for char in url):  # urlsplit() drops line breaks unsaid
+        raise RuntimeError(
             f"{key} holds a space, a line break or an invisible character (copied with it?): "
             f"set it to the data plane's URL alone, {example}"
         )
-    parts = urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise RuntimeError(f"{key} must be the http(s) URL of your RudderStack data plane, {example}")
-    if "?" in url or "#" in url or _ENDPOINT.search(parts.path):
+    if "?" in url or "#" in url or _ENDPOINT.search(urlsplit(url).path):
         raise RuntimeError(
-            f"{key} must be the data plane's address alone, {example}: no /v1/... path and no query, "
-            "as the events go to its /v1/batch, with CIO_RUDDER_WRITE_KEY"
+            f"{key} must be the data plane's address alone, {example}: no endpoint such as /v1/batch and "
+            "no query, as the events go to its /v1/batch, with CIO_RUDDER_WRITE_KEY"
         )
-    return url  # type: ignore[return-value]
+    return url
 
 
 #: The end of a path that names one of the data plane's endpoints (``/v1/batch``), not the data plane
