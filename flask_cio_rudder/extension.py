@@ -118,10 +118,10 @@ class CioRudder:
                 f"not {max_timestamp_age!r}."
             )
         path = config["CIO_RUDDER_WEBHOOK_PATH"]
-        if not (isinstance(path, str) and path.startswith("/")):
-            raise RuntimeError(
-                f"CIO_RUDDER_WEBHOOK_PATH must be a URL path starting with '/', such as "
-                f"'/webhooks/customerio', not {path!r}."
+        if not (isinstance(path, str) and path.startswith("/")) or "<" in path:
+            raise RuntimeError(  # a <variable> would make Flask pass an argument the route does not take
+                f"CIO_RUDDER_WEBHOOK_PATH must be a URL path starting with '/' and holding no <variable>, "
+                f"such as '/webhooks/customerio', not {path!r}."
             )
         validation = Validation(config["CIO_RUDDER_VALIDATION"])
         if config["CIO_RUDDER_METRICS"]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Union
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import requests
 
@@ -140,11 +140,14 @@ class DataPlane:
     def describe(self, response: Answer) -> str:
         """A short account of an answer that is no delivery, for logs and operators, with the write key masked
         wherever the answer quotes it (as is, or as the Basic credentials that carry it)."""
-        text = response.text.strip().replace("\n", " ")
+        text = response.text.strip()
         if 300 <= response.status_code < 400:
             text = f"a redirect to {response.headers.get('Location') or 'nowhere given'}"
         elif response.status_code == 200 and response.is_page:  # not stored: see Answer.stored
             text = "a web page, where RudderStack answers in plain text"
+        # Whatever answered (a proxy, anything on the way over http) must not forge log lines nor
+        # steer a terminal: line breaks, carriage returns and escape sequences become spaces.
+        text = "".join(char if char.isprintable() else " " for char in text)
         write_key = self.session.auth[0] if isinstance(self.session.auth, tuple) else ""
         if write_key:
             credentials = base64.b64encode(f"{write_key}:".encode()).decode()
@@ -202,7 +205,14 @@ def _dropped(char: str) -> bool:
 
 def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) -> DataPlane:
     """The data plane the config names; fails naming ``CIO_RUDDER_WRITE_KEY`` or ``..._DATA_PLANE_URL``."""
-    return DataPlane(*data_plane_settings(config, default_timeout))
+    settings = data_plane_settings(config, default_timeout)
+    try:
+        return DataPlane(*settings)
+    except (requests.RequestException, ValueError) as error:  # its message quotes the URL: not here
+        raise RuntimeError(
+            f"CIO_RUDDER_DATA_PLANE_URL is no URL requests can post to ({type(error).__name__}): "
+            "set it to the data plane's URL, such as https://example-dataplane.rudderstack.com"
+        ) from None
 
 
 def data_plane_settings(config: Mapping[str, Any], default_timeout: Timeout) -> tuple[str, str, Timeout]:
@@ -245,7 +255,30 @@ def check_url(url: object, key: str) -> str:
             f"{key} must be the data plane's address alone, {example}: no endpoint such as /v1/batch and "
             "no query, as the events go to its /v1/batch, with CIO_RUDDER_WRITE_KEY"
         )
+    if not _reachable_address(urlsplit(url)):
+        raise RuntimeError(
+            f"{key} names no host and port a request can go to (a name with an empty or over-long part "
+            f"between dots, or a port that is no number up to 65535?): set it to the data plane's URL, "
+            f"{example}"
+        )
     return url
+
+
+def _reachable_address(parts: SplitResult) -> bool:
+    """Whether a URL's host and port are ones requests can post to: else it fails only on each post,
+    quoting the whole URL (a password with it)."""
+    try:
+        parts.port  # noqa: B018  (reading it checks it: ValueError if no number up to 65535)
+    except ValueError:
+        return False
+    host = parts.hostname or ""
+    if ":" in host:  # an IPv6 address, which urlsplit() checked
+        return True
+    try:
+        host.encode("idna")  # a name's parts between dots: not empty, at most 63 characters
+    except UnicodeError:
+        return False
+    return bool(host)
 
 
 #: The end of a path that names one of the data plane's endpoints (``/v1/batch``), not the data plane

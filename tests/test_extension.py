@@ -82,7 +82,7 @@ def test_init_app_twice_on_one_app_is_refused() -> None:
         ext.init_app(app)
 
 
-@pytest.mark.parametrize("path", [5, None, "webhooks/customerio"])
+@pytest.mark.parametrize("path", [5, None, "webhooks/customerio", "/hooks/<tenant>"])
 def test_a_webhook_path_that_is_no_url_path_fails_fast_naming_the_key(path: Any) -> None:
     with pytest.raises(RuntimeError, match="CIO_RUDDER_WEBHOOK_PATH must be a URL path starting with '/'"):
         CioRudder(
@@ -180,6 +180,7 @@ def test_a_signing_key_read_with_a_stray_character_fails_at_init_naming_the_key_
         ("CIO_RUDDER_MAX_TIMESTAMP_AGE", 0),
         ("CIO_RUDDER_MAX_BODY_BYTES", "5242880"),
         ("CIO_RUDDER_MAX_BODY_BYTES", -1),
+        ("CIO_RUDDER_MAX_TIMESTAMP_AGE", float("inf")),
     ],
 )
 def test_a_limit_that_is_not_a_positive_number_fails_at_init_naming_the_key(key: str, value: Any) -> None:
@@ -195,6 +196,12 @@ def test_a_limit_that_is_not_a_positive_number_fails_at_init_naming_the_key(key:
         ("CIO_RUDDER_TIMEOUT", -1),
         ("CIO_RUDDER_TIMEOUT", (3, "10")),
         ("CIO_RUDDER_OUTBOX_MAX_AGE", "604800"),
+        # "Never": the sender failed on each claim (SQLite: OverflowError; PostgreSQL: bigint out of range)
+        ("CIO_RUDDER_OUTBOX_MAX_AGE", float("inf")),
+        ("CIO_RUDDER_OUTBOX_MAX_AGE", 1e19),
+        ("CIO_RUDDER_TIMEOUT", (float("inf"), 10)),  # sync answered every webhook 500
+        ("CIO_RUDDER_TIMEOUT", 1e300),
+        ("CIO_RUDDER_SHUTDOWN_TIMEOUT", 1e12),
         ("CIO_RUDDER_OUTBOX_LEASE", 0),
         ("CIO_RUDDER_OUTBOX_LEASE", 2),  # each post was cut to 0.1 s, timed out and was sent again
         ("CIO_RUDDER_SHUTDOWN_TIMEOUT", "5"),
@@ -273,6 +280,12 @@ def test_the_sync_forwarder_needs_a_write_key() -> None:
         "https://dp.example.com/V1/Track/",
         "https://dp.example.com/?",  # an empty query: the posts would go to /?/v1/batch
         "https://dp.example.com#",
+        # requests would refuse these on each post, quoting the URL, password and all
+        "https://proxyuser:secret-password@dp.example.com:70000",
+        "https://proxyuser:secret-password@dp.example.com:443a",
+        "https://proxyuser:secret-password@:443",
+        "https://my-dataplane..rudderstack.com",
+        f"https://{'x' * 64}.rudderstack.com",
     ],
 )
 def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
@@ -284,6 +297,7 @@ def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
     with pytest.raises(RuntimeError, match="CIO_RUDDER_DATA_PLANE_URL") as failure:
         CioRudder(app)
     assert "secret-write-key" not in str(failure.value)
+    assert "secret-password" not in str(failure.value) and failure.value.__cause__ is None
 
 
 @pytest.mark.parametrize(

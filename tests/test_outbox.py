@@ -933,6 +933,9 @@ def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
             "postgresql://db/app?sslpassword=***&password=***",
         ),
         ("host=db password='p w' dbname=app", "host=db password=*** dbname=app"),
+        # libpq decodes a setting's name, and a value runs to the next & (a tab included).
+        ("postgresql://app@db/app?pass%77ord=pw&x=1", "postgresql://app@db/app?pass%77ord=***&x=1"),
+        ("postgresql://app@db/app?%70assword=pw\tpw", "postgresql://app@db/app?%70assword=***"),
     ],
 )
 def test_status_and_errors_show_the_outbox_url_without_its_password(url: str, shown: str) -> None:

@@ -25,6 +25,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Callable, ClassVar
+from urllib.parse import unquote
 
 import orjson
 
@@ -564,7 +565,8 @@ def redact_url(url: str) -> str:
     ``sslpassword=``) settings are masked too, as a query parameter of a URL or in libpq's
     ``key=value`` form.
     """
-    url = _PASSWORD_SETTING.sub(r"\1***", url)
+    setting = _URL_SETTING if "://" in url else _KEYWORD_SETTING
+    url = setting.sub(_masked_if_password, url)
     scheme, separator, rest = url.partition("://")
     at, slash = rest.find("@"), rest.find("/")
     if not separator or at < 0:
@@ -596,9 +598,17 @@ def bare_in_password(rest: str) -> bool:
     return bool(colon) and not ipv6 and not port.isdigit() and "@" in rest.split("?", 1)[0]
 
 
-#: A password setting: ``password=...`` after ``?``, ``&``, a space or at the start; a quoted
-#: value of libpq's key=value form may hold spaces and escaped quotes.
-_PASSWORD_SETTING = re.compile(r"((?:^|[?&\s])\w*password\s*=\s*)('(?:[^'\\]|\\.)*'?|[^&\s]*)", re.IGNORECASE)
+#: A setting in a URL's query: its value runs to the next ``&``, whatever it holds (a tab, say).
+_URL_SETTING = re.compile(r"([?&]([^=&]*)=)([^&]*)")
+#: A setting of libpq's key=value form: a quoted value may hold spaces and escaped quotes.
+_KEYWORD_SETTING = re.compile(r"((?:^|\s)(\w+)\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)")
+
+
+def _masked_if_password(setting: re.Match[str]) -> str:
+    """A setting as it was, or with its value masked if it is a password (``password``, ``sslpassword``),
+    its name read as libpq reads it, percent-escapes decoded (``pass%77ord``)."""
+    name = unquote(setting.group(2)).strip().lower()
+    return f"{setting.group(1)}***" if name.endswith("password") else setting.group(0)
 
 
 #: ``CIO_RUDDER_OUTBOX_DURABILITY``'s values: what an accepted event must survive before the answer.
