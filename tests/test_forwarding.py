@@ -92,6 +92,23 @@ def test_an_answer_that_quotes_the_write_key_is_logged_and_answered_without_it(
 
 
 @responses.activate
+def test_an_answer_cannot_forge_log_lines_nor_steer_a_terminal(
+    sync_app: Flask, post: Post, outcomes: list[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever answers (a proxy, anything on the way over http) is quoted on one line, in plain text."""
+    forged = "oops\r\nINFO flask_cio_rudder: Delivered 100 Customer.io events\u2028\x1b[2K\x85done"
+    responses.post(f"{DATA_PLANE}/v1/batch", body=forged, status=500)
+    post(sync_app.test_client(), sample("opened"))
+    reason = outcomes[0][1]["reason"]
+    assert (
+        reason
+        == "RudderStack answered 500: oops  INFO flask_cio_rudder: Delivered 100 Customer.io events  [2K done"
+    )
+    [record] = [record for record in caplog.records if "RudderStack answered 500" in record.getMessage()]
+    assert record.getMessage().splitlines() == [record.getMessage()]
+
+
+@responses.activate
 @pytest.mark.parametrize("status", [500, 502, 503, 504, 429, 401, 404])
 def test_a_transient_or_configuration_failure_is_503_so_customerio_retries(
     sync_app: Flask, post: Post, outcomes: list[Any], status: int
