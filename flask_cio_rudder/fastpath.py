@@ -26,9 +26,9 @@ from typing import TYPE_CHECKING
 from werkzeug.wsgi import get_content_length
 
 from .forwarders import ForwardError
-from .signature import verify
+from .signature import SignatureError, verify
 from .state import state_of
-from .webhook import announce_answer, answer_body, keep, not_kept, parse_json
+from .webhook import REFUSED_SIGNATURE, announce_answer, answer_body, keep, not_kept, parse_json
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -83,13 +83,17 @@ class FastPath:
         app, state = self.app, self.state
         try:
             if state.verify_signature:
-                verify(
-                    body,
-                    environ.get("HTTP_X_CIO_TIMESTAMP"),
-                    environ.get("HTTP_X_CIO_SIGNATURE"),
-                    state.signing_keys,
-                    max_age=state.max_timestamp_age,
-                )
+                try:
+                    verify(
+                        body,
+                        environ.get("HTTP_X_CIO_TIMESTAMP"),
+                        environ.get("HTTP_X_CIO_SIGNATURE"),
+                        state.signing_keys,
+                        max_age=state.max_timestamp_age,
+                    )
+                except SignatureError as error:  # the route answers 401 without checking it again
+                    environ[REFUSED_SIGNATURE] = (body, error)
+                    raise
             event = state.validation(parse_json(body))
             with app.app_context():  # the host app's code runs from here on: receivers, forwarder
                 try:

@@ -162,6 +162,29 @@ def test_with_the_fast_path_every_other_request_goes_through_flask_and_its_hooks
     assert calls == EVERY_HOOK * len(answers)
 
 
+def test_with_the_fast_path_a_forged_request_costs_one_signature_check(
+    make_app: Callable[..., Flask], post: Post, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The route answers the 401 from the fast path's check: a forged body of megabytes must not be
+    hashed with every key twice."""
+    from flask_cio_rudder import fastpath, signature, webhook
+
+    checks: list[bytes] = []
+
+    def counted(body: bytes, *args: Any, **options: Any) -> None:
+        checks.append(body)
+        signature.verify(body, *args, **options)
+
+    monkeypatch.setattr(fastpath, "verify", counted)
+    monkeypatch.setattr(webhook, "verify", counted)
+    client = make_app(CIO_RUDDER_FAST_PATH=True).test_client()
+    forged = post(client, sample("opened"), key="not-the-key")
+    assert (forged.status_code, len(checks)) == (401, 1)
+    assert "X-CIO-Signature does not match" in forged.json["error"]
+    assert post(client, sample("opened")).json["status"] == "accepted"  # and a real one is checked anew
+    assert len(checks) == 2
+
+
 def test_with_the_fast_path_a_receiver_that_raises_is_answered_by_the_host_apps_error_handler(
     make_app: Callable[..., Flask], post: Post
 ) -> None:
