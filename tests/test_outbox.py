@@ -908,6 +908,17 @@ def test_a_bad_outbox_url_fails_at_init_naming_the_key_without_the_password(
     assert not any(secret in str(raised.value) for secret in ("pw-in-url", "pw/in/url", "in@url", "pw?in"))
 
 
+@pytest.mark.parametrize("table", ["order", "Group", "sqlite_events", "1st", "a-b"])
+def test_a_table_name_sqlite_cannot_take_fails_at_init_naming_the_setting(
+    make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path, table: str
+) -> None:
+    """Not "near 'order': syntax error. Check CIO_RUDDER_OUTBOX_URL", which blamed the file."""
+    url = f"sqlite:///{tmp_path / 'outbox.sqlite3'}"
+    with pytest.raises(RuntimeError, match=r"^CIO_RUDDER_OUTBOX_TABLE") as raised:
+        make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=url, CIO_RUDDER_OUTBOX_TABLE=table))
+    assert "CIO_RUDDER_OUTBOX_URL" not in str(raised.value)
+
+
 def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
     make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path
 ) -> None:

@@ -235,6 +235,21 @@ def _lock_within(lock_file: int, seconds: float) -> None:
             time.sleep(_LOCK_POLL)
 
 
+def _sqlite_table_name(name: str) -> str:
+    """``name`` if SQLite takes it unquoted as a table's name, else fail naming the setting: a word of
+    SQL (``order``) or a name SQLite keeps for itself (``sqlite_...``) would fail with a syntax error
+    that names neither."""
+    try:
+        with contextlib.closing(sqlite3.connect(":memory:")) as db:
+            db.execute(f"CREATE TABLE {name} (x)")
+    except sqlite3.Error:
+        raise RuntimeError(
+            f"CIO_RUDDER_OUTBOX_TABLE {name!r} is a word of SQL or a name SQLite keeps for itself: "
+            "choose another, such as cio_rudder_outbox."
+        ) from None
+    return name
+
+
 def _lower(value: str | None) -> str | None:
     """SQL's ``lower()`` as Python's: every letter, not only ASCII ones (used on text columns only)."""
     return None if value is None else str(value).lower()
@@ -392,7 +407,7 @@ class SQLiteStore(OutboxStore):
         self._synchronous = _SYNCHRONOUS[check_durability(durability)]
         self.path = path
         self.url = "sqlite:///" + os.path.abspath(path)
-        self.table = check_table_name(table, schemas=False)
+        self.table = _sqlite_table_name(check_table_name(table, schemas=False))
         # The side table of the first outboxes was plain "meta"; keep finding it there.
         self._meta = "meta" if table == DEFAULT_TABLE else f"{table}_meta"
         self._is_known_sql = f"SELECT 1 FROM {self.table} WHERE event_id = ? AND payload IS NOT NULL"
