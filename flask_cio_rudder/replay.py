@@ -2,8 +2,8 @@
 
 For backfills and for re-driving events from logs. Each body goes through
 :func:`flask_cio_rudder.webhook.process`: the same decoding, validation, transform,
-deduplication and forwarder as a webhook request, minus
-the signature (the file is trusted) and, unless asked, the signals.
+deduplication and forwarder as a webhook request, minus the signature (the file is trusted)
+and, unless asked, the signals.
 """
 
 from __future__ import annotations

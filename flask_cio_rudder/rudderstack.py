@@ -243,19 +243,20 @@ def check_url(url: object, key: str) -> str:
     """Return ``url`` if it is the http(s) address of a data plane, else fail naming the config ``key``
     (never quoting it: a URL may hold a password)."""
     example = "such as https://example-dataplane.rudderstack.com"
-    if not isinstance(url, str) or urlsplit(url).scheme not in ("http", "https") or not urlsplit(url).netloc:
+    parts = urlsplit(url) if isinstance(url, str) else None
+    if not isinstance(url, str) or parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise RuntimeError(f"{key} must be the http(s) URL of your RudderStack data plane, {example}")
     if not url.isprintable() or any(char.isspace() for char in url):  # urlsplit() drops line breaks unsaid
         raise RuntimeError(
             f"{key} holds a space, a line break or an invisible character (copied with it?): "
             f"set it to the data plane's URL alone, {example}"
         )
-    if "?" in url or "#" in url or _ENDPOINT.search(urlsplit(url).path):
+    if "?" in url or "#" in url or _ENDPOINT.search(parts.path):
         raise RuntimeError(
             f"{key} must be the data plane's address alone, {example}: no endpoint such as /v1/batch and "
             "no query, as the events go to its /v1/batch, with CIO_RUDDER_WRITE_KEY"
         )
-    if not _reachable_address(urlsplit(url)):
+    if not _reachable_address(parts):
         raise RuntimeError(
             f"{key} names no host and port a request can go to (a name with an empty or over-long part "
             f"between dots, or a port that is no number up to 65535?): set it to the data plane's URL, "

@@ -11,13 +11,11 @@ from collections.abc import Mapping
 from typing import Any
 
 __all__ = [
-    "MOST_SECONDS",
     "check_pasted",
     "check_seconds",
     "check_switch",
     "check_timeout",
     "is_positive_number",
-    "is_seconds",
     "number_hint",
 ]
 
@@ -30,7 +28,7 @@ _FROM_ENVIRONMENT = (
 
 #: The most seconds a setting takes: ten years. Beyond, clocks and databases overflow (infinity
 #: among them, a natural way to say "never", which would stop every delivery).
-MOST_SECONDS = 10 * 365 * 24 * 3600
+_MOST_SECONDS = 10 * 365 * 24 * 3600
 
 
 def is_positive_number(value: object, kinds: type | tuple[type, ...] = (int, float)) -> bool:
@@ -40,9 +38,9 @@ def is_positive_number(value: object, kinds: type | tuple[type, ...] = (int, flo
     return value > 0 and math.isfinite(value)  # type: ignore[operator,arg-type]
 
 
-def is_seconds(value: object) -> bool:
-    """Whether ``value`` is a number of seconds above zero, at most :data:`MOST_SECONDS`."""
-    return is_positive_number(value) and value <= MOST_SECONDS  # type: ignore[operator]
+def _is_seconds(value: object) -> bool:
+    """Whether ``value`` is a number of seconds above zero, at most ``_MOST_SECONDS``."""
+    return is_positive_number(value) and value <= _MOST_SECONDS  # type: ignore[operator]
 
 
 def check_switch(config: Mapping[str, Any], key: str) -> bool:
@@ -57,10 +55,10 @@ def check_switch(config: Mapping[str, Any], key: str) -> bool:
 def check_seconds(config: Mapping[str, Any], key: str, *, zero: bool = False) -> float:
     """``config[key]`` if it is a number of seconds above zero (or zero, with ``zero``)."""
     value = config[key]
-    if not (is_seconds(value) or (zero and value == 0 and not isinstance(value, bool))):
+    if not (_is_seconds(value) or (zero and value == 0 and not isinstance(value, bool))):
         least = "zero or more" if zero else "above zero"
         raise RuntimeError(
-            f"{key} must be a number of seconds {least}, at most ten years ({MOST_SECONDS}), "
+            f"{key} must be a number of seconds {least}, at most ten years ({_MOST_SECONDS}), "
             f"not {value!r}{_hint(value)}."
         )
     return float(value)
@@ -71,13 +69,13 @@ def check_timeout(value: Any) -> Any:
     JSON from the environment gives a pair) as a tuple, the only pair requests takes."""
     if value is None or (value == 0 and not isinstance(value, bool)):  # 0 as None: the forwarder's default
         return None
-    if is_seconds(value):
+    if _is_seconds(value):
         return value
-    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(is_seconds, value)):
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(map(_is_seconds, value)):
         return tuple(value)
     raise RuntimeError(
         "CIO_RUDDER_TIMEOUT must be None, a number of seconds above zero, or (connect, read) seconds, "
-        f"each at most ten years ({MOST_SECONDS}), not {value!r}{_hint(value)}."
+        f"each at most ten years ({_MOST_SECONDS}), not {value!r}{_hint(value)}."
     )
 
 
