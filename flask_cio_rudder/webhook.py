@@ -286,24 +286,19 @@ def _checked(body: bytes, limit: int) -> bytes:
     return body
 
 
-#: Where the fast path leaves ``(body, SignatureError)`` for a body it refused: a forged request
-#: must not cost the signature's HMACs twice.
+#: Where the fast path leaves ``((body, timestamp, signature), SignatureError)`` for a request it
+#: refused: a forged request must not cost the signature's HMACs twice.
 REFUSED_SIGNATURE = "flask_cio_rudder.refused_signature"
 
 
 def check_signature(incoming: Request, body: bytes, keys: Iterable[str], max_age: float | None) -> None:
     environ = incoming.environ
+    signed = (body, environ.get("HTTP_X_CIO_TIMESTAMP"), environ.get("HTTP_X_CIO_SIGNATURE"))
     refused = environ.get(REFUSED_SIGNATURE)
     try:
-        if refused is not None and refused[0] == body:
+        if refused is not None and refused[0] == signed:  # unless a hook or middleware changed any of it
             raise refused[1]
-        verify(
-            body,
-            environ.get("HTTP_X_CIO_TIMESTAMP"),
-            environ.get("HTTP_X_CIO_SIGNATURE"),
-            tuple(keys),
-            max_age=max_age,
-        )
+        verify(*signed, tuple(keys), max_age=max_age)
     except SignatureError as error:
         hint = _WRONG_KEY if isinstance(error, SignatureMismatch) else ""
         logger.warning("Refused a Customer.io webhook from %s: %s%s", incoming.remote_addr, error, hint)

@@ -185,6 +185,29 @@ def test_with_the_fast_path_a_forged_request_costs_one_signature_check(
     assert len(checks) == 2
 
 
+def test_with_the_fast_path_a_hook_that_mends_the_signature_headers_gets_its_request_checked_again(
+    make_app: Callable[..., Flask],
+) -> None:
+    """A gateway renamed Customer.io's headers; a host hook names them back for the route. The fast
+    path, which saw none, refused the request: the route must check what it sees, not reuse that."""
+    app = make_app(CIO_RUDDER_FAST_PATH=True)
+
+    @app.before_request
+    def name_them_back() -> None:
+        for name in ("TIMESTAMP", "SIGNATURE"):
+            if f"HTTP_X_UPSTREAM_CIO_{name}" in request.environ:
+                request.environ[f"HTTP_X_CIO_{name}"] = request.environ[f"HTTP_X_UPSTREAM_CIO_{name}"]
+
+    raw = encode(sample("opened"))
+    renamed = {
+        name.replace("X-CIO-", "X-Upstream-CIO-"): value
+        for name, value in signature_headers(raw, SIGNING_KEY).items()
+    }
+    response = app.test_client().post(WEBHOOK, data=raw, headers=renamed)
+    assert response.status_code == 200, response.get_data(as_text=True)
+    assert response.json["status"] == "accepted"
+
+
 def test_with_the_fast_path_a_receiver_that_raises_is_answered_by_the_host_apps_error_handler(
     make_app: Callable[..., Flask], post: Post
 ) -> None:
