@@ -908,7 +908,9 @@ def test_a_bad_outbox_url_fails_at_init_naming_the_key_without_the_password(
     assert not any(secret in str(raised.value) for secret in ("pw-in-url", "pw/in/url", "in@url", "pw?in"))
 
 
-@pytest.mark.parametrize("table", ["order", "Group", "sqlite_events", "1st", "a-b"])
+@pytest.mark.parametrize(
+    "table", ["order", "Group", "sqlite_events", "1st", "a-b", "cast", "raise", "sqlite"]
+)
 def test_a_table_name_sqlite_cannot_take_fails_at_init_naming_the_setting(
     make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path, table: str
 ) -> None:
@@ -947,6 +949,14 @@ def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
         # libpq decodes a setting's name, and a value runs to the next & (a tab included).
         ("postgresql://app@db/app?pass%77ord=pw&x=1", "postgresql://app@db/app?pass%77ord=***&x=1"),
         ("postgresql://app@db/app?%70assword=pw\tpw", "postgresql://app@db/app?%70assword=***"),
+        # A ? or & in the credentials or the database name starts no setting of the query.
+        ("postgresql://app:a&b=c@db/app?sslpassword=pw", "postgresql://app:***@db/app?sslpassword=***"),
+        ("postgresql://app:a?b=c@db/app?password=pw", "postgresql://app:***@db/app?password=***"),
+        ("postgresql://app@db/my&db=x?password=pw", "postgresql://app@db/my&db=x?password=***"),
+        (
+            "host=db password=pw application_name=https://app",
+            "host=db password=*** application_name=https://app",
+        ),
     ],
 )
 def test_status_and_errors_show_the_outbox_url_without_its_password(url: str, shown: str) -> None:

@@ -565,11 +565,18 @@ def redact_url(url: str) -> str:
     ``sslpassword=``) settings are masked too, as a query parameter of a URL or in libpq's
     ``key=value`` form.
     """
-    setting = _URL_SETTING if "://" in url else _KEYWORD_SETTING
-    url = setting.sub(_masked_if_password, url)
-    scheme, separator, rest = url.partition("://")
+    if not _SCHEME.match(url):  # libpq's key=value form
+        return _KEYWORD_SETTING.sub(_masked_if_password, url)
+    # The credentials first: what follows a ? or & in a password is no setting of the query.
+    head, mark, query = _without_password(url).partition("?")
+    return head + mark + _QUERY_SETTING.sub(_masked_if_password, query)
+
+
+def _without_password(url: str) -> str:
+    """``url`` with the password of its credentials (``user:password@``) masked."""
+    scheme, _, rest = url.partition("://")
     at, slash = rest.find("@"), rest.find("/")
-    if not separator or at < 0:
+    if at < 0:
         return url
     if bare_in_password(rest):
         end = rest.rindex("@")
@@ -598,8 +605,10 @@ def bare_in_password(rest: str) -> bool:
     return bool(colon) and not ipv6 and not port.isdigit() and "@" in rest.split("?", 1)[0]
 
 
+#: A URL's start: its scheme.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 #: A setting in a URL's query: its value runs to the next ``&``, whatever it holds (a tab, say).
-_URL_SETTING = re.compile(r"([?&]([^=&]*)=)([^&]*)")
+_QUERY_SETTING = re.compile(r"((?:^|&)([^=&]*)=)([^&]*)")
 #: A setting of libpq's key=value form: a quoted value may hold spaces and escaped quotes.
 _KEYWORD_SETTING = re.compile(r"((?:^|\s)(\w+)\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)")
 

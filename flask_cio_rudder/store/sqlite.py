@@ -235,19 +235,19 @@ def _lock_within(lock_file: int, seconds: float) -> None:
             time.sleep(_LOCK_POLL)
 
 
-def _sqlite_table_name(name: str) -> str:
-    """``name`` if SQLite takes it unquoted as a table's name, else fail naming the setting: a word of
-    SQL (``order``) or a name SQLite keeps for itself (``sqlite_...``) would fail with a syntax error
-    that names neither."""
+def _check_table_names(events: str, meta: str) -> None:
+    """Fail naming the setting unless SQLite takes these names unquoted, in the outbox's own
+    statements (tried on an in-memory database): a word of SQL (``order``, ``cast``) or a name
+    SQLite keeps for itself (``sqlite_...``) would fail with a syntax error that names neither."""
     try:
         with contextlib.closing(sqlite3.connect(":memory:")) as db:
-            db.execute(f"CREATE TABLE {name} (x)")
+            db.executescript(_TABLES.format(events=events, meta=meta) + _INDEXES.format(events=events))
+            db.execute(SQLiteStore._ADD.format(t=events), ("e", "{}", 0.0, None, None, None, None, None))
     except sqlite3.Error:
         raise RuntimeError(
-            f"CIO_RUDDER_OUTBOX_TABLE {name!r} is a word of SQL or a name SQLite keeps for itself: "
+            f"CIO_RUDDER_OUTBOX_TABLE {events!r} is a word of SQL or a name SQLite keeps for itself: "
             "choose another, such as cio_rudder_outbox."
         ) from None
-    return name
 
 
 def _lower(value: str | None) -> str | None:
@@ -407,9 +407,10 @@ class SQLiteStore(OutboxStore):
         self._synchronous = _SYNCHRONOUS[check_durability(durability)]
         self.path = path
         self.url = "sqlite:///" + os.path.abspath(path)
-        self.table = _sqlite_table_name(check_table_name(table, schemas=False))
+        self.table = check_table_name(table, schemas=False)
         # The side table of the first outboxes was plain "meta"; keep finding it there.
         self._meta = "meta" if table == DEFAULT_TABLE else f"{table}_meta"
+        _check_table_names(self.table, self._meta)
         self._is_known_sql = f"SELECT 1 FROM {self.table} WHERE event_id = ? AND payload IS NOT NULL"
         self.clock = clock
         self._local = threading.local()
