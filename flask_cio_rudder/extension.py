@@ -6,6 +6,7 @@ import atexit
 import difflib
 import importlib.util
 import logging
+import math
 import weakref
 from collections.abc import Mapping
 from typing import Any
@@ -112,7 +113,7 @@ class CioRudder:
                 f"CIO_RUDDER_MAX_BODY_BYTES must be a positive number of bytes, not {max_body_bytes!r}."
             )
         max_timestamp_age = config["CIO_RUDDER_MAX_TIMESTAMP_AGE"]
-        if max_timestamp_age is not None and not is_positive_number(max_timestamp_age):
+        if max_timestamp_age not in (None, math.inf) and not is_positive_number(max_timestamp_age):
             raise RuntimeError(  # a string from the environment would fail every request instead
                 "CIO_RUDDER_MAX_TIMESTAMP_AGE must be None (off) or a positive number of seconds, "
                 f"not {max_timestamp_age!r}."

@@ -6,6 +6,7 @@ import base64
 import codecs
 import gzip
 import re
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timezone
@@ -246,7 +247,7 @@ def check_url(url: object, key: str) -> str:
     parts = urlsplit(url) if isinstance(url, str) else None
     if not isinstance(url, str) or parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise RuntimeError(f"{key} must be the http(s) URL of your RudderStack data plane, {example}")
-    if not url.isprintable() or any(char.isspace() for char in url):  # urlsplit() drops line breaks unsaid
+    if any(char.isspace() or unicodedata.category(char) == "Cc" for char in url):  # urlsplit() drops some
         raise RuntimeError(
             f"{key} holds a space, a line break or an invisible character (copied with it?): "
             f"set it to the data plane's URL alone, {example}"
@@ -273,13 +274,10 @@ def _reachable_address(parts: SplitResult) -> bool:
     except ValueError:
         return False
     host = parts.hostname or ""
-    if ":" in host:  # an IPv6 address, which urlsplit() checked
+    if not host.isascii():  # requests checks such a name itself, when the data plane is made
         return True
-    try:
-        host.encode("idna")  # a name's parts between dots: not empty, at most 63 characters
-    except UnicodeError:
-        return False
-    return bool(host)
+    labels = host.removesuffix(".").split(".")  # an IPv6 address has one, which urlsplit() checked
+    return bool(host) and all(0 < len(label) <= 63 for label in labels)
 
 
 #: The end of a path that names one of the data plane's endpoints (``/v1/batch``), not the data plane

@@ -26,16 +26,16 @@ _FROM_ENVIRONMENT = (
 )
 
 
-#: The most seconds a setting takes: ten years. Beyond, clocks and databases overflow (infinity
+#: The most seconds a setting takes: a hundred years. Beyond about 290, clocks overflow (infinity
 #: among them, a natural way to say "never", which would stop every delivery).
-_MOST_SECONDS = 10 * 365 * 24 * 3600
+_MOST_SECONDS = 100 * 365 * 24 * 3600
 
 
 def is_positive_number(value: object, kinds: type | tuple[type, ...] = (int, float)) -> bool:
     """Whether ``value`` is a finite number (of ``kinds``; never a bool) above zero."""
     if not isinstance(value, kinds) or isinstance(value, bool):
         return False
-    return value > 0 and math.isfinite(value)  # type: ignore[operator,arg-type]
+    return value > 0 and not (isinstance(value, float) and math.isinf(value))  # type: ignore[operator]
 
 
 def _is_seconds(value: object) -> bool:
@@ -58,7 +58,7 @@ def check_seconds(config: Mapping[str, Any], key: str, *, zero: bool = False) ->
     if not (_is_seconds(value) or (zero and value == 0 and not isinstance(value, bool))):
         least = "zero or more" if zero else "above zero"
         raise RuntimeError(
-            f"{key} must be a number of seconds {least}, at most ten years ({_MOST_SECONDS}), "
+            f"{key} must be a number of seconds {least}, at most a hundred years ({_MOST_SECONDS}), "
             f"not {value!r}{_hint(value)}."
         )
     return float(value)
@@ -75,7 +75,7 @@ def check_timeout(value: Any) -> Any:
         return tuple(value)
     raise RuntimeError(
         "CIO_RUDDER_TIMEOUT must be None, a number of seconds above zero, or (connect, read) seconds, "
-        f"each at most ten years ({_MOST_SECONDS}), not {value!r}{_hint(value)}."
+        f"each at most a hundred years ({_MOST_SECONDS}), not {value!r}{_hint(value)}."
     )
 
 

@@ -180,7 +180,7 @@ def test_a_signing_key_read_with_a_stray_character_fails_at_init_naming_the_key_
         ("CIO_RUDDER_MAX_TIMESTAMP_AGE", 0),
         ("CIO_RUDDER_MAX_BODY_BYTES", "5242880"),
         ("CIO_RUDDER_MAX_BODY_BYTES", -1),
-        ("CIO_RUDDER_MAX_TIMESTAMP_AGE", float("inf")),
+        ("CIO_RUDDER_MAX_TIMESTAMP_AGE", float("nan")),
     ],
 )
 def test_a_limit_that_is_not_a_positive_number_fails_at_init_naming_the_key(key: str, value: Any) -> None:
@@ -238,6 +238,9 @@ def test_a_setting_of_the_wrong_kind_fails_at_init_naming_the_key(
         ("CIO_RUDDER_METRICS", 0),  # switches read as bool() reads them, as before: all but strings
         ("CIO_RUDDER_VERIFY_SIGNATURE", 1),
         ("CIO_RUDDER_DASHBOARD_READ_ONLY", None),
+        ("CIO_RUDDER_OUTBOX_MAX_AGE", 10**9),  # "never", within a hundred years
+        ("CIO_RUDDER_MAX_TIMESTAMP_AGE", float("inf")),  # off, as None
+        ("CIO_RUDDER_MAX_BODY_BYTES", 10**400),  # absurd, but no OverflowError
     ],
 )
 def test_settings_of_the_right_kind_are_taken(key: str, value: Any, tmp_path: Path) -> None:
@@ -309,6 +312,9 @@ def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
         "https://example.com/rudder/",
         "https://gateway.example.com/v1/rudderstack",  # a proxy's prefix, whatever it is called
         "https://api.example.com/analytics/v1",
+        "http://rudderstack:8080",  # a docker compose service
+        "https://\u05e2\u05d1\u05e8\u05d9\u05ea1.example",  # right to left, a digit last (IDNA 2008)
+        "https://\u0dc1\u0dca\u200d\u0dbb\u0dd3.example",  # a zero-width joiner in a Sinhala name
     ],
 )
 def test_a_data_plane_address_with_or_without_a_path_prefix_is_taken(url: str) -> None:
