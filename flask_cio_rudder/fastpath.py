@@ -83,11 +83,14 @@ class FastPath:
         app, state = self.app, self.state
         try:
             if state.verify_signature:
-                signed = (body, environ.get("HTTP_X_CIO_TIMESTAMP"), environ.get("HTTP_X_CIO_SIGNATURE"))
+                timestamp, signature = (
+                    environ.get("HTTP_X_CIO_TIMESTAMP"),
+                    environ.get("HTTP_X_CIO_SIGNATURE"),
+                )
                 try:
-                    verify(*signed, state.signing_keys, max_age=state.max_timestamp_age)
+                    verify(body, timestamp, signature, state.signing_keys, max_age=state.max_timestamp_age)
                 except SignatureError as error:  # the route answers 401 without checking it again
-                    environ[REFUSED_SIGNATURE] = (signed, error)
+                    environ[REFUSED_SIGNATURE] = ((body, timestamp, signature), error)
                     raise
             event = state.validation(parse_json(body))
             with app.app_context():  # the host app's code runs from here on: receivers, forwarder

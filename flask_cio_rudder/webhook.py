@@ -293,12 +293,12 @@ REFUSED_SIGNATURE = "flask_cio_rudder.refused_signature"
 
 def check_signature(incoming: Request, body: bytes, keys: Iterable[str], max_age: float | None) -> None:
     environ = incoming.environ
-    signed = (body, environ.get("HTTP_X_CIO_TIMESTAMP"), environ.get("HTTP_X_CIO_SIGNATURE"))
+    timestamp, signature = environ.get("HTTP_X_CIO_TIMESTAMP"), environ.get("HTTP_X_CIO_SIGNATURE")
     refused = environ.get(REFUSED_SIGNATURE)
     try:
-        if refused is not None and refused[0] == signed:  # unless a hook or middleware changed any of it
+        if refused is not None and refused[0] == (body, timestamp, signature):  # unless a hook changed it
             raise refused[1]
-        verify(*signed, tuple(keys), max_age=max_age)
+        verify(body, timestamp, signature, tuple(keys), max_age=max_age)
     except SignatureError as error:
         hint = _WRONG_KEY if isinstance(error, SignatureMismatch) else ""
         logger.warning("Refused a Customer.io webhook from %s: %s%s", incoming.remote_addr, error, hint)
