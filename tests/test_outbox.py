@@ -957,6 +957,22 @@ def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
             "host=db password=pw application_name=https://app",
             "host=db password=*** application_name=https://app",
         ),
+        # Text that is no URL as libpq reads one: quoted, after a space, a whole .env line, a typo.
+        ('"postgresql://u:pw@db/app"', '"postgresql://u:***@db/app"'),
+        (" postgresql://u:pw@db/app", " postgresql://u:***@db/app"),
+        ("CIO_RUDDER_OUTBOX_URL=postgresql://u:pw@db/app", "CIO_RUDDER_OUTBOX_URL=postgresql://u:***@db/app"),
+        ("jdbc:postgresql://db/app?user=u&password=pw", "jdbc:postgresql://db/app?user=u&password=***"),
+        ("postgresql:u:pw@db", "postgresql:u:***@db"),
+        ("postgresql://u@db/app&password=pw", "postgresql://u@db/app&password=***"),
+        (
+            "postgresql://u@db/app?sslmode=require?password=pw",
+            "postgresql://u@db/app?sslmode=require?password=***",
+        ),
+        ("postgresql://u:pw/x?sslmode=require@db/app", "postgresql://u:***@db/app"),
+        ("postgresql://u@db/app?oauth_client_secret=pw", "postgresql://u@db/app?oauth_client_secret=***"),
+        ("host='db'password=pw", "host='db'password=***"),
+        ("password=pw\\ pw", "password=***"),
+        ("host=db password=pw://x", "host=db password=***"),
     ],
 )
 def test_status_and_errors_show_the_outbox_url_without_its_password(url: str, shown: str) -> None:

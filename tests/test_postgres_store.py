@@ -149,7 +149,7 @@ def test_no_password_reaches_an_error_or_the_url_shown(postgres: Backend) -> Non
             readable = store_from_url(f"postgresql://app:{password}@db.internal:5432/app")
         except RuntimeError as refused:
             shown = str(refused)
-            assert "cannot be read" in shown
+            assert "cannot be read" in shown or "write @ as %40 and / as %2F" in shown
         else:
             shown = readable.url
             readable.close()

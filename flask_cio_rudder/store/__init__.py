@@ -82,7 +82,8 @@ def store_from_url(
     if scheme not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS))
         raise RuntimeError(
-            f"CIO_RUDDER_OUTBOX_URL {redact_url(url)!r} has an unknown scheme {scheme!r}; use one of {known}."
+            f"CIO_RUDDER_OUTBOX_URL {redact_url(url)!r} has an unknown scheme {redact_url(scheme)!r}; "
+            f"use one of {known}."
         )
     module_name, class_name, extra = _BACKENDS[scheme]
     try:

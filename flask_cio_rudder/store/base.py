@@ -562,14 +562,17 @@ def redact_url(url: str) -> str:
     The credentials end at the first ``@`` before any ``/``, as libpq reads them; where a
     password holds an ``@`` or ``/`` its owner did not percent-encode (:func:`bare_in_password`),
     everything up to the last ``@`` is masked (too much is harmless). ``password=`` (and
-    ``sslpassword=``) settings are masked too, as a query parameter of a URL or in libpq's
-    ``key=value`` form.
+    ``sslpassword=``, any ``...secret=``) settings are masked too, as a query parameter of a URL or
+    in libpq's ``key=value`` form, and wherever else they are found: the text may be no URL at all
+    (a quoted one, a whole ``.env`` line, a typo).
     """
-    if not _SCHEME.match(url):  # libpq's key=value form
-        return _KEYWORD_SETTING.sub(_masked_if_password, url)
-    # The credentials first: what follows a ? or & in a password is no setting of the query.
-    head, mark, query = _without_password(url).partition("?")
-    return head + mark + _QUERY_SETTING.sub(_masked_if_password, query)
+    if "://" in url:
+        # The credentials first: what follows a ? or & in a password is no setting of the query.
+        head, mark, query = _without_password(url).partition("?")
+        url = head + mark + _QUERY_SETTING.sub(_masked_if_password, query)
+    else:
+        url = _KEYWORD_SETTING.sub(_masked_if_password, _SLASHLESS_CREDENTIALS.sub(r"\1:***@", url))
+    return _ANY_SETTING.sub(_masked_if_password, url)
 
 
 def _without_password(url: str) -> str:
@@ -602,22 +605,27 @@ def bare_in_password(rest: str) -> bool:
     authority = rest if slash < 0 else rest[:slash]
     _host, colon, port = authority.rpartition(":")
     ipv6 = authority.startswith("[") and authority.endswith("]")
-    return bool(colon) and not ipv6 and not port.isdigit() and "@" in rest.split("?", 1)[0]
+    return bool(colon) and not ipv6 and not port.isdigit() and "@" in rest
 
 
-#: A URL's start: its scheme.
-_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 #: A setting in a URL's query: its value runs to the next ``&``, whatever it holds (a tab, say).
 _QUERY_SETTING = re.compile(r"((?:^|&)([^=&]*)=)([^&]*)")
-#: A setting of libpq's key=value form: a quoted value may hold spaces and escaped quotes.
-_KEYWORD_SETTING = re.compile(r"((?:^|\s)(\w+)\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)")
+#: A setting of libpq's key=value form, after the start, a space or a closing quote: a quoted value
+#: may hold spaces and escaped quotes, and an unquoted one an escaped space.
+_KEYWORD_SETTING = re.compile(r"((?<![^\s'])(\w+)\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|\S)*)")
+#: Any setting anywhere (after ?, &, a space or a quote), its value cut at the next of them: the
+#: last pass, for text that is no URL, or a query with a second ``?``.
+_ANY_SETTING = re.compile(r"((?<![^?&\s'])([\w%]+)\s*=\s*)((?:\\.|[^?&\s])*)")
+#: ``user:password@`` after a scheme typed without its slashes (``postgresql:u:pw@host``).
+_SLASHLESS_CREDENTIALS = re.compile(r"([:/][^:/@\s]*):[^@\s]*@")
 
 
 def _masked_if_password(setting: re.Match[str]) -> str:
-    """A setting as it was, or with its value masked if it is a password (``password``, ``sslpassword``),
-    its name read as libpq reads it, percent-escapes decoded (``pass%77ord``)."""
+    """A setting as it was, or with its value masked if it is a secret (``password``, ``sslpassword``,
+    ``oauth_client_secret``), its name read as libpq reads it, percent-escapes decoded (``pass%77ord``)."""
     name = unquote(setting.group(2)).strip().lower()
-    return f"{setting.group(1)}***" if name.endswith("password") else setting.group(0)
+    secret = name.endswith(("password", "secret"))
+    return f"{setting.group(1)}***" if secret else setting.group(0)
 
 
 #: ``CIO_RUDDER_OUTBOX_DURABILITY``'s values: what an accepted event must survive before the answer.
