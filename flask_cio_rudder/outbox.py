@@ -27,7 +27,7 @@ from werkzeug.serving import is_running_from_reloader
 
 from .event import CioEvent
 from .forwarders import Forwarder, ForwardError
-from .rudderstack import DataPlane, data_plane_settings
+from .rudderstack import data_plane_settings, make_data_plane
 from .sender import Delivery, Sender, check_lease
 from .settings import check_seconds
 from .spool import Spool, spool_for
@@ -338,7 +338,7 @@ class OutboxForwarder(Forwarder):
         sender = Sender(
             app,
             store,
-            lambda: DataPlane(data_plane_url, write_key, timeout),
+            lambda: make_data_plane(data_plane_url, write_key, timeout),
             batch_size=batch_size,
             lease=lease,
             max_age=max_age,

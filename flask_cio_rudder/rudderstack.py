@@ -27,6 +27,7 @@ __all__ = [
     "data_plane_from_config",
     "data_plane_settings",
     "identifiable",
+    "make_data_plane",
     "retry_after",
 ]
 
@@ -206,9 +207,14 @@ def _dropped(char: str) -> bool:
 
 def data_plane_from_config(config: Mapping[str, Any], default_timeout: Timeout) -> DataPlane:
     """The data plane the config names; fails naming ``CIO_RUDDER_WRITE_KEY`` or ``..._DATA_PLANE_URL``."""
-    settings = data_plane_settings(config, default_timeout)
+    return make_data_plane(*data_plane_settings(config, default_timeout))
+
+
+def make_data_plane(url: str, write_key: str, timeout: Timeout) -> DataPlane:
+    """A :class:`DataPlane` for settings :func:`data_plane_settings` checked; where requests refuses
+    the URL even so (a host name IDNA does not take), fails naming the setting, not quoting the URL."""
     try:
-        return DataPlane(*settings)
+        return DataPlane(url, write_key, timeout)
     except (requests.RequestException, ValueError) as error:  # its message quotes the URL: not here
         raise RuntimeError(
             f"CIO_RUDDER_DATA_PLANE_URL is no URL requests can post to ({type(error).__name__}): "
@@ -244,10 +250,10 @@ def check_url(url: object, key: str) -> str:
     """Return ``url`` if it is the http(s) address of a data plane, else fail naming the config ``key``
     (never quoting it: a URL may hold a password)."""
     example = "such as https://example-dataplane.rudderstack.com"
-    parts = urlsplit(url) if isinstance(url, str) else None
+    parts = _split(url) if isinstance(url, str) else None
     if not isinstance(url, str) or parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
         raise RuntimeError(f"{key} must be the http(s) URL of your RudderStack data plane, {example}")
-    if any(char.isspace() or unicodedata.category(char) == "Cc" for char in url):  # urlsplit() drops some
+    if any(_stray(char) for char in url) or any(unicodedata.category(char) == "Cf" for char in parts.path):
         raise RuntimeError(
             f"{key} holds a space, a line break or an invisible character (copied with it?): "
             f"set it to the data plane's URL alone, {example}"
@@ -266,6 +272,19 @@ def check_url(url: object, key: str) -> str:
     return url
 
 
+def _split(url: str) -> SplitResult | None:
+    """``urlsplit(url)``, or ``None`` where it refuses the URL (its error may quote a password)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
+
+
+def _stray(char: str) -> bool:
+    """White space or a control character: in a URL, copied with it (urlsplit() drops some unsaid)."""
+    return char.isspace() or unicodedata.category(char) == "Cc"
+
+
 def _reachable_address(parts: SplitResult) -> bool:
     """Whether a URL's host and port are ones requests can post to: else it fails only on each post,
     quoting the whole URL (a password with it)."""
@@ -274,10 +293,9 @@ def _reachable_address(parts: SplitResult) -> bool:
     except ValueError:
         return False
     host = parts.hostname or ""
-    if not host.isascii():  # requests checks such a name itself, when the data plane is made
-        return True
     labels = host.removesuffix(".").split(".")  # an IPv6 address has one, which urlsplit() checked
-    return bool(host) and all(0 < len(label) <= 63 for label in labels)
+    # The length of a label that is not ASCII is its IDNA form's, which requests checks itself.
+    return bool(host) and all(label and (len(label) <= 63 or not label.isascii()) for label in labels)
 
 
 #: The end of a path that names one of the data plane's endpoints (``/v1/batch``), not the data plane

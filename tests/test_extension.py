@@ -288,6 +288,10 @@ def test_the_sync_forwarder_needs_a_write_key() -> None:
         "https://proxyuser:secret-password@dp.example.com:443a",
         "https://proxyuser:secret-password@:443",
         "https://my-dataplane..rudderstack.com",
+        "https://b\u00fccher..example",
+        "https://dp.example.com\u200b",  # a zero-width space copied with it: no name IDNA takes
+        "https://dp.example.com/\u200b",  # the posts would go to /%E2%80%8B/v1/batch
+        "https://proxyuser:secret-password[x]@dp.example.com",  # urlsplit's error quoted the password
         f"https://{'x' * 64}.rudderstack.com",
     ],
 )
