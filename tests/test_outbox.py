@@ -962,13 +962,21 @@ def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
         (" postgresql://u:pw@db/app", " postgresql://u:***@db/app"),
         ("CIO_RUDDER_OUTBOX_URL=postgresql://u:pw@db/app", "CIO_RUDDER_OUTBOX_URL=postgresql://u:***@db/app"),
         ("jdbc:postgresql://db/app?user=u&password=pw", "jdbc:postgresql://db/app?user=u&password=***"),
-        ("postgresql:u:pw@db", "postgresql:u:***@db"),
+        ("postgresql:u:pw@db", "postgresql:***@db"),
+        ("postgresql//u:pw@db/app", "postgresql//u:***@db/app"),
         ("postgresql://u@db/app&password=pw", "postgresql://u@db/app&password=***"),
         (
             "postgresql://u@db/app?sslmode=require?password=pw",
             "postgresql://u@db/app?sslmode=require?password=***",
         ),
-        ("postgresql://u:pw/x?sslmode=require@db/app", "postgresql://u:***@db/app"),
+        ("postgresql://db1:5432,db2/app?user=app@corp", "postgresql://db1:5432,db2/app?user=app@corp"),
+        ("postgresql://db1:5432,db2/app?password=p@s", "postgresql://db1:5432,db2/app?password=***"),
+        (
+            "host=db password='my pw' application_name=https://app",
+            "host=db password=*** application_name=https://app",
+        ),
+        ("host=db password=a?pw application_name=http://x", "host=db password=*** application_name=http://x"),
+        ("postgresql://u@db/app&password=a?pw", "postgresql://u@db/app&password=***"),
         ("postgresql://u@db/app?oauth_client_secret=pw", "postgresql://u@db/app?oauth_client_secret=***"),
         ("host='db'password=pw", "host='db'password=***"),
         ("password=pw\\ pw", "password=***"),
@@ -1008,6 +1016,8 @@ def test_a_postgresql_password_with_a_bare_at_or_slash_fails_at_init_saying_how_
         "postgresql://127.0.0.1/te@st",
         "postgresql://db:5432/te@st",
         "postgresql://[::1]/te@st",
+        "postgresql://db1:5432,db2/app?application_name=me@corp",  # hosts, one with a port
+        "postgresql://db.example.com:5432?sslmode=verify-full&sslrootcert=/etc/ssl/ca.pem&user=app@db",
     ):
         store_from_url(url).close()
     with pytest.raises(RuntimeError, match="percent-encoded"):  # a ? before the bare @ changes nothing

@@ -561,18 +561,12 @@ def redact_url(url: str) -> str:
 
     The credentials end at the first ``@`` before any ``/``, as libpq reads them; where a
     password holds an ``@`` or ``/`` its owner did not percent-encode (:func:`bare_in_password`),
-    everything up to the last ``@`` is masked (too much is harmless). ``password=`` (and
-    ``sslpassword=``, any ``...secret=``) settings are masked too, as a query parameter of a URL or
-    in libpq's ``key=value`` form, and wherever else they are found: the text may be no URL at all
-    (a quoted one, a whole ``.env`` line, a typo).
+    everything up to the last ``@`` is masked (too much is harmless). Then every setting whose name
+    ends in ``password`` or ``secret`` is masked wherever it is: a URL's query, libpq's ``key=value``
+    form, or text that is no URL at all (a quoted one, a whole ``.env`` line, a typo).
     """
-    if "://" in url:
-        # The credentials first: what follows a ? or & in a password is no setting of the query.
-        head, mark, query = _without_password(url).partition("?")
-        url = head + mark + _QUERY_SETTING.sub(_masked_if_password, query)
-    else:
-        url = _KEYWORD_SETTING.sub(_masked_if_password, _SLASHLESS_CREDENTIALS.sub(r"\1:***@", url))
-    return _ANY_SETTING.sub(_masked_if_password, url)
+    masked = _without_password(url) if "://" in url else _without_typed_password(url)
+    return _without_secret_settings(masked)
 
 
 def _without_password(url: str) -> str:
@@ -605,27 +599,45 @@ def bare_in_password(rest: str) -> bool:
     authority = rest if slash < 0 else rest[:slash]
     _host, colon, port = authority.rpartition(":")
     ipv6 = authority.startswith("[") and authority.endswith("]")
-    return bool(colon) and not ipv6 and not port.isdigit() and "@" in rest
+    return bool(colon) and not ipv6 and not port.isdigit() and "@" in rest.split("?", 1)[0]
 
 
-#: A setting in a URL's query: its value runs to the next ``&``, whatever it holds (a tab, say).
-_QUERY_SETTING = re.compile(r"((?:^|&)([^=&]*)=)([^&]*)")
-#: A setting of libpq's key=value form, after the start, a space or a closing quote: a quoted value
-#: may hold spaces and escaped quotes, and an unquoted one an escaped space.
-_KEYWORD_SETTING = re.compile(r"((?<![^\s'])(\w+)\s*=\s*)('(?:[^'\\]|\\.)*'?|(?:\\.|\S)*)")
-#: Any setting anywhere (after ?, &, a space or a quote), its value cut at the next of them: the
-#: last pass, for text that is no URL, or a query with a second ``?``.
-_ANY_SETTING = re.compile(r"((?<![^?&\s'])([\w%]+)\s*=\s*)((?:\\.|[^?&\s])*)")
-#: ``user:password@`` after a scheme typed without its slashes (``postgresql:u:pw@host``).
-_SLASHLESS_CREDENTIALS = re.compile(r"([:/][^:/@\s]*):[^@\s]*@")
+def _without_typed_password(text: str) -> str:
+    """``text`` with what looks like a password masked: from the first ``:`` after the last ``/`` before
+    the first ``@``, up to that ``@``. For a URL mistyped without its ``://`` (``postgresql:u:pw@host``,
+    ``postgresql//u:pw@host``): too much is harmless."""
+    at = text.find("@")
+    colon = text.find(":", text.rfind("/", 0, max(at, 0)) + 1, max(at, 0))
+    return text if colon < 0 else f"{text[: colon + 1]}***{text[at:]}"
 
 
-def _masked_if_password(setting: re.Match[str]) -> str:
-    """A setting as it was, or with its value masked if it is a secret (``password``, ``sslpassword``,
-    ``oauth_client_secret``), its name read as libpq reads it, percent-escapes decoded (``pass%77ord``)."""
-    name = unquote(setting.group(2)).strip().lower()
-    secret = name.endswith(("password", "secret"))
-    return f"{setting.group(1)}***" if secret else setting.group(0)
+#: A setting's name and its ``=``, after the start, ``?``, ``&``, white space or a quote.
+_SETTING_NAME = re.compile(r"(?<![^?&\s'])([\w%]+)\s*=\s*")
+
+
+def _without_secret_settings(text: str) -> str:
+    """``text`` with the value of every setting named ``...password`` or ``...secret`` masked, the
+    name read as libpq reads it, percent-escapes decoded (``pass%77ord``). Each value runs as libpq
+    reads it: in a URL's query to the next ``&``; elsewhere to white space, or between quotes."""
+    query = text.find("?") if "://" in text else -1
+    kept, done = [], 0
+    for setting in _SETTING_NAME.finditer(text):
+        start = setting.end()
+        if start < done or not unquote(setting.group(1)).lower().endswith(("password", "secret")):
+            continue
+        kept.append(text[done:start] + "***")
+        done = _value_end(text, start, in_query=0 <= query < setting.start())
+    return "".join(kept) + text[done:]
+
+
+def _value_end(text: str, start: int, *, in_query: bool) -> int:
+    """Where the setting's value that starts at ``start`` ends (a backslash escapes what follows)."""
+    quoted = text.startswith("'", start)
+    ends = "'" if quoted else "&" if in_query else " \t\n\r\f\v"
+    at = start + quoted
+    while at < len(text) and text[at] not in ends:
+        at += 2 if text[at] == "\\" else 1
+    return min(at + quoted, len(text))
 
 
 #: ``CIO_RUDDER_OUTBOX_DURABILITY``'s values: what an accepted event must survive before the answer.
