@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,10 @@ class Server:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return f"--- last lines of {self.log.name} ---\n" + "\n".join(text.splitlines()[-lines:])
 
+    def booted(self) -> int:
+        """How many workers gunicorn has started so far (replaced ones included)."""
+        return self.log.read_text(errors="replace").count("Booting worker") if self.log.exists() else 0
+
     def kill(self) -> None:
         """SIGKILL the master and its workers at once, then reap the master."""
         with contextlib.suppress(ProcessLookupError):  # all gone already
@@ -157,9 +161,16 @@ class Deployment:
         return outbox_status(self.outbox, self.table)
 
     def start(
-        self, data_plane_url: str, *, workers: int = 1, preload: bool = False, **settings: object
+        self,
+        data_plane_url: str,
+        *,
+        workers: int = 1,
+        preload: bool = False,
+        options: Sequence[str] = (),
+        **settings: object,
     ) -> Server:
-        """Start gunicorn and wait until it answers HTTP; ``settings`` are ``CIO_RUDDER_*`` values."""
+        """Start gunicorn and wait until it answers HTTP; ``options`` are more of gunicorn's (a worker
+        class, ``--max-requests``), ``settings`` are ``CIO_RUDDER_*`` values."""
         port = free_port()
         command = [
             sys.executable,
@@ -174,6 +185,7 @@ class Deployment:
             "--log-level",
             "info",
             *(["--preload"] if preload else []),
+            *options,
             *_NO_CONTROL_SOCKET,
             "tests.process_app:create_app()",
         ]
@@ -376,6 +388,59 @@ def test_retries_sent_to_both_workers_at_once_are_forwarded_once(deployment: Dep
         assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
         status = deployment.status()
         assert (status.pending, status.delivered) == (0, len(bodies))
+
+
+def post_twice_at_once(url: str, body: dict[str, Any]) -> list[requests.Response]:
+    """Post ``body`` twice at the same moment, as a retry that crosses the first attempt."""
+    with ThreadPoolExecutor(max_workers=2) as pair:
+        return list(pair.map(lambda _: post_event(url, body), range(2)))
+
+
+@pytest.mark.parametrize(
+    "worker_class",
+    [["--threads", "4"], ["--worker-class", "gevent"]],
+    ids=["gthread", "gevent"],
+)
+def test_threaded_and_gevent_workers_keep_each_event_through_replaced_workers_and_a_sigkill(
+    deployment: Deployment, worker_class: list[str]
+) -> None:
+    """gunicorn's other worker classes: several requests at once in one process (threads, or
+    greenlets with the sender and the spool's mover among them), each event posted twice at the
+    same moment, workers replaced every 40 requests (``--max-requests``), then SIGKILL: after a
+    restart every accepted event is forwarded once."""
+    if "gevent" in worker_class:
+        pytest.importorskip("gevent", reason="gevent (a test dependency, installed in CI) is not installed")
+    options = [*worker_class, "--max-requests", "40"]
+    bodies = make_bodies(worker_class[-1], 150)
+    down = f"http://127.0.0.1:{free_port()}"  # nothing listens: every event stays in the outbox
+    first = deployment.start(down, workers=2, options=options, outbox_lease=5)
+    answers: list[requests.Response] = []
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        for half in (bodies[: len(bodies) // 2], bodies[len(bodies) // 2 :]):
+            for pair in pool.map(lambda body: post_twice_at_once(first.url, body), half):
+                answers.extend(pair)
+            # A worker past --max-requests serves on for a moment (gevent's: up to a second): the
+            # second half goes to workers that replaced the first ones.
+            wait_until(lambda: first.booted() > 2, BOOT_TIMEOUT, "a worker was replaced", first.log_tail)
+    assert all(answer.status_code == 200 for answer in answers), {a.status_code for a in answers}
+    statuses = [answer.json()["status"] for answer in answers]
+    assert set(statuses) <= {"accepted", "duplicate"} and statuses.count("accepted") >= len(bodies)
+    workers = {answer.headers["X-Worker-Pid"] for answer in answers}
+    assert len(workers) > 2, f"answers came from {workers} only: no worker was replaced\n{first.log_tail()}"
+
+    first.kill()
+    wait_until(
+        lambda: deployment.status().pending == len(bodies),
+        10,
+        f"the {len(bodies)} accepted events are in the outbox",
+        lambda: str(deployment.status()),
+    )
+    with FakeDataPlane(write_key=WRITE_KEY) as plane:
+        second = deployment.start(plane.url, workers=2, options=options, outbox_lease=5)
+        deployment.wait_forwarded(len(bodies), plane, second)
+        assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
+    status = deployment.status()
+    assert (status.pending, status.delivered, status.dead) == (0, len(bodies), 0)
 
 
 # -- 3. SIGTERM while the data plane hangs -------------------------------------------------------
