@@ -224,11 +224,22 @@ def test_a_holder_keeps_beating_while_its_web_requests_fill_the_pool(postgres: B
     assert other.claim(100, 600.0, 3600.0).events == []  # the live holder keeps its batch
 
 
+@pytest.mark.parametrize(
+    "refusal",
+    [
+        "FATAL:  too many connections for role",
+        "FATAL:  sorry, too many clients already",
+        "FATAL:  zu viele Verbindungen für Rolle",  # a server whose lc_messages is German
+        'FATAL:  database "app" is not currently accepting connections',
+        'FATAL:  password authentication failed for user "app"',  # rotated: the pool's still work
+    ],
+)
 def test_a_holder_refused_a_connection_of_its_own_beats_on_a_pooled_one(
-    postgres: Backend, monkeypatch: pytest.MonkeyPatch
+    postgres: Backend, monkeypatch: pytest.MonkeyPatch, refusal: str
 ) -> None:
-    """The server's or the role's connection limit reached once the pool's were open (a rolling
-    restart): the heartbeat never connected, and another server sent the live holder's batch too."""
+    """The server refuses new connections once the pool's were open (a rolling restart that took
+    every slot, new connections barred, a rotated password): the heartbeat never connected, and
+    another server sent the live holder's batch too."""
     import psycopg
 
     clock = Clock()
@@ -238,7 +249,7 @@ def test_a_holder_refused_a_connection_of_its_own_beats_on_a_pooled_one(
     connect = psycopg.connect
 
     def refused(*args: Any, **kwargs: Any) -> Any:
-        raise psycopg.OperationalError("FATAL:  too many connections for role")
+        raise psycopg.OperationalError(refusal)
 
     monkeypatch.setattr(psycopg, "connect", refused)
     assert len(holder.claim(100, 600.0, 3600.0).events) == 3

@@ -79,9 +79,6 @@ DEFAULT_TABLE = "cio_rudder_outbox"
 #: a quote, or a line break.
 _QUOTED = re.compile(r'".*"', re.DOTALL)
 
-#: What PostgreSQL says when it has no connection slot left for a role or anyone (SQLSTATE 53300).
-_NO_SLOT_LEFT = ("too many clients", "too many connections", "remaining connection slots are reserved")
-
 #: The time of a statement: the given clock's, else the server's.
 _NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
 
@@ -518,7 +515,7 @@ class PostgresStore(OutboxStore):
                 try:
                     if conn is None or conn.closed:
                         conn = self._heartbeat_connection()
-                    if conn is None:  # no connection slot of its own: a pooled one beats, as best it can
+                    if conn is None:  # refused a connection of its own: a pooled one beats, as best it can
                         if closing.is_set():  # the pool is closed: a new one would stay open
                             break
                         self._run(functools.partial(self._beat, params=params), self.HEARTBEAT_TIMEOUT)
@@ -543,15 +540,15 @@ class PostgresStore(OutboxStore):
         conn.execute(self._beat_sql(), params)
 
     def _heartbeat_connection(self) -> Connection[Any] | None:
-        """A connection for the heartbeat alone, or ``None`` when the server has no connection slot
-        left for it (its or the role's limit reached while the pool's are open): a holder whose beat
-        stopped would have its batch taken by another server while it still posts it. Any other
-        failure (the server down) raises, as a failed beat."""
+        """A connection for the heartbeat alone, or ``None`` when the server refuses a new one: a
+        pooled connection, opened before, then beats (were the beat to stop, another server would
+        take a live holder's batch while it still posts it). Refused whatever the reason, in
+        whatever language: no connection slot left for the role or anyone (a rolling restart),
+        new connections barred, the password changed. When the server is down, the pooled beat
+        fails too, as a failed beat."""
         try:
             conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT)
         except psycopg.OperationalError as error:
-            if not any(words in str(error) for words in _NO_SLOT_LEFT):
-                raise
             logger.debug(
                 "Outbox heartbeat has no connection of its own (%s): it uses the pool's", _first_line(error)
             )
