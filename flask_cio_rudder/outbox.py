@@ -10,6 +10,7 @@ what operators steer (``get_outbox(app)``, ``flask cio-rudder ...``).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import click
 from flask import Flask, current_app
@@ -284,6 +285,32 @@ def _loaded_by_a_flask_command() -> bool:
     return isinstance(context.find_root().command, FlaskGroup)
 
 
+def _deferred_to_uwsgi_workers(start: Callable[[], None]) -> bool:
+    """Whether uWSGI loads the app in the process it then forks its workers from (no ``lazy-apps``):
+    then ``start`` runs in each worker after the fork (uWSGI's ``post_fork_hook``; should something
+    replace that hook later, with the worker's first webhook), not here.
+
+    uWSGI forks without Python's fork hooks. A thread started here, inside SQLite, a connection
+    pool or a log call at that moment, would leave that lock held in every worker: each would
+    hang on its first webhook.
+    """
+    try:
+        uwsgi: Any = importlib.import_module("uwsgi")  # only in a process uWSGI runs
+    except ImportError:
+        return False
+    if uwsgi.worker_id() > 0:  # loaded in a worker already (lazy-apps): no fork comes after
+        return False
+    earlier = getattr(uwsgi, "post_fork_hook", None)
+
+    def after_fork() -> None:
+        if earlier is not None:
+            earlier()
+        start()
+
+    uwsgi.post_fork_hook = after_fork
+    return True
+
+
 def _watches_for_the_reloader(run: click.Context) -> bool:
     """Whether this ``flask run`` process only watches files for the reloader, which serves the app
     in a child process: a sender here would go on sending, with the settings it read first, for the
@@ -348,10 +375,19 @@ class OutboxForwarder(Forwarder):
         self.spool = spool_for(store, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"], sender=sender)
         self.outbox = Outbox(store, sender, self.spool)
         self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
-        if self.background and not _loaded_by_a_flask_command():
-            sender.ensure_running()
-            if self.spool is not None:  # at once: a restart takes over what its predecessor left
-                self.spool.ensure_running()
+        if (
+            self.background
+            and not _loaded_by_a_flask_command()
+            and not _deferred_to_uwsgi_workers(self._start)
+        ):
+            self._start()
+
+    def _start(self) -> None:
+        """Start this process's sender and spool mover, at once: a restart takes over what its
+        predecessor left without waiting for a webhook."""
+        self.outbox.sender.ensure_running()
+        if self.spool is not None:
+            self.spool.ensure_running()
 
     def is_duplicate(self, event_id: str) -> bool:
         if self.spool is not None and self.spool.holds(event_id):

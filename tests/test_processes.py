@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from flask_cio_rudder.transform import message_id, transform
 
 from .conftest import EMAIL_EVENTS, WEBHOOK, sample
 from .helpers import free_port, wait_until
+from .stores import unavailable
 
 pytestmark = pytest.mark.slow  # real gunicorn and flask processes: seconds each
 
@@ -191,6 +193,25 @@ class Deployment:
         ]
         return self._serve("gunicorn", command, port, self.env(data_plane_url, **settings))
 
+    def start_uwsgi(self, data_plane_url: str, *, options: Sequence[str] = (), **settings: object) -> Server:
+        """Start uWSGI (a master, two workers, HTTP on a loopback port) and wait until it answers."""
+        port = free_port()
+        command = [
+            uwsgi_binary(),
+            "--http-socket",
+            f"127.0.0.1:{port}",
+            "--master",
+            "--processes",
+            "2",
+            "--enable-threads",  # the README asks for it: without it, uWSGI runs no Python thread
+            "--die-on-term",  # SIGTERM stops (uWSGI 2.0 reloads on it otherwise)
+            "--need-app",
+            "--eval",
+            "from tests.process_app import create_app; application = create_app()",
+            *options,
+        ]
+        return self._serve("uwsgi", command, port, self.env(data_plane_url, **settings))
+
     def start_flask_run(self, data_plane_url: str, **settings: object) -> Server:
         """Start Flask's development server (``flask run``) and wait until it answers HTTP."""
         port = free_port()
@@ -245,6 +266,15 @@ class Deployment:
         """Kill every process group started here, finished or not: a worker may outlive its master."""
         for server in self.servers:
             server.kill()
+
+
+def uwsgi_binary() -> str:
+    """The ``uwsgi`` beside this Python, or on PATH; skips (or, in CI, fails) when there is none."""
+    beside = Path(sys.executable).parent / "uwsgi"
+    found = str(beside) if beside.exists() else shutil.which("uwsgi")
+    if found is None:
+        unavailable("uWSGI is not installed: pip install uwsgi (it compiles; CI installs it)", "uWSGI")
+    return str(found)
 
 
 def _no_control_socket() -> list[str]:
@@ -441,6 +471,33 @@ def test_threaded_and_gevent_workers_keep_each_event_through_replaced_workers_an
         assert_delivered_exactly_once(plane.events, [body["event_id"] for body in bodies])
     status = deployment.status()
     assert (status.pending, status.delivered, status.dead) == (0, len(bodies), 0)
+
+
+@pytest.mark.service  # uWSGI, which CI installs
+@pytest.mark.parametrize("options", [[], ["--lazy-apps"]], ids=["app loaded before the fork", "lazy-apps"])
+def test_uwsgi_workers_send_what_was_left_at_once_and_answer_and_send_every_webhook(
+    deployment: Deployment, options: list[str]
+) -> None:
+    """uWSGI forks its workers without Python's fork hooks. Threads started where it loads the app
+    (its master, without ``lazy-apps``) left their locks held in every worker, which hung on its
+    first webhook; now each worker starts its own after the fork, at once."""
+    left = make_bodies("uwsgi-left", 5)  # pending from an earlier run: sent without waiting for a webhook
+    add_events(deployment.outbox, left)
+    bodies = make_bodies("uwsgi", 40)
+    with FakeDataPlane(write_key=WRITE_KEY) as plane:
+        server = deployment.start_uwsgi(plane.url, options=options)
+        deployment.wait_forwarded(len(left), plane, server)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            answers = list(pool.map(lambda body: post_event(server.url, body), bodies))
+        for answer, body in zip(answers, bodies):
+            assert_accepted(answer, body)
+        deployment.wait_forwarded(len(left) + len(bodies), plane, server)
+        assert_delivered_exactly_once(plane.events, [body["event_id"] for body in left + bodies])
+    workers = {int(answer.headers["X-Worker-Pid"]) for answer in answers}
+    senders = {pid for pid, _ in deployment.forwarded()}
+    assert server.pid not in workers | senders, "uWSGI's master served or sent: it must only fork"
+    status = deployment.status()
+    assert (status.pending, status.delivered, status.dead) == (0, len(left) + len(bodies), 0)
 
 
 # -- 3. SIGTERM while the data plane hangs -------------------------------------------------------
