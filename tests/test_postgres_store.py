@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -23,7 +30,7 @@ from flask_cio_rudder.samples import email_sample
 from flask_cio_rudder.store import OutboxStore, StoreUnavailable, store_from_url
 
 from .helpers import Clock, FreezingProxy, free_port, wait_until
-from .stores import Backend, postgres_fixture, postgres_url  # noqa: F401  (a fixture)
+from .stores import Backend, postgres_fixture, postgres_url, unavailable, unique_table  # noqa: F401  (a fixture)
 
 if TYPE_CHECKING:  # at run time, imported where psycopg is known to be there (it may not be)
     from flask_cio_rudder.store.postgres import PostgresStore
@@ -613,3 +620,100 @@ def test_upgrading_an_older_releases_table_is_not_cut_at_the_web_requests_bound(
     request.join(30)
     assert outcome == [False]
     assert store.find(email="nobody@example.com") == []  # the search columns are there now
+
+
+# -- behind PgBouncer -----------------------------------------------------------------------------
+
+
+class ThrowawayPgBouncer:
+    """PgBouncer pooling transactions, on a free loopback port, in front of the test server: each
+    transaction gets any of its few server sessions, as on many hosted PostgreSQL offers."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("pgbouncer") or next(iter(glob.glob("/usr/sbin/pgbouncer")), None)
+        if binary is None:
+            unavailable("PgBouncer is not installed (Debian: apt-get install pgbouncer)", "PgBouncer")
+        from psycopg.conninfo import conninfo_to_dict
+
+        server = conninfo_to_dict(postgres_url())
+        user = str(server.get("user", "postgres"))
+        self.port = free_port()
+        self.url = f"postgresql://{user}@127.0.0.1:{self.port}/bounced"
+        as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # it refuses root
+        # Not pytest's tmp_path: a folder only root may enter, when the server runs as postgres.
+        self.directory = directory = Path(tempfile.mkdtemp(prefix="cio-rudder-pgbouncer-"))
+        if as_user:
+            shutil.chown(directory, "postgres")
+        (directory / "users.txt").write_text(f'"{user}" ""\n')
+        target = " ".join(
+            f"{key}={server[key]}" for key in ("host", "port", "dbname", "user") if key in server
+        )
+        (directory / "pgbouncer.ini").write_text(
+            f"[databases]\nbounced = {target}\n"
+            "[pgbouncer]\n"
+            f"listen_addr = 127.0.0.1\nlisten_port = {self.port}\nunix_socket_dir =\n"
+            f"auth_type = trust\nauth_file = {directory / 'users.txt'}\n"
+            "pool_mode = transaction\ndefault_pool_size = 3\nignore_startup_parameters = options\n"
+        )
+        self.log = directory / "pgbouncer.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen(
+                [*as_user, binary, str(directory / "pgbouncer.ini")],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        wait_until(self._answers, 10, "PgBouncer answers", lambda: self.log.read_text(errors="replace"))
+
+    def _answers(self) -> bool:
+        import psycopg
+
+        if self.process.poll() is not None:
+            pytest.fail(f"PgBouncer exited:\n{self.log.read_text(errors='replace')}")
+        try:
+            psycopg.connect(self.url, connect_timeout=1).close()
+        except psycopg.OperationalError:
+            return False
+        return True
+
+    def stop(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pgbouncer() -> Iterator[ThrowawayPgBouncer]:
+    bouncer = ThrowawayPgBouncer()
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
+
+
+def test_a_store_behind_a_pgbouncer_pooling_transactions_keeps_claims_and_marks_every_event(
+    pgbouncer: ThrowawayPgBouncer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """psycopg prepares a statement it runs often, on the session it runs in. Behind such a pooler
+    the next transaction's session lacks it, or has that name taken by another client's
+    ("prepared statement "_pg3_0" already exists"): uses of the store failed from then on."""
+    store = store_from_url(pgbouncer.url, table=unique_table())
+    try:
+        for n in range(60):
+            assert not store.is_known(f"e{n}")
+            assert store.add(f"e{n}", "{}")
+        delivered = 0
+        while True:
+            claim = store.claim(7, 60.0, 3600.0)
+            if not claim.events:
+                break
+            store.mark_delivered(claim.owner, [event.event_id for event in claim.events])
+            delivered += len(claim.events)
+        assert delivered == 60
+        status = store.status()
+        assert (status.pending, status.delivered) == (0, 60)
+        assert "prepared statements are off" in caplog.text
+    finally:
+        store.drop_tables()
+        store.close()

@@ -79,6 +79,11 @@ DEFAULT_TABLE = "cio_rudder_outbox"
 #: a quote, or a line break.
 _QUOTED = re.compile(r'".*"', re.DOTALL)
 
+#: What psycopg's prepared statements meet behind a pooler that gives each transaction any server
+#: session (PgBouncer in transaction mode without ``max_prepared_statements``, Supavisor): the
+#: statement it prepared missing there, or its name taken by another client's.
+_SESSION_NOT_OURS = (psycopg.errors.DuplicatePreparedStatement, psycopg.errors.InvalidSqlStatementName)
+
 #: The time of a statement: the given clock's, else the server's.
 _NOW = "COALESCE(%(now)s::float8, extract(epoch FROM statement_timestamp())::float8)"
 
@@ -223,6 +228,9 @@ class PostgresStore(OutboxStore):
         ]
         self.channel = _channel_name(self.table)
         self._lock_key = f"flask_cio_rudder:{self.table}"
+        #: Whether the pool's connections let psycopg prepare the statements they run often; off for
+        #: good once the server sessions show they are shared (:data:`_SESSION_NOT_OURS`).
+        self._prepares = True
         _live_stores.add(self)
         self._fresh_process_state()
 
@@ -291,6 +299,12 @@ class PostgresStore(OutboxStore):
                     self._pool = pool
         return pool
 
+    def _connect_options(self) -> dict[str, Any]:
+        """psycopg's options for a connection of the heartbeat or the wake-ups: autocommit (the
+        store's transactions are explicit) and, as they run one statement, no prepared statements
+        (see :data:`_SESSION_NOT_OURS`). The pool's connections prepare until that error is seen."""
+        return {"autocommit": True, "connect_timeout": self.CONNECT_TIMEOUT, "prepare_threshold": None}
+
     def _configure(self, conn: Connection[Any]) -> None:
         """Settings every connection of the store needs, whatever the database's defaults (within
         ``CONNECT_TIMEOUT``, as connecting: a server that does not answer gets the connection cut).
@@ -320,6 +334,8 @@ class PostgresStore(OutboxStore):
         """
         try:
             with self._get_pool().connection() as conn, self._watched(conn, timeout) as watch:
+                if not self._prepares:
+                    conn.prepare_threshold = None
                 try:
                     if not self._ready and self._creates:
                         self._create(conn, watch)
@@ -332,6 +348,15 @@ class PostgresStore(OutboxStore):
                         ) from error
                     raise
         except (psycopg.Error, psycopg_pool.PoolTimeout, OSError) as error:
+            if isinstance(error, _SESSION_NOT_OURS) and self._prepares:
+                self._prepares = False
+                logger.warning(
+                    "The PostgreSQL outbox %s is reached through a pooler that shares server sessions "
+                    "between transactions (PgBouncer in transaction mode, say): prepared statements "
+                    "are off from now on (%s).",
+                    self.url,
+                    _first_line(error),
+                )
             raise StoreUnavailable(
                 f"the PostgreSQL outbox {self.url} cannot be used: {_first_line(error)}"
             ) from error
@@ -348,6 +373,11 @@ class PostgresStore(OutboxStore):
         is safe, at most once per connection the pool holds. With a ``timeout`` (seconds), a
         server that has not answered by then has the connection cut, and there is no other
         try: it would wait on the same unanswering server.
+
+        A statement psycopg prepared that a pooler's shared server session refused
+        (:data:`_SESSION_NOT_OURS`) is tried again too, unprepared from then on: it failed before
+        it ran, and each ``work`` runs its other statements in the same transaction, or ones that
+        may run twice.
         """
         tries = self.pool_size + 1
         while True:
@@ -359,6 +389,8 @@ class PostgresStore(OutboxStore):
                 raise
             except StoreUnavailable as error:
                 cause = error.__cause__
+                if tries and isinstance(cause, _SESSION_NOT_OURS):
+                    continue
                 if not tries or not isinstance(cause, psycopg.OperationalError) or not _was_broken(cause):
                     raise  # a statement that failed, or no connection at all (PoolTimeout)
 
@@ -547,7 +579,7 @@ class PostgresStore(OutboxStore):
         new connections barred, the password changed. When the server is down, the pooled beat
         fails too, as a failed beat."""
         try:
-            conn = psycopg.connect(self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT)
+            conn = psycopg.connect(self.conninfo, **self._connect_options())
         except psycopg.OperationalError as error:
             logger.debug(
                 "Outbox heartbeat has no connection of its own (%s): it uses the pool's", _first_line(error)
@@ -652,8 +684,9 @@ class PostgresStore(OutboxStore):
                 "emails": [email for _, email in summaries],
                 "now": self._now(),
             }
-            count = conn.execute(statement, params).rowcount
-            conn.execute("SELECT pg_notify(%s, '')", (self.channel,))
+            with conn.transaction():  # one change: tried again whole (see _run), never half
+                count = conn.execute(statement, params).rowcount
+                conn.execute("SELECT pg_notify(%s, '')", (self.channel,))
             return count
 
         for event in events:
@@ -793,9 +826,7 @@ class PostgresStore(OutboxStore):
         delay = 1.0
         while not stopping.is_set():
             try:
-                with psycopg.connect(
-                    self.conninfo, autocommit=True, connect_timeout=self.CONNECT_TIMEOUT
-                ) as conn:
+                with psycopg.connect(self.conninfo, **self._connect_options()) as conn:
                     conn.execute(f'LISTEN "{self.channel}"')
                     delay = 1.0
                     on_new()  # something may have come while nobody listened
