@@ -256,6 +256,7 @@ class Outbox:
             self.sender.idle_wait = min(self.sender.idle_wait, _WORKER_POLL)
         if self.spool is not None:  # takes over the spools of web processes that died
             self.spool.ensure_running()
+        self.sender.serve()
         self.sender.ensure_running()
         while not stopping.wait(1.0):  # a timeout, so that signal handlers run promptly
             pass
@@ -375,6 +376,8 @@ class OutboxForwarder(Forwarder):
         self.spool = spool_for(store, durability=config["CIO_RUDDER_OUTBOX_DURABILITY"], sender=sender)
         self.outbox = Outbox(store, sender, self.spool)
         self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
+        if self.background:
+            app.before_request(sender.serve)  # any request: this process serves the app, so it sends
         if (
             self.background
             and not _loaded_by_a_flask_command()
@@ -406,6 +409,7 @@ class OutboxForwarder(Forwarder):
                 raise _not_kept("write the outbox's spool", error) from error
             self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store
             if self.background:  # not started at init under a flask command: _loaded_by_a_flask_command
+                self.outbox.sender.serve()  # the fast path's requests pass no before_request hook
                 self.outbox.sender.ensure_running()
             return
         try:
@@ -413,6 +417,7 @@ class OutboxForwarder(Forwarder):
         except StoreError as error:
             raise _not_kept("write the outbox", error) from error
         if self.background:
+            self.outbox.sender.serve()
             self.outbox.sender.ensure_running()
             self.outbox.sender.wake()
 

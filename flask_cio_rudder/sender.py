@@ -174,6 +174,8 @@ class Sender:
         self._offers: deque[tuple[float, Claim]] = deque()
         self._store_due = 0.0  # when (time.monotonic()) the store is to be claimed from, offers or not
         self._paused = False  # the last claim from the store found sending paused: offers wait too
+        #: Whether this process serves the app (see :meth:`serve`): until then the thread sends nothing.
+        self._serving = False
         self._failures = 0
         self._retry_after: float | None = None  # seconds RudderStack last asked us to wait
         #: How the sender waits after a failure; returns early when stopping.
@@ -216,6 +218,18 @@ class Sender:
     def wake(self) -> None:
         """Tell the sender there is something new to send."""
         self._wake.set()
+
+    def serve(self) -> None:
+        """This process serves the app (it got a request, accepted an event, or is ``flask cio-rudder
+        worker``): from now on its thread sends (cheap; called per request).
+
+        Until then it sends nothing, nor at exit: a process that only loads the app (an RQ job, a
+        Celery worker, a script) would claim a batch and often die mid-post (RQ ends each job with
+        ``os._exit``), and the next one would post the same batch again.
+        """
+        if not self._serving:
+            self._serving = True
+            self._wake.set()
 
     @property
     def takes_offers(self) -> bool:
@@ -269,6 +283,10 @@ class Sender:
 
     def _run(self) -> None:
         while not self._stopping.is_set():
+            if not self._serving:
+                self._wake.wait(self.idle_wait)
+                self._wake.clear()
+                continue
             try:
                 outcome = self.send_batch()
             except StoreError as error:  # the database is down: back off as from RudderStack
@@ -292,7 +310,7 @@ class Sender:
                     self._stopping.wait(self.LINGER)
                 self._wake.clear()
         try:
-            if self._final_flush:
+            if self._final_flush and self._serving:
                 self.flush(self.shutdown_timeout)
         except StoreError as error:
             logger.warning("Could not send the outbox's last events at shutdown: %s", error)

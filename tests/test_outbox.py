@@ -422,7 +422,7 @@ def test_stopping_cuts_the_wait_for_a_turn_under_the_cap_and_leaves_the_batch_pe
     )
     sender = get_outbox(app).sender
     accept(app, 2)
-    sender.wake()
+    sender.serve()  # as this process's first request does
     thread = sender._thread
     assert thread is not None
     wait_until(lambda: in_function(thread, "_wait_turn"), what="the second request waits for its turn")
@@ -1351,6 +1351,25 @@ def test_under_a_flask_command_the_sender_starts_with_the_first_accepted_event(
     result = CliRunner().invoke(FlaskGroup(create_app=create_app), ["serve"])
     assert result.exit_code == 0, result.output
     assert running == [False, True]
+
+
+def test_a_process_that_serves_nothing_sends_nothing_not_even_at_exit_and_its_first_request_starts_it(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane
+) -> None:
+    """An RQ job, a Celery worker or a script that loads the app must not send the outbox's backlog:
+    it would claim a batch and often die mid-post (RQ ends each job with ``os._exit``), and the next
+    one would post the same batch again. Any request the process serves makes it a sender."""
+    config = {**outbox_config, "CIO_RUDDER_OUTBOX_SENDER": True}
+    loaded_only = make_app(**config)
+    ids = accept(loaded_only, 3)
+    get_outbox(loaded_only).close()  # what exiting does: its last flush
+    assert data_plane.requests == 0
+    assert get_outbox(loaded_only).status().pending == 3
+
+    serving = make_app(**config)
+    assert serving.test_client().get("/health").status_code == 404  # any request of the host app
+    wait_until(lambda: len(data_plane.events) == 3, 10, "the first request's process sends")
+    assert sorted(event["properties"]["eventId"] for event in data_plane.events) == ids
 
 
 @pytest.mark.parametrize(
