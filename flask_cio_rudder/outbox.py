@@ -386,8 +386,8 @@ class OutboxForwarder(Forwarder):
             self._start()
 
     def _start(self) -> None:
-        """Start this process's sender and spool mover, at once: a restart takes over what its
-        predecessor left without waiting for a webhook."""
+        """Start this process's spool mover, which takes over at once what a predecessor left in its
+        spool, and its sender thread, which sends once the process serves (:meth:`Sender.serve`)."""
         self.outbox.sender.ensure_running()
         if self.spool is not None:
             self.spool.ensure_running()
