@@ -286,6 +286,27 @@ def _loaded_by_a_flask_command() -> bool:
     return isinstance(context.find_root().command, FlaskGroup)
 
 
+#: Seconds Customer.io retries a webhook for: a delivered event is kept at least that long, so a
+#: retry of it is recognised (and not forwarded again).
+CUSTOMERIO_RETRIES_FOR = 7 * 24 * 3600
+
+
+def _keep_delivered(config: Mapping[str, Any]) -> float | None:
+    """``CIO_RUDDER_OUTBOX_KEEP_DELIVERED``: ``None`` (kept until purged by hand), or seconds, at
+    least as long as Customer.io retries."""
+    key = "CIO_RUDDER_OUTBOX_KEEP_DELIVERED"
+    if config[key] is None:
+        return None
+    seconds = check_seconds(config, key)
+    if seconds < CUSTOMERIO_RETRIES_FOR:
+        raise RuntimeError(
+            f"{key} must be at least {CUSTOMERIO_RETRIES_FOR} seconds (7 days), not {seconds:g}: "
+            "Customer.io retries a webhook for up to 7 days, and a retry of an event purged before "
+            "then would be forwarded again. None keeps delivered events until you purge them."
+        )
+    return seconds
+
+
 def _deferred_to_uwsgi_workers(start: Callable[[], None]) -> bool:
     """Whether uWSGI loads the app in the process it then forks its workers from (no ``lazy-apps``):
     then ``start`` runs in each worker after the fork (uWSGI's ``post_fork_hook``; should something
@@ -350,6 +371,7 @@ class OutboxForwarder(Forwarder):
             raise RuntimeError("CIO_RUDDER_OUTBOX_BATCH_SIZE must be a whole number from 1 to 100.")
         lease = check_lease(check_seconds(config, "CIO_RUDDER_OUTBOX_LEASE"))
         max_age = check_seconds(config, "CIO_RUDDER_OUTBOX_MAX_AGE")
+        keep_delivered = _keep_delivered(config)
         shutdown_timeout = check_seconds(config, "CIO_RUDDER_SHUTDOWN_TIMEOUT", zero=True)
         try:
             store = store_from_url(
@@ -370,6 +392,7 @@ class OutboxForwarder(Forwarder):
             batch_size=batch_size,
             lease=lease,
             max_age=max_age,
+            keep_delivered=keep_delivered,
             shutdown_timeout=shutdown_timeout,
             max_requests_per_second=config["CIO_RUDDER_MAX_REQUESTS_PER_SECOND"],
         )

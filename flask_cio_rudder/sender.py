@@ -126,6 +126,8 @@ class Sender:
     RETRY_AFTER_CAP = 300.0
     #: How long an idle sender sleeps before looking for due events again.
     IDLE_WAIT = 5.0
+    #: Seconds between two purges of old delivered events (``keep_delivered``) by one process.
+    PURGE_EVERY = 3600.0
     #: After being woken by a new event, how long the sender lets a batch build up before
     #: claiming it: posting each event on its own would cost the web workers' CPU.
     LINGER = 0.2
@@ -144,6 +146,7 @@ class Sender:
         batch_size: int = 100,
         lease: float = 60.0,
         max_age: float = 7 * 24 * 3600,
+        keep_delivered: float | None = None,
         shutdown_timeout: float = 2.0,
         max_requests_per_second: float | None = None,
     ) -> None:
@@ -152,6 +155,7 @@ class Sender:
         self.batch_size = batch_size
         self.lease = lease
         self.max_age = max_age
+        self.keep_delivered = keep_delivered
         self.shutdown_timeout = shutdown_timeout
         self.idle_wait = self.IDLE_WAIT  # the worker polls more often where the store cannot wake it
         self.pacer = Pacer(max_requests_per_second)
@@ -176,6 +180,7 @@ class Sender:
         self._paused = False  # the last claim from the store found sending paused: offers wait too
         #: Whether this process serves the app (see :meth:`serve`): until then the thread sends nothing.
         self._serving = False
+        self._purge_due = 0.0  # when (time.monotonic()) to purge old delivered events next: at once
         self._failures = 0
         self._retry_after: float | None = None  # seconds RudderStack last asked us to wait
         #: How the sender waits after a failure; returns early when stopping.
@@ -287,6 +292,7 @@ class Sender:
                 self._wake.wait(self.idle_wait)
                 self._wake.clear()
                 continue
+            self._purge_delivered_when_due()
             try:
                 outcome = self.send_batch()
             except StoreError as error:  # the database is down: back off as from RudderStack
@@ -320,6 +326,24 @@ class Sender:
                 closes, self._at_exit = self._at_exit, []
             for close in closes:
                 close()
+
+    def _purge_delivered_when_due(self) -> None:
+        """Delete the events delivered more than ``keep_delivered`` seconds ago, at most every
+        ``PURGE_EVERY`` seconds: kept for ever, they fill the disk (about a kilobyte each)."""
+        if self.keep_delivered is None or time.monotonic() < self._purge_due:
+            return
+        self._purge_due = time.monotonic() + self.PURGE_EVERY
+        try:
+            purged = self.store.purge_delivered(self.keep_delivered)
+        except StoreError as error:
+            logger.warning("Could not purge old delivered events, will try again in an hour: %s", error)
+            return
+        if purged:
+            logger.info(
+                "Purged %d events delivered more than %s days ago (CIO_RUDDER_OUTBOX_KEEP_DELIVERED)",
+                purged,
+                f"{self.keep_delivered / 86400:g}",
+            )
 
     def retry_delay(self) -> float:
         """Seconds to wait after a failed attempt: what RudderStack asked for, else jittered backoff.
