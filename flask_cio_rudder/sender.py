@@ -424,6 +424,14 @@ class Sender:
         started = time.monotonic()  # the lease runs from the claim, however long the claim takes
         claim = self.store.claim(self.batch_size, self.lease, self.max_age)
         self._paused = claim.paused
+        if claim.expired:
+            logger.warning(
+                "%d Customer.io event%s not delivered within CIO_RUDDER_OUTBOX_MAX_AGE (%g s) became dead "
+                "letters: see flask cio-rudder dead-letters, and requeue what should still go",
+                claim.expired,
+                "" if claim.expired == 1 else "s",
+                self.max_age,
+            )
         self._store_due = started + (0.0 if len(claim.events) >= self.batch_size else self.STORE_EVERY)
         return claim, started + self.lease - _LEASE_MARGIN
 

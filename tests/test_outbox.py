@@ -456,6 +456,21 @@ def test_the_sender_purges_events_delivered_longer_ago_than_kept_and_nothing_els
     assert "Purged 3 events delivered more than 30 days ago" in caplog.text
 
 
+def test_events_past_the_maximum_age_become_dead_letters_with_a_warning(
+    outbox_app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A long outage, or a pause, turns the oldest events into dead letters: 8,916 at once went by
+    with no log line, where an operator looks first."""
+    outbox = get_outbox(outbox_app)
+    accept(outbox_app, 2)
+    outbox.store.clock = lambda: time.time() + 8 * 24 * 3600  # a week and a day on
+    with caplog.at_level(logging.WARNING, logger="flask_cio_rudder"):
+        outbox.flush()
+    assert outbox.status().dead == 2
+    assert "2 Customer.io events not delivered within CIO_RUDDER_OUTBOX_MAX_AGE (604800 s)" in caplog.text
+    assert "requeue what should still go" in caplog.text
+
+
 @pytest.mark.parametrize("kept", [None, 7 * 24 * 3600, 90 * 24 * 3600.0])
 def test_delivered_events_are_kept_for_ever_or_at_least_a_week(
     make_app: Callable[..., Flask], outbox_config: dict[str, Any], kept: float | None

@@ -455,3 +455,28 @@ def test_a_requeue_in_chunks_requeues_each_dead_letter_once(
     assert store.count_dead_letters() == 6  # each sent once more, and refused once more
     store.close()
     sender.close()
+
+
+def test_status_reads_one_snapshot_so_no_more_is_in_flight_than_pending(tmp_path: Path) -> None:
+    """The spool's mover adds a batch already leased to its sender: added between status()'s count
+    of pending events and its count of leased ones, it showed 65 pending and 100 in flight."""
+    store = store_from_url(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    mover = store_from_url(f"sqlite:///{tmp_path / 'outbox.sqlite3'}")
+    try:
+        store.add("e0", "{}")
+        added: list[int] = []
+
+        def a_batch_moved_between_the_reads(statement: str) -> None:
+            if "lease_holder" in statement and not added:  # the status's last read is starting
+                batch = [Pending(f"m{n}", "{}") for n in range(3)]
+                added.append(len(mover.add_claimed(batch, 600.0, 3600.0).events))
+
+        store._db().set_trace_callback(a_batch_moved_between_the_reads)  # type: ignore[attr-defined]
+        status = store.status()
+        store._db().set_trace_callback(None)  # type: ignore[attr-defined]
+        assert added == [3]
+        assert (status.pending, status.in_flight) == (1, 0)  # as it was when the reading began
+        assert (store.status().pending, store.status().in_flight) == (4, 3)
+    finally:
+        store.close()
+        mover.close()

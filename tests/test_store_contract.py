@@ -192,7 +192,10 @@ def test_an_event_older_than_the_maximum_age_becomes_a_dead_letter(backend: Back
     store.release(claim.owner, ["old"], "RudderStack answered 503")
     clock.now += MAX_AGE + 1
     store.add("new", stored("new"))
-    assert [event.event_id for event in store.claim(100, LEASE, MAX_AGE).events] == ["new"]
+    claim = store.claim(100, LEASE, MAX_AGE)
+    assert [event.event_id for event in claim.events] == ["new"]
+    assert claim.expired == 1  # the sender logs it: an operator learns of dead letters it made
+    assert store.claim(100, LEASE, MAX_AGE).expired == 0
     (letter,) = store.dead_letters()
     assert letter.event_id == "old"
     assert "CIO_RUDDER_OUTBOX_MAX_AGE" in letter.reason

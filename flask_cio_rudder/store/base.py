@@ -77,12 +77,14 @@ class Claimed:
 class Claim:
     """One claimed batch: ``owner`` names this claim when the sender marks its events.
 
-    ``paused`` says no events were claimed because an operator paused sending.
+    ``paused`` says no events were claimed because an operator paused sending; ``expired``, how
+    many pending events the claim made dead letters, as older than the claim's ``max_age``.
     """
 
     owner: str
     events: list[Claimed]
     paused: bool = False
+    expired: int = 0
 
 
 @dataclass(frozen=True)

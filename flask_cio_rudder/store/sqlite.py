@@ -669,14 +669,14 @@ class SQLiteStore(OutboxStore):
         with self._transaction() as db:
             if db.execute(f"SELECT 1 FROM {self._meta} WHERE key = 'paused'").fetchone():
                 return Claim(owner, [], paused=True)
-            db.execute(
+            expired: int = db.execute(
                 f"UPDATE {t} SET state = 'dead', lease_owner = NULL, lease_until = NULL, "
                 "lease_holder = NULL, "
                 "reason = 'not delivered within CIO_RUDDER_OUTBOX_MAX_AGE (' || ? || ' s); last error: ' "
                 "|| COALESCE(reason, 'none') WHERE state = 'pending' AND accepted_at < ? "
                 "AND (lease_until IS NULL OR lease_until < ?)",  # not a batch a live sender is posting
                 (int(max_age), now - max_age, now),
-            )
+            ).rowcount
             self._free_dead_holders(db)
             rows = db.execute(
                 f"SELECT event_id, payload FROM {t} WHERE state = 'pending' "
@@ -688,7 +688,9 @@ class SQLiteStore(OutboxStore):
                 f"UPDATE {t} SET lease_owner = ?, lease_until = ?, lease_holder = ? WHERE event_id = ?",
                 [(owner, now + lease, holder, event_id) for event_id, _ in rows],
             )
-        return Claim(owner, [Claimed(event_id, payload_json) for event_id, payload_json in rows])
+        return Claim(
+            owner, [Claimed(event_id, payload_json) for event_id, payload_json in rows], expired=expired
+        )
 
     def _free_dead_holders(self, db: sqlite3.Connection) -> None:
         """Free the leases of processes that no longer exist (a worker SIGKILLed mid-batch)."""
@@ -742,20 +744,26 @@ class SQLiteStore(OutboxStore):
     # -- operators -----------------------------------------------------------------------------
 
     def status(self) -> OutboxStatus:
-        now = self.clock()
         t = self.table
         with self._connected() as db:
-            counts = dict(db.execute(f"SELECT state, COUNT(*) FROM {t} GROUP BY state").fetchall())
-            (oldest,) = db.execute(f"SELECT MIN(accepted_at) FROM {t} WHERE state = 'pending'").fetchone()
-            (delivered_at,) = db.execute(  # without INDEXED BY, SQLite would read every delivered row
-                f"SELECT MAX(delivered_at) FROM {t} INDEXED BY {t}_delivered WHERE state = 'delivered'"
-            ).fetchone()
-            meta = dict(db.execute(f"SELECT key, value FROM {self._meta}").fetchall())
-            held = db.execute(
-                f"SELECT lease_holder, COUNT(*) FROM {t} WHERE lease_holder IS NOT NULL "
-                "AND state = 'pending' AND lease_until >= ? GROUP BY lease_holder",
-                (now,),
-            ).fetchall()
+            # One snapshot (WAL) for every read: else a batch the spool's mover adds, leased, between
+            # two reads counts more in flight than pending.
+            db.execute("BEGIN")
+            try:
+                counts = dict(db.execute(f"SELECT state, COUNT(*) FROM {t} GROUP BY state").fetchall())
+                now = self.clock()  # the snapshot began: no delivery it holds is later than this
+                (oldest,) = db.execute(f"SELECT MIN(accepted_at) FROM {t} WHERE state = 'pending'").fetchone()
+                (delivered_at,) = db.execute(  # without INDEXED BY, SQLite would read every delivered row
+                    f"SELECT MAX(delivered_at) FROM {t} INDEXED BY {t}_delivered WHERE state = 'delivered'"
+                ).fetchone()
+                meta = dict(db.execute(f"SELECT key, value FROM {self._meta}").fetchall())
+                held = db.execute(
+                    f"SELECT lease_holder, COUNT(*) FROM {t} WHERE lease_holder IS NOT NULL "
+                    "AND state = 'pending' AND lease_until >= ? GROUP BY lease_holder",
+                    (now,),
+                ).fetchall()
+            finally:
+                db.execute("COMMIT")
         live = [(holder, count) for holder, count in held if holder_alive(holder)]
         return OutboxStatus(
             pending=counts.get("pending", 0),
