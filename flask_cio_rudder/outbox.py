@@ -400,13 +400,20 @@ class OutboxForwarder(Forwarder):
         self.outbox = Outbox(store, sender, self.spool)
         self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
         if self.background:
-            app.before_request(sender.serve)  # any request: this process serves the app, so it sends
+            app.before_request(self._serving)
         if (
             self.background
             and not _loaded_by_a_flask_command()
             and not _deferred_to_uwsgi_workers(self._start)
         ):
             self._start()
+
+    def _serving(self) -> None:
+        """This process serves the app (any request, or a webhook the fast path answers): it sends,
+        with its threads started if nothing started them (a ``flask`` command; uWSGI's master, whose
+        ``post_fork_hook`` something replaced). Cheap: called per request."""
+        self._start()  # first: in a child forked without fork hooks (uWSGI) it resets the sender
+        self.outbox.sender.serve()
 
     def _start(self) -> None:
         """Start this process's spool mover, which takes over at once what a predecessor left in its
@@ -416,6 +423,8 @@ class OutboxForwarder(Forwarder):
             self.spool.ensure_running()
 
     def is_duplicate(self, event_id: str) -> bool:
+        if self.background:  # the fast path's webhooks pass no before_request hook
+            self._serving()
         if self.spool is not None and self.spool.holds(event_id):
             return True
         try:
@@ -431,17 +440,15 @@ class OutboxForwarder(Forwarder):
             except OSError as error:
                 raise _not_kept("write the outbox's spool", error) from error
             self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store
-            if self.background:  # not started at init under a flask command: _loaded_by_a_flask_command
-                self.outbox.sender.serve()  # the fast path's requests pass no before_request hook
-                self.outbox.sender.ensure_running()
+            if self.background:
+                self._serving()
             return
         try:
             self.outbox.store.add(event.event_id, event.payload_json, event_name=event_name, email=email)
         except StoreError as error:
             raise _not_kept("write the outbox", error) from error
         if self.background:
-            self.outbox.sender.serve()
-            self.outbox.sender.ensure_running()
+            self._serving()
             self.outbox.sender.wake()
 
     def reject(self, body: bytes, event_id: str | None, reason: str, errors: Mapping[str, Any]) -> None:

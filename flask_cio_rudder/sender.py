@@ -292,8 +292,8 @@ class Sender:
                 self._wake.wait(self.idle_wait)
                 self._wake.clear()
                 continue
-            self._purge_delivered_when_due()
             try:
+                self._purge_delivered_when_due()
                 outcome = self.send_batch()
             except StoreError as error:  # the database is down: back off as from RudderStack
                 self._failures += 1
@@ -367,6 +367,7 @@ class Sender:
         Raises :class:`~flask_cio_rudder.store.StoreError` if the store is down.
         """
         deadline = time.monotonic() + timeout
+        self._purge_delivered_when_due()  # also where no thread sends: a flush from cron
         total = Delivery()
         while True:
             remaining = deadline - time.monotonic()

@@ -442,7 +442,8 @@ def test_the_sender_purges_events_delivered_longer_ago_than_kept_and_nothing_els
     app = make_app(**{**outbox_config, "CIO_RUDDER_OUTBOX_SENDER": True})
     outbox = get_outbox(app)
     old = accept(app, 3)
-    assert outbox.flush().delivered == 3
+    claim = outbox.store.claim(100, 60.0, 3600.0)  # delivered by another process, say
+    outbox.store.mark_delivered(claim.owner, old)
     month = 31 * 24 * 3600.0
     outbox.store.clock = lambda: time.time() + month  # a month on: the first three are past 30 days
     outbox.store.add_many(Pending(f"01LATER{n:06d}", stored(f"01LATER{n:06d}")) for n in range(2))
@@ -469,6 +470,21 @@ def test_events_past_the_maximum_age_become_dead_letters_with_a_warning(
     assert outbox.status().dead == 2
     assert "2 Customer.io events not delivered within CIO_RUDDER_OUTBOX_MAX_AGE (604800 s)" in caplog.text
     assert "requeue what should still go" in caplog.text
+
+
+def test_a_flush_purges_old_delivered_events_where_no_thread_sends(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any]
+) -> None:
+    """CIO_RUDDER_OUTBOX_SENDER = False and `flask cio-rudder flush` from cron: no sender thread runs
+    to purge, and the disk filled all the same."""
+    delivering = make_app(**outbox_config)
+    accept(delivering, 3)
+    assert get_outbox(delivering).flush().delivered == 3
+    a_month_later = make_app(**outbox_config)  # the next cron run: a process of its own
+    outbox = get_outbox(a_month_later)
+    outbox.store.clock = lambda: time.time() + 31 * 24 * 3600
+    report = outbox.flush()
+    assert report.status is not None and (report.status.delivered, report.status.pending) == (0, 0)
 
 
 @pytest.mark.parametrize("kept", [None, 7 * 24 * 3600, 90 * 24 * 3600.0])
@@ -1426,6 +1442,19 @@ def test_a_process_that_serves_nothing_sends_nothing_not_even_at_exit_and_its_fi
     assert serving.test_client().get("/health").status_code == 404  # any request of the host app
     wait_until(lambda: len(data_plane.events) == 3, 10, "the first request's process sends")
     assert sorted(event["properties"]["eventId"] for event in data_plane.events) == ids
+
+
+def test_a_process_whose_webhooks_the_fast_path_answers_as_duplicates_sends_all_the_same(
+    make_app: Callable[..., Flask], outbox_config: dict[str, Any], data_plane: FakeDataPlane, post: Post
+) -> None:
+    """After a restart, Customer.io's retries of events kept before it are answered "duplicate" by the
+    fast path, which passes no before_request hook: the process never counted as serving."""
+    app = make_app(**{**outbox_config, "CIO_RUDDER_OUTBOX_SENDER": True, "CIO_RUDDER_FAST_PATH": True})
+    body = sample("opened")
+    get_outbox(app).store.add(body["event_id"], stored(body["event_id"]))  # kept before the restart
+    answer = post(app.test_client(), body)
+    assert answer.json == {"status": "duplicate", "event_id": body["event_id"]}
+    wait_until(lambda: len(data_plane.events) == 1, 10, "the process sends the event it holds")
 
 
 @pytest.mark.parametrize(

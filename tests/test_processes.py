@@ -193,8 +193,11 @@ class Deployment:
         ]
         return self._serve("gunicorn", command, port, self.env(data_plane_url, **settings))
 
-    def start_uwsgi(self, data_plane_url: str, *, options: Sequence[str] = (), **settings: object) -> Server:
-        """Start uWSGI (a master, two workers, HTTP on a loopback port) and wait until it answers."""
+    def start_uwsgi(
+        self, data_plane_url: str, *, options: Sequence[str] = (), then: str = "", **settings: object
+    ) -> Server:
+        """Start uWSGI (a master, two workers, HTTP on a loopback port) and wait until it answers;
+        ``then``: Python run after the app is made, where uWSGI loads it."""
         port = free_port()
         command = [
             uwsgi_binary(),
@@ -207,7 +210,7 @@ class Deployment:
             "--die-on-term",  # SIGTERM stops (uWSGI 2.0 reloads on it otherwise)
             "--need-app",
             "--eval",
-            "from tests.process_app import create_app; application = create_app()",
+            f"from tests.process_app import create_app; application = create_app(); {then}",
             *options,
         ]
         return self._serve("uwsgi", command, port, self.env(data_plane_url, **settings))
@@ -474,18 +477,23 @@ def test_threaded_and_gevent_workers_keep_each_event_through_replaced_workers_an
 
 
 @pytest.mark.service  # uWSGI, which CI installs
-@pytest.mark.parametrize("options", [[], ["--lazy-apps"]], ids=["app loaded before the fork", "lazy-apps"])
-def test_uwsgi_workers_send_what_was_left_at_once_and_answer_and_send_every_webhook(
-    deployment: Deployment, options: list[str]
+@pytest.mark.parametrize(
+    ("options", "then"),
+    [([], ""), (["--lazy-apps"], ""), ([], "import uwsgidecorators")],
+    ids=["app loaded before the fork", "lazy-apps", "post_fork_hook replaced after init_app"],
+)
+def test_uwsgi_workers_send_what_was_left_and_answer_and_send_every_webhook(
+    deployment: Deployment, options: list[str], then: str
 ) -> None:
     """uWSGI forks its workers without Python's fork hooks. Threads started where it loads the app
     (its master, without ``lazy-apps``) left their locks held in every worker, which hung on its
-    first webhook; now each worker starts its own after the fork, at once."""
+    first webhook; now each worker starts its own after the fork, or with its first request where
+    something replaced uWSGI's ``post_fork_hook`` (importing ``uwsgidecorators`` does)."""
     left = make_bodies("uwsgi-left", 5)  # pending from an earlier run: sent without waiting for a webhook
     add_events(deployment.outbox, left)
     bodies = make_bodies("uwsgi", 40)
     with FakeDataPlane(write_key=WRITE_KEY) as plane:
-        server = deployment.start_uwsgi(plane.url, options=options)
+        server = deployment.start_uwsgi(plane.url, options=options, then=then)
         deployment.wait_forwarded(len(left), plane, server)
         with ThreadPoolExecutor(max_workers=4) as pool:
             answers = list(pool.map(lambda body: post_event(server.url, body), bodies))

@@ -780,11 +780,14 @@ class PostgresStore(OutboxStore):
             "limit": limit,
         }
 
-        def claim(conn: Connection[Any]) -> tuple[int, list[Any]] | None:
+        expired = 0  # outside: kept when _run tries the claim again after its expiry ran
+
+        def claim(conn: Connection[Any]) -> list[Any] | None:
+            nonlocal expired
             if conn.execute(f"SELECT 1 FROM {self._meta} WHERE key = 'paused'").fetchone():
                 return None
-            expired = conn.execute(expire, params).rowcount
-            return expired, conn.execute(take, params).fetchall()
+            expired += conn.execute(expire, params).rowcount
+            return conn.execute(take, params).fetchall()
 
         try:
             claimed = self._run(claim, self.SENDER_STATEMENT_TIMEOUT)
@@ -793,8 +796,7 @@ class PostgresStore(OutboxStore):
             raise
         if claimed is None:
             return Claim(owner, [], paused=True)
-        expired, taken = claimed
-        rows = sorted(taken, key=lambda row: row[2])
+        rows = sorted(claimed, key=lambda row: row[2])
         return Claim(owner, [Claimed(event_id, payload) for event_id, payload, _ in rows], expired=expired)
 
     _DONE = "lease_owner = NULL, lease_holder = NULL, leased_at = NULL, lease_until = NULL"

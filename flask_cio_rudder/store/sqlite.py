@@ -919,6 +919,7 @@ class SQLiteStore(OutboxStore):
             count += deleted
             if deleted < self.BULK_ROWS:
                 return count
+            time.sleep(0.001)  # between chunks, a turn for the others: a gevent worker's requests, say
 
     def _in_chunks(
         self, change: str, change_params: Sequence[object], where: str, params: Sequence[object]
