@@ -630,12 +630,13 @@ class ThrowawayPgBouncer:
     transaction gets any of its few server sessions, as on many hosted PostgreSQL offers."""
 
     def __init__(self) -> None:
+        url = postgres_url()  # first: skips (or fails in CI) without psycopg or the server
         binary = shutil.which("pgbouncer") or next(iter(glob.glob("/usr/sbin/pgbouncer")), None)
         if binary is None:
             unavailable("PgBouncer is not installed (Debian: apt-get install pgbouncer)", "PgBouncer")
         from psycopg.conninfo import conninfo_to_dict
 
-        server = conninfo_to_dict(postgres_url())
+        server = conninfo_to_dict(url)
         user = str(server.get("user", "postgres"))
         self.port = free_port()
         self.url = f"postgresql://{user}@127.0.0.1:{self.port}/bounced"
