@@ -18,7 +18,7 @@ import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import click
 from flask import Flask, current_app
@@ -307,30 +307,18 @@ def _keep_delivered(config: Mapping[str, Any]) -> float | None:
     return seconds
 
 
-def _deferred_to_uwsgi_workers(start: Callable[[], None]) -> bool:
-    """Whether uWSGI loads the app in the process it then forks its workers from (no ``lazy-apps``):
-    then ``start`` runs in each worker after the fork (uWSGI's ``post_fork_hook``; should something
-    replace that hook later, with the worker's first webhook), not here.
+def _loaded_before_uwsgi_forks() -> bool:
+    """Whether uWSGI loads the app in the process it then forks its workers from (no ``lazy-apps``).
 
-    uWSGI forks without Python's fork hooks. A thread started here, inside SQLite, a connection
-    pool or a log call at that moment, would leave that lock held in every worker: each would
-    hang on its first webhook.
+    uWSGI forks without Python's fork hooks: a thread started there, inside SQLite, a connection
+    pool or a log call at that moment, would leave that lock held in every worker, and each would
+    hang on its first webhook. So nothing starts there; each worker starts with its first request.
     """
     try:
         uwsgi: Any = importlib.import_module("uwsgi")  # only in a process uWSGI runs
     except ImportError:
         return False
-    if uwsgi.worker_id() > 0:  # loaded in a worker already (lazy-apps): no fork comes after
-        return False
-    earlier = getattr(uwsgi, "post_fork_hook", None)
-
-    def after_fork() -> None:
-        if earlier is not None:
-            earlier()
-        start()
-
-    uwsgi.post_fork_hook = after_fork
-    return True
+    return bool(uwsgi.worker_id() == 0)  # else loaded in a worker (lazy-apps): no fork comes after
 
 
 def _watches_for_the_reloader(run: click.Context) -> bool:
@@ -401,17 +389,13 @@ class OutboxForwarder(Forwarder):
         self.background = bool(config["CIO_RUDDER_OUTBOX_SENDER"])
         if self.background:
             app.before_request(self._serving)
-        if (
-            self.background
-            and not _loaded_by_a_flask_command()
-            and not _deferred_to_uwsgi_workers(self._start)
-        ):
+        if self.background and not _loaded_by_a_flask_command() and not _loaded_before_uwsgi_forks():
             self._start()
 
     def _serving(self) -> None:
         """This process serves the app (any request, or a webhook the fast path answers): it sends,
-        with its threads started if nothing started them (a ``flask`` command; uWSGI's master, whose
-        ``post_fork_hook`` something replaced). Cheap: called per request."""
+        with its threads started if ``init_app`` did not start them (a ``flask`` command, a uWSGI
+        worker forked from where the app was loaded). Cheap: called per request."""
         self._start()  # first: in a child forked without fork hooks (uWSGI) it resets the sender
         self.outbox.sender.serve()
 
@@ -440,15 +424,12 @@ class OutboxForwarder(Forwarder):
             except OSError as error:
                 raise _not_kept("write the outbox's spool", error) from error
             self.spool.ensure_running()  # the spool's mover wakes the sender once the event is in the store
-            if self.background:
-                self._serving()
-            return
+            return  # the sender serves already: is_duplicate(), which the webhook asks first, saw to it
         try:
             self.outbox.store.add(event.event_id, event.payload_json, event_name=event_name, email=email)
         except StoreError as error:
             raise _not_kept("write the outbox", error) from error
         if self.background:
-            self._serving()
             self.outbox.sender.wake()
 
     def reject(self, body: bytes, event_id: str | None, reason: str, errors: Mapping[str, Any]) -> None:

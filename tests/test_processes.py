@@ -193,11 +193,8 @@ class Deployment:
         ]
         return self._serve("gunicorn", command, port, self.env(data_plane_url, **settings))
 
-    def start_uwsgi(
-        self, data_plane_url: str, *, options: Sequence[str] = (), then: str = "", **settings: object
-    ) -> Server:
-        """Start uWSGI (a master, two workers, HTTP on a loopback port) and wait until it answers;
-        ``then``: Python run after the app is made, where uWSGI loads it."""
+    def start_uwsgi(self, data_plane_url: str, *, options: Sequence[str] = (), **settings: object) -> Server:
+        """Start uWSGI (a master, two workers, HTTP on a loopback port) and wait until it answers."""
         port = free_port()
         command = [
             uwsgi_binary(),
@@ -210,7 +207,7 @@ class Deployment:
             "--die-on-term",  # SIGTERM stops (uWSGI 2.0 reloads on it otherwise)
             "--need-app",
             "--eval",
-            f"from tests.process_app import create_app; application = create_app(); {then}",
+            "from tests.process_app import create_app; application = create_app()",
             *options,
         ]
         return self._serve("uwsgi", command, port, self.env(data_plane_url, **settings))
@@ -488,23 +485,18 @@ def test_threaded_and_gevent_workers_keep_each_event_through_replaced_workers_an
 
 
 @pytest.mark.service  # uWSGI, which CI installs
-@pytest.mark.parametrize(
-    ("options", "then"),
-    [([], ""), (["--lazy-apps"], ""), ([], "import uwsgidecorators")],
-    ids=["app loaded before the fork", "lazy-apps", "post_fork_hook replaced after init_app"],
-)
+@pytest.mark.parametrize("options", [[], ["--lazy-apps"]], ids=["app loaded before the fork", "lazy-apps"])
 def test_uwsgi_workers_send_what_was_left_and_answer_and_send_every_webhook(
-    deployment: Deployment, options: list[str], then: str
+    deployment: Deployment, options: list[str]
 ) -> None:
     """uWSGI forks its workers without Python's fork hooks. Threads started where it loads the app
     (its master, without ``lazy-apps``) left their locks held in every worker, which hung on its
-    first webhook; now each worker starts its own after the fork, or with its first request where
-    something replaced uWSGI's ``post_fork_hook`` (importing ``uwsgidecorators`` does)."""
+    first webhook; now each worker starts its own with its first request."""
     left = make_bodies("uwsgi-left", 5)  # pending from an earlier run: sent without waiting for a webhook
     add_events(deployment.outbox, left)
     bodies = make_bodies("uwsgi", 40)
     with FakeDataPlane(write_key=WRITE_KEY) as plane:
-        server = deployment.start_uwsgi(plane.url, options=options, then=then)
+        server = deployment.start_uwsgi(plane.url, options=options)
         deployment.wait_forwarded(len(left), plane, server)
         with ThreadPoolExecutor(max_workers=4) as pool:
             answers = list(pool.map(lambda body: post_event(server.url, body), bodies))
