@@ -28,6 +28,8 @@ import pytest
 from click.testing import CliRunner
 from flask import Flask
 from flask.cli import FlaskGroup, run_command
+from hypothesis import given
+from hypothesis import strategies as st
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import ForwardError, Outbox, get_outbox, signals, transform
@@ -1053,6 +1055,11 @@ def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
         ("host='db'password=pw", "host='db'password=***"),
         ("password=pw\\ pw", "password=***"),
         ("host=db password=pw://x", "host=db password=***"),
+        # A password's bare @ or / that libpq reads into the host or the database name is masked too.
+        ("postgresql://u:a@b/c@db/app", "postgresql://u:***@db/app"),
+        ("postgresql://u:a?b/c@db/app?sslmode=require", "postgresql://u:***@db/app?sslmode=require"),
+        ("postgresql://u:12/3@db/app", "postgresql://u:***@db/app"),
+        ("postgresql://u:a:1/b@[::1]:5432/app", "postgresql://u:***@[::1]:5432/app"),
     ],
 )
 def test_status_and_errors_show_the_outbox_url_without_its_password(url: str, shown: str) -> None:
@@ -1060,6 +1067,19 @@ def test_status_and_errors_show_the_outbox_url_without_its_password(url: str, sh
     from flask_cio_rudder.store import redact_url
 
     assert redact_url(url) == shown
+
+
+@given(
+    password=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12),
+    rest=st.sampled_from(["db/app", "db:5432/app?sslmode=require", "db1,db2:5433/app", "[::1]:5432/a", "db"]),
+)
+def test_no_part_of_a_password_shows_however_it_is_written(password: str, rest: str) -> None:
+    """Whatever a password holds, percent-encoded or not, no end of it shows in what is printed."""
+    url = f"postgresql://app:KQ{password}ZX@{rest}"
+    from flask_cio_rudder.store import redact_url
+
+    shown = redact_url(url)
+    assert "KQ" not in shown and "ZX" not in shown, shown
 
 
 def test_a_postgresql_url_without_the_extra_names_the_extra(

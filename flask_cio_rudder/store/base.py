@@ -561,9 +561,10 @@ def body_text(body: bytes) -> str:
 def redact_url(url: str) -> str:
     """``url`` with its password (if any) replaced by ``***``, so it can be logged.
 
-    The credentials end at the first ``@`` before any ``/``, as libpq reads them; where a
-    password holds an ``@`` or ``/`` its owner did not percent-encode (:func:`bare_in_password`),
-    everything up to the last ``@`` is masked (too much is harmless). Then every setting whose name
+    The credentials end at the first ``@`` before any ``/``, as libpq reads them; as a password may
+    hold an ``@`` or ``/`` its owner did not percent-encode, which libpq then reads into the host or
+    the database name, everything up to the last ``@`` before the query is masked (too much is
+    harmless). Then every setting whose name
     ends in ``password`` or ``secret`` is masked wherever it is: a URL's query, libpq's ``key=value``
     form, or text that is no URL at all (a quoted one, a whole ``.env`` line, a typo).
     """
@@ -577,14 +578,26 @@ def _without_password(url: str) -> str:
     at, slash = rest.find("@"), rest.find("/")
     if at < 0:
         return url
-    if bare_in_password(rest):
-        end = rest.rindex("@")
-    elif slash < 0 or at < slash:
-        end = at
-    else:  # an @ only in the database name or the query
+    # libpq ends the credentials at the first @ or /, so a password's bare @ or / leaves its rest in
+    # the host or the database name: mask up to the last @ before the query (too much is harmless).
+    path = slash if 0 <= slash < at and _is_host_list(rest[:slash]) else rest.find("/", at)
+    query = rest.find("?", path) if path >= 0 else -1
+    if 0 <= query < at:  # an @ only in the query
         return url
+    end = rest.rindex("@", 0, len(rest) if query < 0 else query)
     user, colon, _password = rest[:end].partition(":")
     return f"{scheme}://{user}:***{rest[end:]}" if colon else url
+
+
+def _is_host_list(authority: str) -> bool:
+    """Whether ``authority`` reads as libpq's hosts (``db1:5432,db2``): every port a number."""
+    for host in authority.split(","):
+        if host.startswith("["):  # an IPv6 address: its port follows the "]"
+            host = host.partition("]")[2]
+        _name, colon, port = host.partition(":")
+        if colon and not port.isdigit():
+            return False
+    return True
 
 
 def bare_in_password(rest: str) -> bool:
