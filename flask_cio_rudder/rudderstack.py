@@ -258,6 +258,12 @@ def check_url(url: object, key: str) -> str:
             f"{key} holds a space, a line break or an invisible character (copied with it?): "
             f"set it to the data plane's URL alone, {example}"
         )
+    if "@" in parts.path:  # a password's bare "@" and then "/": the rest of it would go to another host
+        raise RuntimeError(
+            f"{key} holds an @ that is not percent-encoded, which would send part of its credentials to "
+            "another host: write @ as %40 and / as %2F, or leave the credentials out (the write key goes "
+            "in CIO_RUDDER_WRITE_KEY)"
+        )
     if "?" in url or "#" in url or _ENDPOINT.search(parts.path):
         raise RuntimeError(
             f"{key} must be the data plane's address alone, {example}: no endpoint such as /v1/batch and "

@@ -292,6 +292,8 @@ def test_the_sync_forwarder_needs_a_write_key() -> None:
         "https://dp.example.com\u200b",  # a zero-width space copied with it: no name IDNA takes
         "https://dp.example.com/\u200b",  # the posts would go to /%E2%80%8B/v1/batch
         f"https://{'x' * 64}.rudderstack.com",
+        # a password's bare @ then /: requests would post to "pass" with the rest in the path
+        "https://proxyuser:secret@pass/word@dp.example.com",
     ],
 )
 def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
