@@ -42,7 +42,6 @@ from .store import (
     OutboxStore,
     StoreError,
     StoreUnavailable,
-    redact_url,
     searched_fields,
     store_from_url,
 )
@@ -481,8 +480,7 @@ def outbox_url(config: Mapping[str, Any]) -> str:
         )
     if url != DEFAULT_URL:
         raise RuntimeError(
-            f"Both CIO_RUDDER_OUTBOX_URL ({redact_url(url)}) and CIO_RUDDER_OUTBOX_PATH are set: "
-            "keep CIO_RUDDER_OUTBOX_URL only."
+            "Both CIO_RUDDER_OUTBOX_URL and CIO_RUDDER_OUTBOX_PATH are set: keep CIO_RUDDER_OUTBOX_URL only."
         )
     warnings.warn(
         "CIO_RUDDER_OUTBOX_PATH is deprecated: set CIO_RUDDER_OUTBOX_URL = "

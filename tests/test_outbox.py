@@ -949,14 +949,15 @@ def test_the_old_path_setting_still_works_with_a_deprecation_warning(
         unset = base_config(data_plane, CIO_RUDDER_OUTBOX_PATH=str(tmp_path / "old.sqlite3"))
         app = make_app(**unset | {"CIO_RUDDER_OUTBOX_URL": None})
     assert get_outbox(app).path == str(tmp_path / "old.sqlite3")
-    with pytest.raises(RuntimeError, match="keep CIO_RUDDER_OUTBOX_URL only"):
+    with pytest.raises(RuntimeError, match="keep CIO_RUDDER_OUTBOX_URL only") as raised:
         make_app(
             **base_config(
                 data_plane,
                 CIO_RUDDER_OUTBOX_PATH=str(tmp_path / "old.sqlite3"),
-                CIO_RUDDER_OUTBOX_URL="postgresql://app:pw-in-url@db/app",
+                CIO_RUDDER_OUTBOX_URL="postgresql://app:pw@in/url?x@db/app",  # the URL is not quoted
             )
         )
+    assert "in/url" not in str(raised.value)
 
 
 @pytest.mark.parametrize(
@@ -971,6 +972,13 @@ def test_the_old_path_setting_still_works_with_a_deprecation_warning(
         ("host=db password='pw-in-url and more' dbname=app", "must be a URL"),
         ("sqlite://host/outbox.sqlite3", "not an SQLite file URL"),
         ("sqlite://app:pw/in/url@host/outbox.sqlite3", "not an SQLite file URL"),
+        # Text that is no URL is not quoted at all: where a password is in it cannot be told.
+        ("postgresql:/app:kX9/pw-in-url@db/app", "must be a URL"),  # a mistyped ://
+        ("app:pw/in/url@db/app", "must be a URL"),
+        ('{"username": "app", "password": "pw-in-url", "host": "db"}', "must be a URL"),  # a pasted secret
+        ("Host=db;Username=app;Password=pw-in-url;Ssl Mode=Require", "must be a URL"),  # Npgsql's form
+        ("app:pw-in-url@db://app", "no scheme before its ://"),
+        ("postgresql+asyncpg://app:pw@in/url?x@db/app", "unknown scheme 'postgresql\\+asyncpg'"),
     ],
 )
 def test_a_bad_outbox_url_fails_at_init_naming_the_key_without_the_password(
@@ -979,7 +987,8 @@ def test_a_bad_outbox_url_fails_at_init_naming_the_key_without_the_password(
     with pytest.raises(RuntimeError, match=message) as raised:
         make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=url))
     assert "CIO_RUDDER_OUTBOX_URL" in str(raised.value)
-    assert not any(secret in str(raised.value) for secret in ("pw-in-url", "pw/in/url", "in@url", "pw?in"))
+    secrets = ("pw-in-url", "pw/in/url", "in@url", "pw?in", "in/url")
+    assert not any(secret in str(raised.value) for secret in secrets)
 
 
 @pytest.mark.parametrize(
@@ -1114,6 +1123,9 @@ def test_a_postgresql_password_with_a_bare_at_or_slash_fails_at_init_saying_how_
         store_from_url(url).close()
     with pytest.raises(RuntimeError, match="percent-encoded"):  # a ? before the bare @ changes nothing
         store_from_url("postgresql://app:pw?in@url@db/app")
+    with pytest.raises(RuntimeError, match="no UTF-8 text") as raised:  # libpq's decoding would quote it
+        store_from_url("postgresql://app:pw%E9in%FFurl@db/app")
+    assert "CIO_RUDDER_OUTBOX_URL" in str(raised.value) and "0xe9" not in str(raised.value)
 
 
 @pytest.mark.service

@@ -10,6 +10,7 @@ A new backend is one module with an :class:`OutboxStore` subclass, one line in
 from __future__ import annotations
 
 import importlib
+import re
 
 from . import forkguard  # noqa: F401  (first: its fork hook must run before the senders' and spools')
 from .base import (
@@ -47,6 +48,9 @@ __all__ = [
     "store_from_url",
 ]
 
+#: What a URL's scheme may be (RFC 3986): anything else before a "://" may be part of a password.
+_SCHEME = re.compile(r"[a-z][a-z0-9+.-]*")
+
 #: URL scheme -> (module, class, the extra that brings its driver).
 _BACKENDS: dict[str, tuple[str, str, str | None]] = {
     "sqlite": ("flask_cio_rudder.store.sqlite", "SQLiteStore", None),
@@ -73,18 +77,19 @@ def store_from_url(
     outbox, which :meth:`~OutboxStore.has_tables` tells is there.
     """
     check_durability(durability)
+    # Text that is no URL, or one of another kind, is not quoted: where its password is (a connection
+    # string, a pasted JSON secret, a mistyped "://") cannot be told, so nothing of it can be masked.
+    example = "such as sqlite:///cio_rudder_outbox.sqlite3 or postgresql://user@host/database"
     if not isinstance(url, str) or "://" not in url:
         raise RuntimeError(
-            "CIO_RUDDER_OUTBOX_URL must be a URL such as sqlite:///cio_rudder_outbox.sqlite3 "
-            f"or postgresql://user@host/database, not {redact_url(str(url))!r}."
+            f"CIO_RUDDER_OUTBOX_URL must be a URL {example}; it has no :// (its value is not shown: it may "
+            "hold a password)."
         )
     scheme = url.split("://", 1)[0].lower()
     if scheme not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS))
-        raise RuntimeError(
-            f"CIO_RUDDER_OUTBOX_URL {redact_url(url)!r} has an unknown scheme {redact_url(scheme)!r}; "
-            f"use one of {known}."
-        )
+        named = f"an unknown scheme {scheme!r}" if _SCHEME.fullmatch(scheme) else "no scheme before its ://"
+        raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL has {named}; use one of {known}, {example}.")
     module_name, class_name, extra = _BACKENDS[scheme]
     try:
         module = importlib.import_module(module_name)

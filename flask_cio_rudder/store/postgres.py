@@ -210,6 +210,11 @@ class PostgresStore(OutboxStore):
             # which a URL libpq cannot read is no safe place to find and mask.
             reason = _QUOTED.sub("(not shown)", str(error)).split("\n")[0].partition(" in URI")[0]
             raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL cannot be read: {reason}.") from None
+        except UnicodeError:  # a %XX that decodes to no UTF-8; the error would quote those bytes
+            raise RuntimeError(
+                "CIO_RUDDER_OUTBOX_URL cannot be read: a percent-escape in it is no UTF-8 text "
+                "(a % in a password is written %25)."
+            ) from None
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
         self.clock = clock
         self.pool_size = pool_size
