@@ -258,7 +258,7 @@ def check_url(url: object, key: str) -> str:
             f"{key} holds a space, a line break or an invisible character (copied with it?): "
             f"set it to the data plane's URL alone, {example}"
         )
-    if "@" in parts.path:  # a password's bare "@" and then "/": the rest of it would go to another host
+    if "@" in parts.netloc and "@" in parts.path:  # a password's bare "@" then "/": its tail goes elsewhere
         raise RuntimeError(
             f"{key} holds an @ that is not percent-encoded, which would send part of its credentials to "
             "another host: write @ as %40 and / as %2F, or leave the credentials out (the write key goes "

@@ -308,6 +308,16 @@ def test_the_sync_forwarder_needs_a_data_plane_url(url: Any) -> None:
     assert "secret-password" not in str(failure.value) and failure.value.__cause__ is None
 
 
+def test_an_at_in_a_data_plane_path_is_taken_for_a_password_only_after_credentials() -> None:
+    """https://u:secret@pass/word@host would post to "pass"; an @ in a path alone is the path's."""
+    config = dict(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER="sync", CIO_RUDDER_WRITE_KEY="key")
+    CioRudder(bare_app(**config, CIO_RUDDER_DATA_PLANE_URL="https://dp.example.com/@team/rudder"))
+    with pytest.raises(
+        RuntimeError, match="CIO_RUDDER_DATA_PLANE_URL holds an @ that is not percent-encoded"
+    ):
+        CioRudder(bare_app(**config, CIO_RUDDER_DATA_PLANE_URL="https://u:pw@dp.example.com/@team/rudder"))
+
+
 def test_a_url_python_cannot_split_is_refused_without_quoting_it() -> None:
     """Python 3.11 and later refuse brackets in a URL's credentials, quoting them in the error; older
     ones take the URL, as requests does."""

@@ -978,6 +978,8 @@ def test_the_old_path_setting_still_works_with_a_deprecation_warning(
         ('{"username": "app", "password": "pw-in-url", "host": "db"}', "must be a URL"),  # a pasted secret
         ("Host=db;Username=app;Password=pw-in-url;Ssl Mode=Require", "must be a URL"),  # Npgsql's form
         ("app:pw-in-url@db://app", "no scheme before its ://"),
+        ('"postgresql://app:pw-in-url@db/app"', "a quote, a space or a prefix such as jdbc:"),
+        (b"postgresql://app:pw-in-url@db/app", "must be a URL \\(a str\\).*not a bytes"),
         ("postgresql+asyncpg://app:pw@in/url?x@db/app", "unknown scheme 'postgresql\\+asyncpg'"),
     ],
 )
@@ -1069,6 +1071,15 @@ def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
         ("postgresql://u:a?b/c@db/app?sslmode=require", "postgresql://u:***@db/app?sslmode=require"),
         ("postgresql://u:12/3@db/app", "postgresql://u:***@db/app"),
         ("postgresql://u:a:1/b@[::1]:5432/app", "postgresql://u:***@[::1]:5432/app"),
+        ("postgresql://u:a@b/c?d@db/app", "postgresql://u:***@db/app"),  # a ? with no setting: no query
+        ("postgresql://u:1/b?c@db/app", "postgresql://u:***@db/app"),
+        # An @ in the query, or in a path with no host before it, is nobody's password.
+        ("postgresql://u:pw@db?application_name=me@web1", "postgresql://u:***@db?application_name=me@web1"),
+        (
+            "postgresql://u:pw@db/app?sslrootcert=/me@corp/ca.pem",
+            "postgresql://u:***@db/app?sslrootcert=/me@corp/ca.pem",
+        ),
+        ("sqlite:///C:/Users/me@corp/outbox.sqlite3", "sqlite:///C:/Users/me@corp/outbox.sqlite3"),
     ],
 )
 def test_status_and_errors_show_the_outbox_url_without_its_password(url: str, shown: str) -> None:
@@ -1079,16 +1090,17 @@ def test_status_and_errors_show_the_outbox_url_without_its_password(url: str, sh
 
 
 @given(
+    start=st.sampled_from(["KQ", "90"]),  # a password starting with digits looks like a port before a bare /
     password=st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=12),
     rest=st.sampled_from(["db/app", "db:5432/app?sslmode=require", "db1,db2:5433/app", "[::1]:5432/a", "db"]),
 )
-def test_no_part_of_a_password_shows_however_it_is_written(password: str, rest: str) -> None:
+def test_no_part_of_a_password_shows_however_it_is_written(start: str, password: str, rest: str) -> None:
     """Whatever a password holds, percent-encoded or not, no end of it shows in what is printed."""
-    url = f"postgresql://app:KQ{password}ZX@{rest}"
+    url = f"postgresql://app:{start}{password}ZX@{rest}"
     from flask_cio_rudder.store import redact_url
 
     shown = redact_url(url)
-    assert "KQ" not in shown and "ZX" not in shown, shown
+    assert start not in shown and "ZX" not in shown, shown
 
 
 def test_a_postgresql_url_without_the_extra_names_the_extra(
@@ -1123,9 +1135,18 @@ def test_a_postgresql_password_with_a_bare_at_or_slash_fails_at_init_saying_how_
         store_from_url(url).close()
     with pytest.raises(RuntimeError, match="percent-encoded"):  # a ? before the bare @ changes nothing
         store_from_url("postgresql://app:pw?in@url@db/app")
-    with pytest.raises(RuntimeError, match="no UTF-8 text") as raised:  # libpq's decoding would quote it
+    with pytest.raises(
+        RuntimeError, match="a percent-escape in it is no UTF-8"
+    ) as raised:  # libpq's would quote it
         store_from_url("postgresql://app:pw%E9in%FFurl@db/app")
     assert "CIO_RUDDER_OUTBOX_URL" in str(raised.value) and "0xe9" not in str(raised.value)
+    with pytest.raises(
+        RuntimeError, match="another encoding"
+    ) as raised:  # a byte os.environ could not decode
+        store_from_url("postgresql://app:pw\udce9in@db/app")
+    assert "CIO_RUDDER_OUTBOX_URL" in str(raised.value) and "dce9" not in str(raised.value)
+    with pytest.raises(RuntimeError, match="or its database name an @"):  # the tail of a/b@c, read as a name
+        store_from_url("postgresql://app:pw@in/url@db/app")
 
 
 @pytest.mark.service

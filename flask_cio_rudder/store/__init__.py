@@ -80,7 +80,11 @@ def store_from_url(
     # Text that is no URL, or one of another kind, is not quoted: where its password is (a connection
     # string, a pasted JSON secret, a mistyped "://") cannot be told, so nothing of it can be masked.
     example = "such as sqlite:///cio_rudder_outbox.sqlite3 or postgresql://user@host/database"
-    if not isinstance(url, str) or "://" not in url:
+    if not isinstance(url, str):
+        raise RuntimeError(
+            f"CIO_RUDDER_OUTBOX_URL must be a URL (a str) {example}, not a {type(url).__name__}."
+        )
+    if "://" not in url:
         raise RuntimeError(
             f"CIO_RUDDER_OUTBOX_URL must be a URL {example}; it has no :// (its value is not shown: it may "
             "hold a password)."
@@ -88,7 +92,10 @@ def store_from_url(
     scheme = url.split("://", 1)[0].lower()
     if scheme not in _BACKENDS:
         known = ", ".join(sorted(_BACKENDS))
-        named = f"an unknown scheme {scheme!r}" if _SCHEME.fullmatch(scheme) else "no scheme before its ://"
+        if _SCHEME.fullmatch(scheme):
+            named = f"an unknown scheme {scheme!r}"
+        else:
+            named = "no scheme before its :// (a quote, a space or a prefix such as jdbc: copied with it?)"
         raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL has {named}; use one of {known}, {example}.")
     module_name, class_name, extra = _BACKENDS[scheme]
     try:

@@ -576,17 +576,21 @@ def _without_password(url: str) -> str:
     """``url`` with the password of its credentials (``user:password@``) masked."""
     scheme, _, rest = url.partition("://")
     at, slash = rest.find("@"), rest.find("/")
-    if at < 0:
+    if at < 0 or slash == 0:  # no @, or no host (a file path, a socket's folder): no credentials
         return url
     # libpq ends the credentials at the first @ or /, so a password's bare @ or / leaves its rest in
     # the host or the database name: mask up to the last @ before the query (too much is harmless).
     path = slash if 0 <= slash < at and _is_host_list(rest[:slash]) else rest.find("/", at)
-    query = rest.find("?", path) if path >= 0 else -1
-    if 0 <= query < at:  # an @ only in the query
+    query = _QUERY.search(rest, path if 0 <= path < at else at)
+    if query is not None and query.start() < at:  # an @ only in the query
         return url
-    end = rest.rindex("@", 0, len(rest) if query < 0 else query)
+    end = rest.rindex("@", 0, len(rest) if query is None else query.start())
     user, colon, _password = rest[:end].partition(":")
     return f"{scheme}://{user}:***{rest[end:]}" if colon else url
+
+
+#: Where a URL's query starts: a ``?`` and a setting's name, then ``=`` (a bare ``?`` may be a password's).
+_QUERY = re.compile(r"\?[\w%]+=")
 
 
 def _is_host_list(authority: str) -> bool:
@@ -606,11 +610,12 @@ def bare_in_password(rest: str) -> bool:
 
     libpq's credentials end at the first ``@`` or ``/``. A bare ``@`` leaves one in the host; a bare
     ``/`` ends them early, leaving ``user:start-of-password`` as a host with a port that is no number.
-    An ``@`` in the database name or the query is no sign.
+    An ``@`` in the query is no sign, nor one in the database name of a URL without credentials;
+    after credentials it is taken for the tail of a password (``user:a@b/c@host/db``).
     """
     at, slash = rest.find("@"), rest.find("/")
-    if at >= 0 and (slash < 0 or at < slash):
-        return "@" in re.split(r"[/?]", rest[at + 1 :], maxsplit=1)[0]
+    if at >= 0 and (slash < 0 or at < slash):  # an @ in the host, or one in the database name after it
+        return "@" in rest[at + 1 :].split("?", 1)[0]
     authority = rest if slash < 0 else rest[:slash]
     _host, colon, port = authority.rpartition(":")
     ipv6 = authority.startswith("[") and authority.endswith("]")

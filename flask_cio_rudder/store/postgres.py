@@ -198,8 +198,8 @@ class PostgresStore(OutboxStore):
             )
         if bare_in_password(rest):  # libpq would take the rest of the password for the host
             raise RuntimeError(
-                "CIO_RUDDER_OUTBOX_URL's password holds an @ or / that is not percent-encoded: "
-                "write @ as %40 and / as %2F (urllib.parse.quote(password, safe=''))."
+                "CIO_RUDDER_OUTBOX_URL's password holds an @ or / that is not percent-encoded (or its "
+                "database name an @): write @ as %40 and / as %2F (urllib.parse.quote(password, safe=''))."
             )
         self.conninfo = "postgresql://" + rest
         self.url = redact_url(url)
@@ -210,10 +210,15 @@ class PostgresStore(OutboxStore):
             # which a URL libpq cannot read is no safe place to find and mask.
             reason = _QUOTED.sub("(not shown)", str(error)).split("\n")[0].partition(" in URI")[0]
             raise RuntimeError(f"CIO_RUDDER_OUTBOX_URL cannot be read: {reason}.") from None
-        except UnicodeError:  # a %XX that decodes to no UTF-8; the error would quote those bytes
+        except UnicodeDecodeError:  # a %XX that decodes to no UTF-8; the error would quote those bytes
             raise RuntimeError(
                 "CIO_RUDDER_OUTBOX_URL cannot be read: a percent-escape in it is no UTF-8 text "
                 "(a % in a password is written %25)."
+            ) from None
+        except UnicodeEncodeError:  # a lone surrogate: bytes os.environ could not decode
+            raise RuntimeError(
+                "CIO_RUDDER_OUTBOX_URL cannot be read: it holds a character that is no UTF-8 text "
+                "(an environment variable in another encoding?)."
             ) from None
         self.table = check_table_name(table or DEFAULT_TABLE, schemas=True)
         self.clock = clock
