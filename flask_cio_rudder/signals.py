@@ -5,7 +5,8 @@ receiver looks like ``def on_bounce(app, event, **extra)``. Receivers run inside
 the webhook request: one that raises makes the request a 500 (``abort(code)``: that
 code), nothing is kept, and Customer.io's retry runs the receivers again. Write them to be idempotent.
 ``event_forwarded`` and ``forward_failed`` report what has already happened: a receiver
-of theirs that raises is logged and changes nothing.
+of theirs that raises is logged and changes nothing. A receiver may be ``async def``: it runs
+to its end where it is sent, as Flask runs an async view (``Flask[async]``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import logging
 from typing import Any
 
 from blinker import NamedSignal, Namespace
+from flask import Flask
 
 logger = logging.getLogger("flask_cio_rudder")
 
@@ -66,10 +68,16 @@ forward_failed = _signals.signal("forward-failed")
 webhook_answered = _signals.signal("webhook-answered")
 
 
-def send_logged(signal: NamedSignal, sender: Any, **data: Any) -> None:
+def send(signal: NamedSignal, app: Flask, **data: Any) -> None:
+    """Send ``signal`` from ``app``; an ``async def`` receiver runs through ``app.ensure_sync``, as an
+    async view does (blinker alone refuses one, and the request would fail)."""
+    signal.send(app, _async_wrapper=app.ensure_sync, **data)
+
+
+def send_logged(signal: NamedSignal, app: Flask, **data: Any) -> None:
     """Send a signal about something done (a delivery): a receiver that raises is logged, not raised,
     since an answer or a retry cannot undo it."""
     try:
-        signal.send(sender, **data)
+        send(signal, app, **data)
     except Exception:
         logger.exception("A receiver of %s raised", signal.name)

@@ -135,7 +135,7 @@ def announce_answer(app: Flask, outcome: str, started: float, event: CioEvent | 
     """Send ``webhook_answered`` for a request that began at ``started`` (``time.perf_counter()``)."""
     if signals.webhook_answered.receivers:
         duration = time.perf_counter() - started
-        signals.webhook_answered.send(app, outcome=outcome, duration=duration, event=event)
+        signals.send(signals.webhook_answered, app, outcome=outcome, duration=duration, event=event)
 
 
 @dataclass(frozen=True)
@@ -357,10 +357,10 @@ def _starts_an_object(body: bytes) -> bool:
 def send_signals(app: Flask, event: CioEvent) -> None:
     """Announce the event; a receiver that raises makes the request fail."""
     if signals.event_received.receivers:
-        signals.event_received.send(app, event=event)
+        signals.send(signals.event_received, app, event=event)
     email_signal = _EMAIL_SIGNALS.get(event.name)
     if email_signal is not None and email_signal.receivers:
-        email_signal.send(app, event=event)
+        signals.send(email_signal, app, event=event)
 
 
 def reject(
@@ -381,7 +381,7 @@ def reject(
     if not (isinstance(event_id, str) and event_id and is_text(event_id)):
         event_id = None  # no key to keep it under; the forwarder makes one from the body
     if announce:  # first: a receiver that raises leaves nothing kept, as for accepted events
-        signals.event_rejected.send(app, reason=error.reason, errors=error.errors, body=body)
+        signals.send(signals.event_rejected, app, reason=error.reason, errors=error.errors, body=body)
     try:
         forwarder.reject(raw, event_id, error.reason, error.errors)
     except ForwardError as failure:

@@ -275,6 +275,20 @@ def test_the_proxy_the_environment_names_carries_the_batches(
 
 
 @responses.activate
+def test_an_async_delivery_receiver_is_told_of_the_delivery(sync_app: Flask, post: Post) -> None:
+    pytest.importorskip("asgiref", reason='Flask[async] is not installed: pip install -e ".[test]"')
+    responses.post(f"{DATA_PLANE}/v1/batch", body="OK")
+    told = []
+
+    async def on_forwarded(app: Flask, payloads: list[dict[str, Any]], **data: Any) -> None:
+        told.extend(payload["properties"]["eventId"] for payload in payloads)
+
+    with signals.event_forwarded.connected_to(on_forwarded, sync_app):
+        assert post(sync_app.test_client(), sample("opened")).status_code == 200
+    assert told == [sample("opened")["event_id"]]
+
+
+@responses.activate
 @pytest.mark.parametrize(
     ("status", "signal"), [(200, signals.event_forwarded), (500, signals.forward_failed)], ids=["200", "500"]
 )

@@ -6,6 +6,7 @@ so each test here runs twice. What the fast path skips of Flask is in test_fast_
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import io
 import logging
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from flask import Flask, abort
+from flask import Flask, abort, current_app
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import get_outbox, signals
@@ -417,6 +418,29 @@ def test_a_receiver_that_raises_is_500_and_nothing_is_kept(
     with record_signals(app, *EVERY_SIGNAL) as recorder:
         assert post(app.test_client(), body).json["status"] == "accepted"
     assert names(recorder) == ["event-received", "email-bounced"]
+
+
+def test_an_async_receiver_runs_before_the_answer_as_an_async_view_does(
+    make_app: Callable[..., Flask], post: Post
+) -> None:
+    """``async def`` receivers run through Flask's ``ensure_sync`` (Flask[async]), where blinker alone
+    refused them and made every webhook a 500; one that raises is a 500, as a plain one is."""
+    pytest.importorskip("asgiref", reason='Flask[async] is not installed: pip install -e ".[test]"')
+    app = make_app(PROPAGATE_EXCEPTIONS=False)
+    seen = []
+
+    async def suppress(sender: Flask, event: Any, **extra: Any) -> None:
+        await asyncio.sleep(0)  # as a receiver awaiting its database would
+        seen.append((current_app.name, event.recipient))
+
+    async def broken(sender: Flask, **extra: Any) -> None:
+        raise RuntimeError("database is down")
+
+    with signals.email_bounced.connected_to(suppress, sender=app):
+        assert post(app.test_client(), sample("bounced")).json["status"] == "accepted"
+    assert seen == [(app.name, sample("bounced")["data"]["recipient"])]
+    with signals.email_opened.connected_to(broken, sender=app):
+        assert post(app.test_client(), sample("opened")).status_code == 500
 
 
 def test_a_receiver_that_aborts_gets_its_status_and_nothing_is_kept(
