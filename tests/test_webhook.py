@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from flask import Flask, abort, current_app
+from flask import Flask, abort, current_app, request
 from werkzeug.test import TestResponse
 
 from flask_cio_rudder import get_outbox, signals
@@ -418,6 +418,22 @@ def test_a_receiver_that_raises_is_500_and_nothing_is_kept(
     with record_signals(app, *EVERY_SIGNAL) as recorder:
         assert post(app.test_client(), body).json["status"] == "accepted"
     assert names(recorder) == ["event-received", "email-bounced"]
+
+
+def test_an_app_wide_login_hook_lets_the_webhook_through_by_its_blueprint_name(
+    make_app: Callable[..., Flask], post: Post
+) -> None:
+    """The README's way to exempt the webhook from a login every other request needs."""
+    app = make_app()
+
+    @app.before_request
+    def login_required() -> Any:
+        if request.blueprint != "cio_rudder":
+            abort(401)
+        return None
+
+    assert post(app.test_client(), sample("opened")).json["status"] == "accepted"
+    assert app.test_client().get("/anything").status_code == 401
 
 
 def test_an_async_receiver_runs_before_the_answer_as_an_async_view_does(
