@@ -564,9 +564,9 @@ def redact_url(url: str) -> str:
     The credentials end at the first ``@`` before any ``/``, as libpq reads them; as a password may
     hold an ``@`` or ``/`` its owner did not percent-encode, which libpq then reads into the host or
     the database name, everything up to the last ``@`` before the query is masked (too much is
-    harmless). Then every setting whose name
-    ends in ``password`` or ``secret`` is masked wherever it is: a URL's query, libpq's ``key=value``
-    form, or text that is no URL at all (a quoted one, a whole ``.env`` line, a typo).
+    harmless). Then every setting whose name ends in ``password`` or ``secret`` is masked wherever
+    it is: a URL's query, libpq's ``key=value`` form, or text that is no URL at all (a quoted one,
+    a whole ``.env`` line, a typo).
     """
     masked = _without_password(url) if "://" in url else _without_typed_password(url)
     return _without_secret_settings(masked)
