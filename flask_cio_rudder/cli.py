@@ -546,6 +546,11 @@ def send_test(url: str, timeout: float) -> None:
     accepted = sum(answer.ok for answer in answers)
     if any(answer.status_code == 401 for answer in answers):
         click.echo("the webhook refused the signature: is CIO_RUDDER_SIGNING_KEY the same here and there?")
+    if any(answer.outcome.startswith("a redirect to ") for answer in answers):
+        click.echo(
+            "the webhook redirected, which Customer.io takes for a failure: post to the URL it leads to, or "
+            "let the webhook through the app's login hook (skip it where request.blueprint == 'cio_rudder')"
+        )
     if any(answer.status_code in (404, 405) for answer in answers):
         click.echo(
             "no webhook answers at that URL: is its path the app's CIO_RUDDER_WEBHOOK_PATH "

@@ -56,7 +56,11 @@ def send_samples(
             raw = encode(body)
             headers = signature_headers(raw, key) if key else {"Content-Type": "application/json"}
             try:
-                response = session.post(url, data=raw, headers=headers, timeout=timeout)
+                # A redirect is the answer Customer.io gets (no 2xx), not a page to follow: a login
+                # hook's, say, whose login form would read as the webhook's answer.
+                response = session.post(
+                    url, data=raw, headers=headers, timeout=timeout, allow_redirects=False
+                )
             except requests.RequestException as error:
                 answers.append(
                     SampleAnswer(metric, body["event_id"], None, f"no answer ({type(error).__name__})")
@@ -67,7 +71,9 @@ def send_samples(
 
 
 def _outcome(response: requests.Response) -> str:
-    """The ``status`` of a JSON answer, else its ``error``, else the start of its text."""
+    """Where it redirects, else the ``status`` of a JSON answer, else its ``error``, else its text's start."""
+    if response.is_redirect:
+        return f"a redirect to {response.headers['Location']}"
     try:
         answer = response.json()
     except ValueError:

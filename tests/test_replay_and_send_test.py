@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from flask import Flask
+from flask import Flask, redirect, request
 
 from example_app.demo import serve
 from flask_cio_rudder import get_outbox, signals
 from flask_cio_rudder.testing import FakeDataPlane, record_events
 
-from .conftest import EMAIL_EVENTS, SIGNING_KEY, sample
+from .conftest import EMAIL_EVENTS, SIGNING_KEY, WEBHOOK, sample
 from .helpers import free_port, record_signals
 
 NO_IDENTITY = {"event_id": "01NOBODY", "object_type": "email", "metric": "sent", "data": {}}
@@ -194,6 +194,22 @@ def test_send_test_posts_six_signed_samples_with_fresh_ids_and_reports_each_answ
     ):
         refused = fine.invoke(args=["cio-rudder", "send-test", *wrong])
         assert refused.exit_code == 2 and "Invalid value for" in refused.output and named in refused.output
+
+
+def test_send_test_shows_a_redirect_as_the_answer_and_says_what_to_do(make_app: Callable[..., Flask]) -> None:
+    """A login hook's redirect is no 2xx for Customer.io: followed, its login page read as an answer."""
+    deployed = make_app()
+
+    @deployed.before_request
+    def login_required() -> Any:
+        return None if request.path == "/login" else redirect("/login")
+
+    deployed.add_url_rule("/login", "login", lambda: "<form>please log in</form>")
+    with serve(deployed) as base_url:
+        result = make_app().test_cli_runner().invoke(args=["cio-rudder", "send-test", base_url + WEBHOOK])
+    assert result.exit_code == 1 and "0 of 6 accepted" in result.output
+    assert result.output.count(" 302  a redirect to /login  (") == 6, result.output
+    assert "skip it where request.blueprint == 'cio_rudder'" in result.output
 
 
 def test_send_test_says_when_nothing_answers(app: Flask) -> None:
