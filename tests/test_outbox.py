@@ -1016,6 +1016,24 @@ def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
     assert "Check CIO_RUDDER_OUTBOX_URL" in str(raised.value)
 
 
+@pytest.mark.parametrize("table", ["events", "meta"])
+def test_an_sqlite_file_holding_the_apps_own_table_of_that_name_fails_at_init_naming_the_settings(
+    make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path, table: str
+) -> None:
+    """Not "no such column: state ... the app's user must be able to make and write that file"."""
+    shared = tmp_path / "app.db"
+    with closing(sqlite3.connect(shared)) as db, db:
+        db.execute(f"CREATE TABLE {table} (id INTEGER PRIMARY KEY, title TEXT)")
+        db.execute(f"INSERT INTO {table} (title) VALUES ('the app''s own')")
+    with pytest.raises(
+        RuntimeError, match=f"already has a table '{table}' that is not the outbox's"
+    ) as raised:
+        make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"sqlite:///{shared}"))
+    assert "CIO_RUDDER_OUTBOX_TABLE" in str(raised.value) and "must be able to" not in str(raised.value)
+    with closing(sqlite3.connect(shared)) as db:
+        assert db.execute(f"SELECT title FROM {table}").fetchall() == [("the app's own",)]
+
+
 @pytest.mark.parametrize(
     ("url", "shown"),
     [

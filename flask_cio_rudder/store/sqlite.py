@@ -357,6 +357,20 @@ CREATE INDEX IF NOT EXISTS {events}_delivered ON {events} (delivered_at) WHERE s
 #: Columns added after the first release, with their type: old files get them on first use.
 _ADDED_COLUMNS = {"lease_holder": "TEXT", "event_name": "TEXT", "email": "TEXT"}
 
+#: The columns an outbox has had from the first release: a table without them is someone else's.
+_FIRST_COLUMNS = {
+    "event_id",
+    "state",
+    "payload",
+    "body",
+    "reason",
+    "accepted_at",
+    "attempts",
+    "lease_owner",
+    "lease_until",
+    "delivered_at",
+}
+
 #: Fills the search columns of rows kept before they existed (SQLite's JSON functions): each only
 #: from text, as search_columns() fills them for new rows.
 _BACKFILL = (
@@ -516,6 +530,17 @@ class SQLiteStore(OutboxStore):
         with _locked(self._local.lock_file):
             db.executescript(_TABLES.format(events=self.table, meta=self._meta))
             columns = {row[1] for row in db.execute(f"PRAGMA table_info({self.table})")}
+            meta_columns = {row[1] for row in db.execute(f"PRAGMA table_info({self._meta})")}
+            for table, found, needed in (
+                (self.table, columns, _FIRST_COLUMNS),
+                (self._meta, meta_columns, {"key", "value"}),
+            ):
+                if not needed <= found:  # a table of the app's own, in a file it shares with the outbox
+                    raise RuntimeError(
+                        f"The SQLite file {self.path} already has a table {table!r} that is not the outbox's "
+                        f"(it has no {', '.join(sorted(needed - found))}): give the outbox a file of its own "
+                        "in CIO_RUDDER_OUTBOX_URL, or other table names with CIO_RUDDER_OUTBOX_TABLE."
+                    )
             for column, kind in _ADDED_COLUMNS.items():
                 if column not in columns:
                     db.execute(f"ALTER TABLE {self.table} ADD COLUMN {column} {kind}")
