@@ -17,7 +17,7 @@ from .cli import cli
 from .fastpath import FastPath
 from .forwarders import Forwarder, ForwarderFactory, NullForwarder, SyncForwarder
 from .outbox import DEFAULT_URL, OutboxForwarder
-from .settings import check_pasted, check_switch, is_positive_number, number_hint
+from .settings import check_pasted, check_switch, is_positive_number, number_hint, unset_hint
 from .state import State
 from .validation import Validation
 from .webhook import create_blueprint
@@ -99,9 +99,9 @@ class CioRudder:
         keys = _signing_keys(config["CIO_RUDDER_SIGNING_KEY"])
         if verify_signature and not keys:
             raise RuntimeError(
-                "CIO_RUDDER_SIGNING_KEY is not set: copy the webhook signing key from Customer.io "
-                "(Data & Integrations > Reporting Webhooks), or set CIO_RUDDER_VERIFY_SIGNATURE = False "
-                "to accept unsigned requests (never in production)."
+                f"CIO_RUDDER_SIGNING_KEY is not set{unset_hint('CIO_RUDDER_SIGNING_KEY')}: copy the webhook "
+                "signing key from Customer.io (Data & Integrations > Reporting Webhooks), or set "
+                "CIO_RUDDER_VERIFY_SIGNATURE = False to accept unsigned requests (never in production)."
             )
         if not verify_signature:
             logger.warning(

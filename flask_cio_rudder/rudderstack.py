@@ -16,7 +16,7 @@ from urllib.parse import SplitResult, urlsplit
 
 import requests
 
-from .settings import check_pasted, check_timeout, number_hint
+from .settings import check_pasted, check_timeout, number_hint, unset_hint
 
 __all__ = [
     "Answer",
@@ -231,8 +231,8 @@ def data_plane_settings(config: Mapping[str, Any], default_timeout: Timeout) -> 
         raise RuntimeError(f"CIO_RUDDER_WRITE_KEY must be text, the source's write key, not a {kind}{hint}.")
     if not write_key:
         raise RuntimeError(
-            "CIO_RUDDER_WRITE_KEY is not set: set it to the write key of a RudderStack "
-            "HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
+            f"CIO_RUDDER_WRITE_KEY is not set{unset_hint('CIO_RUDDER_WRITE_KEY')}: set it to the write key "
+            "of a RudderStack HTTP source, or set CIO_RUDDER_FORWARDER = 'none' to forward nothing."
         )
     # No write key holds one of these. Outside Latin-1, requests would fail on each post with an error
     # holding the key (HTTP Basic auth carries it as Latin-1); any other would get a 401 from RudderStack.
@@ -252,7 +252,8 @@ def check_url(url: object, key: str) -> str:
     example = "such as https://example-dataplane.rudderstack.com"
     parts = _split(url) if isinstance(url, str) else None
     if not isinstance(url, str) or parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise RuntimeError(f"{key} must be the http(s) URL of your RudderStack data plane, {example}")
+        hint = unset_hint(key) if url is None else ""
+        raise RuntimeError(f"{key} must be the http(s) URL of your RudderStack data plane, {example}{hint}")
     if any(_stray(char) for char in url) or any(unicodedata.category(char) == "Cf" for char in parts.path):
         raise RuntimeError(
             f"{key} holds a space, a line break or an invisible character (copied with it?): "

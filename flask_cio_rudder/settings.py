@@ -7,6 +7,7 @@ otherwise pass the webhook and fail later in the sender, where events pile up un
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
     "check_timeout",
     "is_positive_number",
     "number_hint",
+    "unset_hint",
 ]
 
 #: Said of any string where another kind was wanted: the usual cause.
@@ -97,6 +99,18 @@ def number_hint(key: str, value: object) -> str:
         f": app.config.from_prefixed_env() reads FLASK_{key} as JSON, so a key of digits becomes a "
         """number; write it as a JSON string there ('"0123..."')"""
     )
+
+
+def unset_hint(key: str) -> str:
+    """Where ``key`` is missing from the config but set in the environment: how to get it there."""
+    if f"FLASK_{key}" in os.environ:
+        return f" (FLASK_{key} is in the environment: call app.config.from_prefixed_env() before init_app)"
+    if key in os.environ:
+        return (
+            f" ({key} is in the environment, which Flask does not read by itself: name it FLASK_{key} "
+            "and call app.config.from_prefixed_env() before init_app, or copy it into app.config)"
+        )
+    return ""
 
 
 def _hint(value: object) -> str:

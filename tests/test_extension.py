@@ -136,6 +136,33 @@ def test_a_missing_signing_key_fails_fast_naming_the_key() -> None:
         CioRudder(bare_app(CIO_RUDDER_FORWARDER="none"))
 
 
+@pytest.mark.parametrize(
+    ("variable", "hint"),
+    [
+        ("FLASK_CIO_RUDDER_SIGNING_KEY", "call app.config.from_prefixed_env() before init_app"),
+        (
+            "CIO_RUDDER_SIGNING_KEY",
+            "which Flask does not read by itself: name it FLASK_CIO_RUDDER_SIGNING_KEY",
+        ),
+    ],
+)
+def test_a_setting_left_in_the_environment_is_named_as_missing_with_how_to_read_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, hint: str
+) -> None:
+    monkeypatch.setenv(variable, "whsec-top-secret")
+    with pytest.raises(RuntimeError, match="CIO_RUDDER_SIGNING_KEY is not set") as raised:
+        CioRudder(bare_app(CIO_RUDDER_FORWARDER="none"))
+    assert hint in str(raised.value) and "whsec-top-secret" not in str(raised.value)
+    monkeypatch.setenv(variable.replace("SIGNING_KEY", "WRITE_KEY"), "write-key")
+    monkeypatch.setenv(variable.replace("SIGNING_KEY", "DATA_PLANE_URL"), "https://dp.example.com")
+    for missing in ("CIO_RUDDER_WRITE_KEY", "CIO_RUDDER_DATA_PLANE_URL"):
+        config = {"CIO_RUDDER_WRITE_KEY": "write-key", "CIO_RUDDER_DATA_PLANE_URL": "https://dp.example.com"}
+        del config[missing]
+        with pytest.raises(RuntimeError, match=missing) as raised:
+            CioRudder(bare_app(CIO_RUDDER_SIGNING_KEY=SIGNING_KEY, CIO_RUDDER_FORWARDER="sync", **config))
+        assert hint.replace("SIGNING_KEY", missing.removeprefix("CIO_RUDDER_")) in str(raised.value)
+
+
 def test_a_signing_key_of_digits_read_from_the_environment_gets_a_hint_not_its_value(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
