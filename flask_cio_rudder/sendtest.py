@@ -73,7 +73,7 @@ def send_samples(
 def _outcome(response: requests.Response) -> str:
     """Where it redirects, else the ``status`` of a JSON answer, else its ``error``, else its text's start."""
     if response.is_redirect:
-        return f"a redirect to {response.headers['Location']}"
+        return f"a redirect to {response.headers['Location'][:120]}"
     try:
         answer = response.json()
     except ValueError:

@@ -103,9 +103,13 @@ def number_hint(key: str, value: object) -> str:
 
 def unset_hint(key: str) -> str:
     """Where ``key`` is missing from the config but set in the environment: how to get it there."""
-    if f"FLASK_{key}" in os.environ:
-        return f" (FLASK_{key} is in the environment: call app.config.from_prefixed_env() before init_app)"
-    if key in os.environ:
+    for name in (f"FLASK_{key}", key):
+        if name not in os.environ:
+            continue
+        if not os.environ[name]:
+            return f" ({name} is in the environment, but empty)"
+        if name != key:
+            return f" ({name} is in the environment: call app.config.from_prefixed_env() before init_app)"
         return (
             f" ({key} is in the environment, which Flask does not read by itself: name it FLASK_{key} "
             "and call app.config.from_prefixed_env() before init_app, or copy it into app.config)"

@@ -11,8 +11,10 @@ to its end where it is sent, as Flask runs an async view (``Flask[async]``).
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
-from typing import Any
+from typing import Any, Callable
 
 from blinker import NamedSignal, Namespace
 from flask import Flask
@@ -78,6 +80,18 @@ def send_logged(signal: NamedSignal, app: Flask, **data: Any) -> None:
     """Send a signal about something done (a delivery): a receiver that raises is logged, not raised,
     since an answer or a retry cannot undo it."""
     try:
-        send(signal, app, **data)
+        signal.send(app, _async_wrapper=_in_own_loop, **data)
     except Exception:
         logger.exception("A receiver of %s raised", signal.name)
+
+
+def _in_own_loop(receiver: Callable[..., Any]) -> Callable[..., Any]:
+    """An ``async def`` delivery receiver run to its end in an event loop of its own. Not through
+    ``ensure_sync``: its thread pool cannot start once the interpreter exits, when the sender's last
+    flush sends these signals; and no loop runs in the sender's thread or a WSGI request's."""
+
+    @functools.wraps(receiver)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(receiver(*args, **kwargs))
+
+    return run

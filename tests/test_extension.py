@@ -149,6 +149,9 @@ def test_a_missing_signing_key_fails_fast_naming_the_key() -> None:
 def test_a_setting_left_in_the_environment_is_named_as_missing_with_how_to_read_it(
     monkeypatch: pytest.MonkeyPatch, variable: str, hint: str
 ) -> None:
+    monkeypatch.setenv(variable, "")  # a secret that did not render
+    with pytest.raises(RuntimeError, match=f"{variable} is in the environment, but empty"):
+        CioRudder(bare_app(CIO_RUDDER_FORWARDER="none"))
     monkeypatch.setenv(variable, "whsec-top-secret")
     with pytest.raises(RuntimeError, match="CIO_RUDDER_SIGNING_KEY is not set") as raised:
         CioRudder(bare_app(CIO_RUDDER_FORWARDER="none"))

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -1016,6 +1017,47 @@ def test_an_sqlite_outbox_that_cannot_be_made_fails_at_init_naming_the_key(
     assert "Check CIO_RUDDER_OUTBOX_URL" in str(raised.value)
 
 
+_EXIT_FLUSH_APP = """
+import sys, tempfile
+from flask import Flask, current_app
+from flask_cio_rudder import CioRudder, signals
+from flask_cio_rudder.samples import email_sample
+from flask_cio_rudder.testing import FakeDataPlane, encode, signature_headers
+
+plane = FakeDataPlane().start()
+app = Flask("exiting")
+app.config.update(
+    CIO_RUDDER_SIGNING_KEY="k", CIO_RUDDER_WRITE_KEY=plane.write_key, CIO_RUDDER_DATA_PLANE_URL=plane.url,
+    CIO_RUDDER_OUTBOX_URL=f"sqlite:///{sys.argv[1]}",
+)
+CioRudder(app)
+
+@signals.event_forwarded.connect_via(app)
+async def told(sender, payloads, **extra):
+    print("told", len(payloads), "in", current_app.name, flush=True)
+
+plane.hang_next(1.5)  # the first post outlasts the script: it is answered while the interpreter exits
+for metric in ("opened", "clicked", "bounced"):
+    raw = encode(email_sample(metric))
+    assert app.test_client().post("/webhooks/customerio", data=raw, headers=signature_headers(raw, "k")).json
+"""
+
+
+def test_an_async_delivery_receiver_is_told_of_what_the_last_flush_at_exit_delivers(tmp_path: Path) -> None:
+    """asgiref's thread pool, which ensure_sync uses, cannot start while the interpreter exits."""
+    script = tmp_path / "exiting.py"
+    script.write_text(_EXIT_FLUSH_APP)
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "outbox.sqlite3")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["told 3 in exiting"], run.stdout + run.stderr
+    assert "raised" not in run.stderr, run.stderr
+
+
 @pytest.mark.parametrize("table", ["events", "meta"])
 def test_an_sqlite_file_holding_the_apps_own_table_of_that_name_fails_at_init_naming_the_settings(
     make_app: Callable[..., Flask], data_plane: FakeDataPlane, tmp_path: Path, table: str
@@ -1030,7 +1072,10 @@ def test_an_sqlite_file_holding_the_apps_own_table_of_that_name_fails_at_init_na
     ) as raised:
         make_app(**base_config(data_plane, CIO_RUDDER_OUTBOX_URL=f"sqlite:///{shared}"))
     assert "CIO_RUDDER_OUTBOX_TABLE" in str(raised.value) and "must be able to" not in str(raised.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["app.db"]  # no -wal, -shm or .lock made
     with closing(sqlite3.connect(shared)) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("delete",)  # not turned to WAL
+        assert db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall() == [(table,)]
         assert db.execute(f"SELECT title FROM {table}").fetchall() == [("the app's own",)]
 
 

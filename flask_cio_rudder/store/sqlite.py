@@ -493,6 +493,8 @@ class SQLiteStore(OutboxStore):
                     self.made_new = True
             elif not os.path.isfile(self.path):  # sqlite3.connect would make it
                 raise FileNotFoundError(f"no file {self.path}")
+            if self._creates and not self._ready and not self.made_new:
+                self._refuse_others_tables()  # before anything is made beside the file, or in it
             lock_file = _open_lock_file(self.path, create=self._creates)
             # Before connecting: should the file be swapped meanwhile, the check in _connected fails safe
             # (a connection to a removed file is never taken for one to the store's).
@@ -525,22 +527,24 @@ class SQLiteStore(OutboxStore):
                 self._opened.add(connection)
         return db
 
-    def _create(self, db: sqlite3.Connection) -> None:
-        """Create the tables, and add the columns an outbox made by an older release lacks."""
-        with _locked(self._local.lock_file):
-            db.executescript(_TABLES.format(events=self.table, meta=self._meta))
-            columns = {row[1] for row in db.execute(f"PRAGMA table_info({self.table})")}
-            meta_columns = {row[1] for row in db.execute(f"PRAGMA table_info({self._meta})")}
-            for table, found, needed in (
-                (self.table, columns, _FIRST_COLUMNS),
-                (self._meta, meta_columns, {"key", "value"}),
-            ):
-                if not needed <= found:  # a table of the app's own, in a file it shares with the outbox
+    def _refuse_others_tables(self) -> None:
+        """Fail, naming the settings, where the file holds a table of the outbox's names that is not
+        the outbox's: the app's own, in the database file the outbox was pointed at."""
+        with contextlib.closing(sqlite3.connect(self.path, timeout=_BUSY_TIMEOUT)) as db:
+            for table, needed in ((self.table, _FIRST_COLUMNS), (self._meta, {"key", "value"})):
+                found = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+                if found and not needed <= found:
                     raise RuntimeError(
                         f"The SQLite file {self.path} already has a table {table!r} that is not the outbox's "
                         f"(it has no {', '.join(sorted(needed - found))}): give the outbox a file of its own "
                         "in CIO_RUDDER_OUTBOX_URL, or other table names with CIO_RUDDER_OUTBOX_TABLE."
                     )
+
+    def _create(self, db: sqlite3.Connection) -> None:
+        """Create the tables, and add the columns an outbox made by an older release lacks."""
+        with _locked(self._local.lock_file):
+            db.executescript(_TABLES.format(events=self.table, meta=self._meta))
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({self.table})")}
             for column, kind in _ADDED_COLUMNS.items():
                 if column not in columns:
                     db.execute(f"ALTER TABLE {self.table} ADD COLUMN {column} {kind}")
